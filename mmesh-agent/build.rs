@@ -1,0 +1,29 @@
+//! Builds the eBPF object (mmesh-ebpf) with the nightly toolchain and
+//! bpf-linker, through aya-build. `AYA_BUILD_SKIP=1` skips it, so that
+//! `cargo check` and `cargo clippy` work on a machine without bpf-linker.
+
+use anyhow::{Context as _, anyhow};
+use aya_build::{Package, Toolchain};
+
+fn main() -> anyhow::Result<()> {
+    let cargo_metadata::Metadata { packages, .. } = cargo_metadata::MetadataCommand::new()
+        .no_deps()
+        .exec()
+        .context("cargo metadata")?;
+    let ebpf = packages
+        .into_iter()
+        .find(|package| package.name.as_str() == "mmesh-ebpf")
+        .ok_or_else(|| anyhow!("the mmesh-ebpf package is not in the workspace"))?;
+    let root = ebpf
+        .manifest_path
+        .parent()
+        .ok_or_else(|| anyhow!("{} has no parent directory", ebpf.manifest_path))?;
+    aya_build::build_ebpf(
+        [Package {
+            name: ebpf.name.as_str(),
+            root_dir: root.as_str(),
+            ..Default::default()
+        }],
+        Toolchain::default(),
+    )
+}

@@ -1,0 +1,293 @@
+//! Map names, keys and values shared by the eBPF programs and the agent.
+//!
+//! # Generations
+//!
+//! A policy change must be all-or-nothing as packets see it. Every map that
+//! holds policy is split in two *halves* (a bit in the key or in the index);
+//! [`Config::active`] says which half packets read. The agent writes a new
+//! policy into the inactive half, flips `active` with one word store, then
+//! brings the other half up to date. State that outlives a policy (rate-limit
+//! buckets, sampler windows, counters) is not split.
+
+/// Symbol names of the maps in the eBPF object.
+pub mod names {
+    pub const CONFIG: &str = "CONFIG";
+    pub const HOSTS_V4: &str = "HOSTS_V4";
+    pub const HOSTS_V6: &str = "HOSTS_V6";
+    pub const PREFIXES_V4: &str = "PREFIXES_V4";
+    pub const PREFIXES_V6: &str = "PREFIXES_V6";
+    pub const ACCOUNTS: &str = "ACCOUNTS";
+    pub const RULES_V4: &str = "RULES_V4";
+    pub const RULES_V6: &str = "RULES_V6";
+    pub const RATE_STATE: &str = "RATE_STATE";
+    pub const SAMPLER: &str = "SAMPLER";
+    pub const TOTALS: &str = "TOTALS";
+    pub const ACCOUNT_COUNTERS: &str = "ACCT_COUNTERS";
+    pub const STATS: &str = "STATS";
+    pub const EVENTS: &str = "EVENTS";
+}
+
+/// Symbol names of the programs in the eBPF object.
+pub mod programs {
+    /// XDP, receive side, packets towards accounts (uplink receive).
+    pub const XDP_INBOUND: &str = "xdp_inbound";
+    /// XDP, receive side, packets from accounts (workload device receive).
+    pub const XDP_OUTBOUND: &str = "xdp_outbound";
+    /// TC, transmit side, packets towards accounts (workload device transmit).
+    pub const TC_INBOUND: &str = "tc_inbound";
+    /// TC, transmit side, packets from accounts (uplink transmit).
+    pub const TC_OUTBOUND: &str = "tc_outbound";
+}
+
+/// The slot of traffic attributed to no account. Account slots start at 1.
+pub const NO_ACCOUNT: u32 = 0;
+
+/// [`GenConfig::flags`]: some account owns an IPv4 prefix wider than /32,
+/// so attribution must consult the LPM trie after the host hash.
+pub const GEN_PREFIXES_V4: u32 = 1 << 0;
+/// As [`GEN_PREFIXES_V4`] for IPv6 prefixes wider than /128.
+pub const GEN_PREFIXES_V6: u32 = 1 << 1;
+/// The global scope has IPv4 list entries.
+pub const GEN_RULES_V4: u32 = 1 << 2;
+/// The global scope has IPv6 list entries.
+pub const GEN_RULES_V6: u32 = 1 << 3;
+
+/// The single value of the `CONFIG` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// The half (0 or 1) packets use. Written last when a policy is applied.
+    pub active: u32,
+    pub _pad: u32,
+    /// Per-half settings, indexed by half.
+    pub halves: [GenConfig; 2],
+}
+
+/// Global settings of one half.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GenConfig {
+    /// The policy generation this half holds (increases with every apply);
+    /// copied into events so they can be tied to the policy that made them.
+    pub generation: u64,
+    /// `GEN_*` bits.
+    pub flags: u32,
+    /// Verdict code for truncated and malformed IP packets: `Drop` or `Monitor`.
+    pub malformed: u32,
+    /// Events allowed per (account, reason) per second; 0 disables events.
+    pub event_rate: u32,
+    pub _pad: u32,
+}
+
+/// LPM trie and hash key for IPv4: a scope word, then the address in network
+/// order. In the tries the scope is always matched in full, so an entry for
+/// `addr/len` has prefix length `32 + len`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ScopedV4 {
+    pub scope: u32,
+    pub addr: [u8; 4],
+}
+
+/// As [`ScopedV4`] for IPv6.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ScopedV6 {
+    pub scope: u32,
+    pub addr: [u8; 16],
+}
+
+/// Bits of an LPM key taken by the scope word.
+pub const SCOPE_BITS: u32 = 32;
+
+/// The scope word: the half in the top bit, the list scope below it
+/// ([`NO_ACCOUNT`] for global lists and attribution, else the account slot).
+#[inline(always)]
+#[must_use]
+pub const fn scope(half: u32, id: u32) -> u32 {
+    (half << 31) | id
+}
+
+/// Value of the `RULES_*` tries: what a matching remote address gets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RuleValue {
+    /// A [`Verdict`](crate::Verdict) code: `Pass` (an allow entry), `Drop`
+    /// or `Monitor`. Allow-over-block and drop-over-monitor are resolved when
+    /// the policy is compiled, so the longest match is the answer.
+    pub action: u32,
+    /// Index of the named list that decided, for events.
+    pub list: u32,
+}
+
+/// [`AccountConfig::flags`]: the slot is in use in this half.
+pub const ACCOUNT_ACTIVE: u32 = 1 << 0;
+/// The account has IPv4 list entries.
+pub const ACCOUNT_RULES_V4: u32 = 1 << 1;
+/// The account has IPv6 list entries.
+pub const ACCOUNT_RULES_V6: u32 = 1 << 2;
+
+/// Value of the `ACCOUNTS` array at [`account_index`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AccountConfig {
+    /// `ACCOUNT_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
+    /// Limits indexed by [`Direction`](crate::Direction).
+    pub limits: [DirLimits; 2],
+}
+
+/// The limits of one account in one direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirLimits {
+    pub pps: RateLimit,
+    pub bps: RateLimit,
+}
+
+/// One rate limit in the form the kernel evaluates (see [`crate::rate`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Nanoseconds per unit (packet or byte), 32.32 fixed point.
+    pub interval_fp: u64,
+    /// Burst in nanoseconds: burst units times the interval.
+    pub tolerance_ns: u64,
+    /// 0: no limit; else the [`Verdict`](crate::Verdict) code above the rate
+    /// (`Drop` or `Monitor`).
+    pub action: u32,
+    pub _pad: u32,
+}
+
+/// Rate-limit state of one (account, direction), at [`rate_index`]. Shared by
+/// all CPUs and updated with compare-and-swap; one cache line each so that two
+/// accounts never contend for the same line.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateState {
+    /// Theoretical arrival time of the packet-rate bucket (ns, monotonic clock).
+    pub pps_tat: u64,
+    /// Theoretical arrival time of the bit-rate bucket.
+    pub bps_tat: u64,
+    pub _reserved: [u64; 6],
+}
+
+/// A packet and byte count.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Key of the per-CPU `ACCT_COUNTERS` hash.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CounterKey {
+    pub slot: u32,
+    pub reason: u8,
+    pub verdict: u8,
+    pub direction: u8,
+    pub _pad: u8,
+}
+
+/// Entries of the per-CPU `TOTALS` array.
+pub const TOTALS_LEN: u32 =
+    (crate::Reason::COUNT * crate::Verdict::COUNT * crate::Direction::COUNT) as u32;
+
+/// `STATS` (per-CPU `u64`): events lost because the ring buffer was full.
+pub const STAT_EVENTS_LOST: u32 = 0;
+/// `STATS`: packets not counted per account because `ACCT_COUNTERS` was full
+/// (they are still in `TOTALS`).
+pub const STAT_COUNTERS_FULL: u32 = 1;
+/// `STATS`: rate-limit updates that lost every compare-and-swap retry and were
+/// charged with a plain atomic add instead.
+pub const STAT_RATE_CONTENDED: u32 = 2;
+/// `STATS`: transmit packets whose headers could not be pulled into the
+/// linear part of the skb (they are then counted as truncated).
+pub const STAT_PULL_FAILED: u32 = 3;
+/// Entries of `STATS`.
+pub const STATS_LEN: u32 = 4;
+
+#[inline(always)]
+#[must_use]
+pub const fn account_index(slot: u32, half: u32) -> u32 {
+    slot * 2 + half
+}
+
+#[inline(always)]
+#[must_use]
+pub const fn rate_index(slot: u32, direction: u8) -> u32 {
+    slot * 2 + direction as u32
+}
+
+#[inline(always)]
+#[must_use]
+pub const fn sampler_index(slot: u32, reason: u8) -> u32 {
+    slot * crate::Reason::COUNT as u32 + reason as u32
+}
+
+#[inline(always)]
+#[must_use]
+pub const fn totals_index(reason: u8, verdict: u8, direction: u8) -> u32 {
+    ((reason as u32 * crate::Verdict::COUNT as u32) + verdict as u32)
+        * crate::Direction::COUNT as u32
+        + direction as u32
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are `#[repr(C)]`, `Copy`, made of integers and
+    // integer arrays with explicit padding fields, so every bit pattern is valid.
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::GenConfig {}
+    unsafe impl aya::Pod for super::ScopedV4 {}
+    unsafe impl aya::Pod for super::ScopedV6 {}
+    unsafe impl aya::Pod for super::RuleValue {}
+    unsafe impl aya::Pod for super::AccountConfig {}
+    unsafe impl aya::Pod for super::RateState {}
+    unsafe impl aya::Pod for super::Counter {}
+    unsafe impl aya::Pod for super::CounterKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::size_of;
+
+    use super::*;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<Config>(), 8 + 2 * size_of::<GenConfig>());
+        assert_eq!(size_of::<GenConfig>(), 24);
+        assert_eq!(size_of::<ScopedV4>(), 8);
+        assert_eq!(size_of::<ScopedV6>(), 20);
+        assert_eq!(size_of::<RuleValue>(), 8);
+        assert_eq!(size_of::<RateLimit>(), 24);
+        assert_eq!(size_of::<AccountConfig>(), 8 + 4 * 24);
+        assert_eq!(size_of::<RateState>(), 64);
+        assert_eq!(size_of::<CounterKey>(), 8);
+    }
+
+    #[test]
+    fn totals_index_is_dense() {
+        let mut seen = [false; TOTALS_LEN as usize];
+        for r in crate::Reason::ALL {
+            for v in crate::Verdict::ALL {
+                for d in crate::Direction::ALL {
+                    let i = totals_index(r as u8, v as u8, d as u8) as usize;
+                    assert!(!seen[i]);
+                    seen[i] = true;
+                }
+            }
+        }
+        assert!(seen.iter().all(|s| *s));
+    }
+
+    #[test]
+    fn scope_keeps_half_and_id_apart() {
+        assert_eq!(scope(0, 5), 5);
+        assert_eq!(scope(1, 5), 0x8000_0005);
+    }
+}

@@ -1,0 +1,307 @@
+//! The mmesh datapath: one XDP program per receive role and one TC program per
+//! transmit role. Each entry point is a thin wrapper around [`try_process`].
+//!
+//! Per packet: parse, attribute to an account by the local address, then the
+//! checks cheapest first, the first decisive verdict winning:
+//!   1. global block/allow list (remote address),
+//!   2. the account's block/allow list,
+//!   3. the account's rate limits for the direction.
+//! A rule in monitor mode records its reason but lets the packet go on.
+#![no_std]
+#![no_main]
+#![feature(core_intrinsics)]
+#![expect(internal_features, reason = "atomic intrinsics, see atomic.rs")]
+
+mod atomic;
+mod attribute;
+mod lists;
+mod maps;
+mod parse;
+mod ratelimit;
+mod report;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use mmesh_common::{
+    Direction, Reason, Verdict,
+    maps::{
+        ACCOUNT_ACTIVE, ACCOUNT_RULES_V4, ACCOUNT_RULES_V6, GEN_RULES_V4, GEN_RULES_V6, GenConfig,
+        NO_ACCOUNT, RuleValue, STAT_PULL_FAILED, account_index,
+    },
+};
+
+use crate::{
+    maps::{ACCOUNTS, CONFIG},
+    parse::{Addrs, Cursor, L3, Packet, ParseError, parse},
+};
+
+/// On transmit, make sure this many bytes of headers are in the linear part
+/// of the skb before parsing (covers Ethernet, two VLAN tags, IPv4 with the
+/// longest options or IPv6 with common extension headers, and TCP).
+const TC_PULL_LEN: u32 = 256;
+
+#[xdp]
+pub fn xdp_inbound(ctx: XdpContext) -> u32 {
+    xdp_verdict(&ctx, Direction::Inbound)
+}
+
+#[xdp]
+pub fn xdp_outbound(ctx: XdpContext) -> u32 {
+    xdp_verdict(&ctx, Direction::Outbound)
+}
+
+#[classifier]
+pub fn tc_inbound(ctx: TcContext) -> i32 {
+    tc_verdict(&ctx, Direction::Inbound)
+}
+
+#[classifier]
+pub fn tc_outbound(ctx: TcContext) -> i32 {
+    tc_verdict(&ctx, Direction::Outbound)
+}
+
+/// What the programs know of the frame beyond its bytes.
+pub struct Frame {
+    data: usize,
+    data_end: usize,
+    /// Bytes, for bit-rate limits and counters.
+    len: u32,
+    /// Wire packets this frame stands for (GSO segments on transmit).
+    segs: u32,
+    ifindex: u32,
+}
+
+#[inline(always)]
+fn xdp_verdict(ctx: &XdpContext, direction: Direction) -> u32 {
+    let frame = Frame {
+        data: ctx.data(),
+        data_end: ctx.data_end(),
+        len: (ctx.data_end() - ctx.data()) as u32,
+        segs: 1,
+        ifindex: ctx.ingress_ifindex() as u32,
+    };
+    // Fail open: the only error is a missing CONFIG entry, which means no
+    // policy was ever written; an enforcement point without a policy passes.
+    match try_process(&frame, direction).unwrap_or(Verdict::Pass) {
+        Verdict::Drop => xdp_action::XDP_DROP,
+        Verdict::Pass | Verdict::Monitor => xdp_action::XDP_PASS,
+    }
+}
+
+#[inline(always)]
+fn tc_verdict(ctx: &TcContext, direction: Direction) -> i32 {
+    let len = ctx.len();
+    let linear = (ctx.data_end() - ctx.data()) as u32;
+    if linear < len && linear < TC_PULL_LEN {
+        // Headers outside the linear area are rare (the stack builds them in
+        // it). If the pull fails, the parser finds the headers missing and
+        // counts the packet as truncated; the failure itself is counted too.
+        if ctx.pull_data(len.min(TC_PULL_LEN)).is_err() {
+            report::bump_stat(STAT_PULL_FAILED);
+        }
+    }
+    // SAFETY: `skb` is the context pointer the kernel passed in.
+    let (segs, ifindex) = unsafe { ((*ctx.skb.skb).gso_segs, (*ctx.skb.skb).ifindex) };
+    let frame = Frame {
+        data: ctx.data(),
+        data_end: ctx.data_end(),
+        len,
+        segs: segs.max(1),
+        ifindex,
+    };
+    // Fail open, as in `xdp_verdict`. Passing is TC_ACT_UNSPEC so that
+    // programs after this one (TCX chain, other clsact filters) still run.
+    match try_process(&frame, direction).unwrap_or(Verdict::Pass) {
+        Verdict::Drop => TC_ACT_SHOT,
+        Verdict::Pass | Verdict::Monitor => TC_ACT_UNSPEC,
+    }
+}
+
+/// The map that should always have an entry had none.
+pub struct MissingConfig;
+
+/// The decision for one packet.
+pub struct Decision {
+    reason: Reason,
+    verdict: Verdict,
+    slot: u32,
+    list: u32,
+}
+
+impl Decision {
+    #[inline(always)]
+    const fn new(reason: Reason, verdict: Verdict, slot: u32) -> Self {
+        Self {
+            reason,
+            verdict,
+            slot,
+            list: 0,
+        }
+    }
+
+    /// Applies a matched rule; true if the decision is final (a drop).
+    #[inline(always)]
+    fn apply(&mut self, reason: Reason, action: u32, list: u32) -> bool {
+        if action == Verdict::Drop as u32 {
+            self.reason = reason;
+            self.verdict = Verdict::Drop;
+            self.list = list;
+            return true;
+        }
+        // The first monitored match is the one reported.
+        if action == Verdict::Monitor as u32 && self.verdict == Verdict::Pass {
+            self.reason = reason;
+            self.verdict = Verdict::Monitor;
+            self.list = list;
+        }
+        false
+    }
+
+    #[inline(always)]
+    fn apply_list(&mut self, reason: Reason, hit: Option<&RuleValue>) -> bool {
+        match hit {
+            Some(rule) => self.apply(reason, rule.action, rule.list),
+            None => false,
+        }
+    }
+}
+
+#[inline(always)]
+fn try_process(frame: &Frame, direction: Direction) -> Result<Verdict, MissingConfig> {
+    let config = CONFIG.get(0).ok_or(MissingConfig)?;
+    let half = config.active & 1;
+    let gen_config = &config.halves[half as usize];
+    let mut pkt = Packet::new();
+    let decision = decide(frame, direction, half, gen_config, &mut pkt);
+    report::record(frame, direction as u8, gen_config, &pkt, &decision);
+    Ok(decision.verdict)
+}
+
+#[inline(always)]
+fn decide(
+    frame: &Frame,
+    direction: Direction,
+    half: u32,
+    config: &GenConfig,
+    pkt: &mut Packet,
+) -> Decision {
+    let cursor = Cursor::new(frame.data, frame.data_end);
+    match parse(&cursor, pkt) {
+        Ok(L3::NonIp) => Decision::new(Reason::NonIp, Verdict::Pass, NO_ACCOUNT),
+        Ok(L3::Ip) => check(frame, direction, half, config, pkt),
+        Err(err) => {
+            let reason = match err {
+                ParseError::Truncated => Reason::Truncated,
+                ParseError::Malformed => Reason::Malformed,
+            };
+            let verdict = if config.malformed == Verdict::Monitor as u32 {
+                Verdict::Monitor
+            } else {
+                Verdict::Drop
+            };
+            // Attribute what can be attributed: garbage from an account is
+            // that account's garbage.
+            let slot = match pkt.addrs {
+                Some(addrs) => local_account(half, config.flags, direction, &addrs),
+                None => NO_ACCOUNT,
+            };
+            Decision::new(reason, verdict, slot)
+        }
+    }
+}
+
+#[inline(always)]
+fn local_account(half: u32, flags: u32, direction: Direction, addrs: &Addrs) -> u32 {
+    match (*addrs, direction) {
+        (Addrs::V4 { dst, .. }, Direction::Inbound) => attribute::account_v4(half, flags, dst),
+        (Addrs::V4 { src, .. }, Direction::Outbound) => attribute::account_v4(half, flags, src),
+        (Addrs::V6 { dst, .. }, Direction::Inbound) => attribute::account_v6(half, flags, dst),
+        (Addrs::V6 { src, .. }, Direction::Outbound) => attribute::account_v6(half, flags, src),
+    }
+}
+
+#[inline(always)]
+fn check(
+    frame: &Frame,
+    direction: Direction,
+    half: u32,
+    config: &GenConfig,
+    pkt: &Packet,
+) -> Decision {
+    let Some(addrs) = pkt.addrs else {
+        return Decision::new(Reason::Pass, Verdict::Pass, NO_ACCOUNT);
+    };
+    let slot = local_account(half, config.flags, direction, &addrs);
+    let mut decision = Decision::new(Reason::Pass, Verdict::Pass, slot);
+
+    // 1. Global lists.
+    let global = match (addrs, direction) {
+        (Addrs::V4 { src, .. }, Direction::Inbound) if config.flags & GEN_RULES_V4 != 0 => {
+            lists::lookup_v4(half, NO_ACCOUNT, src)
+        }
+        (Addrs::V4 { dst, .. }, Direction::Outbound) if config.flags & GEN_RULES_V4 != 0 => {
+            lists::lookup_v4(half, NO_ACCOUNT, dst)
+        }
+        (Addrs::V6 { src, .. }, Direction::Inbound) if config.flags & GEN_RULES_V6 != 0 => {
+            lists::lookup_v6(half, NO_ACCOUNT, src)
+        }
+        (Addrs::V6 { dst, .. }, Direction::Outbound) if config.flags & GEN_RULES_V6 != 0 => {
+            lists::lookup_v6(half, NO_ACCOUNT, dst)
+        }
+        _ => None,
+    };
+    if decision.apply_list(Reason::GlobalBlock, global) {
+        return decision;
+    }
+    if slot == NO_ACCOUNT {
+        return decision;
+    }
+    let Some(account) = ACCOUNTS.get(account_index(slot, half)) else {
+        return decision;
+    };
+    if account.flags & ACCOUNT_ACTIVE == 0 {
+        return decision;
+    }
+
+    // 2. The account's lists.
+    let own = match (addrs, direction) {
+        (Addrs::V4 { src, .. }, Direction::Inbound) if account.flags & ACCOUNT_RULES_V4 != 0 => {
+            lists::lookup_v4(half, slot, src)
+        }
+        (Addrs::V4 { dst, .. }, Direction::Outbound) if account.flags & ACCOUNT_RULES_V4 != 0 => {
+            lists::lookup_v4(half, slot, dst)
+        }
+        (Addrs::V6 { src, .. }, Direction::Inbound) if account.flags & ACCOUNT_RULES_V6 != 0 => {
+            lists::lookup_v6(half, slot, src)
+        }
+        (Addrs::V6 { dst, .. }, Direction::Outbound) if account.flags & ACCOUNT_RULES_V6 != 0 => {
+            lists::lookup_v6(half, slot, dst)
+        }
+        _ => None,
+    };
+    if decision.apply_list(Reason::AccountBlock, own) {
+        return decision;
+    }
+
+    // 3. Rate limits.
+    let limits = &account.limits[direction as usize];
+    if let Some(over) = ratelimit::check(slot, direction as u8, limits, frame.segs, frame.len) {
+        decision.apply(over.reason, over.action, 0);
+    }
+    decision
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // Unreachable in a verified program: the verifier rejects any path that
+    // could get here ("last insn is not an exit or jmp").
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

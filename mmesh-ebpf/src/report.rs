@@ -1,0 +1,144 @@
+//! The single exit of every packet: counters, and sampled events.
+
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use mmesh_common::{
+    Verdict,
+    event::Event,
+    maps::{
+        Counter, CounterKey, GenConfig, STAT_COUNTERS_FULL, STAT_EVENTS_LOST, sampler_index,
+        totals_index,
+    },
+    sample,
+};
+
+use crate::{
+    Decision, Frame, atomic,
+    maps::{ACCT_COUNTERS, EVENTS, SAMPLER, STATS, TOTALS},
+    parse::{Addrs, Packet},
+};
+
+/// `BPF_NOEXIST`: insert only.
+const BPF_NOEXIST: u64 = 1;
+
+/// Counts the packet and, if a rule matched, offers it to the event sampler.
+#[inline(always)]
+pub fn record(frame: &Frame, direction: u8, config: &GenConfig, pkt: &Packet, decision: &Decision) {
+    let reason = decision.reason as u8;
+    let verdict = decision.verdict as u8;
+    if let Some(total) = TOTALS.get_ptr_mut(totals_index(reason, verdict, direction)) {
+        // SAFETY: this CPU's slot of a per-CPU array; programs do not nest on a CPU.
+        unsafe { add(total, frame.len) };
+    }
+    count_account(decision.slot, reason, verdict, direction, frame.len);
+    if decision.verdict != Verdict::Pass {
+        emit(frame, direction, config, pkt, decision);
+    }
+}
+
+#[inline(always)]
+unsafe fn add(counter: *mut Counter, bytes: u32) {
+    // SAFETY: the caller passes a valid per-CPU value.
+    unsafe {
+        (*counter).packets += 1;
+        (*counter).bytes += u64::from(bytes);
+    }
+}
+
+#[inline(always)]
+fn count_account(slot: u32, reason: u8, verdict: u8, direction: u8, bytes: u32) {
+    let key = CounterKey {
+        slot,
+        reason,
+        verdict,
+        direction,
+        _pad: 0,
+    };
+    if let Some(counter) = ACCT_COUNTERS.get_ptr_mut(&key) {
+        // SAFETY: this CPU's value of a per-CPU hash entry.
+        unsafe { add(counter, bytes) };
+        return;
+    }
+    let first = Counter {
+        packets: 1,
+        bytes: u64::from(bytes),
+    };
+    // A failed insert is either a full map (counted, the packet is still in
+    // TOTALS) or another CPU inserting the same key first (then this CPU's
+    // value is the fresh zero one: retry the lookup once).
+    if ACCT_COUNTERS.insert(&key, &first, BPF_NOEXIST).is_err() {
+        match ACCT_COUNTERS.get_ptr_mut(&key) {
+            // SAFETY: as above.
+            Some(counter) => unsafe { add(counter, bytes) },
+            None => bump_stat(STAT_COUNTERS_FULL),
+        }
+    }
+}
+
+/// Adds one to a `STATS` counter.
+#[inline(always)]
+pub fn bump_stat(index: u32) {
+    if let Some(stat) = STATS.get_ptr_mut(index) {
+        // SAFETY: this CPU's slot of a per-CPU array.
+        unsafe { *stat += 1 };
+    }
+}
+
+#[inline(always)]
+fn emit(frame: &Frame, direction: u8, config: &GenConfig, pkt: &Packet, decision: &Decision) {
+    let Some(window) = SAMPLER.get_ptr_mut(sampler_index(decision.slot, decision.reason as u8))
+    else {
+        return;
+    };
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: an 8-byte aligned map value, only ever accessed atomically.
+    let current = unsafe { atomic::load(window) };
+    let Some(next) = sample::take(current, now, config.event_rate) else {
+        return;
+    };
+    // One attempt: losing the race to another CPU means that CPU reports an
+    // event of the same (account, reason) in the same second; skipping this
+    // one keeps the limit exact.
+    // SAFETY: as above.
+    if unsafe { atomic::compare_exchange(window, current, next) }.is_err() {
+        return;
+    }
+    let Some(mut entry) = EVENTS.reserve::<Event>(0) else {
+        bump_stat(STAT_EVENTS_LOST);
+        return;
+    };
+    let mut event = Event {
+        ts_ns: now,
+        generation: config.generation,
+        slot: decision.slot,
+        list: decision.list,
+        len: frame.len,
+        ifindex: frame.ifindex,
+        direction,
+        reason: decision.reason as u8,
+        verdict: decision.verdict as u8,
+        family: 0,
+        protocol: pkt.protocol,
+        flags: pkt.flags,
+        sport: pkt.sport,
+        dport: pkt.dport,
+        _pad: [0; 6],
+        src: [0; 16],
+        dst: [0; 16],
+    };
+    match pkt.addrs {
+        Some(Addrs::V4 { src, dst }) => {
+            event.family = 4;
+            event.src[..4].copy_from_slice(&src);
+            event.dst[..4].copy_from_slice(&dst);
+        }
+        Some(Addrs::V6 { src, dst }) => {
+            event.family = 6;
+            event.src = src;
+            event.dst = dst;
+        }
+        None => {}
+    }
+    entry.write(event);
+    entry.submit(0);
+}
