@@ -2,3 +2,4 @@
 //! sync with the policy, and reports what they see.
 
 pub mod policy;
+pub mod compile;
