@@ -11,8 +11,9 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use mmesh_common::{
     Verdict,
     maps::{
-        ACCOUNT_ACTIVE, ACCOUNT_RULES_V4, ACCOUNT_RULES_V6, AccountConfig, DirLimits as MapDirLimits, GEN_PREFIXES_V4,
-        GEN_PREFIXES_V6, GEN_RULES_V4, GEN_RULES_V6, GenConfig, NO_ACCOUNT, RateLimit, RuleValue,
+        ACCOUNT_ACTIVE, ACCOUNT_RULES_V4, ACCOUNT_RULES_V6, AccountConfig,
+        DirLimits as MapDirLimits, GEN_PREFIXES_V4, GEN_PREFIXES_V6, GEN_RULES_V4, GEN_RULES_V6,
+        GenConfig, NO_ACCOUNT, RateLimit, RuleValue,
     },
 };
 use serde::Serialize;
@@ -78,14 +79,21 @@ impl SlotTable {
     /// The account id of a slot.
     #[must_use]
     pub fn id_of(&self, slot: u32) -> Option<&str> {
-        self.by_id.iter().find(|(_, s)| **s == slot).map(|(id, _)| id.as_str())
+        self.by_id
+            .iter()
+            .find(|(_, s)| **s == slot)
+            .map(|(id, _)| id.as_str())
     }
 
     /// Slots for `ids`: existing accounts keep theirs, new ones get free
     /// slots. Slots of accounts that left are freed only after this
     /// assignment, so no slot changes owner within one policy change.
     /// Returns the table and the slots that are new.
-    fn assign<'a>(&self, ids: impl Iterator<Item = &'a str>, max: u32) -> Result<(Self, Vec<u32>), CompileError> {
+    fn assign<'a>(
+        &self,
+        ids: impl Iterator<Item = &'a str>,
+        max: u32,
+    ) -> Result<(Self, Vec<u32>), CompileError> {
         let mut next = Self {
             by_id: BTreeMap::new(),
             free: self.free.clone(),
@@ -121,7 +129,8 @@ impl SlotTable {
             fresh.push(slot);
         }
         let kept: BTreeSet<u32> = next.by_id.values().copied().collect();
-        next.free.extend(self.by_id.values().filter(|s| !kept.contains(s)));
+        next.free
+            .extend(self.by_id.values().filter(|s| !kept.contains(s)));
         Ok((next, fresh))
     }
 }
@@ -171,7 +180,11 @@ pub struct Compiled {
 }
 
 /// Compiles `policy`, keeping the slots of accounts already in `slots`.
-pub fn compile(policy: &Policy, slots: &SlotTable, capacity: &Capacity) -> Result<Compiled, CompileError> {
+pub fn compile(
+    policy: &Policy,
+    slots: &SlotTable,
+    capacity: &Capacity,
+) -> Result<Compiled, CompileError> {
     if policy.accounts.len() > capacity.accounts as usize {
         return Err(CompileError::OverCapacity {
             what: "accounts",
@@ -180,7 +193,10 @@ pub fn compile(policy: &Policy, slots: &SlotTable, capacity: &Capacity) -> Resul
             flag: "--max-accounts",
         });
     }
-    let (slots, new_slots) = slots.assign(policy.accounts.iter().map(|a| a.id.as_str()), capacity.accounts)?;
+    let (slots, new_slots) = slots.assign(
+        policy.accounts.iter().map(|a| a.id.as_str()),
+        capacity.accounts,
+    )?;
     let mut out = Compiled {
         slots,
         new_slots,
@@ -208,7 +224,13 @@ pub fn compile(policy: &Policy, slots: &SlotTable, capacity: &Capacity) -> Resul
                 out.hosts_v4.insert(net.addr().octets(), slot);
             } else {
                 flags |= GEN_PREFIXES_V4;
-                out.prefixes_v4.insert(PrefixKey { addr: net.addr().octets(), len: net.prefix_len() }, slot);
+                out.prefixes_v4.insert(
+                    PrefixKey {
+                        addr: net.addr().octets(),
+                        len: net.prefix_len(),
+                    },
+                    slot,
+                );
             }
         }
         for net in &account.prefixes_v6 {
@@ -216,7 +238,13 @@ pub fn compile(policy: &Policy, slots: &SlotTable, capacity: &Capacity) -> Resul
                 out.hosts_v6.insert(net.addr().octets(), slot);
             } else {
                 flags |= GEN_PREFIXES_V6;
-                out.prefixes_v6.insert(PrefixKey { addr: net.addr().octets(), len: net.prefix_len() }, slot);
+                out.prefixes_v6.insert(
+                    PrefixKey {
+                        addr: net.addr().octets(),
+                        len: net.prefix_len(),
+                    },
+                    slot,
+                );
             }
         }
         let resolver = Resolver::new(&mut out.lists, &account.id, &account.lists);
@@ -233,7 +261,10 @@ pub fn compile(policy: &Policy, slots: &SlotTable, capacity: &Capacity) -> Resul
             AccountConfig {
                 flags: account_flags,
                 _pad: 0,
-                limits: [map_limits(account.inbound.as_ref()), map_limits(account.outbound.as_ref())],
+                limits: [
+                    map_limits(account.inbound.as_ref()),
+                    map_limits(account.outbound.as_ref()),
+                ],
             },
         );
     }
@@ -251,14 +282,39 @@ pub fn compile(policy: &Policy, slots: &SlotTable, capacity: &Capacity) -> Resul
 
 fn check_capacity(out: &Compiled, capacity: &Capacity) -> Result<(), CompileError> {
     let checks = [
-        (out.hosts_v4.len() + out.prefixes_v4.len(), capacity.account_prefixes, "IPv4 account prefixes", "--max-account-prefixes"),
-        (out.hosts_v6.len() + out.prefixes_v6.len(), capacity.account_prefixes, "IPv6 account prefixes", "--max-account-prefixes"),
-        (out.rules_v4.len(), capacity.list_prefixes, "IPv4 list prefixes", "--max-list-prefixes"),
-        (out.rules_v6.len(), capacity.list_prefixes, "IPv6 list prefixes", "--max-list-prefixes"),
+        (
+            out.hosts_v4.len() + out.prefixes_v4.len(),
+            capacity.account_prefixes,
+            "IPv4 account prefixes",
+            "--max-account-prefixes",
+        ),
+        (
+            out.hosts_v6.len() + out.prefixes_v6.len(),
+            capacity.account_prefixes,
+            "IPv6 account prefixes",
+            "--max-account-prefixes",
+        ),
+        (
+            out.rules_v4.len(),
+            capacity.list_prefixes,
+            "IPv4 list prefixes",
+            "--max-list-prefixes",
+        ),
+        (
+            out.rules_v6.len(),
+            capacity.list_prefixes,
+            "IPv6 list prefixes",
+            "--max-list-prefixes",
+        ),
     ];
     for (needed, cap, what, flag) in checks {
         if needed > cap as usize {
-            return Err(CompileError::OverCapacity { what, needed, capacity: cap, flag });
+            return Err(CompileError::OverCapacity {
+                what,
+                needed,
+                capacity: cap,
+                flag,
+            });
         }
     }
     Ok(())
@@ -277,8 +333,12 @@ fn map_limits(limits: Option<&DirLimits>) -> MapDirLimits {
     };
     let action = verdict_code(l.action);
     MapDirLimits {
-        pps: l.pps.map_or_else(RateLimit::default, |r| RateLimit::packets(r.rate, r.burst, action)),
-        bps: l.bps.map_or_else(RateLimit::default, |r| RateLimit::bits(r.rate, r.burst, action)),
+        pps: l.pps.map_or_else(RateLimit::default, |r| {
+            RateLimit::packets(r.rate, r.burst, action)
+        }),
+        bps: l.bps.map_or_else(RateLimit::default, |r| {
+            RateLimit::bits(r.rate, r.burst, action)
+        }),
     }
 }
 
@@ -372,12 +432,26 @@ impl Resolver {
         let mut any4 = false;
         for (addr, len, value) in resolve(self.v4, 32) {
             any4 = true;
-            v4.insert(RuleKey { scope, addr: (addr as u32).to_be_bytes(), len }, value);
+            v4.insert(
+                RuleKey {
+                    scope,
+                    addr: (addr as u32).to_be_bytes(),
+                    len,
+                },
+                value,
+            );
         }
         let mut any6 = false;
         for (addr, len, value) in resolve(self.v6, 128) {
             any6 = true;
-            v6.insert(RuleKey { scope, addr: addr.to_be_bytes(), len }, value);
+            v6.insert(
+                RuleKey {
+                    scope,
+                    addr: addr.to_be_bytes(),
+                    len,
+                },
+                value,
+            );
         }
         (any4, any6)
     }
@@ -446,7 +520,11 @@ mod tests {
     fn rule4(c: &Compiled, scope: u32, cidr: &str) -> Option<RuleValue> {
         let net: Ipv4Net = cidr.parse().unwrap();
         c.rules_v4
-            .get(&RuleKey { scope, addr: net.addr().octets(), len: net.prefix_len() })
+            .get(&RuleKey {
+                scope,
+                addr: net.addr().octets(),
+                len: net.prefix_len(),
+            })
             .copied()
     }
 
@@ -479,12 +557,27 @@ mod tests {
         let pass = Verdict::Pass as u32;
         let monitor = Verdict::Monitor as u32;
         assert_eq!(lookup4(&c, 0, "10.2.3.4").unwrap().action, drop);
-        assert_eq!(lookup4(&c, 0, "10.1.3.4").unwrap().action, pass, "allow inside block");
-        assert_eq!(lookup4(&c, 0, "10.9.3.4").unwrap().action, drop, "monitor inside drop is still dropped");
+        assert_eq!(
+            lookup4(&c, 0, "10.1.3.4").unwrap().action,
+            pass,
+            "allow inside block"
+        );
+        assert_eq!(
+            lookup4(&c, 0, "10.9.3.4").unwrap().action,
+            drop,
+            "monitor inside drop is still dropped"
+        );
         assert_eq!(lookup4(&c, 0, "172.16.1.1").unwrap().action, monitor);
         assert_eq!(lookup4(&c, 0, "8.8.8.8"), None);
-        assert_eq!(rule4(&c, 0, "192.168.0.0/16"), None, "an allow with no block around it is left out");
-        assert_eq!(c.lists[lookup4(&c, 0, "10.2.3.4").unwrap().list as usize].name, "wide");
+        assert_eq!(
+            rule4(&c, 0, "192.168.0.0/16"),
+            None,
+            "an allow with no block around it is left out"
+        );
+        assert_eq!(
+            c.lists[lookup4(&c, 0, "10.2.3.4").unwrap().list as usize].name,
+            "wide"
+        );
         assert_eq!(c.config.flags & GEN_RULES_V4, GEN_RULES_V4);
         assert_eq!(c.config.flags & GEN_RULES_V6, 0);
     }
@@ -502,7 +595,10 @@ mod tests {
             &Capacity::default(),
         )
         .unwrap();
-        assert_eq!(lookup4(&c, 0, "10.1.1.1").unwrap().action, Verdict::Pass as u32);
+        assert_eq!(
+            lookup4(&c, 0, "10.1.1.1").unwrap().action,
+            Verdict::Pass as u32
+        );
     }
 
     #[test]
@@ -519,7 +615,10 @@ mod tests {
         assert_eq!(c1.new_slots, vec![1, 2]);
         assert_eq!(c1.hosts_v4[&[10, 0, 0, 2]], 2);
         assert_eq!(c1.prefixes_v4.len(), 1);
-        assert_eq!(c1.config.flags & (GEN_PREFIXES_V4 | GEN_PREFIXES_V6), GEN_PREFIXES_V4 | GEN_PREFIXES_V6);
+        assert_eq!(
+            c1.config.flags & (GEN_PREFIXES_V4 | GEN_PREFIXES_V6),
+            GEN_PREFIXES_V4 | GEN_PREFIXES_V6
+        );
 
         // a leaves, c arrives: b keeps 2; c must not take a's slot in the
         // same change, so it gets 3; a later newcomer reuses 1.
@@ -565,9 +664,19 @@ mod tests {
         assert_eq!(acc.flags, ACCOUNT_ACTIVE | ACCOUNT_RULES_V6);
         assert_eq!(acc.limits[0], MapDirLimits::default(), "no inbound limits");
         let out = acc.limits[1];
-        assert_eq!(out.pps.action, Verdict::Monitor as u32, "monitor mode applies to limits");
-        assert_eq!(out.pps, RateLimit::packets(1000, 100, Verdict::Monitor as u32));
-        assert_eq!(out.bps, RateLimit::bits(8_000_000, 800_000, Verdict::Monitor as u32));
+        assert_eq!(
+            out.pps.action,
+            Verdict::Monitor as u32,
+            "monitor mode applies to limits"
+        );
+        assert_eq!(
+            out.pps,
+            RateLimit::packets(1000, 100, Verdict::Monitor as u32)
+        );
+        assert_eq!(
+            out.bps,
+            RateLimit::bits(8_000_000, 800_000, Verdict::Monitor as u32)
+        );
         let (key, value) = c.rules_v6.iter().next().unwrap();
         assert_eq!((key.scope, key.len), (1, 48));
         assert_eq!(value.action, Verdict::Monitor as u32);
@@ -581,13 +690,29 @@ mod tests {
   - { id: b, prefixes: [10.0.0.2] }
 ",
         );
-        let cap = Capacity { accounts: 1, ..Capacity::default() };
-        let err = compile(&p, &SlotTable::default(), &cap).unwrap_err().to_string();
-        assert!(err.contains("2 accounts") && err.contains("--max-accounts"), "{err}");
+        let cap = Capacity {
+            accounts: 1,
+            ..Capacity::default()
+        };
+        let err = compile(&p, &SlotTable::default(), &cap)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("2 accounts") && err.contains("--max-accounts"),
+            "{err}"
+        );
         let p = policy("global:\n  block: [{ cidrs: [10.0.0.0/8, 11.0.0.0/8] }]\n");
-        let cap = Capacity { list_prefixes: 1, ..Capacity::default() };
-        let err = compile(&p, &SlotTable::default(), &cap).unwrap_err().to_string();
-        assert!(err.contains("IPv4 list prefixes") && err.contains("--max-list-prefixes"), "{err}");
+        let cap = Capacity {
+            list_prefixes: 1,
+            ..Capacity::default()
+        };
+        let err = compile(&p, &SlotTable::default(), &cap)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("IPv4 list prefixes") && err.contains("--max-list-prefixes"),
+            "{err}"
+        );
     }
 
     proptest::proptest! {

@@ -1,5 +1,11 @@
 //! mmesh-agent: loads the mmesh XDP and TC programs, keeps their policy maps in
 //! sync with the policy, and reports what they see.
 
-pub mod policy;
+pub mod agent;
+pub mod barrier;
 pub mod compile;
+pub mod datapath;
+pub mod events;
+pub mod interface;
+pub mod policy;
+pub mod show;

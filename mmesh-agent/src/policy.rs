@@ -289,9 +289,15 @@ pub enum PolicyError {
         source: std::io::Error,
     },
     #[error("policy {source_name} is not valid YAML for a policy:\n{message}")]
-    Syntax { source_name: String, message: String },
+    Syntax {
+        source_name: String,
+        message: String,
+    },
     #[error("policy {source_name} is invalid ({} problem{}):\n{}", issues.len(), if issues.len() == 1 { "" } else { "s" }, issues.iter().map(|i| format!("  {i}")).collect::<Vec<_>>().join("\n"))]
-    Invalid { source_name: String, issues: Vec<Issue> },
+    Invalid {
+        source_name: String,
+        issues: Vec<Issue>,
+    },
 }
 
 // ---------------------------------------------------------------------------
@@ -310,7 +316,10 @@ impl Policy {
             path: path.display().to_string(),
             source,
         })?;
-        let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         Self::parse(&text, &path.display().to_string(), base)
     }
 
@@ -379,11 +388,19 @@ impl Validator<'_> {
                 self.issue(
                     id_at.clone(),
                     format!("{path}.id"),
-                    format!("account id {:?} is already used by accounts[{first}]; ids must be unique", acc.id.value),
+                    format!(
+                        "account id {:?} is already used by accounts[{first}]; ids must be unique",
+                        acc.id.value
+                    ),
                 );
             }
             let account = self.account(acc, &path, default_mode, raw.defaults.limits.as_ref());
-            for net in account.prefixes_v4.iter().map(|n| IpNet::V4(*n)).chain(account.prefixes_v6.iter().map(|n| IpNet::V6(*n))) {
+            for net in account
+                .prefixes_v4
+                .iter()
+                .map(|n| IpNet::V4(*n))
+                .chain(account.prefixes_v6.iter().map(|n| IpNet::V6(*n)))
+            {
                 if let Some(other) = owners.get(&net) {
                     if *other != account.id {
                         self.issue(
@@ -411,8 +428,14 @@ impl Validator<'_> {
         let events_per_second = match raw.events_per_second {
             Some(eps) => {
                 let at = self.at(&eps);
-                self.integer(&eps.value.0, at, "global.events_per_second", 0, MAX_EVENTS_PER_SECOND)
-                    .map_or(DEFAULT_EVENTS_PER_SECOND, |n| n as u32)
+                self.integer(
+                    &eps.value.0,
+                    at,
+                    "global.events_per_second",
+                    0,
+                    MAX_EVENTS_PER_SECOND,
+                )
+                .map_or(DEFAULT_EVENTS_PER_SECOND, |n| n as u32)
             }
             None => DEFAULT_EVENTS_PER_SECOND,
         };
@@ -425,11 +448,21 @@ impl Validator<'_> {
         }
     }
 
-    fn account(&mut self, raw: RawAccount, path: &str, default_mode: Mode, default_limits: Option<&RawLimits>) -> Account {
+    fn account(
+        &mut self,
+        raw: RawAccount,
+        path: &str,
+        default_mode: Mode,
+        default_limits: Option<&RawLimits>,
+    ) -> Account {
         let id_at = self.at(&raw.id);
         let id = raw.id.value;
         if let Err(msg) = check_name(&id) {
-            self.issue(id_at.clone(), format!("{path}.id"), format!("account id {id:?} {msg}"));
+            self.issue(
+                id_at.clone(),
+                format!("{path}.id"),
+                format!("account id {id:?} {msg}"),
+            );
         }
         if raw.prefixes.is_empty() {
             self.issue(id_at.clone(), format!("{path}.prefixes"), format!("account {id:?} has no prefixes: list the addresses it owns on this host (e.g. 10.1.2.3/32)"));
@@ -442,7 +475,11 @@ impl Validator<'_> {
             match parse_cidr(&p.value) {
                 Ok(net) => {
                     if !seen.insert(net) {
-                        self.issue(at, format!("{path}.prefixes[{j}]"), format!("prefix {net} is listed twice"));
+                        self.issue(
+                            at,
+                            format!("{path}.prefixes[{j}]"),
+                            format!("prefix {net} is listed twice"),
+                        );
                         continue;
                     }
                     match net {
@@ -456,11 +493,19 @@ impl Validator<'_> {
         let mode = raw.mode.unwrap_or(default_mode);
         let lists = self.lists(raw.block, raw.allow, path, mode);
         let limits = raw.limits.as_ref().or(default_limits);
-        let limits_path = if raw.limits.is_some() { format!("{path}.limits") } else { "defaults.limits".to_owned() };
+        let limits_path = if raw.limits.is_some() {
+            format!("{path}.limits")
+        } else {
+            "defaults.limits".to_owned()
+        };
         let (inbound, outbound) = match limits {
             Some(l) => (
-                l.inbound.as_ref().and_then(|d| self.dir_limits(d, &format!("{limits_path}.inbound"), mode)),
-                l.outbound.as_ref().and_then(|d| self.dir_limits(d, &format!("{limits_path}.outbound"), mode)),
+                l.inbound
+                    .as_ref()
+                    .and_then(|d| self.dir_limits(d, &format!("{limits_path}.inbound"), mode)),
+                l.outbound
+                    .as_ref()
+                    .and_then(|d| self.dir_limits(d, &format!("{limits_path}.outbound"), mode)),
             ),
             None => (None, None),
         };
@@ -475,7 +520,13 @@ impl Validator<'_> {
         }
     }
 
-    fn lists(&mut self, block: Vec<RawList>, allow: Vec<RawList>, scope: &str, mode: Mode) -> Vec<List> {
+    fn lists(
+        &mut self,
+        block: Vec<RawList>,
+        allow: Vec<RawList>,
+        scope: &str,
+        mode: Mode,
+    ) -> Vec<List> {
         let mut names = HashSet::new();
         let mut out = Vec::new();
         for (field, raws) in [("block", block), ("allow", allow)] {
@@ -485,18 +536,31 @@ impl Validator<'_> {
                     Some(n) => {
                         if let Err(msg) = check_name(&n.value) {
                             let at = self.at(n);
-                            self.issue(at, format!("{path}.name"), format!("list name {:?} {msg}", n.value));
+                            self.issue(
+                                at,
+                                format!("{path}.name"),
+                                format!("list name {:?} {msg}", n.value),
+                            );
                         }
                         n.value.clone()
                     }
                     None => format!("{scope}.{field}[{i}]"),
                 };
                 if !names.insert(name.clone()) {
-                    let at = raw.name.as_ref().map_or_else(|| self.source.to_owned(), |n| self.at(n));
-                    self.issue(at, format!("{path}.name"), format!("list name {name:?} is used twice in {scope}"));
+                    let at = raw
+                        .name
+                        .as_ref()
+                        .map_or_else(|| self.source.to_owned(), |n| self.at(n));
+                    self.issue(
+                        at,
+                        format!("{path}.name"),
+                        format!("list name {name:?} is used twice in {scope}"),
+                    );
                 }
                 let kind = if field == "block" {
-                    ListKind::Block(mode.apply(raw.action.as_ref().map_or(Action::Drop, |a| a.value)))
+                    ListKind::Block(
+                        mode.apply(raw.action.as_ref().map_or(Action::Drop, |a| a.value)),
+                    )
                 } else {
                     if let Some(a) = &raw.action {
                         let at = self.at(a);
@@ -505,8 +569,15 @@ impl Validator<'_> {
                     ListKind::Allow
                 };
                 if raw.cidrs.is_empty() && raw.file.is_none() {
-                    let at = raw.name.as_ref().map_or_else(|| self.source.to_owned(), |n| self.at(n));
-                    self.issue(at, path.clone(), "the list is empty: give `cidrs`, a `file`, or both");
+                    let at = raw
+                        .name
+                        .as_ref()
+                        .map_or_else(|| self.source.to_owned(), |n| self.at(n));
+                    self.issue(
+                        at,
+                        path.clone(),
+                        "the list is empty: give `cidrs`, a `file`, or both",
+                    );
                 }
                 let mut v4 = Vec::new();
                 let mut v6 = Vec::new();
@@ -533,13 +604,23 @@ impl Validator<'_> {
         out
     }
 
-    fn list_file(&mut self, file: &Spanned<String>, path: &str, v4: &mut Vec<Ipv4Net>, v6: &mut Vec<Ipv6Net>) {
+    fn list_file(
+        &mut self,
+        file: &Spanned<String>,
+        path: &str,
+        v4: &mut Vec<Ipv4Net>,
+        v6: &mut Vec<Ipv6Net>,
+    ) {
         let full: PathBuf = self.base_dir.join(&file.value);
         let text = match std::fs::read_to_string(&full) {
             Ok(t) => t,
             Err(err) => {
                 let at = self.at(file);
-                self.issue(at, path, format!("cannot read list file {}: {err}", full.display()));
+                self.issue(
+                    at,
+                    path,
+                    format!("cannot read list file {}: {err}", full.display()),
+                );
                 return;
             }
         };
@@ -562,7 +643,11 @@ impl Validator<'_> {
             }
         }
         if bad > 10 {
-            self.issue(full.display().to_string(), path, format!("{} more bad lines not shown", bad - 10));
+            self.issue(
+                full.display().to_string(),
+                path,
+                format!("{} more bad lines not shown", bad - 10),
+            );
         }
     }
 
@@ -570,7 +655,12 @@ impl Validator<'_> {
         let pps = raw.pps.as_ref().and_then(|r| {
             let rate = self.quantity(r, &format!("{path}.pps"), 1, MAX_PPS)?;
             let burst = match &raw.pps_burst {
-                Some(b) => self.quantity(b, &format!("{path}.pps_burst"), 1, rate.saturating_mul(MAX_BURST_SECONDS))?,
+                Some(b) => self.quantity(
+                    b,
+                    &format!("{path}.pps_burst"),
+                    1,
+                    rate.saturating_mul(MAX_BURST_SECONDS),
+                )?,
                 None => (rate / 10).max(1),
             };
             Some(Rate { rate, burst })
@@ -578,15 +668,27 @@ impl Validator<'_> {
         let bps = raw.bps.as_ref().and_then(|r| {
             let rate = self.quantity(r, &format!("{path}.bps"), MIN_BPS, MAX_BPS)?;
             let burst = match &raw.bps_burst {
-                Some(b) => self.quantity(b, &format!("{path}.bps_burst"), 8, rate.saturating_mul(MAX_BURST_SECONDS))?,
+                Some(b) => self.quantity(
+                    b,
+                    &format!("{path}.bps_burst"),
+                    8,
+                    rate.saturating_mul(MAX_BURST_SECONDS),
+                )?,
                 None => (rate / 10).max(8),
             };
             Some(Rate { rate, burst })
         });
-        for (burst, rate, name) in [(&raw.pps_burst, &raw.pps, "pps"), (&raw.bps_burst, &raw.bps, "bps")] {
+        for (burst, rate, name) in [
+            (&raw.pps_burst, &raw.pps, "pps"),
+            (&raw.bps_burst, &raw.bps, "bps"),
+        ] {
             if let (Some(b), None) = (burst, rate) {
                 let at = self.at(b);
-                self.issue(at, format!("{path}.{name}_burst"), format!("{name}_burst without {name}: a burst needs a rate"));
+                self.issue(
+                    at,
+                    format!("{path}.{name}_burst"),
+                    format!("{name}_burst without {name}: a burst needs a rate"),
+                );
             }
         }
         if pps.is_none() && bps.is_none() {
@@ -604,7 +706,14 @@ impl Validator<'_> {
         match parse_quantity(&raw.value.0) {
             Ok(n) if (min..=max).contains(&n) => Some(n),
             Ok(n) => {
-                self.issue(at, path, format!("{:?} = {n} is out of range: it must be between {min} and {max}", raw.value.0));
+                self.issue(
+                    at,
+                    path,
+                    format!(
+                        "{:?} = {n} is out of range: it must be between {min} and {max}",
+                        raw.value.0
+                    ),
+                );
                 None
             }
             Err(msg) => {
@@ -618,7 +727,11 @@ impl Validator<'_> {
         match text.trim().parse::<u64>() {
             Ok(n) if (min..=max).contains(&n) => Some(n),
             _ => {
-                self.issue(at, path, format!("{text:?} is not a whole number between {min} and {max}"));
+                self.issue(
+                    at,
+                    path,
+                    format!("{text:?} is not a whole number between {min} and {max}"),
+                );
                 None
             }
         }
@@ -632,8 +745,13 @@ fn check_name(name: &str) -> Result<(), String> {
     if name.len() > MAX_NAME_LEN {
         return Err(format!("is longer than {MAX_NAME_LEN} characters"));
     }
-    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '/' | '@'))) {
-        return Err(format!("contains {c:?}: use letters, digits and - _ . : / @"));
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '/' | '@')))
+    {
+        return Err(format!(
+            "contains {c:?}: use letters, digits and - _ . : / @"
+        ));
     }
     Ok(())
 }
@@ -644,13 +762,18 @@ fn check_name(name: &str) -> Result<(), String> {
 pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
     let text = text.trim();
     let net = if text.contains('/') {
-        text.parse::<IpNet>().map_err(|_| format!("{text:?} is not a CIDR prefix (expected e.g. 10.0.0.0/8 or 2001:db8::/32)"))?
+        text.parse::<IpNet>().map_err(|_| {
+            format!("{text:?} is not a CIDR prefix (expected e.g. 10.0.0.0/8 or 2001:db8::/32)")
+        })?
     } else {
         let addr: IpAddr = text.parse().map_err(|_| format!("{text:?} is not an IP address or CIDR prefix (expected e.g. 10.0.0.0/8 or 2001:db8::/32)"))?;
         IpNet::from(addr)
     };
     if net.trunc() != net {
-        return Err(format!("{text:?} has host bits set; did you mean {}?", net.trunc()));
+        return Err(format!(
+            "{text:?} has host bits set; did you mean {}?",
+            net.trunc()
+        ));
     }
     Ok(net)
 }
@@ -658,7 +781,11 @@ pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
 /// Parses a rate or size: a whole or decimal number with an optional SI
 /// suffix k, M, G or T (powers of 1000), e.g. `100000`, `10k`, `1.5G`.
 pub fn parse_quantity(text: &str) -> Result<u64, String> {
-    let bad = || format!("{text:?} is not a quantity: expected a number with an optional k, M, G or T suffix (e.g. 10k, 1.5G)");
+    let bad = || {
+        format!(
+            "{text:?} is not a quantity: expected a number with an optional k, M, G or T suffix (e.g. 10k, 1.5G)"
+        )
+    };
     let t = text.trim();
     let (digits, scale) = match t.char_indices().last() {
         Some((i, 'k' | 'K')) => (&t[..i], 1_000u64),
@@ -667,11 +794,18 @@ pub fn parse_quantity(text: &str) -> Result<u64, String> {
         Some((i, 'T')) => (&t[..i], 1_000_000_000_000),
         _ => (t, 1),
     };
-    if digits.is_empty() || !digits.chars().all(|c| c.is_ascii_digit() || c == '.') || digits.matches('.').count() > 1 {
+    if digits.is_empty()
+        || !digits.chars().all(|c| c.is_ascii_digit() || c == '.')
+        || digits.matches('.').count() > 1
+    {
         return Err(bad());
     }
     let (whole, frac) = digits.split_once('.').unwrap_or((digits, ""));
-    let whole: u64 = if whole.is_empty() { 0 } else { whole.parse().map_err(|_| bad())? };
+    let whole: u64 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().map_err(|_| bad())?
+    };
     let mut value = whole.checked_mul(scale).ok_or_else(bad)?;
     // Decimal fractions exactly, digit by digit: 1.5G is 1_500_000_000.
     let mut unit = scale;
@@ -680,7 +814,9 @@ pub fn parse_quantity(text: &str) -> Result<u64, String> {
         if unit == 0 {
             return Err(format!("{text:?} has more decimals than its unit allows"));
         }
-        value = value.checked_add(u64::from(c.to_digit(10).ok_or_else(bad)?) * unit).ok_or_else(bad)?;
+        value = value
+            .checked_add(u64::from(c.to_digit(10).ok_or_else(bad)?) * unit)
+            .ok_or_else(bad)?;
     }
     Ok(value)
 }
@@ -698,7 +834,12 @@ mod tests {
         assert_eq!(parse_quantity(" 7M "), Ok(7_000_000));
         assert!(parse_quantity("1.5").unwrap_err().contains("more decimals"));
         for bad in ["", "k", "-5", "10x", "1..2k", "1e6", "ten"] {
-            assert!(parse_quantity(bad).unwrap_err().contains("is not a quantity"), "{bad}");
+            assert!(
+                parse_quantity(bad)
+                    .unwrap_err()
+                    .contains("is not a quantity"),
+                "{bad}"
+            );
         }
     }
 
@@ -706,18 +847,40 @@ mod tests {
     fn cidrs() {
         assert_eq!(parse_cidr("10.0.0.0/8").unwrap().to_string(), "10.0.0.0/8");
         assert_eq!(parse_cidr("192.0.2.7").unwrap().to_string(), "192.0.2.7/32");
-        assert_eq!(parse_cidr("2001:db8::1").unwrap().to_string(), "2001:db8::1/128");
-        assert!(parse_cidr("10.0.0.1/24").unwrap_err().contains("did you mean 10.0.0.0/24"));
-        assert!(parse_cidr("10.0.0.0/33").unwrap_err().contains("is not a CIDR"));
-        assert!(parse_cidr("banana").unwrap_err().contains("is not an IP address"));
+        assert_eq!(
+            parse_cidr("2001:db8::1").unwrap().to_string(),
+            "2001:db8::1/128"
+        );
+        assert!(
+            parse_cidr("10.0.0.1/24")
+                .unwrap_err()
+                .contains("did you mean 10.0.0.0/24")
+        );
+        assert!(
+            parse_cidr("10.0.0.0/33")
+                .unwrap_err()
+                .contains("is not a CIDR")
+        );
+        assert!(
+            parse_cidr("banana")
+                .unwrap_err()
+                .contains("is not an IP address")
+        );
     }
 
     #[test]
     fn embedded_default_is_valid() {
         let policy = Policy::embedded_default().expect("the embedded default policy validates");
-        assert!(policy.accounts.is_empty(), "the default attributes nothing: it cannot disturb customer traffic");
         assert!(
-            policy.global.lists.iter().all(|l| l.kind != ListKind::Block(Action::Drop)),
+            policy.accounts.is_empty(),
+            "the default attributes nothing: it cannot disturb customer traffic"
+        );
+        assert!(
+            policy
+                .global
+                .lists
+                .iter()
+                .all(|l| l.kind != ListKind::Block(Action::Drop)),
             "the default never drops by list"
         );
     }

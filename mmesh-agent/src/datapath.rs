@@ -1,0 +1,878 @@
+//! The loaded datapath: the eBPF object, its maps, its attachments, and the
+//! all-or-nothing application of compiled policies.
+//!
+//! # Applying a policy
+//!
+//! Every policy map is split in two halves (see `mmesh_common::maps`). At
+//! rest both halves hold the running policy. To apply a new one:
+//!
+//! 1. write the difference into the inactive half (packets do not read it);
+//! 2. flip `CONFIG.active` with one word store: from the next packet on,
+//!    every lookup uses the new policy;
+//! 3. wait for programs that started before the flip ([`ProgramBarrier`]);
+//! 4. write the same difference into the old half.
+//!
+//! If step 1 fails, nothing packets see has changed and the error is
+//! returned: the previous policy keeps enforcing. The agent tracks what each
+//! half holds; a half whose writes failed part-way is marked unknown and read
+//! back from the kernel before its next use.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{
+        Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf,
+        lpm_trie::Key,
+    },
+    programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
+    util::KernelVersion,
+};
+use mmesh_common::{
+    Direction, Reason, Verdict,
+    maps::{
+        AccountConfig, Config, Counter, CounterKey, GenConfig, RateState, RuleValue, SCOPE_BITS,
+        STATS_LEN, ScopedV4, ScopedV6, TOTALS_LEN, account_index, names, programs, rate_index,
+        sampler_index, scope, totals_index,
+    },
+};
+use serde::Serialize;
+
+use crate::{
+    barrier::ProgramBarrier,
+    compile::{Capacity, Compiled, PrefixKey, RuleKey},
+    interface::{self, InterfaceError, InterfaceSpec, Role},
+};
+
+/// The eBPF object built by build.rs (empty when built with AYA_BUILD_SKIP).
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mmesh"));
+
+/// Oldest kernel supported: BPF ring buffer (5.8), atomic compare-and-swap
+/// (5.12), bpf_link for XDP (5.9); 5.15 is the first LTS with all of them.
+pub const MIN_KERNEL: (u32, u32) = (5, 15);
+
+/// Why the datapath could not be loaded, attached or updated.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error(
+        "this mmesh-agent was built without its eBPF object (AYA_BUILD_SKIP was set); rebuild it with `cargo xtask build`"
+    )]
+    NoObject,
+    #[error("kernel {found} is too old: mmesh-agent needs Linux {}.{} or later", MIN_KERNEL.0, MIN_KERNEL.1)]
+    KernelTooOld { found: String },
+    #[error(
+        "permission denied while {doing}: run mmesh-agent as root, or with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON"
+    )]
+    Permission { doing: String },
+    #[error("cannot load the eBPF object: {0}")]
+    Load(#[source] aya::EbpfError),
+    #[error("the kernel verifier rejected program {program}: {reason}\n{log}")]
+    Verifier {
+        program: String,
+        reason: String,
+        log: String,
+    },
+    #[error("cannot load program {program}: {source}")]
+    Program {
+        program: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error(
+        "the eBPF object has no {what} named {name}: the agent and its object are out of step; rebuild both"
+    )]
+    Missing { what: &'static str, name: String },
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error(transparent)]
+    Interface(#[from] InterfaceError),
+    #[error(
+        "interface {name} already has an XDP program attached by another tool; remove it first (`ip link set dev {name} xdp off`)"
+    )]
+    XdpBusy { name: String },
+    #[error("cannot attach {program} to {name}: {source}")]
+    Attach {
+        program: &'static str,
+        name: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("interface {0} is attached twice; give each interface once")]
+    DuplicateInterface(String),
+    #[error("cannot create the program barrier map-in-map: {0}")]
+    Barrier(#[source] std::io::Error),
+}
+
+impl DatapathError {
+    fn map(map: &'static str, source: MapError) -> Self {
+        if is_permission(&source) {
+            return Self::Permission {
+                doing: format!("writing map {map}"),
+            };
+        }
+        Self::Map { map, source }
+    }
+}
+
+/// Whether an error chain bottoms out in EPERM or EACCES.
+fn is_permission(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && matches!(io.raw_os_error(), Some(libc::EPERM | libc::EACCES))
+        {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
+}
+
+/// An interface with the programs attached to it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Attachment {
+    pub name: String,
+    pub ifindex: u32,
+    pub role: Role,
+    /// `tcx` or `clsact`.
+    pub tc_mode: &'static str,
+    #[serde(skip)]
+    added_clsact: bool,
+}
+
+/// Typed handles of the maps, owned in one place.
+struct Maps {
+    config: Array<MapData, Config>,
+    hosts_v4: HashMap<MapData, ScopedV4, u32>,
+    hosts_v6: HashMap<MapData, ScopedV6, u32>,
+    prefixes_v4: LpmTrie<MapData, ScopedV4, u32>,
+    prefixes_v6: LpmTrie<MapData, ScopedV6, u32>,
+    accounts: Array<MapData, AccountConfig>,
+    rules_v4: LpmTrie<MapData, ScopedV4, RuleValue>,
+    rules_v6: LpmTrie<MapData, ScopedV6, RuleValue>,
+    rate_state: Array<MapData, RateState>,
+    sampler: Array<MapData, u64>,
+    totals: PerCpuArray<MapData, Counter>,
+    account_counters: PerCpuHashMap<MapData, CounterKey, Counter>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<T, DatapathError> {
+    let map = ebpf.take_map(name).ok_or_else(|| DatapathError::Missing {
+        what: "map",
+        name: name.to_owned(),
+    })?;
+    T::try_from(map).map_err(|e| DatapathError::map(name, e))
+}
+
+/// Totals by reason, verdict and direction, summed over CPUs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub counters: BTreeMap<(Reason, Verdict, Direction), Counter>,
+    pub events_lost: u64,
+    pub counters_full: u64,
+    pub rate_contended: u64,
+    pub pull_failed: u64,
+}
+
+/// The loaded programs and maps.
+pub struct Datapath {
+    ebpf: Ebpf,
+    maps: Maps,
+    events: Option<RingBuf<MapData>>,
+    capacity: Capacity,
+    /// What each half holds; `None` when a write failed part-way.
+    halves: [Option<Arc<Compiled>>; 2],
+    config: Config,
+    generation: u64,
+    barrier: ProgramBarrier,
+    attachments: Vec<Attachment>,
+}
+
+impl Datapath {
+    /// Loads the object with maps sized by `capacity` and passes the
+    /// programs through the verifier. Nothing is attached yet.
+    pub fn load(capacity: Capacity) -> Result<Self, DatapathError> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(DatapathError::NoObject);
+        }
+        check_kernel()?;
+        raise_memlock();
+        let slots = capacity.accounts + 1;
+        let mut loader = EbpfLoader::new();
+        loader
+            .map_max_entries(names::HOSTS_V4, 2 * capacity.account_prefixes)
+            .map_max_entries(names::HOSTS_V6, 2 * capacity.account_prefixes)
+            .map_max_entries(names::PREFIXES_V4, 2 * capacity.account_prefixes)
+            .map_max_entries(names::PREFIXES_V6, 2 * capacity.account_prefixes)
+            .map_max_entries(names::ACCOUNTS, 2 * slots)
+            .map_max_entries(names::RULES_V4, 2 * capacity.list_prefixes)
+            .map_max_entries(names::RULES_V6, 2 * capacity.list_prefixes)
+            .map_max_entries(names::RATE_STATE, 2 * slots)
+            .map_max_entries(names::SAMPLER, slots * Reason::COUNT as u32)
+            .map_max_entries(names::ACCOUNT_COUNTERS, capacity.counters)
+            .map_max_entries(names::EVENTS, capacity.event_buffer);
+        let mut ebpf = loader.load(EBPF_OBJECT).map_err(|e| {
+            if is_permission(&e) {
+                DatapathError::Permission {
+                    doing: "creating BPF maps".to_owned(),
+                }
+            } else {
+                DatapathError::Load(e)
+            }
+        })?;
+        for name in [programs::XDP_INBOUND, programs::XDP_OUTBOUND] {
+            let prog: &mut Xdp = program(&mut ebpf, name)?;
+            prog.load().map_err(|e| load_error(name, e))?;
+        }
+        for name in [programs::TC_INBOUND, programs::TC_OUTBOUND] {
+            let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
+            prog.load().map_err(|e| load_error(name, e))?;
+        }
+        let maps = Maps {
+            config: take(&mut ebpf, names::CONFIG)?,
+            hosts_v4: take(&mut ebpf, names::HOSTS_V4)?,
+            hosts_v6: take(&mut ebpf, names::HOSTS_V6)?,
+            prefixes_v4: take(&mut ebpf, names::PREFIXES_V4)?,
+            prefixes_v6: take(&mut ebpf, names::PREFIXES_V6)?,
+            accounts: take(&mut ebpf, names::ACCOUNTS)?,
+            rules_v4: take(&mut ebpf, names::RULES_V4)?,
+            rules_v6: take(&mut ebpf, names::RULES_V6)?,
+            rate_state: take(&mut ebpf, names::RATE_STATE)?,
+            sampler: take(&mut ebpf, names::SAMPLER)?,
+            totals: take(&mut ebpf, names::TOTALS)?,
+            account_counters: take(&mut ebpf, names::ACCOUNT_COUNTERS)?,
+            stats: take(&mut ebpf, names::STATS)?,
+        };
+        let events = Some(take(&mut ebpf, names::EVENTS)?);
+        let empty = Arc::new(Compiled::default());
+        Ok(Self {
+            ebpf,
+            maps,
+            events,
+            capacity,
+            halves: [Some(empty.clone()), Some(empty)],
+            config: Config::default(),
+            generation: 0,
+            barrier: ProgramBarrier::new().map_err(DatapathError::Barrier)?,
+            attachments: Vec::new(),
+        })
+    }
+
+    /// The capacities the maps were created with.
+    #[must_use]
+    pub const fn capacity(&self) -> &Capacity {
+        &self.capacity
+    }
+
+    /// The generation of the policy in force (0 before the first apply).
+    #[must_use]
+    pub const fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The compiled policy in force.
+    #[must_use]
+    pub fn active(&self) -> Option<&Arc<Compiled>> {
+        self.halves[self.config.active as usize].as_ref()
+    }
+
+    /// The interfaces attached so far.
+    #[must_use]
+    pub fn attachments(&self) -> &[Attachment] {
+        &self.attachments
+    }
+
+    /// The event ring buffer, for the event reader (once).
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
+    }
+
+    /// A program, for tests that run it with `BPF_PROG_TEST_RUN`.
+    pub fn program_mut(&mut self, name: &str) -> Option<&mut aya::programs::Program> {
+        self.ebpf.program_mut(name)
+    }
+
+    /// Attaches the receive (XDP) and transmit (TC) programs of `spec.role`.
+    /// On failure nothing of this interface stays attached.
+    pub fn attach(&mut self, spec: &InterfaceSpec) -> Result<&Attachment, DatapathError> {
+        if self.attachments.iter().any(|a| a.name == spec.name) {
+            return Err(DatapathError::DuplicateInterface(spec.name.clone()));
+        }
+        let ifindex = interface::check(&spec.name)?;
+        let (xdp_name, tc_name) = match spec.role {
+            Role::Uplink => (programs::XDP_INBOUND, programs::TC_OUTBOUND),
+            Role::Workload => (programs::XDP_OUTBOUND, programs::TC_INBOUND),
+        };
+        let xdp: &mut Xdp = program(&mut self.ebpf, xdp_name)?;
+        let xdp_link = xdp
+            .attach_to_if_index(ifindex, XdpMode::Default)
+            .map_err(|e| {
+                if is_errno(&e, libc::EBUSY) || is_errno(&e, libc::EEXIST) {
+                    DatapathError::XdpBusy {
+                        name: spec.name.clone(),
+                    }
+                } else if is_permission(&e) {
+                    DatapathError::Permission {
+                        doing: format!("attaching XDP to {}", spec.name),
+                    }
+                } else {
+                    DatapathError::Attach {
+                        program: xdp_name,
+                        name: spec.name.clone(),
+                        source: e,
+                    }
+                }
+            })?;
+        let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+        let mut added_clsact = false;
+        if !tcx {
+            // Before TCX (6.6) a TC program needs the clsact qdisc.
+            match tc::qdisc_add_clsact(&spec.name) {
+                Ok(()) => added_clsact = true,
+                Err(tc::TcError::AlreadyAttached) => {}
+                Err(e)
+                    if matches!(&e, tc::TcError::NetlinkError(_)) && is_errno(&e, libc::EEXIST) => {
+                }
+                Err(e) => {
+                    let xdp: &mut Xdp = program(&mut self.ebpf, xdp_name)?;
+                    xdp.detach(xdp_link).ok();
+                    return Err(DatapathError::Attach {
+                        program: tc_name,
+                        name: spec.name.clone(),
+                        source: ProgramError::from(e),
+                    });
+                }
+            }
+        }
+        let classifier: &mut SchedClassifier = program(&mut self.ebpf, tc_name)?;
+        if let Err(e) = classifier.attach(&spec.name, TcAttachType::Egress) {
+            let xdp: &mut Xdp = program(&mut self.ebpf, xdp_name)?;
+            xdp.detach(xdp_link).ok();
+            if added_clsact {
+                remove_clsact(&spec.name);
+            }
+            return Err(DatapathError::Attach {
+                program: tc_name,
+                name: spec.name.clone(),
+                source: e,
+            });
+        }
+        self.attachments.push(Attachment {
+            name: spec.name.clone(),
+            ifindex,
+            role: spec.role,
+            tc_mode: if tcx { "tcx" } else { "clsact" },
+            added_clsact,
+        });
+        Ok(self.attachments.last().expect("just pushed"))
+    }
+
+    /// Applies a compiled policy all-or-nothing; returns its generation.
+    pub fn apply(&mut self, compiled: Compiled) -> Result<u64, DatapathError> {
+        let generation = self.generation + 1;
+        let mut compiled = compiled;
+        compiled.config.generation = generation;
+        let target = Arc::new(compiled);
+        let old = self.config.active;
+        let new = 1 - old;
+
+        self.reset_slots(&target.new_slots)?;
+        self.write_half(new, &target)?;
+        // The flip: one CONFIG write whose only changed word is `active`.
+        let mut flipped = self.config;
+        flipped.active = new;
+        self.maps
+            .config
+            .set(0, flipped, 0)
+            .map_err(|e| DatapathError::map(names::CONFIG, e))?;
+        self.config = flipped;
+        self.generation = generation;
+        self.barrier.wait().map_err(DatapathError::Barrier)?;
+        if let Err(err) = self.write_half(old, &target) {
+            // The new policy is in force; the stale half is read back and
+            // repaired before it is next written.
+            tracing::warn!(%err, half = old, "could not bring the standby policy half up to date; it will be repaired on the next change");
+        }
+        Ok(generation)
+    }
+
+    /// Clears the rate-limit and sampler state, and the counters, of slots
+    /// that an account takes over.
+    fn reset_slots(&mut self, slots: &[u32]) -> Result<(), DatapathError> {
+        if slots.is_empty() {
+            return Ok(());
+        }
+        for &slot in slots {
+            for d in Direction::ALL {
+                self.maps
+                    .rate_state
+                    .set(rate_index(slot, d as u8), RateState::default(), 0)
+                    .map_err(|e| DatapathError::map(names::RATE_STATE, e))?;
+            }
+            for r in Reason::ALL {
+                self.maps
+                    .sampler
+                    .set(sampler_index(slot, r as u8), 0, 0)
+                    .map_err(|e| DatapathError::map(names::SAMPLER, e))?;
+            }
+        }
+        let stale: Vec<CounterKey> = self
+            .maps
+            .account_counters
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| slots.contains(&k.slot))
+            .collect();
+        for key in stale {
+            match self.maps.account_counters.remove(&key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(DatapathError::map(names::ACCOUNT_COUNTERS, e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes half `half` hold `target`.
+    fn write_half(&mut self, half: u32, target: &Arc<Compiled>) -> Result<(), DatapathError> {
+        let current = match self.halves[half as usize].take() {
+            Some(c) => c,
+            None => Arc::new(self.read_half(half)?),
+        };
+        if Arc::ptr_eq(&current, target) {
+            self.halves[half as usize] = Some(current);
+            return Ok(());
+        }
+        // From here until success the half is unknown (`None`).
+        let m = &mut self.maps;
+        let s = scope(half, 0);
+        sync_hash(
+            &mut m.hosts_v4,
+            names::HOSTS_V4,
+            &current.hosts_v4,
+            &target.hosts_v4,
+            |a| ScopedV4 { scope: s, addr: *a },
+        )?;
+        sync_hash(
+            &mut m.hosts_v6,
+            names::HOSTS_V6,
+            &current.hosts_v6,
+            &target.hosts_v6,
+            |a| ScopedV6 { scope: s, addr: *a },
+        )?;
+        sync_lpm(
+            &mut m.prefixes_v4,
+            names::PREFIXES_V4,
+            &current.prefixes_v4,
+            &target.prefixes_v4,
+            |k: &PrefixKey<[u8; 4]>| {
+                Key::new(
+                    SCOPE_BITS + u32::from(k.len),
+                    ScopedV4 {
+                        scope: s,
+                        addr: k.addr,
+                    },
+                )
+            },
+        )?;
+        sync_lpm(
+            &mut m.prefixes_v6,
+            names::PREFIXES_V6,
+            &current.prefixes_v6,
+            &target.prefixes_v6,
+            |k: &PrefixKey<[u8; 16]>| {
+                Key::new(
+                    SCOPE_BITS + u32::from(k.len),
+                    ScopedV6 {
+                        scope: s,
+                        addr: k.addr,
+                    },
+                )
+            },
+        )?;
+        sync_lpm(
+            &mut m.rules_v4,
+            names::RULES_V4,
+            &current.rules_v4,
+            &target.rules_v4,
+            |k: &RuleKey<[u8; 4]>| {
+                Key::new(
+                    SCOPE_BITS + u32::from(k.len),
+                    ScopedV4 {
+                        scope: scope(half, k.scope),
+                        addr: k.addr,
+                    },
+                )
+            },
+        )?;
+        sync_lpm(
+            &mut m.rules_v6,
+            names::RULES_V6,
+            &current.rules_v6,
+            &target.rules_v6,
+            |k: &RuleKey<[u8; 16]>| {
+                Key::new(
+                    SCOPE_BITS + u32::from(k.len),
+                    ScopedV6 {
+                        scope: scope(half, k.scope),
+                        addr: k.addr,
+                    },
+                )
+            },
+        )?;
+        let (removed, changed) = diff(&current.accounts, &target.accounts);
+        for slot in removed {
+            m.accounts
+                .set(account_index(*slot, half), AccountConfig::default(), 0)
+                .map_err(|e| DatapathError::map(names::ACCOUNTS, e))?;
+        }
+        for (slot, config) in changed {
+            m.accounts
+                .set(account_index(*slot, half), config, 0)
+                .map_err(|e| DatapathError::map(names::ACCOUNTS, e))?;
+        }
+        // Last, the half's global settings (the other half's bytes are
+        // rewritten unchanged).
+        let mut config = self.config;
+        config.halves[half as usize] = target.config;
+        m.config
+            .set(0, config, 0)
+            .map_err(|e| DatapathError::map(names::CONFIG, e))?;
+        self.config = config;
+        self.halves[half as usize] = Some(target.clone());
+        Ok(())
+    }
+
+    /// Reads back what half `half` holds, after a failed write.
+    fn read_half(&self, half: u32) -> Result<Compiled, DatapathError> {
+        let m = &self.maps;
+        let in_half = |s: u32| s >> 31 == half;
+        let mut out = Compiled {
+            config: self.config.halves[half as usize],
+            ..Compiled::default()
+        };
+        for key in m.hosts_v4.keys() {
+            let key = key.map_err(|e| DatapathError::map(names::HOSTS_V4, e))?;
+            if in_half(key.scope) {
+                out.hosts_v4.insert(
+                    key.addr,
+                    m.hosts_v4
+                        .get(&key, 0)
+                        .map_err(|e| DatapathError::map(names::HOSTS_V4, e))?,
+                );
+            }
+        }
+        for key in m.hosts_v6.keys() {
+            let key = key.map_err(|e| DatapathError::map(names::HOSTS_V6, e))?;
+            if in_half(key.scope) {
+                out.hosts_v6.insert(
+                    key.addr,
+                    m.hosts_v6
+                        .get(&key, 0)
+                        .map_err(|e| DatapathError::map(names::HOSTS_V6, e))?,
+                );
+            }
+        }
+        for entry in m.prefixes_v4.iter() {
+            let (key, slot) = entry.map_err(|e| DatapathError::map(names::PREFIXES_V4, e))?;
+            let data = key.data();
+            if in_half(data.scope) {
+                out.prefixes_v4.insert(
+                    PrefixKey {
+                        addr: data.addr,
+                        len: (key.prefix_len() - SCOPE_BITS) as u8,
+                    },
+                    slot,
+                );
+            }
+        }
+        for entry in m.prefixes_v6.iter() {
+            let (key, slot) = entry.map_err(|e| DatapathError::map(names::PREFIXES_V6, e))?;
+            let data = key.data();
+            if in_half(data.scope) {
+                out.prefixes_v6.insert(
+                    PrefixKey {
+                        addr: data.addr,
+                        len: (key.prefix_len() - SCOPE_BITS) as u8,
+                    },
+                    slot,
+                );
+            }
+        }
+        for entry in m.rules_v4.iter() {
+            let (key, value) = entry.map_err(|e| DatapathError::map(names::RULES_V4, e))?;
+            let data = key.data();
+            if in_half(data.scope) {
+                let k = RuleKey {
+                    scope: data.scope & !(1 << 31),
+                    addr: data.addr,
+                    len: (key.prefix_len() - SCOPE_BITS) as u8,
+                };
+                out.rules_v4.insert(k, value);
+            }
+        }
+        for entry in m.rules_v6.iter() {
+            let (key, value) = entry.map_err(|e| DatapathError::map(names::RULES_V6, e))?;
+            let data = key.data();
+            if in_half(data.scope) {
+                let k = RuleKey {
+                    scope: data.scope & !(1 << 31),
+                    addr: data.addr,
+                    len: (key.prefix_len() - SCOPE_BITS) as u8,
+                };
+                out.rules_v6.insert(k, value);
+            }
+        }
+        for slot in 1..=self.capacity.accounts {
+            let config = m
+                .accounts
+                .get(&account_index(slot, half), 0)
+                .map_err(|e| DatapathError::map(names::ACCOUNTS, e))?;
+            if config != AccountConfig::default() {
+                out.accounts.insert(slot, config);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Totals summed over CPUs.
+    pub fn totals(&self) -> Result<Totals, DatapathError> {
+        let mut out = Totals::default();
+        for reason in Reason::ALL {
+            for verdict in Verdict::ALL {
+                for direction in Direction::ALL {
+                    let index = totals_index(reason as u8, verdict as u8, direction as u8);
+                    debug_assert!(index < TOTALS_LEN);
+                    let values = self
+                        .maps
+                        .totals
+                        .get(&index, 0)
+                        .map_err(|e| DatapathError::map(names::TOTALS, e))?;
+                    let sum = values.iter().fold(Counter::default(), |a, c| Counter {
+                        packets: a.packets + c.packets,
+                        bytes: a.bytes + c.bytes,
+                    });
+                    if sum.packets > 0 {
+                        out.counters.insert((reason, verdict, direction), sum);
+                    }
+                }
+            }
+        }
+        let mut stats = [0u64; STATS_LEN as usize];
+        for (i, stat) in stats.iter_mut().enumerate() {
+            let values = self
+                .maps
+                .stats
+                .get(&(i as u32), 0)
+                .map_err(|e| DatapathError::map(names::STATS, e))?;
+            *stat = values.iter().sum();
+        }
+        [
+            out.events_lost,
+            out.counters_full,
+            out.rate_contended,
+            out.pull_failed,
+        ] = stats;
+        Ok(out)
+    }
+
+    /// Counters of one account slot, summed over CPUs.
+    pub fn account_counters(
+        &self,
+        slot: u32,
+    ) -> Result<BTreeMap<(Reason, Verdict, Direction), Counter>, DatapathError> {
+        let mut out = BTreeMap::new();
+        for entry in self.maps.account_counters.iter() {
+            let (key, values) =
+                entry.map_err(|e| DatapathError::map(names::ACCOUNT_COUNTERS, e))?;
+            if key.slot != slot {
+                continue;
+            }
+            let (Some(r), Some(v), Some(d)) = (
+                Reason::from_u8(key.reason),
+                Verdict::from_u8(key.verdict),
+                Direction::from_u8(key.direction),
+            ) else {
+                continue;
+            };
+            let sum = values.iter().fold(Counter::default(), |a, c| Counter {
+                packets: a.packets + c.packets,
+                bytes: a.bytes + c.bytes,
+            });
+            out.insert((r, v, d), sum);
+        }
+        Ok(out)
+    }
+
+    /// The global settings of the active half.
+    #[must_use]
+    pub fn active_config(&self) -> GenConfig {
+        self.config.halves[self.config.active as usize]
+    }
+}
+
+impl Drop for Datapath {
+    fn drop(&mut self) {
+        // Links are detached when `ebpf` drops; the clsact qdiscs this agent
+        // added (kernels before TCX) are removed here.
+        for a in &self.attachments {
+            if a.added_clsact {
+                remove_clsact(&a.name);
+            }
+        }
+    }
+}
+
+fn remove_clsact(name: &str) {
+    // Best effort at teardown: a failure leaves an empty qdisc behind, which
+    // does nothing to traffic.
+    let _ = std::process::Command::new("tc")
+        .args(["qdisc", "del", "dev", name, "clsact"])
+        .status();
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, DatapathError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or_else(|| DatapathError::Missing {
+            what: "program",
+            name: name.to_owned(),
+        })?;
+    prog.try_into().map_err(|source| DatapathError::Program {
+        program: name.to_owned(),
+        source,
+    })
+}
+
+fn load_error(program: &str, err: ProgramError) -> DatapathError {
+    if is_permission(&err) {
+        return DatapathError::Permission {
+            doing: format!("loading program {program}"),
+        };
+    }
+    match err {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            let log = verifier_log.to_string();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            DatapathError::Verifier {
+                program: program.to_owned(),
+                reason: io_error.to_string(),
+                log: tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+            }
+        }
+        source => DatapathError::Program {
+            program: program.to_owned(),
+            source,
+        },
+    }
+}
+
+fn is_errno(err: &(dyn std::error::Error + 'static), errno: i32) -> bool {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && io.raw_os_error() == Some(errno)
+        {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
+}
+
+fn check_kernel() -> Result<(), DatapathError> {
+    let found = KernelVersion::current().map_err(|e| DatapathError::KernelTooOld {
+        found: format!("unknown ({e})"),
+    })?;
+    if found < KernelVersion::new(MIN_KERNEL.0 as u8, MIN_KERNEL.1 as u8, 0) {
+        return Err(DatapathError::KernelTooOld {
+            found: found.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; later ones to the
+/// memory cgroup, where this changes nothing.
+fn raise_memlock() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: a valid rlimit struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const unlimited) } != 0 {
+        tracing::debug!(
+            "could not raise RLIMIT_MEMLOCK: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// Entries to delete and entries to write to get from `old` to `new`.
+fn diff<'a, K: Ord, V: PartialEq + Copy>(
+    old: &'a BTreeMap<K, V>,
+    new: &'a BTreeMap<K, V>,
+) -> (Vec<&'a K>, Vec<(&'a K, V)>) {
+    let removed = old.keys().filter(|k| !new.contains_key(*k)).collect();
+    let changed = new
+        .iter()
+        .filter(|(k, v)| old.get(*k) != Some(*v))
+        .map(|(k, v)| (k, *v))
+        .collect();
+    (removed, changed)
+}
+
+fn sync_hash<A: Ord, K: aya::Pod>(
+    map: &mut HashMap<MapData, K, u32>,
+    name: &'static str,
+    old: &BTreeMap<A, u32>,
+    new: &BTreeMap<A, u32>,
+    key: impl Fn(&A) -> K,
+) -> Result<(), DatapathError> {
+    let (removed, changed) = diff(old, new);
+    for a in removed {
+        match map.remove(&key(a)) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(DatapathError::map(name, e)),
+        }
+    }
+    for (a, v) in changed {
+        map.insert(key(a), v, 0)
+            .map_err(|e| DatapathError::map(name, e))?;
+    }
+    Ok(())
+}
+
+fn sync_lpm<A: Ord, K: aya::Pod, V: aya::Pod + PartialEq>(
+    map: &mut LpmTrie<MapData, K, V>,
+    name: &'static str,
+    old: &BTreeMap<A, V>,
+    new: &BTreeMap<A, V>,
+    key: impl Fn(&A) -> Key<K>,
+) -> Result<(), DatapathError> {
+    let (removed, changed) = diff(old, new);
+    for a in removed {
+        match map.remove(&key(a)) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(DatapathError::map(name, e)),
+        }
+    }
+    for (a, v) in changed {
+        map.insert(&key(a), v, 0)
+            .map_err(|e| DatapathError::map(name, e))?;
+    }
+    Ok(())
+}

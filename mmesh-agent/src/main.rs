@@ -1,0 +1,203 @@
+//! The `mmesh-agent` command line.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use mmesh_agent::{
+    agent::{self, RunOptions},
+    compile::{Capacity, SlotTable, compile},
+    interface::InterfaceSpec,
+    policy::Policy,
+    show,
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "mmesh-agent",
+    version,
+    about = "Enforces the mmesh Acceptable Use Policy in the kernel with XDP and TC"
+)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "MMESH_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Load and attach the datapath, enforce the policy, report events (JSON
+    /// lines on stdout) and a summary (stderr) until SIGINT or SIGTERM.
+    /// SIGHUP reloads the policy file.
+    Run(RunArgs),
+    /// Check or display a policy without touching the kernel.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Policy file (YAML). Without it the embedded default policy runs.
+    #[arg(long, short, env = "MMESH_POLICY")]
+    policy: Option<PathBuf>,
+    /// Interface to attach, with its role: NAME, NAME:uplink or
+    /// NAME:workload. Repeat for several. Default: the interface of the
+    /// default route, as uplink.
+    #[arg(long = "interface", short, value_name = "NAME[:ROLE]")]
+    interfaces: Vec<InterfaceSpec>,
+    /// Seconds between summary lines.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    summary_interval: u64,
+    #[command(flatten)]
+    capacity: CapacityArgs,
+}
+
+/// Map capacities, fixed when the datapath loads.
+#[derive(Debug, Args)]
+struct CapacityArgs {
+    /// Accounts the maps hold.
+    #[arg(long, default_value_t = Capacity::default().accounts, value_parser = clap::value_parser!(u32).range(1..=(1 << 24)))]
+    max_accounts: u32,
+    /// Account prefixes per address family.
+    #[arg(long, default_value_t = Capacity::default().account_prefixes, value_parser = clap::value_parser!(u32).range(1..=(1 << 26)))]
+    max_account_prefixes: u32,
+    /// Block/allow list prefixes per address family, all scopes together.
+    #[arg(long, default_value_t = Capacity::default().list_prefixes, value_parser = clap::value_parser!(u32).range(1..=(1 << 27)))]
+    max_list_prefixes: u32,
+    /// (account, reason, verdict, direction) counters.
+    #[arg(long, default_value_t = Capacity::default().counters, value_parser = clap::value_parser!(u32).range(64..=(1 << 26)))]
+    max_counters: u32,
+    /// Bytes of the event ring buffer: a power of two, at least 4096.
+    #[arg(long, default_value_t = Capacity::default().event_buffer, value_parser = parse_ring_size)]
+    event_buffer: u32,
+}
+
+impl From<&CapacityArgs> for Capacity {
+    fn from(a: &CapacityArgs) -> Self {
+        Self {
+            accounts: a.max_accounts,
+            account_prefixes: a.max_account_prefixes,
+            list_prefixes: a.max_list_prefixes,
+            counters: a.max_counters,
+            event_buffer: a.event_buffer,
+        }
+    }
+}
+
+fn parse_ring_size(s: &str) -> Result<u32, String> {
+    let n: u32 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of bytes"))?;
+    if n < 4096 || !n.is_power_of_two() || n > (1 << 30) {
+        return Err(format!(
+            "{n} is not a power of two between 4096 and {}",
+            1u32 << 30
+        ));
+    }
+    Ok(n)
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Validate a policy file: prints every problem and exits non-zero if
+    /// there is any.
+    Validate {
+        file: PathBuf,
+        #[command(flatten)]
+        capacity: CapacityArgs,
+    },
+    /// Print the compiled, effective policy of a file (default: the embedded
+    /// default policy).
+    Show {
+        file: Option<PathBuf>,
+        #[arg(long, value_enum, default_value_t = ShowFormat::Yaml)]
+        format: ShowFormat,
+        #[command(flatten)]
+        capacity: CapacityArgs,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ShowFormat {
+    Yaml,
+    Json,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MMESH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Policy(PolicyCommand::Validate { file, capacity }) => {
+            validate(&file, &(&capacity).into())
+        }
+        Command::Policy(PolicyCommand::Show {
+            file,
+            format,
+            capacity,
+        }) => show(file.as_ref(), format, &(&capacity).into()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("mmesh-agent: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(agent::run(RunOptions {
+        policy: args.policy,
+        interfaces: args.interfaces,
+        capacity: (&args.capacity).into(),
+        summary_interval: Duration::from_secs(args.summary_interval),
+    }))
+}
+
+fn validate(file: &PathBuf, capacity: &Capacity) -> anyhow::Result<()> {
+    let policy = Policy::from_file(file)?;
+    let compiled = compile(&policy, &SlotTable::default(), capacity)?;
+    println!(
+        "{}: valid: {} accounts, {} list prefixes",
+        file.display(),
+        policy.accounts.len(),
+        compiled.rules_v4.len() + compiled.rules_v6.len()
+    );
+    Ok(())
+}
+
+fn show(file: Option<&PathBuf>, format: ShowFormat, capacity: &Capacity) -> anyhow::Result<()> {
+    let policy = agent::load_policy(file)?;
+    let compiled = compile(&policy, &SlotTable::default(), capacity)?;
+    let view = show::effective(&policy, &compiled, capacity);
+    match format {
+        ShowFormat::Yaml => print!("{}", serde_saphyr::to_string(&view)?),
+        ShowFormat::Json => println!("{}", serde_json::to_string_pretty(&view)?),
+    }
+    Ok(())
+}
