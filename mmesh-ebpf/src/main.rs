@@ -197,10 +197,11 @@ fn decide(
                 ParseError::Truncated => Reason::Truncated,
                 ParseError::Malformed => Reason::Malformed,
             };
-            let verdict = if config.malformed == Verdict::Monitor as u32 {
-                Verdict::Monitor
-            } else {
+            // Before any policy is written `malformed` is 0: monitor, not drop.
+            let verdict = if config.malformed == Verdict::Drop as u32 {
                 Verdict::Drop
+            } else {
+                Verdict::Monitor
             };
             // Attribute what can be attributed: garbage from an account is
             // that account's garbage.
