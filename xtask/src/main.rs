@@ -1,1 +1,142 @@
-fn main() {}
+//! `cargo xtask`: setup, build, run and test mmesh.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "Build, run and test mmesh")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Install what building the eBPF programs needs: the nightly rust-src
+    /// component and a bpf-linker built against the nightly's own LLVM.
+    /// Idempotent: a second run only checks.
+    Setup {
+        /// Rebuild bpf-linker even if it looks right.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Build the agent (with its eBPF object).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build and run `mmesh-agent run` (as root) with the embedded default
+    /// policy on the default-route interface; arguments after `--` go to
+    /// `mmesh-agent run`.
+    Run {
+        #[arg(long)]
+        release: bool,
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Run the whole test suite: lints, host tests, kernel tests
+    /// (BPF_PROG_TEST_RUN) and end-to-end tests in network namespaces (root).
+    /// Arguments after `--` go to `cargo test`.
+    Test {
+        /// Skip clippy and the format check.
+        #[arg(long)]
+        no_lint: bool,
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    std::env::set_current_dir(&root).with_context(|| format!("entering {}", root.display()))?;
+    match cli.command {
+        Cmd::Setup { force } => setup::ensure(force),
+        Cmd::Build { release } => {
+            setup::ensure(false)?;
+            build(release).map(drop)
+        }
+        Cmd::Run { release, args } => {
+            setup::ensure(false)?;
+            let agent = build(release)?;
+            run_agent(&agent, &args)
+        }
+        Cmd::Test { no_lint, args } => {
+            setup::ensure(false)?;
+            test(no_lint, &args)
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+/// Runs a command, failing with its command line if it fails.
+pub fn status(cmd: &mut Command) -> anyhow::Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed ({status})");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+/// Builds the agent binary; returns its path.
+fn build(release: bool) -> anyhow::Result<PathBuf> {
+    let mut cmd = cargo();
+    cmd.args(["build", "--package", "mmesh-agent", "--bin", "mmesh-agent"]);
+    if release {
+        cmd.arg("--release");
+    }
+    status(&mut cmd)?;
+    Ok(Path::new("target").join(if release { "release" } else { "debug" }).join("mmesh-agent"))
+}
+
+fn is_root() -> bool {
+    // SAFETY: no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn run_agent(agent: &Path, args: &[String]) -> anyhow::Result<()> {
+    let mut cmd = if is_root() {
+        Command::new(agent)
+    } else {
+        eprintln!("xtask: mmesh-agent needs root; running it through sudo");
+        let mut c = Command::new("sudo");
+        c.arg(agent);
+        c
+    };
+    cmd.arg("run").args(args);
+    status(&mut cmd)
+}
+
+fn test(no_lint: bool, args: &[String]) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!(
+            "the test suite loads eBPF programs and creates network namespaces: run it as root (sudo -E cargo xtask test)"
+        );
+    }
+    if !no_lint {
+        eprintln!("xtask: format check");
+        status(Command::new("cargo").args(["+nightly", "fmt", "--all", "--check"]))
+            .context("formatting differs: run `cargo +nightly fmt --all`")?;
+        eprintln!("xtask: clippy");
+        status(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    }
+    let agent = build(false)?;
+    eprintln!("xtask: tests (host, BPF_PROG_TEST_RUN, network namespaces)");
+    let agent = std::fs::canonicalize(&agent).with_context(|| format!("finding {}", agent.display()))?;
+    status(cargo().args(["test", "--workspace"]).args(args).env("MMESH_AGENT_BIN", agent))
+}
