@@ -1,1 +1,9 @@
+//! Helpers for the tests of mmesh against the real kernel.
+//!
+//! - [`packets`]: crafted frames for `BPF_PROG_TEST_RUN`.
+//! - [`netns`]: network namespaces, veth pairs and the agent process for
+//!   end-to-end tests, each removed by a guard when the test ends, also when
+//!   it fails.
 
+pub mod netns;
+pub mod packets;
