@@ -281,9 +281,14 @@ fn parse_ipv6(cur: &Cursor, offset: usize, pkt: &mut Packet) -> Result<(), Parse
             }
         }
     }
-    // Still inside the extension-header chain after the bound.
     pkt.protocol = next;
-    Err(ParseError::Malformed)
+    match next {
+        // Still inside the extension-header chain after the bound.
+        IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH | IPPROTO_FRAGMENT => {
+            Err(ParseError::Malformed)
+        }
+        _ => parse_l4(cur, offset, pkt),
+    }
 }
 
 #[inline(always)]

@@ -76,7 +76,10 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
 }
 
 /// Runs a command, failing with its command line if it fails.
@@ -101,7 +104,9 @@ fn build(release: bool) -> anyhow::Result<PathBuf> {
         cmd.arg("--release");
     }
     status(&mut cmd)?;
-    Ok(Path::new("target").join(if release { "release" } else { "debug" }).join("mmesh-agent"))
+    Ok(Path::new("target")
+        .join(if release { "release" } else { "debug" })
+        .join("mmesh-agent"))
 }
 
 fn is_root() -> bool {
@@ -133,10 +138,23 @@ fn test(no_lint: bool, args: &[String]) -> anyhow::Result<()> {
         status(Command::new("cargo").args(["+nightly", "fmt", "--all", "--check"]))
             .context("formatting differs: run `cargo +nightly fmt --all`")?;
         eprintln!("xtask: clippy");
-        status(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+        status(cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
     }
     let agent = build(false)?;
     eprintln!("xtask: tests (host, BPF_PROG_TEST_RUN, network namespaces)");
-    let agent = std::fs::canonicalize(&agent).with_context(|| format!("finding {}", agent.display()))?;
-    status(cargo().args(["test", "--workspace"]).args(args).env("MMESH_AGENT_BIN", agent))
+    let agent =
+        std::fs::canonicalize(&agent).with_context(|| format!("finding {}", agent.display()))?;
+    status(
+        cargo()
+            .args(["test", "--workspace"])
+            .args(args)
+            .env("MMESH_AGENT_BIN", agent),
+    )
 }

@@ -25,7 +25,10 @@ fn output(cmd: &mut Command) -> anyhow::Result<String> {
     let shown = format!("{cmd:?}");
     let out = cmd.output().with_context(|| format!("starting {shown}"))?;
     if !out.status.success() {
-        bail!("{shown} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{shown} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -52,7 +55,9 @@ fn nightly() -> anyhow::Result<Nightly> {
         .next()
         .and_then(|m| m.parse().ok())
         .with_context(|| format!("cannot read the LLVM major of {llvm:?}"))?;
-    let sysroot = PathBuf::from(output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?.trim());
+    let sysroot = PathBuf::from(
+        output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?.trim(),
+    );
     Ok(Nightly {
         commit,
         llvm_major,
@@ -83,10 +88,22 @@ pub fn ensure(force: bool) -> anyhow::Result<()> {
         ]))
         .context("the eBPF programs build with nightly Rust")?;
     }
-    let components = output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))?;
+    let components = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))?;
     if !components.lines().any(|l| l.starts_with("rust-src")) {
         eprintln!("xtask setup: adding rust-src to nightly (needed by -Z build-std=core)");
-        status(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        status(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
 
     let nightly = nightly()?;
@@ -96,7 +113,10 @@ pub fn ensure(force: bool) -> anyhow::Result<()> {
         "bpf-linker {BPF_LINKER_VERSION} llvm {} nightly {}\n",
         nightly.llvm_major, nightly.commit
     );
-    let linker_runs = Command::new("bpf-linker").arg("--version").output().is_ok_and(|o| o.status.success());
+    let linker_runs = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
     if !force && linker_runs && std::fs::read_to_string(&stamp_path).is_ok_and(|s| s == stamp) {
         return Ok(());
     }
@@ -107,15 +127,24 @@ pub fn ensure(force: bool) -> anyhow::Result<()> {
         );
     }
     let library = find_libllvm(&nightly.sysroot.join("lib"), nightly.llvm_major)?;
-    let prefix = home.join("mmesh-llvm").join(&nightly.commit[..12.min(nightly.commit.len())]);
+    let prefix = home
+        .join("mmesh-llvm")
+        .join(&nightly.commit[..12.min(nightly.commit.len())]);
     let lib = prefix.join("lib");
     std::fs::create_dir_all(&lib).with_context(|| format!("creating {}", lib.display()))?;
     // bpf-linker links against lib/libLLVM.so; at run time the loader looks
     // for the library's soname (its file name) in the rpath, lib/.
-    for name in ["libLLVM.so".into(), library.file_name().context("library has a file name")?.to_os_string()] {
+    for name in [
+        "libLLVM.so".into(),
+        library
+            .file_name()
+            .context("library has a file name")?
+            .to_os_string(),
+    ] {
         let link = lib.join(name);
         let _ = std::fs::remove_file(&link);
-        std::os::unix::fs::symlink(&library, &link).with_context(|| format!("linking {}", link.display()))?;
+        std::os::unix::fs::symlink(&library, &link)
+            .with_context(|| format!("linking {}", link.display()))?;
     }
     eprintln!(
         "xtask setup: building bpf-linker {BPF_LINKER_VERSION} against the nightly's LLVM {} ({}); about a minute",
@@ -124,13 +153,23 @@ pub fn ensure(force: bool) -> anyhow::Result<()> {
     );
     status(
         Command::new("cargo")
-            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--force", "--no-default-features", "--features"])
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
+                "--force",
+                "--no-default-features",
+                "--features",
+            ])
             .arg(format!("llvm-{}", nightly.llvm_major))
             .env("LLVM_PREFIX", &prefix),
     )?;
     status(Command::new("bpf-linker").arg("--version"))
         .context("the new bpf-linker does not run; is ~/.cargo/bin on PATH?")?;
-    std::fs::write(&stamp_path, stamp).with_context(|| format!("writing {}", stamp_path.display()))?;
+    std::fs::write(&stamp_path, stamp)
+        .with_context(|| format!("writing {}", stamp_path.display()))?;
     eprintln!("xtask setup: done");
     Ok(())
 }

@@ -1,0 +1,1032 @@
+//! The real eBPF object on crafted packets, through `BPF_PROG_TEST_RUN`:
+//! verdicts, counters and events. Needs root (CAP_BPF, CAP_NET_ADMIN).
+
+use std::{
+    net::IpAddr,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use aya::{
+    maps::{MapData, RingBuf},
+    programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp},
+};
+use mmesh_agent::{
+    compile::{Capacity, compile},
+    datapath::Datapath,
+    policy::Policy,
+};
+use mmesh_common::{
+    Direction, Reason, Verdict,
+    event::{EVENT_FRAGMENT, Event},
+    maps::{Counter, programs},
+};
+use mmesh_tests::packets::{
+    self, ETH_P_8021AD, ETH_P_8021Q, EXT_DEST_OPTS, EXT_FRAGMENT, EXT_HOP_BY_HOP, EXT_ROUTING,
+    Ipv4, Ipv6, PROTO_TCP, PROTO_UDP, echo, ip, l4_bytes, tcp, udp, with_vlans,
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_UNSPEC: u32 = u32::MAX;
+
+/// Account addresses: alpha owns hosts and a /24; beta is rate limited and
+/// has its own block list.
+const POLICY: &str = "
+global:
+  events_per_second: 1000
+  block:
+    - name: bad-nets
+      cidrs: [203.0.113.0/24, '2001:db8:bad::/48']
+    - name: watch
+      action: monitor
+      cidrs: [198.51.100.0/24, '2001:db8:5::/48']
+  allow:
+    - name: carve-out
+      cidrs: [203.0.113.128/25, '2001:db8:bad:1::/64']
+accounts:
+  - id: alpha
+    prefixes: [10.1.0.10, 10.1.1.0/24, 'fd00:1::10', 'fd00:1:1::/64']
+  - id: beta
+    prefixes: [10.2.0.20, 'fd00:2::20']
+    block: [{ name: beta-own, cidrs: [198.18.5.0/24, '2001:db8:be7a::/48'] }]
+    limits:
+      inbound: { pps: 100, pps_burst: 10 }
+      outbound: { bps: 80k, bps_burst: 16k }
+";
+
+const ORDINARY4: &str = "100.64.0.1";
+const ORDINARY6: &str = "2001:db8:1::1";
+const BLOCKED4: &str = "203.0.113.7";
+const BLOCKED6: &str = "2001:db8:bad::7";
+const CARVED4: &str = "203.0.113.200";
+const CARVED6: &str = "2001:db8:bad:1::9";
+const WATCHED4: &str = "198.51.100.3";
+const ALPHA4: &str = "10.1.0.10";
+const ALPHA_NET4: &str = "10.1.1.77";
+const ALPHA6: &str = "fd00:1::10";
+const ALPHA_NET6: &str = "fd00:1:1::77";
+const BETA4: &str = "10.2.0.20";
+const BETA6: &str = "fd00:2::20";
+const UNOWNED4: &str = "10.9.9.9";
+
+struct Harness {
+    dp: Datapath,
+    ring: RingBuf<MapData>,
+}
+
+fn capacity() -> Capacity {
+    Capacity {
+        accounts: 64,
+        account_prefixes: 256,
+        list_prefixes: 4096,
+        counters: 4096,
+        event_buffer: 256 * 1024,
+    }
+}
+
+impl Harness {
+    fn new(policy: &str) -> Self {
+        Self::with_capacity(policy, capacity())
+    }
+
+    fn with_capacity(policy: &str, capacity: Capacity) -> Self {
+        let mut dp = Datapath::load(capacity).expect("loading the datapath (run as root)");
+        let ring = dp.take_events().expect("ring buffer");
+        let mut h = Self { dp, ring };
+        h.apply(policy);
+        h
+    }
+
+    fn apply(&mut self, yaml: &str) -> u64 {
+        let policy =
+            Policy::parse(yaml, "test policy", Path::new(".")).expect("test policy is valid");
+        let slots = self
+            .dp
+            .active()
+            .map(|c| c.slots.clone())
+            .unwrap_or_default();
+        let compiled = compile(&policy, &slots, self.dp.capacity()).expect("test policy compiles");
+        self.dp.apply(compiled).expect("applying the policy")
+    }
+
+    fn slot(&self, id: &str) -> u32 {
+        self.dp.active().expect("a policy is applied").slots.by_id[id]
+    }
+
+    /// Runs `program` `repeat` times on `frame`; returns the last verdict.
+    fn run_n(&mut self, program: &str, frame: &[u8], repeat: u32) -> Verdict {
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            repeat,
+            ..TestRunOptions::default()
+        };
+        let prog = self.dp.program_mut(program).expect("program exists");
+        let (ret, xdp) = if program.starts_with("xdp") {
+            let p: &mut Xdp = prog.try_into().expect("an XDP program");
+            (
+                p.test_run(opts).expect("BPF_PROG_TEST_RUN").return_value,
+                true,
+            )
+        } else {
+            let p: &mut SchedClassifier = prog.try_into().expect("a TC program");
+            (
+                p.test_run(opts).expect("BPF_PROG_TEST_RUN").return_value,
+                false,
+            )
+        };
+        match (xdp, ret) {
+            (true, XDP_PASS) | (false, TC_ACT_UNSPEC) => Verdict::Pass,
+            (true, XDP_DROP) | (false, TC_ACT_SHOT) => Verdict::Drop,
+            _ => panic!("{program} returned {ret}"),
+        }
+    }
+
+    fn run(&mut self, program: &str, frame: &[u8]) -> Verdict {
+        self.run_n(program, frame, 1)
+    }
+
+    fn events(&mut self) -> Vec<Event> {
+        let mut out = Vec::new();
+        while let Some(item) = self.ring.next() {
+            assert!(item.len() >= size_of::<Event>(), "short event record");
+            // SAFETY: Event is plain old data and the record is long enough.
+            out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Event>()) });
+        }
+        out
+    }
+
+    fn total(&self, reason: Reason, verdict: Verdict, direction: Direction) -> u64 {
+        let totals = self.dp.totals().expect("reading totals");
+        totals
+            .counters
+            .get(&(reason, verdict, direction))
+            .map_or(0, |c| c.packets)
+    }
+
+    fn account(
+        &self,
+        slot: u32,
+        reason: Reason,
+        verdict: Verdict,
+        direction: Direction,
+    ) -> Counter {
+        let counters = self
+            .dp
+            .account_counters(slot)
+            .expect("reading account counters");
+        counters
+            .get(&(reason, verdict, direction))
+            .copied()
+            .unwrap_or_default()
+    }
+}
+
+fn addr16(a: IpAddr) -> [u8; 16] {
+    match a {
+        IpAddr::V4(a) => {
+            let mut b = [0; 16];
+            b[..4].copy_from_slice(&a.octets());
+            b
+        }
+        IpAddr::V6(a) => a.octets(),
+    }
+}
+
+#[test]
+fn ordinary_traffic_passes_and_is_counted_per_account() {
+    let mut h = Harness::new(POLICY);
+    let alpha = h.slot("alpha");
+    let frames = [
+        (udp(ip(ORDINARY4), ip(ALPHA4), 4000, 53, 32), 1),
+        (tcp(ip(ORDINARY4), ip(ALPHA_NET4), 4000, 443, 0), 1),
+        (echo(ip(ORDINARY4), ip(ALPHA4)), 1),
+        (udp(ip(ORDINARY6), ip(ALPHA6), 4000, 53, 32), 1),
+        (tcp(ip(ORDINARY6), ip(ALPHA_NET6), 4000, 443, 0), 1),
+        (echo(ip(ORDINARY6), ip(ALPHA6)), 1),
+    ];
+    let mut bytes = 0;
+    for (frame, _) in &frames {
+        assert_eq!(h.run(programs::XDP_INBOUND, frame), Verdict::Pass);
+        bytes += frame.len() as u64;
+    }
+    let c = h.account(alpha, Reason::Pass, Verdict::Pass, Direction::Inbound);
+    assert_eq!(
+        c,
+        Counter { packets: 6, bytes },
+        "all six attributed to alpha, hosts and wider prefixes alike"
+    );
+    // Outbound from alpha through the transmit program.
+    assert_eq!(
+        h.run(
+            programs::TC_OUTBOUND,
+            &udp(ip(ALPHA4), ip(ORDINARY4), 53, 4000, 10)
+        ),
+        Verdict::Pass
+    );
+    assert_eq!(
+        h.account(alpha, Reason::Pass, Verdict::Pass, Direction::Outbound)
+            .packets,
+        1
+    );
+    // Traffic of nobody's address is passed and counted without an account.
+    assert_eq!(
+        h.run(
+            programs::XDP_INBOUND,
+            &udp(ip(ORDINARY4), ip(UNOWNED4), 1, 2, 0)
+        ),
+        Verdict::Pass
+    );
+    assert_eq!(
+        h.account(0, Reason::Pass, Verdict::Pass, Direction::Inbound)
+            .packets,
+        1
+    );
+    assert!(h.events().is_empty(), "passing traffic makes no events");
+}
+
+#[test]
+fn global_block_list_drops_both_directions_and_families() {
+    let mut h = Harness::new(POLICY);
+    let alpha = h.slot("alpha");
+    let generation = h.dp.generation();
+    // Inbound: the remote is the source.
+    assert_eq!(
+        h.run(
+            programs::XDP_INBOUND,
+            &udp(ip(BLOCKED4), ip(ALPHA4), 5555, 53, 16)
+        ),
+        Verdict::Drop
+    );
+    assert_eq!(
+        h.run(
+            programs::XDP_INBOUND,
+            &tcp(ip(BLOCKED6), ip(ALPHA6), 5555, 22, 0)
+        ),
+        Verdict::Drop
+    );
+    // Outbound: the remote is the destination.
+    assert_eq!(
+        h.run(
+            programs::TC_OUTBOUND,
+            &udp(ip(ALPHA4), ip(BLOCKED4), 53, 5555, 16)
+        ),
+        Verdict::Drop
+    );
+    assert_eq!(
+        h.run(
+            programs::TC_OUTBOUND,
+            &udp(ip(ALPHA6), ip(BLOCKED6), 53, 5555, 16)
+        ),
+        Verdict::Drop
+    );
+    // Global lists apply to unattributed traffic too.
+    assert_eq!(
+        h.run(
+            programs::XDP_INBOUND,
+            &udp(ip(BLOCKED4), ip(UNOWNED4), 1, 2, 0)
+        ),
+        Verdict::Drop
+    );
+    // The allow list carves an exception out of the block list.
+    assert_eq!(
+        h.run(
+            programs::XDP_INBOUND,
+            &udp(ip(CARVED4), ip(ALPHA4), 5555, 53, 16)
+        ),
+        Verdict::Pass
+    );
+    assert_eq!(
+        h.run(
+            programs::XDP_INBOUND,
+            &udp(ip(CARVED6), ip(ALPHA6), 5555, 53, 16)
+        ),
+        Verdict::Pass
+    );
+
+    assert_eq!(
+        h.total(Reason::GlobalBlock, Verdict::Drop, Direction::Inbound),
+        3
+    );
+    assert_eq!(
+        h.total(Reason::GlobalBlock, Verdict::Drop, Direction::Outbound),
+        2
+    );
+    assert_eq!(
+        h.account(
+            alpha,
+            Reason::GlobalBlock,
+            Verdict::Drop,
+            Direction::Inbound
+        )
+        .packets,
+        2
+    );
+
+    let events = h.events();
+    assert_eq!(
+        events.len(),
+        5,
+        "one event per drop (the sampler allows 1000/s)"
+    );
+    let first = &events[0];
+    assert_eq!(first.slot, alpha);
+    assert_eq!(first.generation, generation);
+    assert_eq!(first.reason, Reason::GlobalBlock as u8);
+    assert_eq!(first.verdict, Verdict::Drop as u8);
+    assert_eq!(first.direction, Direction::Inbound as u8);
+    assert_eq!(
+        (first.family, first.protocol, first.sport, first.dport),
+        (4, PROTO_UDP, 5555, 53)
+    );
+    assert_eq!(first.src, addr16(ip(BLOCKED4)));
+    assert_eq!(first.dst, addr16(ip(ALPHA4)));
+    let list = &h.dp.active().unwrap().lists[first.list as usize];
+    assert_eq!(
+        (list.scope.as_str(), list.name.as_str()),
+        ("global", "bad-nets")
+    );
+    let v6 = &events[1];
+    assert_eq!((v6.family, v6.protocol, v6.dport), (6, PROTO_TCP, 22));
+    assert_eq!(v6.src, addr16(ip(BLOCKED6)));
+    assert_eq!(events[2].direction, Direction::Outbound as u8);
+    assert_eq!(events[4].slot, 0, "unattributed");
+}
+
+#[test]
+fn monitor_lists_pass_but_count_and_report() {
+    let mut h = Harness::new(POLICY);
+    assert_eq!(
+        h.run(
+            programs::XDP_INBOUND,
+            &udp(ip(WATCHED4), ip(ALPHA4), 1, 2, 0)
+        ),
+        Verdict::Pass
+    );
+    assert_eq!(
+        h.run(
+            programs::XDP_INBOUND,
+            &udp(ip("2001:db8:5::1"), ip(ALPHA6), 1, 2, 0)
+        ),
+        Verdict::Pass
+    );
+    assert_eq!(
+        h.total(Reason::GlobalBlock, Verdict::Monitor, Direction::Inbound),
+        2
+    );
+    let events = h.events();
+    assert_eq!(events.len(), 2);
+    assert!(
+        events
+            .iter()
+            .all(|e| e.verdict == Verdict::Monitor as u8 && e.reason == Reason::GlobalBlock as u8)
+    );
+}
+
+#[test]
+fn account_lists_apply_to_their_account_only() {
+    let mut h = Harness::new(POLICY);
+    let beta = h.slot("beta");
+    assert_eq!(
+        h.run(
+            programs::XDP_INBOUND,
+            &udp(ip("198.18.5.9"), ip(BETA4), 1, 2, 0)
+        ),
+        Verdict::Drop
+    );
+    assert_eq!(
+        h.run(
+            programs::XDP_INBOUND,
+            &udp(ip("2001:db8:be7a::9"), ip(BETA6), 1, 2, 0)
+        ),
+        Verdict::Drop
+    );
+    assert_eq!(
+        h.run(
+            programs::TC_OUTBOUND,
+            &udp(ip(BETA4), ip("198.18.5.9"), 1, 2, 0)
+        ),
+        Verdict::Drop
+    );
+    assert_eq!(
+        h.run(
+            programs::XDP_INBOUND,
+            &udp(ip("198.18.5.9"), ip(ALPHA4), 1, 2, 0)
+        ),
+        Verdict::Pass,
+        "alpha is not beta"
+    );
+    assert_eq!(
+        h.account(
+            beta,
+            Reason::AccountBlock,
+            Verdict::Drop,
+            Direction::Inbound
+        )
+        .packets,
+        2
+    );
+    let events = h.events();
+    assert_eq!(events.len(), 3);
+    assert!(
+        events
+            .iter()
+            .all(|e| e.reason == Reason::AccountBlock as u8 && e.slot == beta)
+    );
+    let list = &h.dp.active().unwrap().lists[events[0].list as usize];
+    assert_eq!(
+        (list.scope.as_str(), list.name.as_str()),
+        ("beta", "beta-own")
+    );
+}
+
+#[test]
+fn packet_rate_limit_drops_after_the_burst_and_refills() {
+    let mut h = Harness::new(POLICY);
+    let beta = h.slot("beta");
+    let frame = udp(ip(ORDINARY4), ip(BETA4), 1, 2, 0);
+    // 100 pps, burst 10: 200 back-to-back packets take well under 10 ms of
+    // kernel time, so the burst and at most one refill pass.
+    let start = Instant::now();
+    assert_eq!(h.run_n(programs::XDP_INBOUND, &frame, 200), Verdict::Drop);
+    let first_batch = start.elapsed();
+    let passed = h
+        .account(beta, Reason::Pass, Verdict::Pass, Direction::Inbound)
+        .packets;
+    let refills = (first_batch.as_millis() / 10) as u64;
+    assert!(
+        (10..=11 + refills).contains(&passed),
+        "passed {passed} of 200 with burst 10 in {first_batch:?}"
+    );
+    assert_eq!(
+        h.account(beta, Reason::RatePps, Verdict::Drop, Direction::Inbound)
+            .packets,
+        200 - passed
+    );
+
+    // 60 ms later the bucket holds about six tokens again.
+    std::thread::sleep(Duration::from_millis(60));
+    let t0 = Instant::now();
+    h.run_n(programs::XDP_INBOUND, &frame, 50);
+    let waited = t0.duration_since(start) - first_batch;
+    let again = h
+        .account(beta, Reason::Pass, Verdict::Pass, Direction::Inbound)
+        .packets
+        - passed;
+    let expected_max = (waited.as_millis() as u64 + t0.elapsed().as_millis() as u64) / 10 + 1;
+    assert!(
+        (5..=expected_max).contains(&again),
+        "refilled {again}, expected 5..={expected_max} after {waited:?}"
+    );
+    let rate_events = h
+        .events()
+        .into_iter()
+        .filter(|e| e.reason == Reason::RatePps as u8)
+        .count();
+    assert!(
+        rate_events > 0 && rate_events <= 240,
+        "rate events: {rate_events}"
+    );
+
+    // The other direction has no packet limit.
+    assert_eq!(
+        h.run_n(
+            programs::TC_OUTBOUND,
+            &udp(ip(BETA4), ip(ORDINARY4), 1, 2, 0),
+            5
+        ),
+        Verdict::Pass
+    );
+}
+
+#[test]
+fn bit_rate_limit_counts_bytes() {
+    let mut h = Harness::new(POLICY);
+    let beta = h.slot("beta");
+    // 80 kbit/s = 10 kB/s, burst 16 kbit = 2000 bytes: 1000-byte frames,
+    // two pass back to back, the rest are over the rate.
+    let frame = udp(ip(BETA4), ip(ORDINARY4), 1, 2, 1000 - 42);
+    assert_eq!(frame.len(), 1000);
+    h.run_n(programs::TC_OUTBOUND, &frame, 20);
+    let passed = h
+        .account(beta, Reason::Pass, Verdict::Pass, Direction::Outbound)
+        .packets;
+    assert!((2..=3).contains(&passed), "passed {passed}");
+    assert_eq!(
+        h.account(beta, Reason::RateBps, Verdict::Drop, Direction::Outbound)
+            .packets,
+        20 - passed
+    );
+    // Small packets still fit where big ones did not... after the debt is paid.
+    assert_eq!(
+        h.run(
+            programs::TC_OUTBOUND,
+            &udp(ip(BETA4), ip(ORDINARY4), 1, 2, 0)
+        ),
+        Verdict::Drop
+    );
+}
+
+#[test]
+fn rate_limits_in_monitor_mode_report_without_dropping() {
+    let mut h = Harness::new(&POLICY.replace(
+        "    limits:\n      inbound: { pps: 100, pps_burst: 10 }",
+        "    mode: monitor\n    limits:\n      inbound: { pps: 100, pps_burst: 10 }",
+    ));
+    let beta = h.slot("beta");
+    assert_eq!(
+        h.run_n(
+            programs::XDP_INBOUND,
+            &udp(ip(ORDINARY4), ip(BETA4), 1, 2, 0),
+            50
+        ),
+        Verdict::Pass
+    );
+    let monitored = h
+        .account(beta, Reason::RatePps, Verdict::Monitor, Direction::Inbound)
+        .packets;
+    assert!((38..=40).contains(&monitored), "monitored {monitored}");
+    // The account's own block list is in monitor mode too; the global one is not.
+    assert_eq!(
+        h.run(
+            programs::XDP_INBOUND,
+            &udp(ip("198.18.5.9"), ip(BETA4), 1, 2, 0)
+        ),
+        Verdict::Pass
+    );
+    assert_eq!(
+        h.run(
+            programs::XDP_INBOUND,
+            &udp(ip(BLOCKED4), ip(BETA4), 1, 2, 0)
+        ),
+        Verdict::Drop
+    );
+}
+
+#[test]
+fn vlan_tags_are_walked() {
+    let mut h = Harness::new(POLICY);
+    let alpha = h.slot("alpha");
+    let blocked = udp(ip(BLOCKED4), ip(ALPHA4), 1, 2, 0);
+    let ok6 = udp(ip(ORDINARY6), ip(ALPHA6), 1, 2, 0);
+    let single = [(ETH_P_8021Q, 100)];
+    let double = [(ETH_P_8021AD, 100), (ETH_P_8021Q, 200)];
+    assert_eq!(
+        h.run(programs::XDP_INBOUND, &with_vlans(&blocked, &single)),
+        Verdict::Drop
+    );
+    assert_eq!(
+        h.run(programs::XDP_INBOUND, &with_vlans(&blocked, &double)),
+        Verdict::Drop
+    );
+    assert_eq!(
+        h.run(programs::XDP_INBOUND, &with_vlans(&ok6, &single)),
+        Verdict::Pass
+    );
+    assert_eq!(
+        h.run(programs::XDP_INBOUND, &with_vlans(&ok6, &double)),
+        Verdict::Pass
+    );
+    assert_eq!(
+        h.account(alpha, Reason::Pass, Verdict::Pass, Direction::Inbound)
+            .packets,
+        2
+    );
+    // A third tag is more than the parser accepts.
+    let triple = [(ETH_P_8021AD, 1), (ETH_P_8021Q, 2), (ETH_P_8021Q, 3)];
+    assert_eq!(
+        h.run(programs::XDP_INBOUND, &with_vlans(&ok6, &triple)),
+        Verdict::Drop
+    );
+    assert_eq!(
+        h.total(Reason::Malformed, Verdict::Drop, Direction::Inbound),
+        1
+    );
+}
+
+#[test]
+fn ipv4_options_are_skipped_by_ihl() {
+    let mut h = Harness::new(POLICY);
+    let mut pkt = Ipv4::new(
+        BLOCKED4,
+        ALPHA4,
+        PROTO_UDP,
+        l4_bytes(PROTO_UDP, 7777, 8888, 4),
+    );
+    // Record-route option, 39 bytes, padded to 40: IHL 15.
+    pkt.options = vec![7, 39, 4];
+    pkt.options.resize(39, 0);
+    let frame = pkt.frame();
+    assert_eq!(frame[14] & 0x0f, 15);
+    assert_eq!(
+        packets::reference_parse(&frame).unwrap().2,
+        Some((7777, 8888)),
+        "etherparse agrees on the ports"
+    );
+    assert_eq!(h.run(programs::XDP_INBOUND, &frame), Verdict::Drop);
+    let e = h.events().pop().expect("an event");
+    assert_eq!(
+        (e.sport, e.dport),
+        (7777, 8888),
+        "ports read after the options"
+    );
+    pkt.src = ORDINARY4.parse().unwrap();
+    assert_eq!(h.run(programs::XDP_INBOUND, &pkt.frame()), Verdict::Pass);
+}
+
+#[test]
+fn fragments_first_has_ports_later_ones_get_l3_checks_only() {
+    let mut h = Harness::new(POLICY);
+    let mut first = Ipv4::new(
+        BLOCKED4,
+        ALPHA4,
+        PROTO_UDP,
+        l4_bytes(PROTO_UDP, 1111, 2222, 24),
+    );
+    first.more_fragments = true;
+    assert_eq!(h.run(programs::XDP_INBOUND, &first.frame()), Verdict::Drop);
+    let mut later = Ipv4::new(BLOCKED4, ALPHA4, PROTO_UDP, vec![0xab; 32]);
+    later.frag_offset = 4;
+    assert_eq!(
+        h.run(programs::XDP_INBOUND, &later.frame()),
+        Verdict::Drop,
+        "the block list still applies"
+    );
+    let events = h.events();
+    assert_eq!(
+        (
+            events[0].sport,
+            events[0].dport,
+            events[0].flags & EVENT_FRAGMENT
+        ),
+        (1111, 2222, 0)
+    );
+    assert_eq!(
+        (events[1].sport, events[1].dport),
+        (0, 0),
+        "payload bytes are not ports"
+    );
+    assert_eq!(events[1].flags & EVENT_FRAGMENT, EVENT_FRAGMENT);
+    later.src = ORDINARY4.parse().unwrap();
+    assert_eq!(h.run(programs::XDP_INBOUND, &later.frame()), Verdict::Pass);
+
+    // IPv6: the fragment header decides the same way.
+    let mut v6 = Ipv6::new(BLOCKED6, ALPHA6, PROTO_UDP, vec![0xcd; 16]);
+    v6.extensions = vec![EXT_FRAGMENT];
+    v6.frag_offset = 8;
+    assert_eq!(h.run(programs::XDP_INBOUND, &v6.frame()), Verdict::Drop);
+    let e = h.events().pop().unwrap();
+    assert_eq!(
+        (e.sport, e.dport, e.flags & EVENT_FRAGMENT, e.protocol),
+        (0, 0, EVENT_FRAGMENT, PROTO_UDP)
+    );
+}
+
+#[test]
+fn ipv6_extension_headers_are_walked_to_the_transport_header() {
+    let mut h = Harness::new(POLICY);
+    let mut pkt = Ipv6::new(
+        BLOCKED6,
+        ALPHA6,
+        PROTO_TCP,
+        l4_bytes(PROTO_TCP, 3333, 4444, 0),
+    );
+    pkt.extensions = vec![EXT_HOP_BY_HOP, EXT_ROUTING, EXT_FRAGMENT, EXT_DEST_OPTS];
+    pkt.more_fragments = true;
+    let frame = pkt.frame();
+    // etherparse stops at a fragment header; check the rest of the chain with it.
+    let mut unfragmented = pkt.clone();
+    unfragmented.extensions.retain(|e| *e != EXT_FRAGMENT);
+    assert_eq!(
+        packets::reference_parse(&unfragmented.frame()).unwrap().2,
+        Some((3333, 4444)),
+        "etherparse agrees"
+    );
+    assert_eq!(h.run(programs::XDP_INBOUND, &frame), Verdict::Drop);
+    let e = h.events().pop().unwrap();
+    assert_eq!((e.protocol, e.sport, e.dport), (PROTO_TCP, 3333, 4444));
+    // Eight extension headers are walked; a ninth is one too many.
+    pkt.src = ORDINARY6.parse().unwrap();
+    pkt.more_fragments = false;
+    pkt.extensions = vec![EXT_DEST_OPTS; 8];
+    assert_eq!(h.run(programs::XDP_INBOUND, &pkt.frame()), Verdict::Pass);
+    pkt.extensions = vec![EXT_DEST_OPTS; 9];
+    assert_eq!(h.run(programs::XDP_INBOUND, &pkt.frame()), Verdict::Drop);
+    assert_eq!(
+        h.total(Reason::Malformed, Verdict::Drop, Direction::Inbound),
+        1
+    );
+}
+
+#[test]
+fn truncated_and_malformed_headers_get_their_own_reasons() {
+    let mut h = Harness::new(POLICY);
+    let alpha = h.slot("alpha");
+    let v4 = udp(ip(ORDINARY4), ip(ALPHA4), 1, 2, 0);
+    let v6 = tcp(ip(ORDINARY6), ip(ALPHA6), 1, 2, 0);
+    let mut ext = Ipv6::new(ORDINARY6, ALPHA6, PROTO_UDP, l4_bytes(PROTO_UDP, 1, 2, 0));
+    ext.extensions = vec![EXT_HOP_BY_HOP];
+    let ext = ext.frame();
+    // Shorter than an Ethernet header cannot be tested: BPF_PROG_TEST_RUN
+    // refuses frames under ETH_HLEN (and no driver delivers them).
+    let vlan_cut = packets::with_vlans(&v4, &[(ETH_P_8021Q, 5)]);
+    let truncated: [(&str, &[u8]); 6] = [
+        ("inside a VLAN tag", &vlan_cut[..16]),
+        ("inside IPv4", &v4[..14 + 12]),
+        ("inside UDP", &v4[..14 + 20 + 4]),
+        ("inside IPv6", &v6[..14 + 30]),
+        ("inside TCP over IPv6", &v6[..14 + 40 + 12]),
+        ("inside an extension header", &ext[..14 + 40 + 1]),
+    ];
+    for (what, frame) in truncated {
+        assert_eq!(
+            h.run(programs::XDP_INBOUND, frame),
+            Verdict::Drop,
+            "truncated {what}"
+        );
+    }
+    assert_eq!(
+        h.total(Reason::Truncated, Verdict::Drop, Direction::Inbound),
+        6
+    );
+    // Truncated after the addresses were read (UDP, TCP, extension header):
+    // attributed to the account.
+    assert_eq!(
+        h.account(alpha, Reason::Truncated, Verdict::Drop, Direction::Inbound)
+            .packets,
+        3
+    );
+
+    let mut bad_ihl = Ipv4::new(ORDINARY4, ALPHA4, PROTO_UDP, l4_bytes(PROTO_UDP, 1, 2, 0));
+    bad_ihl.version_ihl = Some(0x44);
+    let mut bad_version = bad_ihl.clone();
+    bad_version.version_ihl = Some(0x65);
+    let mut bad_doff = tcp(ip(ORDINARY4), ip(ALPHA4), 1, 2, 0);
+    bad_doff[14 + 20 + 12] = 4 << 4;
+    for (what, frame) in [
+        ("IHL 4", bad_ihl.frame()),
+        ("version 6 in an IPv4 frame", bad_version.frame()),
+        ("TCP data offset 4", bad_doff),
+    ] {
+        assert_eq!(
+            h.run(programs::XDP_INBOUND, &frame),
+            Verdict::Drop,
+            "{what}"
+        );
+    }
+    assert_eq!(
+        h.total(Reason::Malformed, Verdict::Drop, Direction::Inbound),
+        3
+    );
+    let events = h.events();
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.reason == Reason::Truncated as u8)
+            .count(),
+        6
+    );
+    assert_eq!(
+        events[0].family, 0,
+        "no addresses from a cut Ethernet header"
+    );
+
+    // The policy can make them monitor-only.
+    h.apply(&POLICY.replace("global:\n", "global:\n  malformed: monitor\n"));
+    assert_eq!(h.run(programs::XDP_INBOUND, &v4[..20]), Verdict::Pass);
+    assert_eq!(
+        h.total(Reason::Truncated, Verdict::Monitor, Direction::Inbound),
+        1
+    );
+}
+
+#[test]
+fn non_ip_frames_pass_and_are_counted() {
+    let mut h = Harness::new(POLICY);
+    assert_eq!(h.run(programs::XDP_INBOUND, &packets::arp()), Verdict::Pass);
+    assert_eq!(h.run(programs::TC_OUTBOUND, &packets::arp()), Verdict::Pass);
+    assert_eq!(h.total(Reason::NonIp, Verdict::Pass, Direction::Inbound), 1);
+    assert_eq!(
+        h.total(Reason::NonIp, Verdict::Pass, Direction::Outbound),
+        1
+    );
+    assert!(h.events().is_empty());
+}
+
+#[test]
+fn workload_programs_see_the_reverse_directions() {
+    let mut h = Harness::new(POLICY);
+    let alpha = h.slot("alpha");
+    // A workload device receives what the account sends (outbound) ...
+    assert_eq!(
+        h.run(
+            programs::XDP_OUTBOUND,
+            &udp(ip(ALPHA4), ip(BLOCKED4), 1, 2, 0)
+        ),
+        Verdict::Drop
+    );
+    assert_eq!(
+        h.account(
+            alpha,
+            Reason::GlobalBlock,
+            Verdict::Drop,
+            Direction::Outbound
+        )
+        .packets,
+        1
+    );
+    // ... and transmits what it receives (inbound).
+    assert_eq!(
+        h.run(
+            programs::TC_INBOUND,
+            &udp(ip(BLOCKED6), ip(ALPHA6), 1, 2, 0)
+        ),
+        Verdict::Drop
+    );
+    assert_eq!(
+        h.account(
+            alpha,
+            Reason::GlobalBlock,
+            Verdict::Drop,
+            Direction::Inbound
+        )
+        .packets,
+        1
+    );
+    assert_eq!(
+        h.run(
+            programs::TC_INBOUND,
+            &udp(ip(ORDINARY6), ip(ALPHA6), 1, 2, 0)
+        ),
+        Verdict::Pass
+    );
+}
+
+#[test]
+fn policy_changes_take_effect_at_once_and_keep_state() {
+    // One packet per second, so that no token comes back while policies are
+    // being applied.
+    let policy = POLICY.replace("pps: 100, pps_burst: 10", "pps: 1, pps_burst: 10");
+    let mut h = Harness::new(&policy);
+    let beta = h.slot("beta");
+    let blocked = udp(ip(BLOCKED4), ip(ALPHA4), 1, 2, 0);
+    assert_eq!(h.run(programs::XDP_INBOUND, &blocked), Verdict::Drop);
+    // Exhaust beta's packet burst.
+    h.run_n(
+        programs::XDP_INBOUND,
+        &udp(ip(ORDINARY4), ip(BETA4), 1, 2, 0),
+        50,
+    );
+    let unblocked = policy.replace(
+        "cidrs: [203.0.113.0/24, '2001:db8:bad::/48']",
+        "cidrs: ['2001:db8:bad::/48']",
+    );
+    let g2 = h.apply(&unblocked);
+    assert_eq!(
+        h.run(programs::XDP_INBOUND, &blocked),
+        Verdict::Pass,
+        "unblocked by the new policy"
+    );
+    assert_eq!(h.slot("beta"), beta, "beta keeps its slot");
+    assert_eq!(
+        h.run(
+            programs::XDP_INBOUND,
+            &udp(ip(ORDINARY4), ip(BETA4), 1, 2, 0)
+        ),
+        Verdict::Drop,
+        "beta's bucket is still empty: rate state survives a policy change"
+    );
+    let g3 = h.apply(&policy);
+    assert_eq!(g3, g2 + 1);
+    assert_eq!(h.run(programs::XDP_INBOUND, &blocked), Verdict::Drop);
+    let last = h.events().pop().unwrap();
+    assert_eq!(last.generation, g3, "events carry the generation in force");
+
+    // Removing an account: its addresses are no longer attributed.
+    let without_alpha = policy.replace(
+        "  - id: alpha\n    prefixes: [10.1.0.10, 10.1.1.0/24, 'fd00:1::10', 'fd00:1:1::/64']\n",
+        "",
+    );
+    h.apply(&without_alpha);
+    h.run(
+        programs::XDP_INBOUND,
+        &udp(ip(ORDINARY4), ip(ALPHA4), 1, 2, 0),
+    );
+    assert_eq!(
+        h.account(0, Reason::Pass, Verdict::Pass, Direction::Inbound)
+            .packets,
+        1
+    );
+}
+
+#[test]
+fn events_are_sampled_per_account_and_reason() {
+    let mut h = Harness::new(&POLICY.replace("events_per_second: 1000", "events_per_second: 3"));
+    let start = Instant::now();
+    h.run_n(
+        programs::XDP_INBOUND,
+        &udp(ip(BLOCKED4), ip(ALPHA4), 1, 2, 0),
+        100,
+    );
+    h.run_n(
+        programs::XDP_INBOUND,
+        &udp(ip(BLOCKED4), ip(BETA4), 1, 2, 0),
+        100,
+    );
+    let seconds = start.elapsed().as_secs() + 2; // windows the runs may have touched
+    let events = h.events();
+    let per = |slot| events.iter().filter(|e| e.slot == slot).count() as u64;
+    let (alpha, beta) = (h.slot("alpha"), h.slot("beta"));
+    assert!(
+        (3..=3 * seconds).contains(&per(alpha)),
+        "alpha: {}",
+        per(alpha)
+    );
+    assert!(
+        (3..=3 * seconds).contains(&per(beta)),
+        "beta: {}",
+        per(beta)
+    );
+    assert_eq!(
+        h.total(Reason::GlobalBlock, Verdict::Drop, Direction::Inbound),
+        200,
+        "counters see every packet"
+    );
+}
+
+#[test]
+fn events_lost_to_a_full_ring_are_counted() {
+    let cap = Capacity {
+        event_buffer: 4096,
+        ..capacity()
+    };
+    let mut h = Harness::with_capacity(POLICY, cap);
+    h.run_n(
+        programs::XDP_INBOUND,
+        &udp(ip(BLOCKED4), ip(ALPHA4), 1, 2, 0),
+        300,
+    );
+    let lost = h.dp.totals().unwrap().events_lost;
+    let got = h.events().len() as u64;
+    assert!(lost > 0, "a 4 KiB ring cannot hold 300 events");
+    assert_eq!(
+        got + lost,
+        300,
+        "every event is either delivered or counted as lost"
+    );
+}
+
+#[test]
+fn a_million_global_prefixes_load() {
+    // The issue asks for at least 1,000,000 global prefixes; load them as a
+    // list file, the way a large feed is given.
+    let dir = std::env::temp_dir().join(format!("mmesh-million-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("feed.txt");
+    let mut text = String::with_capacity(20 * 1_000_000);
+    for i in 0..1_000_000u32 {
+        // /16 to /32 prefixes spread over 11.0.0.0/8 .. 99.0.0.0/8.
+        let len = 16 + (i % 17);
+        let addr = u32::from(std::net::Ipv4Addr::new(11, 0, 0, 0))
+            .wrapping_add(i.wrapping_mul(2_654_435_761) % (88 << 24));
+        let net = ipnet::Ipv4Net::new(addr.into(), len as u8).unwrap().trunc();
+        text.push_str(&net.to_string());
+        text.push('\n');
+    }
+    std::fs::write(&file, text).unwrap();
+    let policy = format!(
+        "global:\n  block:\n    - {{ name: feed, file: {} }}\naccounts:\n  - {{ id: alpha, prefixes: [{ALPHA4}] }}\n",
+        file.display()
+    );
+    let cap = Capacity {
+        list_prefixes: 1 << 20,
+        ..capacity()
+    };
+    let t = Instant::now();
+    let mut h = Harness::with_capacity(&policy, cap);
+    let loaded = t.elapsed();
+    std::fs::remove_dir_all(&dir).ok();
+    let entries = h.dp.active().unwrap().rules_v4.len();
+    assert!(
+        entries > 900_000,
+        "{entries} distinct prefixes after resolution"
+    );
+    eprintln!("loaded {entries} global prefixes in {loaded:?}");
+    // Something in the feed is dropped, something outside passes.
+    let first: ipnet::Ipv4Net = "11.0.0.0/16".parse().unwrap();
+    assert_eq!(
+        h.run(
+            programs::XDP_INBOUND,
+            &udp(IpAddr::V4(first.network()), ip(ALPHA4), 1, 2, 0)
+        ),
+        Verdict::Drop
+    );
+    assert_eq!(
+        h.run(
+            programs::XDP_INBOUND,
+            &udp(ip("8.8.8.8"), ip(ALPHA4), 1, 2, 0)
+        ),
+        Verdict::Pass
+    );
+}
