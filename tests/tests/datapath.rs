@@ -4,6 +4,7 @@
 use std::{
     net::IpAddr,
     path::Path,
+    sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard},
     time::{Duration, Instant},
 };
 
@@ -74,6 +75,16 @@ const UNOWNED4: &str = "10.9.9.9";
 struct Harness {
     dp: Datapath,
     ring: RingBuf<MapData>,
+    /// Tests share the machine, except the one that measures a rate across
+    /// all CPUs ([`exclusive`]).
+    _shared: RwLockReadGuard<'static, ()>,
+}
+
+static CPU_USE: RwLock<()> = RwLock::new(());
+
+/// Waits until no other test of this binary runs, and keeps them out.
+fn exclusive() -> RwLockWriteGuard<'static, ()> {
+    CPU_USE.write().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn capacity() -> Capacity {
@@ -91,10 +102,32 @@ impl Harness {
         Self::with_capacity(policy, capacity())
     }
 
+    /// For a test that already holds [`exclusive`].
+    fn new_exclusive(policy: &str) -> Self {
+        static UNUSED: RwLock<()> = RwLock::new(());
+        Self::build(
+            policy,
+            capacity(),
+            UNUSED.read().unwrap_or_else(PoisonError::into_inner),
+        )
+    }
+
     fn with_capacity(policy: &str, capacity: Capacity) -> Self {
+        Self::build(
+            policy,
+            capacity,
+            CPU_USE.read().unwrap_or_else(PoisonError::into_inner),
+        )
+    }
+
+    fn build(policy: &str, capacity: Capacity, shared: RwLockReadGuard<'static, ()>) -> Self {
         let mut dp = Datapath::load(capacity).expect("loading the datapath (run as root)");
         let ring = dp.take_events().expect("ring buffer");
-        let mut h = Self { dp, ring };
+        let mut h = Self {
+            dp,
+            ring,
+            _shared: shared,
+        };
         h.apply(policy);
         h
     }
@@ -1028,5 +1061,94 @@ fn a_million_global_prefixes_load() {
             &udp(ip("8.8.8.8"), ip(ALPHA4), 1, 2, 0)
         ),
         Verdict::Pass
+    );
+}
+
+/// Pins the calling thread to one CPU.
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET stays in bounds
+    // for cpu < CPU_SETSIZE.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set),
+            0,
+            "pinning to CPU {cpu}"
+        );
+    }
+}
+
+#[test]
+fn rate_limit_holds_with_traffic_on_every_cpu() {
+    // 20,000 pps while every CPU runs the program flat out (millions of
+    // packets per second each): the shared bucket must admit rate * time
+    // (+ at most the burst) in total, not that much per CPU.
+    //
+    // The burst (100 ms of the rate) absorbs the moments when a CPU is taken
+    // away from the test (the kernel's test loop yields when asked to); a
+    // bucket admits nothing while nothing is offered and keeps at most a
+    // burst of tokens for later.
+    let exclusive = exclusive();
+    let policy = POLICY.replace("pps: 100, pps_burst: 10", "pps: 20000, pps_burst: 2000");
+    let mut h = Harness::new_exclusive(&policy);
+    let beta = h.slot("beta");
+    let frame = udp(ip(ORDINARY4), ip(BETA4), 1, 2, 0);
+    let cpus = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
+    let run_for = Duration::from_millis(1500);
+    let prog: &mut Xdp =
+        h.dp.program_mut(programs::XDP_INBOUND)
+            .unwrap()
+            .try_into()
+            .unwrap();
+    let prog: &Xdp = prog;
+    let start = Instant::now();
+    let offered: u64 = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..cpus)
+            .map(|cpu| {
+                let frame = &frame;
+                scope.spawn(move || {
+                    pin_to_cpu(cpu);
+                    let mut sent = 0u64;
+                    while start.elapsed() < run_for {
+                        let opts = TestRunOptions {
+                            data_in: Some(frame),
+                            repeat: 10_000,
+                            ..TestRunOptions::default()
+                        };
+                        prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
+                        sent += 10_000;
+                    }
+                    sent
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).sum()
+    });
+    let elapsed = start.elapsed();
+    let admitted = h
+        .account(beta, Reason::Pass, Verdict::Pass, Direction::Inbound)
+        .packets;
+    let dropped = h
+        .account(beta, Reason::RatePps, Verdict::Drop, Direction::Inbound)
+        .packets;
+    assert_eq!(admitted + dropped, offered);
+    drop(exclusive);
+    let expected = 20_000.0 * elapsed.as_secs_f64();
+    let error = (admitted as f64 - expected) / expected;
+    let contended = h.dp.totals().unwrap().rate_contended;
+    eprintln!(
+        "{cpus} CPUs, {offered} packets offered in {elapsed:?} ({:.1} Mpps): admitted {admitted}, expected {expected:.0} ({:+.2}%), CAS fallbacks {contended}",
+        offered as f64 / elapsed.as_secs_f64() / 1e6,
+        error * 100.0
+    );
+    assert!(
+        offered as f64 > 10.0 * expected,
+        "the load must be far over the limit to mean anything"
+    );
+    // Within 5% of rate * time below, and of rate * time + burst above.
+    assert!(
+        admitted as f64 >= expected * 0.95 && admitted as f64 <= (expected + 2000.0) * 1.05,
+        "admitted {admitted}, expected {expected:.0} (+ up to 2000 of burst)"
     );
 }
