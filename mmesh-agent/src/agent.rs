@@ -1,6 +1,6 @@
 //! `mmesh-agent run`: load, apply, attach, report, reload, detach.
 
-use std::{io::Write as _, path::PathBuf, time::Duration};
+use std::{fmt::Write as _, io::Write as _, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use mmesh_common::{Direction, Reason, Verdict, maps::Counter};
@@ -159,7 +159,7 @@ fn reload(dp: &mut Datapath, path: Option<&PathBuf>, names: &Names) {
         });
     match result {
         Ok((generation, summary)) => {
-            tracing::info!(generation, "SIGHUP: policy reloaded: {summary}")
+            tracing::info!(generation, "SIGHUP: policy reloaded: {summary}");
         }
         Err(err) => tracing::error!(
             generation = dp.generation(),
@@ -207,7 +207,7 @@ pub fn summarize(before: &Totals, after: &Totals, interval: Duration) -> String 
             ));
         }
     }
-    let list = |v: &[String]| {
+    let joined = |v: &[String]| {
         if v.is_empty() {
             "none".to_owned()
         } else {
@@ -223,18 +223,19 @@ pub fn summarize(before: &Totals, after: &Totals, interval: Duration) -> String 
         "seen {} packets{rate}, {} bytes; dropped: {}; monitored: {}",
         seen.packets,
         seen.bytes,
-        list(&dropped),
-        list(&monitored)
+        joined(&dropped),
+        joined(&monitored)
     );
     let lost = after.events_lost.saturating_sub(before.events_lost);
     if lost > 0 {
-        line.push_str(&format!("; events lost to a full ring buffer: {lost}"));
+        let _ = write!(line, "; events lost to a full ring buffer: {lost}");
     }
     let full = after.counters_full.saturating_sub(before.counters_full);
     if full > 0 {
-        line.push_str(&format!(
+        let _ = write!(
+            line,
             "; packets not counted per account (--max-counters full): {full}"
-        ));
+        );
     }
     line
 }

@@ -31,9 +31,9 @@ use aya::{
 use mmesh_common::{
     Direction, Reason, Verdict,
     maps::{
-        AccountConfig, Config, Counter, CounterKey, GenConfig, RateState, RuleValue, SCOPE_BITS,
-        STATS_LEN, ScopedV4, ScopedV6, TOTALS_LEN, account_index, names, programs, rate_index,
-        sampler_index, scope, totals_index,
+        AccountConfig, Config, Counter, CounterKey, GenConfig, NO_ACCOUNT, RateState, RuleValue,
+        SCOPE_BITS, STATS_LEN, ScopedV4, ScopedV6, TOTALS_LEN, account_index, names, programs,
+        rate_index, sampler_index, scope, totals_index,
     },
 };
 use serde::Serialize;
@@ -44,11 +44,11 @@ use crate::{
     interface::{self, InterfaceError, InterfaceSpec, Role},
 };
 
-/// The eBPF object built by build.rs (empty when built with AYA_BUILD_SKIP).
+/// The eBPF object built by build.rs (empty when built with `AYA_BUILD_SKIP`).
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mmesh"));
 
 /// Oldest kernel supported: BPF ring buffer (5.8), atomic compare-and-swap
-/// (5.12), bpf_link for XDP (5.9); 5.15 is the first LTS with all of them.
+/// (5.12), `bpf_link` for XDP (5.9); 5.15 is the first LTS with all of them.
 pub const MIN_KERNEL: (u32, u32) = (5, 15);
 
 /// Why the datapath could not be loaded, attached or updated.
@@ -159,6 +159,82 @@ struct Maps {
     totals: PerCpuArray<MapData, Counter>,
     account_counters: PerCpuHashMap<MapData, CounterKey, Counter>,
     stats: PerCpuArray<MapData, u64>,
+}
+
+impl Maps {
+    /// Brings the attribution and list entries of half `half` from
+    /// `current` to `target`.
+    fn sync_lists(
+        &mut self,
+        half: u32,
+        current: &Compiled,
+        target: &Compiled,
+    ) -> Result<(), DatapathError> {
+        let own = scope(half, NO_ACCOUNT);
+        let host4 = |a: &[u8; 4]| ScopedV4 {
+            scope: own,
+            addr: *a,
+        };
+        let host6 = |a: &[u8; 16]| ScopedV6 {
+            scope: own,
+            addr: *a,
+        };
+        sync_hash(
+            &mut self.hosts_v4,
+            names::HOSTS_V4,
+            &current.hosts_v4,
+            &target.hosts_v4,
+            host4,
+        )?;
+        sync_hash(
+            &mut self.hosts_v6,
+            names::HOSTS_V6,
+            &current.hosts_v6,
+            &target.hosts_v6,
+            host6,
+        )?;
+        let prefix4 = |k: &PrefixKey<[u8; 4]>| key4(own, k.addr, k.len);
+        let prefix6 = |k: &PrefixKey<[u8; 16]>| key6(own, k.addr, k.len);
+        sync_lpm(
+            &mut self.prefixes_v4,
+            names::PREFIXES_V4,
+            &current.prefixes_v4,
+            &target.prefixes_v4,
+            prefix4,
+        )?;
+        sync_lpm(
+            &mut self.prefixes_v6,
+            names::PREFIXES_V6,
+            &current.prefixes_v6,
+            &target.prefixes_v6,
+            prefix6,
+        )?;
+        let rule4 = |k: &RuleKey<[u8; 4]>| key4(scope(half, k.scope), k.addr, k.len);
+        let rule6 = |k: &RuleKey<[u8; 16]>| key6(scope(half, k.scope), k.addr, k.len);
+        sync_lpm(
+            &mut self.rules_v4,
+            names::RULES_V4,
+            &current.rules_v4,
+            &target.rules_v4,
+            rule4,
+        )?;
+        sync_lpm(
+            &mut self.rules_v6,
+            names::RULES_V6,
+            &current.rules_v6,
+            &target.rules_v6,
+            rule6,
+        )
+    }
+}
+
+/// The LPM key of `addr/len` in the scope word `scope`.
+fn key4(scope: u32, addr: [u8; 4], len: u8) -> Key<ScopedV4> {
+    Key::new(SCOPE_BITS + u32::from(len), ScopedV4 { scope, addr })
+}
+
+fn key6(scope: u32, addr: [u8; 16], len: u8) -> Key<ScopedV6> {
+    Key::new(SCOPE_BITS + u32::from(len), ScopedV6 { scope, addr })
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
@@ -451,82 +527,8 @@ impl Datapath {
             return Ok(());
         }
         // From here until success the half is unknown (`None`).
+        self.maps.sync_lists(half, &current, target)?;
         let m = &mut self.maps;
-        let s = scope(half, 0);
-        sync_hash(
-            &mut m.hosts_v4,
-            names::HOSTS_V4,
-            &current.hosts_v4,
-            &target.hosts_v4,
-            |a| ScopedV4 { scope: s, addr: *a },
-        )?;
-        sync_hash(
-            &mut m.hosts_v6,
-            names::HOSTS_V6,
-            &current.hosts_v6,
-            &target.hosts_v6,
-            |a| ScopedV6 { scope: s, addr: *a },
-        )?;
-        sync_lpm(
-            &mut m.prefixes_v4,
-            names::PREFIXES_V4,
-            &current.prefixes_v4,
-            &target.prefixes_v4,
-            |k: &PrefixKey<[u8; 4]>| {
-                Key::new(
-                    SCOPE_BITS + u32::from(k.len),
-                    ScopedV4 {
-                        scope: s,
-                        addr: k.addr,
-                    },
-                )
-            },
-        )?;
-        sync_lpm(
-            &mut m.prefixes_v6,
-            names::PREFIXES_V6,
-            &current.prefixes_v6,
-            &target.prefixes_v6,
-            |k: &PrefixKey<[u8; 16]>| {
-                Key::new(
-                    SCOPE_BITS + u32::from(k.len),
-                    ScopedV6 {
-                        scope: s,
-                        addr: k.addr,
-                    },
-                )
-            },
-        )?;
-        sync_lpm(
-            &mut m.rules_v4,
-            names::RULES_V4,
-            &current.rules_v4,
-            &target.rules_v4,
-            |k: &RuleKey<[u8; 4]>| {
-                Key::new(
-                    SCOPE_BITS + u32::from(k.len),
-                    ScopedV4 {
-                        scope: scope(half, k.scope),
-                        addr: k.addr,
-                    },
-                )
-            },
-        )?;
-        sync_lpm(
-            &mut m.rules_v6,
-            names::RULES_V6,
-            &current.rules_v6,
-            &target.rules_v6,
-            |k: &RuleKey<[u8; 16]>| {
-                Key::new(
-                    SCOPE_BITS + u32::from(k.len),
-                    ScopedV6 {
-                        scope: scope(half, k.scope),
-                        addr: k.addr,
-                    },
-                )
-            },
-        )?;
         let (removed, changed) = diff(&current.accounts, &target.accounts);
         for slot in removed {
             m.accounts
@@ -580,7 +582,7 @@ impl Datapath {
                 );
             }
         }
-        for entry in m.prefixes_v4.iter() {
+        for entry in &m.prefixes_v4 {
             let (key, slot) = entry.map_err(|e| DatapathError::map(names::PREFIXES_V4, e))?;
             let data = key.data();
             if in_half(data.scope) {
@@ -593,7 +595,7 @@ impl Datapath {
                 );
             }
         }
-        for entry in m.prefixes_v6.iter() {
+        for entry in &m.prefixes_v6 {
             let (key, slot) = entry.map_err(|e| DatapathError::map(names::PREFIXES_V6, e))?;
             let data = key.data();
             if in_half(data.scope) {
@@ -606,7 +608,7 @@ impl Datapath {
                 );
             }
         }
-        for entry in m.rules_v4.iter() {
+        for entry in &m.rules_v4 {
             let (key, value) = entry.map_err(|e| DatapathError::map(names::RULES_V4, e))?;
             let data = key.data();
             if in_half(data.scope) {
@@ -618,7 +620,7 @@ impl Datapath {
                 out.rules_v4.insert(k, value);
             }
         }
-        for entry in m.rules_v6.iter() {
+        for entry in &m.rules_v6 {
             let (key, value) = entry.map_err(|e| DatapathError::map(names::RULES_V6, e))?;
             let data = key.data();
             if in_half(data.scope) {
@@ -689,7 +691,7 @@ impl Datapath {
         slot: u32,
     ) -> Result<BTreeMap<(Reason, Verdict, Direction), Counter>, DatapathError> {
         let mut out = BTreeMap::new();
-        for entry in self.maps.account_counters.iter() {
+        for entry in &self.maps.account_counters {
             let (key, values) =
                 entry.map_err(|e| DatapathError::map(names::ACCOUNT_COUNTERS, e))?;
             if key.slot != slot {
@@ -805,7 +807,7 @@ fn check_kernel() -> Result<(), DatapathError> {
     Ok(())
 }
 
-/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; later ones to the
+/// Kernels before 5.11 charge BPF maps to `RLIMIT_MEMLOCK`; later ones to the
 /// memory cgroup, where this changes nothing.
 fn raise_memlock() {
     let unlimited = libc::rlimit {

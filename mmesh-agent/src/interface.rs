@@ -86,7 +86,7 @@ pub fn index(name: &str) -> Result<u32, InterfaceError> {
     }
 }
 
-/// Checks that `name` exists and carries Ethernet frames (ARPHRD_ETHER).
+/// Checks that `name` exists and carries Ethernet frames (`ARPHRD_ETHER`).
 pub fn check(name: &str) -> Result<u32, InterfaceError> {
     let ifindex = index(name)?;
     let link_type = std::fs::read_to_string(format!("/sys/class/net/{name}/type"))
@@ -117,7 +117,7 @@ pub fn default_route() -> Result<String, InterfaceError> {
     Err(InterfaceError::NoDefaultRoute)
 }
 
-/// `/proc/net/route`: Iface Destination Gateway Flags RefCnt Use Metric Mask ...
+/// `/proc/net/route`: `Iface Destination Gateway Flags RefCnt Use Metric Mask ...`
 fn default_v4(table: &str) -> Option<String> {
     table
         .lines()
@@ -138,7 +138,7 @@ fn default_v4(table: &str) -> Option<String> {
         .map(|(_, iface)| iface)
 }
 
-/// `/proc/net/ipv6_route`: dest dest_len src src_len next_hop metric refcnt use flags iface
+/// `/proc/net/ipv6_route`: `dest dest_len src src_len next_hop metric refcnt use flags iface`
 fn default_v6(table: &str) -> Option<String> {
     table
         .lines()

@@ -1,6 +1,10 @@
 //! The `mmesh-agent` command line.
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use mmesh_agent::{
@@ -179,7 +183,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     }))
 }
 
-fn validate(file: &PathBuf, capacity: &Capacity) -> anyhow::Result<()> {
+fn validate(file: &Path, capacity: &Capacity) -> anyhow::Result<()> {
     let policy = Policy::from_file(file)?;
     let compiled = compile(&policy, &SlotTable::default(), capacity)?;
     println!(

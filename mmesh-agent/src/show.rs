@@ -94,12 +94,12 @@ pub fn effective(policy: &Policy, compiled: &Compiled, capacity: &Capacity) -> E
             .rules_v4
             .iter()
             .filter(|(k, _)| k.scope == scope)
-            .map(|(k, v)| rule(compiled, v4_net(k), v));
+            .map(|(k, v)| rule(compiled, v4_net(k), *v));
         let v6 = compiled
             .rules_v6
             .iter()
             .filter(|(k, _)| k.scope == scope)
-            .map(|(k, v)| rule(compiled, v6_net(k), v));
+            .map(|(k, v)| rule(compiled, v6_net(k), *v));
         v4.chain(v6).collect()
     };
     EffectivePolicy {
@@ -160,7 +160,7 @@ fn v6_net(k: &RuleKey<[u8; 16]>) -> IpNet {
         .expect("compiled prefix lengths are valid")
 }
 
-fn rule(compiled: &Compiled, prefix: IpNet, value: &RuleValue) -> EffectiveRule {
+fn rule(compiled: &Compiled, prefix: IpNet, value: RuleValue) -> EffectiveRule {
     let action = match Verdict::from_u8(value.action as u8) {
         Some(Verdict::Drop) => "drop",
         Some(Verdict::Monitor) => "monitor",

@@ -11,7 +11,9 @@ use mmesh_agent::{
 };
 
 fn files(dir: &str) -> Vec<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/policies").join(dir);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/policies")
+        .join(dir);
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
         .map(|e| e.unwrap().path())
@@ -30,7 +32,8 @@ fn example() -> PathBuf {
 fn good_policies_validate_and_compile() {
     for file in files("good").into_iter().chain([example()]) {
         let policy = Policy::from_file(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-        compile(&policy, &SlotTable::default(), &Capacity::default()).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        compile(&policy, &SlotTable::default(), &Capacity::default())
+            .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
     }
 }
 
@@ -39,8 +42,15 @@ fn bad_policies_fail_with_their_expected_messages() {
     let mut failures = Vec::new();
     for file in files("bad") {
         let text = std::fs::read_to_string(&file).unwrap();
-        let expected: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("# expect: ")).collect();
-        assert!(!expected.is_empty(), "{} has no `# expect:` line", file.display());
+        let expected: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# expect: "))
+            .collect();
+        assert!(
+            !expected.is_empty(),
+            "{} has no `# expect:` line",
+            file.display()
+        );
         let err = match Policy::from_file(&file) {
             Ok(_) => {
                 failures.push(format!("{} was accepted", file.display()));
@@ -49,7 +59,10 @@ fn bad_policies_fail_with_their_expected_messages() {
             Err(e) => e.to_string(),
         };
         if !err.contains(&file.display().to_string()) {
-            failures.push(format!("{}: the message does not name the file:\n{err}", file.display()));
+            failures.push(format!(
+                "{}: the message does not name the file:\n{err}",
+                file.display()
+            ));
         }
         for e in expected.iter().filter(|e| !err.contains(**e)) {
             failures.push(format!("{}: expected {e:?} in:\n{err}", file.display()));
@@ -64,14 +77,32 @@ fn the_example_is_rich_and_the_readme_shows_it_verbatim() {
     assert_eq!(policy.accounts.len(), 2);
     // The list file was read relative to the policy file.
     let forbidden = &policy.global.lists[0];
-    assert!(forbidden.v4.iter().any(|n| n.to_string() == "192.0.2.128/25"));
-    assert!(forbidden.v6.iter().any(|n| n.to_string() == "2001:db8:dead::/48"));
+    assert!(
+        forbidden
+            .v4
+            .iter()
+            .any(|n| n.to_string() == "192.0.2.128/25")
+    );
+    assert!(
+        forbidden
+            .v6
+            .iter()
+            .any(|n| n.to_string() == "2001:db8:dead::/48")
+    );
     // globex has no limits of its own: the defaults apply, in monitor mode.
     let globex = &policy.accounts[1];
     assert_eq!(globex.outbound.unwrap().pps.unwrap().rate, 50_000);
-    assert_eq!(globex.outbound.unwrap().action, mmesh_agent::policy::Action::Monitor);
+    assert_eq!(
+        globex.outbound.unwrap().action,
+        mmesh_agent::policy::Action::Monitor
+    );
 
-    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md")).unwrap();
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+            .unwrap();
     let example = std::fs::read_to_string(example()).unwrap();
-    assert!(readme.contains(&example), "README.md must contain examples/policy.yaml verbatim");
+    assert!(
+        readme.contains(&example),
+        "README.md must contain examples/policy.yaml verbatim"
+    );
 }

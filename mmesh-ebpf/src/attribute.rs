@@ -18,7 +18,7 @@ pub fn account_v4(half: u32, flags: u32, addr: [u8; 4]) -> u32 {
         addr,
     };
     // SAFETY: the value is a plain u32 that the agent writes whole.
-    if let Some(slot) = unsafe { HOSTS_V4.get(&key) } {
+    if let Some(slot) = unsafe { HOSTS_V4.get(key) } {
         return *slot;
     }
     if flags & GEN_PREFIXES_V4 != 0
@@ -36,7 +36,7 @@ pub fn account_v6(half: u32, flags: u32, addr: [u8; 16]) -> u32 {
         addr,
     };
     // SAFETY: as above.
-    if let Some(slot) = unsafe { HOSTS_V6.get(&key) } {
+    if let Some(slot) = unsafe { HOSTS_V6.get(key) } {
         return *slot;
     }
     if flags & GEN_PREFIXES_V6 != 0

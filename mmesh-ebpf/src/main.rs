@@ -3,9 +3,11 @@
 //!
 //! Per packet: parse, attribute to an account by the local address, then the
 //! checks cheapest first, the first decisive verdict winning:
-//!   1. global block/allow list (remote address),
-//!   2. the account's block/allow list,
-//!   3. the account's rate limits for the direction.
+//!
+//! 1. the global block/allow lists (remote address),
+//! 2. the account's block/allow lists,
+//! 3. the account's rate limits for the direction.
+//!
 //! A rule in monitor mode records its reason but lets the packet go on.
 #![no_std]
 #![no_main]
@@ -44,21 +46,37 @@ use crate::{
 const TC_PULL_LEN: u32 = 256;
 
 #[xdp]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "aya's macro fixes the entry point's signature"
+)]
 pub fn xdp_inbound(ctx: XdpContext) -> u32 {
     xdp_verdict(&ctx, Direction::Inbound)
 }
 
 #[xdp]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "aya's macro fixes the entry point's signature"
+)]
 pub fn xdp_outbound(ctx: XdpContext) -> u32 {
     xdp_verdict(&ctx, Direction::Outbound)
 }
 
 #[classifier]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "aya's macro fixes the entry point's signature"
+)]
 pub fn tc_inbound(ctx: TcContext) -> i32 {
     tc_verdict(&ctx, Direction::Inbound)
 }
 
 #[classifier]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "aya's macro fixes the entry point's signature"
+)]
 pub fn tc_outbound(ctx: TcContext) -> i32 {
     tc_verdict(&ctx, Direction::Outbound)
 }

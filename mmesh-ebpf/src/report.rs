@@ -53,7 +53,7 @@ fn count_account(slot: u32, reason: u8, verdict: u8, direction: u8, bytes: u32) 
         direction,
         _pad: 0,
     };
-    if let Some(counter) = ACCT_COUNTERS.get_ptr_mut(&key) {
+    if let Some(counter) = ACCT_COUNTERS.get_ptr_mut(key) {
         // SAFETY: this CPU's value of a per-CPU hash entry.
         unsafe { add(counter, bytes) };
         return;
@@ -65,8 +65,8 @@ fn count_account(slot: u32, reason: u8, verdict: u8, direction: u8, bytes: u32) 
     // A failed insert is either a full map (counted, the packet is still in
     // TOTALS) or another CPU inserting the same key first (then this CPU's
     // value is the fresh zero one: retry the lookup once).
-    if ACCT_COUNTERS.insert(&key, &first, BPF_NOEXIST).is_err() {
-        match ACCT_COUNTERS.get_ptr_mut(&key) {
+    if ACCT_COUNTERS.insert(key, first, BPF_NOEXIST).is_err() {
+        match ACCT_COUNTERS.get_ptr_mut(key) {
             // SAFETY: as above.
             Some(counter) => unsafe { add(counter, bytes) },
             None => bump_stat(STAT_COUNTERS_FULL),

@@ -170,7 +170,7 @@ impl Ipv4 {
     #[must_use]
     pub fn frame(&self) -> Vec<u8> {
         let mut options = self.options.clone();
-        while options.len() % 4 != 0 {
+        while !options.len().is_multiple_of(4) {
             options.push(0);
         }
         let ihl = 5 + options.len() / 4;
@@ -264,10 +264,13 @@ fn checksum(bytes: &[u8]) -> u16 {
     !(sum as u16)
 }
 
-/// What etherparse's parser sees in a frame: (source, destination, ports).
-/// Used to check the hand-made frames.
+/// Source, destination, and the transport ports if there are any.
+pub type Parsed = (IpAddr, IpAddr, Option<(u16, u16)>);
+
+/// What etherparse's parser sees in a frame. Used to check the hand-made
+/// frames.
 #[must_use]
-pub fn reference_parse(frame: &[u8]) -> Option<(IpAddr, IpAddr, Option<(u16, u16)>)> {
+pub fn reference_parse(frame: &[u8]) -> Option<Parsed> {
     let sliced = etherparse::SlicedPacket::from_ethernet(frame).ok()?;
     let (src, dst) = match sliced.net? {
         etherparse::NetSlice::Ipv4(ip) => (
@@ -278,7 +281,7 @@ pub fn reference_parse(frame: &[u8]) -> Option<(IpAddr, IpAddr, Option<(u16, u16
             IpAddr::V6(ip.header().source_addr()),
             IpAddr::V6(ip.header().destination_addr()),
         ),
-        _ => return None,
+        etherparse::NetSlice::Arp(_) => return None,
     };
     let ports = match sliced.transport {
         Some(etherparse::TransportSlice::Udp(u)) => Some((u.source_port(), u.destination_port())),

@@ -42,7 +42,7 @@ enum Cmd {
         args: Vec<String>,
     },
     /// Run the whole test suite: lints, host tests, kernel tests
-    /// (BPF_PROG_TEST_RUN) and end-to-end tests in network namespaces (root).
+    /// (`BPF_PROG_TEST_RUN`) and end-to-end tests in network namespaces (root).
     /// Arguments after `--` go to `cargo test`.
     Test {
         /// Skip clippy and the format check.
