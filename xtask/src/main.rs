@@ -137,15 +137,40 @@ fn test(no_lint: bool, args: &[String]) -> anyhow::Result<()> {
         eprintln!("xtask: format check");
         status(Command::new("cargo").args(["+nightly", "fmt", "--all", "--check"]))
             .context("formatting differs: run `cargo +nightly fmt --all`")?;
-        eprintln!("xtask: clippy");
-        status(cargo().args([
-            "clippy",
-            "--workspace",
-            "--all-targets",
-            "--",
-            "-D",
-            "warnings",
-        ]))?;
+        eprintln!("xtask: clippy (user space)");
+        status(
+            cargo()
+                .args([
+                    "clippy",
+                    "--workspace",
+                    "--exclude",
+                    "mmesh-ebpf",
+                    "--all-targets",
+                ])
+                .args(["--", "-D", "warnings"]),
+        )?;
+        eprintln!("xtask: clippy (eBPF programs, nightly)");
+        status(
+            Command::new("cargo")
+                .args([
+                    "+nightly",
+                    "clippy",
+                    "--package",
+                    "mmesh-ebpf",
+                    "--target",
+                    "bpfel-unknown-none",
+                ])
+                .args([
+                    "-Z",
+                    "build-std=core",
+                    "--target-dir",
+                    "target/ebpf-clippy",
+                    "--",
+                    "-D",
+                    "warnings",
+                ])
+                .env("RUSTFLAGS", "--cfg bpf_target_arch=\"x86_64\""),
+        )?;
     }
     let agent = build(false)?;
     eprintln!("xtask: tests (host, BPF_PROG_TEST_RUN, network namespaces)");
