@@ -1,6 +1,6 @@
 //! `mmesh-agent run`: load, apply, attach, report, reload, detach.
 
-use std::{fmt::Write as _, io::Write as _, path::PathBuf, time::Duration};
+use std::{fmt::Write as _, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use mmesh_common::{Direction, Reason, Verdict, maps::Counter};
@@ -57,15 +57,6 @@ fn describe(policy: &Policy, compiled: &Compiled) -> String {
 /// returned (and nothing stays attached); afterwards the agent keeps going.
 pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let policy = load_policy(opts.policy.as_ref())?;
-    let mut dp = Datapath::load(opts.capacity)?;
-    let compiled = compile_for(&dp, &policy)?;
-    let summary = describe(&policy, &compiled);
-    let names = Names::default();
-    let table = NameTable::of(&compiled);
-    let generation = dp.apply(compiled).context("applying the policy")?;
-    names.insert(generation, table);
-    tracing::info!(generation, "policy {summary}");
-
     let interfaces = if opts.interfaces.is_empty() {
         let name = interface::default_route()?;
         tracing::info!(interface = %name, "no --interface given: attaching to the default-route interface as uplink");
@@ -76,6 +67,19 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     } else {
         opts.interfaces.clone()
     };
+    // Refuse unusable interfaces before loading anything.
+    for spec in &interfaces {
+        interface::check(&spec.name)?;
+    }
+    let mut dp = Datapath::load(opts.capacity)?;
+    let compiled = compile_for(&dp, &policy)?;
+    let summary = describe(&policy, &compiled);
+    let names = Names::default();
+    // Named before the flip, so that the first events already find them.
+    names.insert(dp.generation() + 1, NameTable::of(&compiled));
+    let generation = dp.apply(compiled).context("applying the policy")?;
+    tracing::info!(generation, "policy {summary}");
+
     for spec in &interfaces {
         let a = dp.attach(spec)?;
         tracing::info!(interface = %a.name, ifindex = a.ifindex, role = %a.role, tc = a.tc_mode, "attached");
@@ -87,22 +91,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let reader_names = names.clone();
     let reader = tokio::spawn(async move {
-        let stdout = std::io::stdout();
-        events::read(
-            ring,
-            reader_names,
-            move |record| {
-                let mut out = stdout.lock();
-                // A closed stdout must not stop enforcement: events are then lost.
-                if serde_json::to_writer(&mut out, &record).is_ok() {
-                    let _ = out.write_all(b"\n");
-                    let _ = out.flush();
-                }
-            },
-            async {
-                let _ = stop_rx.await;
-            },
-        )
+        events::read(ring, reader_names, std::io::stdout(), async {
+            let _ = stop_rx.await;
+        })
         .await
     });
 
@@ -152,9 +143,8 @@ fn reload(dp: &mut Datapath, path: Option<&PathBuf>, names: &Names) {
         .and_then(|policy| {
             let compiled = compile_for(dp, &policy)?;
             let summary = describe(&policy, &compiled);
-            let table = NameTable::of(&compiled);
+            names.insert(dp.generation() + 1, NameTable::of(&compiled));
             let generation = dp.apply(compiled)?;
-            names.insert(generation, table);
             Ok((generation, summary))
         });
     match result {

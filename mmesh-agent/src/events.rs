@@ -2,6 +2,7 @@
 
 use std::{
     collections::BTreeMap,
+    io::Write,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::{Arc, RwLock},
 };
@@ -223,22 +224,22 @@ pub fn decode(bytes: &[u8], names: &Names, clock: &Clock) -> Option<EventRecord>
     })
 }
 
-/// Reads the ring buffer until `stop` resolves, handing every decoded event
-/// to `sink`. Returns how many were decoded.
-pub async fn read<F>(
+/// Reads the ring buffer until `stop` resolves, writing every event as a
+/// JSON line to `out` (flushed after each batch the ring buffer hands over).
+/// Returns how many events were written. A failing `out` (a closed stdout)
+/// stops nothing: enforcement goes on and the events are dropped.
+pub async fn read<W: Write>(
     ring: RingBuf<MapData>,
     names: Names,
-    mut sink: F,
+    out: W,
     stop: impl Future<Output = ()>,
-) -> std::io::Result<u64>
-where
-    F: FnMut(EventRecord),
-{
+) -> std::io::Result<u64> {
     let clock = Clock::now();
     // SAFETY: the ring buffer owns its map fd, which stays open and the same
     // for as long as the AsyncFd owns the ring buffer.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(std::io::Error::from)?;
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
     let mut count = 0u64;
     tokio::pin!(stop);
     loop {
@@ -246,26 +247,27 @@ where
             () = &mut stop => break,
             guard = fd.readable_mut() => {
                 let mut guard = guard?;
-                let ring = guard.get_inner_mut();
-                while let Some(item) = ring.next() {
-                    if let Some(record) = decode(&item, &names, &clock) {
-                        count += 1;
-                        sink(record);
-                    }
-                }
+                count += drain(guard.get_inner_mut(), &names, &clock, &mut out);
                 guard.clear_ready();
             }
         }
     }
-    // Drain what is left.
-    let ring = fd.get_mut();
+    count += drain(fd.get_mut(), &names, &clock, &mut out);
+    Ok(count)
+}
+
+fn drain(ring: &mut RingBuf<MapData>, names: &Names, clock: &Clock, out: &mut impl Write) -> u64 {
+    let mut count = 0;
     while let Some(item) = ring.next() {
-        if let Some(record) = decode(&item, &names, &clock) {
+        if let Some(record) = decode(&item, names, clock) {
             count += 1;
-            sink(record);
+            if serde_json::to_writer(&mut *out, &record).is_ok() {
+                let _ = out.write_all(b"\n");
+            }
         }
     }
-    Ok(count)
+    let _ = out.flush();
+    count
 }
 
 #[cfg(test)]
@@ -277,7 +279,7 @@ mod tests {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000000000Z");
         assert_eq!(
             rfc3339(1_796_000_000_123_456_789),
-            "2026-11-30T01:33:20.123456789Z"
+            "2026-11-30T00:53:20.123456789Z"
         );
         assert_eq!(
             rfc3339(951_782_400_000_000_000),
