@@ -169,7 +169,10 @@ fn test(no_lint: bool, args: &[String]) -> anyhow::Result<()> {
                     "-D",
                     "warnings",
                 ])
-                .env("RUSTFLAGS", "--cfg bpf_target_arch=\"x86_64\""),
+                .env(
+                    "RUSTFLAGS",
+                    format!("--cfg bpf_target_arch=\"{}\"", std::env::consts::ARCH),
+                ),
         )?;
     }
     let agent = build(false)?;

@@ -95,15 +95,19 @@ pub fn ensure(force: bool) -> anyhow::Result<()> {
         "nightly",
         "--installed",
     ]))?;
-    if !components.lines().any(|l| l.starts_with("rust-src")) {
-        eprintln!("xtask setup: adding rust-src to nightly (needed by -Z build-std=core)");
-        status(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            "nightly",
-        ]))?;
+    // rust-src for -Z build-std=core; rustfmt and clippy for the lints of
+    // `cargo xtask test` (rustfmt.toml uses nightly options).
+    for component in ["rust-src", "rustfmt", "clippy"] {
+        if !components.lines().any(|l| l.starts_with(component)) {
+            eprintln!("xtask setup: adding {component} to the nightly toolchain");
+            status(Command::new("rustup").args([
+                "component",
+                "add",
+                component,
+                "--toolchain",
+                "nightly",
+            ]))?;
+        }
     }
 
     let nightly = nightly()?;
