@@ -65,7 +65,7 @@ pub struct EffectiveRate {
     /// What the kernel evaluates: nanoseconds per packet (or per byte for
     /// bps) and the burst tolerance in nanoseconds.
     pub interval_ns: f64,
-    pub tolerance_ns: u64,
+    pub tolerance_ns: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -183,7 +183,7 @@ fn effective_limits(limits: &DirLimits, pps: &RateLimit, bps: &RateLimit) -> Eff
             rate: r.rate,
             burst: r.burst,
             interval_ns: m.interval_fp as f64 / f64::from(1u32 << 16) / f64::from(1u32 << 16),
-            tolerance_ns: m.tolerance_ns,
+            tolerance_ns: m.tolerance as f64 / f64::from(1u32 << mmesh_common::rate::TIME_SHIFT),
         })
     };
     EffectiveLimits {

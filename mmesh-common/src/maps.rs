@@ -152,8 +152,9 @@ pub struct DirLimits {
 pub struct RateLimit {
     /// Nanoseconds per unit (packet or byte), 32.32 fixed point.
     pub interval_fp: u64,
-    /// Burst in nanoseconds: burst units times the interval.
-    pub tolerance_ns: u64,
+    /// Burst in bucket time (`2^-TIME_SHIFT` ns, see [`crate::rate`]): burst
+    /// units times the interval.
+    pub tolerance: u64,
     /// 0: no limit; else the [`Verdict`](crate::Verdict) code above the rate
     /// (`Drop` or `Monitor`).
     pub action: u32,

@@ -14,7 +14,7 @@ use aya_ebpf::helpers::bpf_ktime_get_ns;
 use mmesh_common::{
     Reason,
     maps::{DirLimits, RateLimit, STAT_RATE_CONTENDED, rate_index},
-    rate::{admit, cost_ns},
+    rate::{admit, bucket_time, cost},
 };
 
 use crate::{atomic, maps::RATE_STATE, report::bump_stat};
@@ -50,9 +50,9 @@ pub fn check(
     // SAFETY: `state` is a valid map value pointer.
     let (pps_tat, bps_tat) = unsafe { (&raw mut (*state).pps_tat, &raw mut (*state).bps_tat) };
     // SAFETY: helper without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let pps_cost = cost_ns(u64::from(packets), pps.interval_fp);
-    let bps_cost = cost_ns(u64::from(bytes), bps.interval_fp);
+    let now = bucket_time(unsafe { bpf_ktime_get_ns() });
+    let pps_cost = cost(u64::from(packets), pps.interval_fp);
+    let bps_cost = cost(u64::from(bytes), bps.interval_fp);
 
     // Look before charging, so a packet refused by one bucket spends nothing
     // from the other, and a refused packet writes nothing at all.
@@ -68,13 +68,13 @@ pub fn check(
             action: bps.action,
         });
     }
-    if pps.action != 0 && !charge(pps_tat, now, pps_cost, pps.tolerance_ns) {
+    if pps.action != 0 && !charge(pps_tat, now, pps_cost, pps.tolerance) {
         return Some(Over {
             reason: Reason::RatePps,
             action: pps.action,
         });
     }
-    if bps.action != 0 && !charge(bps_tat, now, bps_cost, bps.tolerance_ns) {
+    if bps.action != 0 && !charge(bps_tat, now, bps_cost, bps.tolerance) {
         return Some(Over {
             reason: Reason::RateBps,
             action: bps.action,
@@ -86,8 +86,7 @@ pub fn check(
 #[inline(always)]
 fn refuses(limit: &RateLimit, tat: *mut u64, now: u64, cost: u64) -> bool {
     // SAFETY: `tat` points into a RATE_STATE value (see `check`).
-    limit.action != 0
-        && admit(unsafe { atomic::load(tat) }, now, cost, limit.tolerance_ns).is_none()
+    limit.action != 0 && admit(unsafe { atomic::load(tat) }, now, cost, limit.tolerance).is_none()
 }
 
 /// Charges one admitted packet; false if the bucket refuses it after all

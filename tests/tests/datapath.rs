@@ -1,5 +1,5 @@
 //! The real eBPF object on crafted packets, through `BPF_PROG_TEST_RUN`:
-//! verdicts, counters and events. Needs root (CAP_BPF, CAP_NET_ADMIN).
+//! verdicts, counters and events. Needs root (`CAP_BPF`, `CAP_NET_ADMIN`).
 
 use std::{
     net::IpAddr,
@@ -502,7 +502,7 @@ fn packet_rate_limit_drops_after_the_burst_and_refills() {
     std::thread::sleep(Duration::from_millis(60));
     let t0 = Instant::now();
     h.run_n(programs::XDP_INBOUND, &frame, 50);
-    let waited = t0.duration_since(start) - first_batch;
+    let waited = t0.duration_since(start).saturating_sub(first_batch);
     let again = h
         .account(beta, Reason::Pass, Verdict::Pass, Direction::Inbound)
         .packets
@@ -770,7 +770,7 @@ fn truncated_and_malformed_headers_get_their_own_reasons() {
         ("inside UDP", &v4[..14 + 20 + 4]),
         ("inside IPv6", &v6[..14 + 30]),
         ("inside TCP over IPv6", &v6[..14 + 40 + 12]),
-        ("inside an extension header", &ext[..14 + 40 + 1]),
+        ("inside an extension header", &ext[..=(14 + 40)]),
     ];
     for (what, frame) in truncated {
         assert_eq!(
