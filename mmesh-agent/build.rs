@@ -28,9 +28,12 @@ fn main() -> anyhow::Result<()> {
     )?;
     // With AYA_BUILD_SKIP nothing was built: leave an empty object so the
     // agent compiles; loading it then fails with a clear message.
-    let object = std::path::Path::new(&std::env::var("OUT_DIR")?).join("mmesh");
-    if !object.exists() {
-        std::fs::write(&object, [])?;
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    for name in ["mmesh", "mmesh-bench"] {
+        let object = out.join(name);
+        if !object.exists() {
+            std::fs::write(&object, [])?;
+        }
     }
     Ok(())
 }

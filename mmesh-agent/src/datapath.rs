@@ -47,6 +47,12 @@ use crate::{
 /// The eBPF object built by build.rs (empty when built with `AYA_BUILD_SKIP`).
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mmesh"));
 
+/// The benchmark baselines and traffic generator (mmesh-ebpf/src/bench.rs),
+/// for `cargo xtask bench`.
+#[cfg(feature = "bench")]
+pub static BENCH_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mmesh-bench"));
+
 /// Oldest kernel supported: BPF ring buffer (5.8), atomic compare-and-swap
 /// (5.12), `bpf_link` for XDP (5.9); 5.15 is the first LTS with all of them.
 pub const MIN_KERNEL: (u32, u32) = (5, 15);

@@ -18,7 +18,6 @@ mod atomic;
 mod attribute;
 mod lists;
 mod maps;
-mod parse;
 mod ratelimit;
 mod report;
 
@@ -34,11 +33,9 @@ use mmesh_common::{
         NO_ACCOUNT, RuleValue, STAT_PULL_FAILED, account_index,
     },
 };
+use mmesh_ebpf::parse::{Addrs, Cursor, L3, Packet, ParseError, parse};
 
-use crate::{
-    maps::{ACCOUNTS, CONFIG},
-    parse::{Addrs, Cursor, L3, Packet, ParseError, parse},
-};
+use crate::maps::{ACCOUNTS, CONFIG};
 
 /// On transmit, make sure this many bytes of headers are in the linear part
 /// of the skb before parsing (covers Ethernet, two VLAN tags, IPv4 with the

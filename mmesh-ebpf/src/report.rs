@@ -10,11 +10,11 @@ use mmesh_common::{
     },
     sample,
 };
+use mmesh_ebpf::parse::{Addrs, Packet};
 
 use crate::{
     Decision, Frame, atomic,
     maps::{ACCT_COUNTERS, EVENTS, SAMPLER, STATS, TOTALS},
-    parse::{Addrs, Packet},
 };
 
 /// `BPF_NOEXIST`: insert only.

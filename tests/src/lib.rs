@@ -1,9 +1,11 @@
 //! Helpers for the tests of mmesh against the real kernel.
 //!
+//! - [`bench`]: the benchmark harness (`cargo xtask bench`).
 //! - [`packets`]: crafted frames for `BPF_PROG_TEST_RUN`.
 //! - [`netns`]: network namespaces, veth pairs and the agent process for
 //!   end-to-end tests, each removed by a guard when the test ends, also when
 //!   it fails.
 
+pub mod bench;
 pub mod netns;
 pub mod packets;

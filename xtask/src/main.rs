@@ -41,6 +41,16 @@ enum Cmd {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Run the benchmarks (as root) and write target/bench/report.{md,json,svg};
+    /// arguments after `--` go to the harness (`--quick`, `--rounds N`,
+    /// `--only GROUP`).
+    Bench {
+        /// Each scenario briefly, only to check that it runs.
+        #[arg(long)]
+        quick: bool,
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
     /// Run the whole test suite: lints, host tests, kernel tests
     /// (`BPF_PROG_TEST_RUN`) and end-to-end tests in network namespaces (root).
     /// Arguments after `--` go to `cargo test`.
@@ -67,6 +77,10 @@ fn main() -> anyhow::Result<()> {
             setup::ensure(false)?;
             let agent = build(release)?;
             run_agent(&agent, &args)
+        }
+        Cmd::Bench { quick, args } => {
+            setup::ensure(false)?;
+            bench(quick, &args)
         }
         Cmd::Test { no_lint, args } => {
             setup::ensure(false)?;
@@ -125,6 +139,30 @@ fn run_agent(agent: &Path, args: &[String]) -> anyhow::Result<()> {
     };
     cmd.arg("run").args(args);
     status(&mut cmd)
+}
+
+fn bench(quick: bool, args: &[String]) -> anyhow::Result<()> {
+    status(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "mmesh-tests",
+        "--bin",
+        "mmesh-bench",
+    ]))?;
+    let harness = Path::new("target/release/mmesh-bench");
+    let mut cmd = if is_root() {
+        Command::new(harness)
+    } else {
+        eprintln!("xtask: the benchmarks need root; running them through sudo");
+        let mut c = Command::new("sudo");
+        c.arg(harness);
+        c
+    };
+    if quick {
+        cmd.arg("--quick");
+    }
+    status(cmd.args(args))
 }
 
 fn test(no_lint: bool, args: &[String]) -> anyhow::Result<()> {
