@@ -14,6 +14,7 @@ pub mod kernel;
 pub mod policy;
 pub mod report;
 pub mod scale;
+pub mod xdp_filter;
 
 use std::path::PathBuf;
 
