@@ -18,7 +18,10 @@ use mmesh_common::{
 };
 use serde::Serialize;
 
-use crate::policy::{Action, DirLimits, List, ListKind, Policy};
+use crate::{
+    policy::{Action, DirLimits, List, ListKind, Policy},
+    stride::Stride,
+};
 
 /// How much the maps were sized for at load time (per half). The defaults
 /// are the command line's defaults.
@@ -35,6 +38,13 @@ pub struct Capacity {
     pub counters: u32,
     /// Ring buffer bytes for events (`--event-buffer`).
     pub event_buffer: u32,
+    /// Level-2 nodes of the global IPv4 stride per half (`--stride-chunks`):
+    /// each costs 1 KiB (twice: one per half) and spares the /16 region it
+    /// covers a trie lookup.
+    pub stride_chunks: u32,
+    /// Entries of the per-CPU flow cache (`--flow-cache`), a power of two;
+    /// each costs 64 bytes per CPU.
+    pub flow_cache: u32,
 }
 
 impl Default for Capacity {
@@ -45,6 +55,8 @@ impl Default for Capacity {
             list_prefixes: 1 << 20,
             counters: 65_536,
             event_buffer: 1 << 20,
+            stride_chunks: 4096,
+            flow_cache: 8192,
         }
     }
 }
@@ -177,6 +189,8 @@ pub struct Compiled {
     pub rules_v6: BTreeMap<RuleKey<[u8; 16]>, RuleValue>,
     /// List names by list id; id 0 is "no list".
     pub lists: Vec<ListInfo>,
+    /// The first levels of the global IPv4 lists.
+    pub stride: Stride,
 }
 
 /// Compiles `policy`, keeping the slots of accounts already in `slots`.
@@ -269,6 +283,21 @@ pub fn compile(
         );
     }
 
+    let global_v4: Vec<(u32, u8, RuleValue)> = out
+        .rules_v4
+        .iter()
+        .take_while(|(k, _)| k.scope == NO_ACCOUNT)
+        .map(|(k, v)| (u32::from_be_bytes(k.addr), k.len, *v))
+        .collect();
+    out.stride = Stride::build(&global_v4, capacity.stride_chunks);
+    if out.lists.len() > mmesh_common::stride::MAX_PAYLOAD as usize {
+        return Err(CompileError::OverCapacity {
+            what: "lists",
+            needed: out.lists.len(),
+            capacity: mmesh_common::stride::MAX_PAYLOAD,
+            flag: "(a fixed limit: merge lists)",
+        });
+    }
     out.config = GenConfig {
         generation: 0,
         flags,
@@ -384,8 +413,10 @@ impl Resolution {
         RuleValue { action, list }
     }
 
-    fn blocks(self) -> bool {
-        self.drop.is_some() || self.monitor.is_some()
+    /// What an address gets: `None` when it is not blocked (allowed, or in
+    /// no block list).
+    fn answer(self) -> Option<RuleValue> {
+        Some(self.value()).filter(|v| v.action != Verdict::Pass as u32)
     }
 }
 
@@ -472,12 +503,19 @@ fn contains(outer: (u128, u8), inner: (u128, u8), width: u8) -> bool {
 
 /// Sweeps the prefixes in address order with a stack of the prefixes that
 /// contain the current one, so each prefix inherits the resolution of all its
-/// ancestors in O(n log n). Allow entries with no block entry around them
-/// change nothing and are left out.
+/// ancestors in O(n log n). A prefix is emitted only where it changes the
+/// answer: if the longest emitted prefix around it already gives its
+/// addresses the same answer (same action, same list), it is redundant. That
+/// leaves out allow entries with no block around them, and the longer
+/// prefixes a shorter one of the same list already covers (a feed of /24s
+/// inside its own /16s), which keeps the tries small and lets whole /16s be
+/// decided by the stride.
 fn resolve(mut raws: Vec<Raw>, width: u8) -> Vec<(u128, u8, RuleValue)> {
     raws.sort_by_key(|r| (r.addr, r.len));
     let mut out = Vec::with_capacity(raws.len());
-    let mut stack: Vec<(u128, u8, Resolution)> = Vec::new();
+    // (prefix, resolution, the answer of the longest emitted prefix at or
+    // above it)
+    let mut stack: Vec<(u128, u8, Resolution, Option<RuleValue>)> = Vec::new();
     let mut i = 0;
     while i < raws.len() {
         let (addr, len) = (raws[i].addr, raws[i].len);
@@ -493,16 +531,19 @@ fn resolve(mut raws: Vec<Raw>, width: u8) -> Vec<(u128, u8, RuleValue)> {
             }
             stack.pop();
         }
-        let inherited = stack.last().map_or_else(Resolution::default, |t| t.2);
+        let (inherited, around) = stack
+            .last()
+            .map_or((Resolution::default(), None), |t| (t.2, t.3));
         let resolution = Resolution {
             allow: own.allow.or(inherited.allow),
             drop: own.drop.or(inherited.drop),
             monitor: own.monitor.or(inherited.monitor),
         };
-        if resolution.blocks() {
+        let answer = resolution.answer();
+        if answer != around {
             out.push((addr, len, resolution.value()));
         }
-        stack.push((addr, len, resolution));
+        stack.push((addr, len, resolution, answer));
     }
     out
 }
@@ -595,9 +636,41 @@ mod tests {
             &Capacity::default(),
         )
         .unwrap();
+        // Not blocked; the block entry inside the allow changes nothing and
+        // is not even written.
+        assert_eq!(lookup4(&c, 0, "10.1.1.1"), None);
+        assert!(c.rules_v4.is_empty());
+    }
+
+    #[test]
+    fn redundant_prefixes_are_not_written() {
+        let c = compile(
+            &policy(
+                "global:
+  block:
+    - { name: feed, cidrs: [10.0.0.0/16, 10.0.1.0/24, 10.0.1.7/32, 10.9.0.0/24] }
+    - { name: other, cidrs: [10.0.2.0/24] }
+",
+            ),
+            &SlotTable::default(),
+            &Capacity::default(),
+        )
+        .unwrap();
+        let written: Vec<String> = c
+            .rules_v4
+            .keys()
+            .map(|k| format!("{}/{}", std::net::Ipv4Addr::from(k.addr), k.len))
+            .collect();
+        // The /24 and /32 of `feed` inside its own /16 add nothing; the /24 of
+        // `other` is reported under its own name, so it stays.
+        assert_eq!(written, ["10.0.0.0/16", "10.0.2.0/24", "10.9.0.0/24"]);
         assert_eq!(
-            lookup4(&c, 0, "10.1.1.1").unwrap().action,
-            Verdict::Pass as u32
+            c.lists[lookup4(&c, 0, "10.0.2.9").unwrap().list as usize].name,
+            "other"
+        );
+        assert_eq!(
+            c.lists[lookup4(&c, 0, "10.0.1.7").unwrap().list as usize].name,
+            "feed"
         );
     }
 

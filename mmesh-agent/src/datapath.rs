@@ -17,7 +17,10 @@
 //! half holds; a half whose writes failed part-way is marked unknown and read
 //! back from the kernel before its next use.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::{BTreeMap, btree_map},
+    sync::Arc,
+};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -35,6 +38,7 @@ use mmesh_common::{
         SCOPE_BITS, STATS_LEN, ScopedV4, ScopedV6, TOTALS_LEN, account_index, names, programs,
         rate_index, sampler_index, scope, totals_index,
     },
+    stride,
 };
 use serde::Serialize;
 
@@ -42,6 +46,7 @@ use crate::{
     barrier::ProgramBarrier,
     compile::{Capacity, Compiled, PrefixKey, RuleKey},
     interface::{self, InterfaceError, InterfaceSpec, Role},
+    stride::Stride,
 };
 
 /// The eBPF object built by build.rs (empty when built with `AYA_BUILD_SKIP`).
@@ -160,6 +165,11 @@ struct Maps {
     accounts: Array<MapData, AccountConfig>,
     rules_v4: LpmTrie<MapData, ScopedV4, RuleValue>,
     rules_v6: LpmTrie<MapData, ScopedV6, RuleValue>,
+    acct_rules_v4: LpmTrie<MapData, ScopedV4, RuleValue>,
+    acct_rules_v6: LpmTrie<MapData, ScopedV6, RuleValue>,
+    stride: Array<MapData, stride::Node>,
+    /// Chunk nodes per half.
+    stride_chunks: u32,
     rate_state: Array<MapData, RateState>,
     sampler: Array<MapData, u64>,
     totals: PerCpuArray<MapData, Counter>,
@@ -188,15 +198,15 @@ impl Maps {
         sync_hash(
             &mut self.hosts_v4,
             names::HOSTS_V4,
-            &current.hosts_v4,
-            &target.hosts_v4,
+            current.hosts_v4.iter(),
+            target.hosts_v4.iter(),
             host4,
         )?;
         sync_hash(
             &mut self.hosts_v6,
             names::HOSTS_V6,
-            &current.hosts_v6,
-            &target.hosts_v6,
+            current.hosts_v6.iter(),
+            target.hosts_v6.iter(),
             host6,
         )?;
         let prefix4 = |k: &PrefixKey<[u8; 4]>| key4(own, k.addr, k.len);
@@ -204,34 +214,109 @@ impl Maps {
         sync_lpm(
             &mut self.prefixes_v4,
             names::PREFIXES_V4,
-            &current.prefixes_v4,
-            &target.prefixes_v4,
+            current.prefixes_v4.iter(),
+            target.prefixes_v4.iter(),
             prefix4,
         )?;
         sync_lpm(
             &mut self.prefixes_v6,
             names::PREFIXES_V6,
-            &current.prefixes_v6,
-            &target.prefixes_v6,
+            current.prefixes_v6.iter(),
+            target.prefixes_v6.iter(),
             prefix6,
         )?;
+        // Global entries (scope 0) sort first; the accounts' follow.
         let rule4 = |k: &RuleKey<[u8; 4]>| key4(scope(half, k.scope), k.addr, k.len);
         let rule6 = |k: &RuleKey<[u8; 16]>| key6(scope(half, k.scope), k.addr, k.len);
         sync_lpm(
             &mut self.rules_v4,
             names::RULES_V4,
-            &current.rules_v4,
-            &target.rules_v4,
+            global_rules(&current.rules_v4),
+            global_rules(&target.rules_v4),
             rule4,
         )?;
         sync_lpm(
             &mut self.rules_v6,
             names::RULES_V6,
-            &current.rules_v6,
-            &target.rules_v6,
+            global_rules(&current.rules_v6),
+            global_rules(&target.rules_v6),
             rule6,
-        )
+        )?;
+        sync_lpm(
+            &mut self.acct_rules_v4,
+            names::ACCT_RULES_V4,
+            account_rules(&current.rules_v4),
+            account_rules(&target.rules_v4),
+            rule4,
+        )?;
+        sync_lpm(
+            &mut self.acct_rules_v6,
+            names::ACCT_RULES_V6,
+            account_rules(&current.rules_v6),
+            account_rules(&target.rules_v6),
+            rule6,
+        )?;
+        self.sync_stride(half, &current.stride, &target.stride)
     }
+
+    /// Writes the stride nodes of half `half` that differ. Chunk numbers
+    /// become node indices of the half's share of the chunk pool.
+    fn sync_stride(
+        &mut self,
+        half: u32,
+        current: &Stride,
+        target: &Stride,
+    ) -> Result<(), DatapathError> {
+        let base = stride::CHUNK_BASE + half * self.stride_chunks;
+        for (i, node) in target.l1.iter().enumerate() {
+            if current.l1.get(i) == Some(node) {
+                continue;
+            }
+            let mut placed = *node;
+            for e in &mut placed {
+                if stride::kind(*e) == stride::KIND_CHUNK {
+                    *e = stride::chunk(base + stride::payload(*e));
+                }
+            }
+            self.stride
+                .set(half * stride::L1_NODES + i as u32, placed, 0)
+                .map_err(|e| DatapathError::map(names::STRIDE, e))?;
+        }
+        for (k, node) in target.chunks.iter().enumerate() {
+            if current.chunks.get(k) != Some(node) {
+                self.stride
+                    .set(base + k as u32, node, 0)
+                    .map_err(|e| DatapathError::map(names::STRIDE, e))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The global entries (scope 0) of a compiled rules map: they sort first.
+fn global_rules<A: Ord + Default>(
+    m: &BTreeMap<RuleKey<A>, RuleValue>,
+) -> btree_map::Range<'_, RuleKey<A>, RuleValue> {
+    m.range(
+        ..RuleKey {
+            scope: 1,
+            addr: A::default(),
+            len: 0,
+        },
+    )
+}
+
+/// The accounts' entries of a compiled rules map.
+fn account_rules<A: Ord + Default>(
+    m: &BTreeMap<RuleKey<A>, RuleValue>,
+) -> btree_map::Range<'_, RuleKey<A>, RuleValue> {
+    m.range(
+        RuleKey {
+            scope: 1,
+            addr: A::default(),
+            len: 0,
+        }..,
+    )
 }
 
 /// The LPM key of `addr/len` in the scope word `scope`.
@@ -297,6 +382,13 @@ impl Datapath {
             .map_max_entries(names::ACCOUNTS, 2 * slots)
             .map_max_entries(names::RULES_V4, 2 * capacity.list_prefixes)
             .map_max_entries(names::RULES_V6, 2 * capacity.list_prefixes)
+            .map_max_entries(names::ACCT_RULES_V4, 2 * capacity.list_prefixes)
+            .map_max_entries(names::ACCT_RULES_V6, 2 * capacity.list_prefixes)
+            .map_max_entries(
+                names::STRIDE,
+                stride::CHUNK_BASE + 2 * capacity.stride_chunks,
+            )
+            .map_max_entries(names::FLOW_CACHE, capacity.flow_cache)
             .map_max_entries(names::RATE_STATE, 2 * slots)
             .map_max_entries(names::SAMPLER, slots * Reason::COUNT as u32)
             .map_max_entries(names::ACCOUNT_COUNTERS, capacity.counters)
@@ -327,6 +419,10 @@ impl Datapath {
             accounts: take(&mut ebpf, names::ACCOUNTS)?,
             rules_v4: take(&mut ebpf, names::RULES_V4)?,
             rules_v6: take(&mut ebpf, names::RULES_V6)?,
+            acct_rules_v4: take(&mut ebpf, names::ACCT_RULES_V4)?,
+            acct_rules_v6: take(&mut ebpf, names::ACCT_RULES_V6)?,
+            stride: take(&mut ebpf, names::STRIDE)?,
+            stride_chunks: capacity.stride_chunks,
             rate_state: take(&mut ebpf, names::RATE_STATE)?,
             sampler: take(&mut ebpf, names::SAMPLER)?,
             totals: take(&mut ebpf, names::TOTALS)?,
@@ -341,7 +437,10 @@ impl Datapath {
             events,
             capacity,
             halves: [Some(empty.clone()), Some(empty)],
-            config: Config::default(),
+            config: Config {
+                flow_mask: capacity.flow_cache - 1,
+                ..Config::default()
+            },
             generation: 0,
             barrier: ProgramBarrier::new().map_err(DatapathError::Barrier)?,
             attachments: Vec::new(),
@@ -535,7 +634,7 @@ impl Datapath {
         // From here until success the half is unknown (`None`).
         self.maps.sync_lists(half, &current, target)?;
         let m = &mut self.maps;
-        let (removed, changed) = diff(&current.accounts, &target.accounts);
+        let (removed, changed) = diff(current.accounts.iter(), target.accounts.iter());
         for slot in removed {
             m.accounts
                 .set(account_index(*slot, half), AccountConfig::default(), 0)
@@ -614,30 +713,60 @@ impl Datapath {
                 );
             }
         }
-        for entry in &m.rules_v4 {
-            let (key, value) = entry.map_err(|e| DatapathError::map(names::RULES_V4, e))?;
-            let data = key.data();
-            if in_half(data.scope) {
-                let k = RuleKey {
-                    scope: data.scope & !(1 << 31),
-                    addr: data.addr,
-                    len: (key.prefix_len() - SCOPE_BITS) as u8,
-                };
-                out.rules_v4.insert(k, value);
+        for (map, name) in [
+            (&m.rules_v4, names::RULES_V4),
+            (&m.acct_rules_v4, names::ACCT_RULES_V4),
+        ] {
+            for entry in map {
+                let (key, value) = entry.map_err(|e| DatapathError::map(name, e))?;
+                let data = key.data();
+                if in_half(data.scope) {
+                    let k = RuleKey {
+                        scope: data.scope & !(1 << 31),
+                        addr: data.addr,
+                        len: (key.prefix_len() - SCOPE_BITS) as u8,
+                    };
+                    out.rules_v4.insert(k, value);
+                }
             }
         }
-        for entry in &m.rules_v6 {
-            let (key, value) = entry.map_err(|e| DatapathError::map(names::RULES_V6, e))?;
-            let data = key.data();
-            if in_half(data.scope) {
-                let k = RuleKey {
-                    scope: data.scope & !(1 << 31),
-                    addr: data.addr,
-                    len: (key.prefix_len() - SCOPE_BITS) as u8,
-                };
-                out.rules_v6.insert(k, value);
+        for (map, name) in [
+            (&m.rules_v6, names::RULES_V6),
+            (&m.acct_rules_v6, names::ACCT_RULES_V6),
+        ] {
+            for entry in map {
+                let (key, value) = entry.map_err(|e| DatapathError::map(name, e))?;
+                let data = key.data();
+                if in_half(data.scope) {
+                    let k = RuleKey {
+                        scope: data.scope & !(1 << 31),
+                        addr: data.addr,
+                        len: (key.prefix_len() - SCOPE_BITS) as u8,
+                    };
+                    out.rules_v6.insert(k, value);
+                }
             }
         }
+        let base = stride::CHUNK_BASE + half * m.stride_chunks;
+        let node = |i: u32| {
+            m.stride
+                .get(&i, 0)
+                .map_err(|e| DatapathError::map(names::STRIDE, e))
+        };
+        out.stride.l1 = (0..stride::L1_NODES)
+            .map(|i| {
+                let mut n = node(half * stride::L1_NODES + i)?;
+                for e in &mut n {
+                    if stride::kind(*e) == stride::KIND_CHUNK {
+                        *e = stride::chunk(stride::payload(*e) - base);
+                    }
+                }
+                Ok(n)
+            })
+            .collect::<Result<_, DatapathError>>()?;
+        out.stride.chunks = (0..m.stride_chunks)
+            .map(|k| node(base + k))
+            .collect::<Result<_, _>>()?;
         for slot in 1..=self.capacity.accounts {
             let config = m
                 .accounts
@@ -830,24 +959,51 @@ fn raise_memlock() {
 }
 
 /// Entries to delete and entries to write to get from `old` to `new`.
-fn diff<'a, K: Ord, V: PartialEq + Copy>(
-    old: &'a BTreeMap<K, V>,
-    new: &'a BTreeMap<K, V>,
+/// Entries to delete and entries to write to get from `old` to `new`, both
+/// sorted by key (a merge walk: linear in the entries).
+fn diff<'a, K: Ord + 'a, V: PartialEq + Copy + 'a>(
+    old: impl Iterator<Item = (&'a K, &'a V)>,
+    new: impl Iterator<Item = (&'a K, &'a V)>,
 ) -> (Vec<&'a K>, Vec<(&'a K, V)>) {
-    let removed = old.keys().filter(|k| !new.contains_key(*k)).collect();
-    let changed = new
-        .iter()
-        .filter(|(k, v)| old.get(*k) != Some(*v))
-        .map(|(k, v)| (k, *v))
-        .collect();
-    (removed, changed)
+    let (mut old, mut new) = (old.peekable(), new.peekable());
+    let (mut removed, mut changed) = (Vec::new(), Vec::new());
+    loop {
+        match (old.peek(), new.peek()) {
+            (Some((ok, ov)), Some((nk, nv))) => match ok.cmp(nk) {
+                std::cmp::Ordering::Less => {
+                    removed.push(*ok);
+                    old.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    changed.push((*nk, **nv));
+                    new.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if ov != nv {
+                        changed.push((*nk, **nv));
+                    }
+                    old.next();
+                    new.next();
+                }
+            },
+            (Some((ok, _)), None) => {
+                removed.push(*ok);
+                old.next();
+            }
+            (None, Some((nk, nv))) => {
+                changed.push((*nk, **nv));
+                new.next();
+            }
+            (None, None) => return (removed, changed),
+        }
+    }
 }
 
-fn sync_hash<A: Ord, K: aya::Pod>(
+fn sync_hash<'a, A: Ord + 'a, K: aya::Pod>(
     map: &mut HashMap<MapData, K, u32>,
     name: &'static str,
-    old: &BTreeMap<A, u32>,
-    new: &BTreeMap<A, u32>,
+    old: impl Iterator<Item = (&'a A, &'a u32)>,
+    new: impl Iterator<Item = (&'a A, &'a u32)>,
     key: impl Fn(&A) -> K,
 ) -> Result<(), DatapathError> {
     let (removed, changed) = diff(old, new);
@@ -864,11 +1020,11 @@ fn sync_hash<A: Ord, K: aya::Pod>(
     Ok(())
 }
 
-fn sync_lpm<A: Ord, K: aya::Pod, V: aya::Pod + PartialEq>(
+fn sync_lpm<'a, A: Ord + 'a, K: aya::Pod, V: aya::Pod + PartialEq + 'a>(
     map: &mut LpmTrie<MapData, K, V>,
     name: &'static str,
-    old: &BTreeMap<A, V>,
-    new: &BTreeMap<A, V>,
+    old: impl Iterator<Item = (&'a A, &'a V)>,
+    new: impl Iterator<Item = (&'a A, &'a V)>,
     key: impl Fn(&A) -> Key<K>,
 ) -> Result<(), DatapathError> {
     let (removed, changed) = diff(old, new);

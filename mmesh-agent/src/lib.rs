@@ -9,3 +9,4 @@ pub mod events;
 pub mod interface;
 pub mod policy;
 pub mod show;
+pub mod stride;

@@ -78,6 +78,12 @@ struct CapacityArgs {
     /// (account, reason, verdict, direction) counters.
     #[arg(long, default_value_t = Capacity::default().counters, value_parser = clap::value_parser!(u32).range(64..=(1 << 26)))]
     max_counters: u32,
+    /// Level-2 nodes of the global IPv4 stride, per policy (1 KiB each, twice).
+    #[arg(long, default_value_t = Capacity::default().stride_chunks, value_parser = clap::value_parser!(u32).range(0..=65_536))]
+    stride_chunks: u32,
+    /// Entries of the per-CPU flow cache: a power of two (64 bytes per entry and CPU).
+    #[arg(long, default_value_t = Capacity::default().flow_cache, value_parser = parse_flow_cache)]
+    flow_cache: u32,
     /// Bytes of the event ring buffer: a power of two, at least 4096.
     #[arg(long, default_value_t = Capacity::default().event_buffer, value_parser = parse_ring_size)]
     event_buffer: u32,
@@ -91,8 +97,23 @@ impl From<&CapacityArgs> for Capacity {
             list_prefixes: a.max_list_prefixes,
             counters: a.max_counters,
             event_buffer: a.event_buffer,
+            stride_chunks: a.stride_chunks,
+            flow_cache: a.flow_cache,
         }
     }
+}
+
+fn parse_flow_cache(s: &str) -> Result<u32, String> {
+    let n: u32 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of entries"))?;
+    if !n.is_power_of_two() || !(64..=(1 << 22)).contains(&n) {
+        return Err(format!(
+            "{n} is not a power of two between 64 and {}",
+            1u32 << 22
+        ));
+    }
+    Ok(n)
 }
 
 fn parse_ring_size(s: &str) -> Result<u32, String> {

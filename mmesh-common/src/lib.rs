@@ -11,5 +11,6 @@ pub mod maps;
 pub mod rate;
 pub mod reason;
 pub mod sample;
+pub mod stride;
 
 pub use reason::{Direction, Reason, Verdict};

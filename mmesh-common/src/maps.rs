@@ -19,6 +19,10 @@ pub mod names {
     pub const ACCOUNTS: &str = "ACCOUNTS";
     pub const RULES_V4: &str = "RULES_V4";
     pub const RULES_V6: &str = "RULES_V6";
+    pub const ACCT_RULES_V4: &str = "ACCT_RULES_V4";
+    pub const ACCT_RULES_V6: &str = "ACCT_RULES_V6";
+    pub const STRIDE: &str = "STRIDE";
+    pub const FLOW_CACHE: &str = "FLOW_CACHE";
     pub const RATE_STATE: &str = "RATE_STATE";
     pub const SAMPLER: &str = "SAMPLER";
     pub const TOTALS: &str = "TOTALS";
@@ -58,7 +62,8 @@ pub const GEN_RULES_V6: u32 = 1 << 3;
 pub struct Config {
     /// The half (0 or 1) packets use. Written last when a policy is applied.
     pub active: u32,
-    pub _pad: u32,
+    /// Entries of `FLOW_CACHE` minus one (a power of two minus one).
+    pub flow_mask: u32,
     /// Per-half settings, indexed by half.
     pub halves: [GenConfig; 2],
 }
@@ -108,7 +113,8 @@ pub const fn scope(half: u32, id: u32) -> u32 {
     (half << 31) | id
 }
 
-/// Value of the `RULES_*` tries: what a matching remote address gets.
+/// Value of the `RULES_*` (global) and `ACCT_RULES_*` (per account) tries:
+/// what a matching remote address gets.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct RuleValue {
@@ -172,6 +178,35 @@ pub struct RateState {
     /// Theoretical arrival time of the bit-rate bucket.
     pub bps_tat: u64,
     pub _reserved: [u64; 6],
+}
+
+/// One entry of the per-CPU, direct-mapped `FLOW_CACHE`: the decision of
+/// the checks that depend only on the addresses (attribution and the lists)
+/// for one (local, remote, direction), valid for one policy generation. A
+/// repeated flow skips the host hash, the stride, and the tries; rate limits
+/// are still evaluated per packet.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEntry {
+    /// Local and remote address; IPv4 in the first four bytes, the rest zero.
+    pub local: [u8; 16],
+    pub remote: [u8; 16],
+    /// The generation the decision belongs to; 0: empty.
+    pub generation: u64,
+    /// [`flow_tag`] of family and direction.
+    pub tag: u32,
+    pub slot: u32,
+    pub list: u32,
+    pub reason: u8,
+    pub verdict: u8,
+    pub _pad: [u8; 10],
+}
+
+/// The family/direction word of a [`FlowEntry`] (never 0).
+#[inline(always)]
+#[must_use]
+pub const fn flow_tag(family: u8, direction: u8) -> u32 {
+    ((family as u32) << 8) | direction as u32
 }
 
 /// A packet and byte count.
@@ -250,6 +285,7 @@ mod pod {
     unsafe impl aya::Pod for super::RateState {}
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::CounterKey {}
+    unsafe impl aya::Pod for super::FlowEntry {}
 }
 
 #[cfg(test)]
@@ -269,6 +305,7 @@ mod tests {
         assert_eq!(size_of::<AccountConfig>(), 8 + 4 * 24);
         assert_eq!(size_of::<RateState>(), 64);
         assert_eq!(size_of::<CounterKey>(), 8);
+        assert_eq!(size_of::<FlowEntry>(), 64);
     }
 
     #[test]

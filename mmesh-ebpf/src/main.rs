@@ -16,6 +16,7 @@
 
 mod atomic;
 mod attribute;
+mod flow;
 mod lists;
 mod maps;
 mod ratelimit;
@@ -35,7 +36,10 @@ use mmesh_common::{
 };
 use mmesh_ebpf::parse::{Addrs, Cursor, L3, Packet, ParseError, parse};
 
-use crate::maps::{ACCOUNTS, CONFIG};
+use crate::{
+    flow::Ends,
+    maps::{ACCOUNTS, CONFIG},
+};
 
 /// On transmit, make sure this many bytes of headers are in the linear part
 /// of the skb before parsing (covers Ethernet, two VLAN tags, IPv4 with the
@@ -138,10 +142,12 @@ fn tc_verdict(ctx: &TcContext, direction: Direction) -> i32 {
 /// The map that should always have an entry had none.
 pub struct MissingConfig;
 
-/// The decision for one packet.
+/// The decision for one packet. Reason and verdict are the codes of
+/// [`Reason`] and [`Verdict`], as stored in the flow cache and the counters.
+#[derive(Clone, Copy)]
 pub struct Decision {
-    reason: Reason,
-    verdict: Verdict,
+    reason: u8,
+    verdict: u8,
     slot: u32,
     list: u32,
 }
@@ -150,33 +156,38 @@ impl Decision {
     #[inline(always)]
     const fn new(reason: Reason, verdict: Verdict, slot: u32) -> Self {
         Self {
-            reason,
-            verdict,
+            reason: reason as u8,
+            verdict: verdict as u8,
             slot,
             list: 0,
         }
+    }
+
+    #[inline(always)]
+    fn is(&self, verdict: Verdict) -> bool {
+        self.verdict == verdict as u8
     }
 
     /// Applies a matched rule; true if the decision is final (a drop).
     #[inline(always)]
     fn apply(&mut self, reason: Reason, action: u32, list: u32) -> bool {
         if action == Verdict::Drop as u32 {
-            self.reason = reason;
-            self.verdict = Verdict::Drop;
+            self.reason = reason as u8;
+            self.verdict = Verdict::Drop as u8;
             self.list = list;
             return true;
         }
         // The first monitored match is the one reported.
-        if action == Verdict::Monitor as u32 && self.verdict == Verdict::Pass {
-            self.reason = reason;
-            self.verdict = Verdict::Monitor;
+        if action == Verdict::Monitor as u32 && self.is(Verdict::Pass) {
+            self.reason = reason as u8;
+            self.verdict = Verdict::Monitor as u8;
             self.list = list;
         }
         false
     }
 
     #[inline(always)]
-    fn apply_list(&mut self, reason: Reason, hit: Option<&RuleValue>) -> bool {
+    fn apply_list(&mut self, reason: Reason, hit: Option<RuleValue>) -> bool {
         match hit {
             Some(rule) => self.apply(reason, rule.action, rule.list),
             None => false,
@@ -190,9 +201,20 @@ fn try_process(frame: &Frame, direction: Direction) -> Result<Verdict, MissingCo
     let half = config.active & 1;
     let gen_config = &config.halves[half as usize];
     let mut pkt = Packet::new();
-    let decision = decide(frame, direction, half, gen_config, &mut pkt);
+    let decision = decide(
+        frame,
+        direction,
+        half,
+        config.flow_mask,
+        gen_config,
+        &mut pkt,
+    );
     report::record(frame, direction as u8, gen_config, &pkt, &decision);
-    Ok(decision.verdict)
+    Ok(if decision.is(Verdict::Drop) {
+        Verdict::Drop
+    } else {
+        Verdict::Pass
+    })
 }
 
 #[inline(always)]
@@ -200,13 +222,24 @@ fn decide(
     frame: &Frame,
     direction: Direction,
     half: u32,
+    flow_mask: u32,
     config: &GenConfig,
     pkt: &mut Packet,
 ) -> Decision {
     let cursor = Cursor::new(frame.data, frame.data_end);
     match parse(&cursor, pkt) {
         Ok(L3::NonIp) => Decision::new(Reason::NonIp, Verdict::Pass, NO_ACCOUNT),
-        Ok(L3::Ip) => check(frame, direction, half, config, pkt),
+        Ok(L3::Ip) => match pkt.addrs {
+            Some(addrs) => check(
+                frame,
+                direction,
+                half,
+                flow_mask,
+                config,
+                ends(addrs, direction),
+            ),
+            None => Decision::new(Reason::Pass, Verdict::Pass, NO_ACCOUNT),
+        },
         Err(err) => {
             let reason = match err {
                 ParseError::Truncated => Reason::Truncated,
@@ -221,7 +254,7 @@ fn decide(
             // Attribute what can be attributed: garbage from an account is
             // that account's garbage.
             let slot = match pkt.addrs {
-                Some(addrs) => local_account(half, config.flags, direction, &addrs),
+                Some(addrs) => local_account(half, config.flags, ends(addrs, direction)),
                 None => NO_ACCOUNT,
             };
             Decision::new(reason, verdict, slot)
@@ -229,14 +262,73 @@ fn decide(
     }
 }
 
+/// The local and remote end of a packet: the destination is local inbound,
+/// the source outbound.
 #[inline(always)]
-fn local_account(half: u32, flags: u32, direction: Direction, addrs: &Addrs) -> u32 {
-    match (*addrs, direction) {
-        (Addrs::V4 { dst, .. }, Direction::Inbound) => attribute::account_v4(half, flags, dst),
-        (Addrs::V4 { src, .. }, Direction::Outbound) => attribute::account_v4(half, flags, src),
-        (Addrs::V6 { dst, .. }, Direction::Inbound) => attribute::account_v6(half, flags, dst),
-        (Addrs::V6 { src, .. }, Direction::Outbound) => attribute::account_v6(half, flags, src),
+fn ends(addrs: Addrs, direction: Direction) -> Ends {
+    match (addrs, direction) {
+        (Addrs::V4 { src, dst }, Direction::Inbound) => Ends::V4 {
+            local: dst,
+            remote: src,
+        },
+        (Addrs::V4 { src, dst }, Direction::Outbound) => Ends::V4 {
+            local: src,
+            remote: dst,
+        },
+        (Addrs::V6 { src, dst }, Direction::Inbound) => Ends::V6 {
+            local: dst,
+            remote: src,
+        },
+        (Addrs::V6 { src, dst }, Direction::Outbound) => Ends::V6 {
+            local: src,
+            remote: dst,
+        },
     }
+}
+
+#[inline(always)]
+fn local_account(half: u32, flags: u32, ends: Ends) -> u32 {
+    match ends {
+        Ends::V4 { local, .. } => attribute::account_v4(half, flags, local),
+        Ends::V6 { local, .. } => attribute::account_v6(half, flags, local),
+    }
+}
+
+/// Attribution and lists: everything that depends only on the addresses.
+#[inline(always)]
+fn address_checks(half: u32, config: &GenConfig, ends: Ends) -> Decision {
+    let slot = local_account(half, config.flags, ends);
+    let mut decision = Decision::new(Reason::Pass, Verdict::Pass, slot);
+
+    // 1. Global lists.
+    let global = match ends {
+        Ends::V4 { remote, .. } if config.flags & GEN_RULES_V4 != 0 => {
+            lists::global_v4(half, remote)
+        }
+        Ends::V6 { remote, .. } if config.flags & GEN_RULES_V6 != 0 => {
+            lists::global_v6(half, remote)
+        }
+        _ => None,
+    };
+    if decision.apply_list(Reason::GlobalBlock, global) || slot == NO_ACCOUNT {
+        return decision;
+    }
+
+    // 2. The account's lists.
+    let Some(account) = ACCOUNTS.get(account_index(slot, half)) else {
+        return decision;
+    };
+    let own = match ends {
+        Ends::V4 { remote, .. } if account.flags & ACCOUNT_RULES_V4 != 0 => {
+            lists::account_v4(half, slot, remote)
+        }
+        Ends::V6 { remote, .. } if account.flags & ACCOUNT_RULES_V6 != 0 => {
+            lists::account_v6(half, slot, remote)
+        }
+        _ => None,
+    };
+    decision.apply_list(Reason::AccountBlock, own);
+    decision
 }
 
 #[inline(always)]
@@ -244,67 +336,31 @@ fn check(
     frame: &Frame,
     direction: Direction,
     half: u32,
+    flow_mask: u32,
     config: &GenConfig,
-    pkt: &Packet,
+    ends: Ends,
 ) -> Decision {
-    let Some(addrs) = pkt.addrs else {
-        return Decision::new(Reason::Pass, Verdict::Pass, NO_ACCOUNT);
-    };
-    let slot = local_account(half, config.flags, direction, &addrs);
-    let mut decision = Decision::new(Reason::Pass, Verdict::Pass, slot);
-
-    // 1. Global lists.
-    let global = match (addrs, direction) {
-        (Addrs::V4 { src, .. }, Direction::Inbound) if config.flags & GEN_RULES_V4 != 0 => {
-            lists::lookup_v4(half, NO_ACCOUNT, src)
-        }
-        (Addrs::V4 { dst, .. }, Direction::Outbound) if config.flags & GEN_RULES_V4 != 0 => {
-            lists::lookup_v4(half, NO_ACCOUNT, dst)
-        }
-        (Addrs::V6 { src, .. }, Direction::Inbound) if config.flags & GEN_RULES_V6 != 0 => {
-            lists::lookup_v6(half, NO_ACCOUNT, src)
-        }
-        (Addrs::V6 { dst, .. }, Direction::Outbound) if config.flags & GEN_RULES_V6 != 0 => {
-            lists::lookup_v6(half, NO_ACCOUNT, dst)
-        }
-        _ => None,
-    };
-    if decision.apply_list(Reason::GlobalBlock, global) {
+    let mut decision = flow::decision(flow_mask, config.generation, direction as u8, ends, || {
+        address_checks(half, config, ends)
+    });
+    if decision.is(Verdict::Drop) || decision.slot == NO_ACCOUNT {
         return decision;
     }
-    if slot == NO_ACCOUNT {
-        return decision;
-    }
-    let Some(account) = ACCOUNTS.get(account_index(slot, half)) else {
+    // 3. Rate limits: per packet, never cached.
+    let Some(account) = ACCOUNTS.get(account_index(decision.slot, half)) else {
         return decision;
     };
     if account.flags & ACCOUNT_ACTIVE == 0 {
         return decision;
     }
-
-    // 2. The account's lists.
-    let own = match (addrs, direction) {
-        (Addrs::V4 { src, .. }, Direction::Inbound) if account.flags & ACCOUNT_RULES_V4 != 0 => {
-            lists::lookup_v4(half, slot, src)
-        }
-        (Addrs::V4 { dst, .. }, Direction::Outbound) if account.flags & ACCOUNT_RULES_V4 != 0 => {
-            lists::lookup_v4(half, slot, dst)
-        }
-        (Addrs::V6 { src, .. }, Direction::Inbound) if account.flags & ACCOUNT_RULES_V6 != 0 => {
-            lists::lookup_v6(half, slot, src)
-        }
-        (Addrs::V6 { dst, .. }, Direction::Outbound) if account.flags & ACCOUNT_RULES_V6 != 0 => {
-            lists::lookup_v6(half, slot, dst)
-        }
-        _ => None,
-    };
-    if decision.apply_list(Reason::AccountBlock, own) {
-        return decision;
-    }
-
-    // 3. Rate limits.
     let limits = &account.limits[direction as usize];
-    if let Some(over) = ratelimit::check(slot, direction as u8, limits, frame.segs, frame.len) {
+    if let Some(over) = ratelimit::check(
+        decision.slot,
+        direction as u8,
+        limits,
+        frame.segs,
+        frame.len,
+    ) {
         decision.apply(over.reason, over.action, 0);
     }
     decision

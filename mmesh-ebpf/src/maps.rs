@@ -5,9 +5,12 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LpmTrie, PerCpuArray, PerCpuHashMap, RingBuf},
 };
-use mmesh_common::maps::{
-    AccountConfig, Config, Counter, CounterKey, RateState, RuleValue, STATS_LEN, ScopedV4,
-    ScopedV6, TOTALS_LEN,
+use mmesh_common::{
+    maps::{
+        AccountConfig, Config, Counter, CounterKey, FlowEntry, RateState, RuleValue, STATS_LEN,
+        ScopedV4, ScopedV6, TOTALS_LEN,
+    },
+    stride::Node,
 };
 
 /// Which half is active, and the settings of each half.
@@ -36,13 +39,31 @@ pub static PREFIXES_V6: LpmTrie<ScopedV6, u32> = LpmTrie::with_max_entries(1024,
 #[map]
 pub static ACCOUNTS: Array<AccountConfig> = Array::with_max_entries(2048, 0);
 
-/// Block and allow lists for the remote address: (half | scope, prefix) -> verdict.
+/// Global block and allow lists for the remote address: (half, prefix) ->
+/// verdict. For IPv4, consulted only where `STRIDE` says so.
 #[map]
 pub static RULES_V4: LpmTrie<ScopedV4, RuleValue> = LpmTrie::with_max_entries(1024, 0);
 
 /// As `RULES_V4` for IPv6.
 #[map]
 pub static RULES_V6: LpmTrie<ScopedV6, RuleValue> = LpmTrie::with_max_entries(1024, 0);
+
+/// The accounts' own lists: (half | slot, prefix) -> verdict. Apart from the
+/// global lists so that these small tries stay small and hot.
+#[map]
+pub static ACCT_RULES_V4: LpmTrie<ScopedV4, RuleValue> = LpmTrie::with_max_entries(1024, 0);
+
+/// As `ACCT_RULES_V4` for IPv6.
+#[map]
+pub static ACCT_RULES_V6: LpmTrie<ScopedV6, RuleValue> = LpmTrie::with_max_entries(1024, 0);
+
+/// The first levels of the global IPv4 lists (`mmesh_common::stride`).
+#[map]
+pub static STRIDE: Array<Node> = Array::with_max_entries(1024, 0);
+
+/// Decisions of recent flows, per CPU, direct-mapped (`mmesh_common::maps::FlowEntry`).
+#[map]
+pub static FLOW_CACHE: PerCpuArray<FlowEntry> = PerCpuArray::with_max_entries(1024, 0);
 
 /// Token buckets at `rate_index(slot, direction)`, shared by all CPUs.
 #[map]

@@ -1,6 +1,6 @@
 //! The single exit of every packet: counters, and sampled events.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use mmesh_common::{
     Verdict,
     event::Event,
@@ -23,14 +23,14 @@ const BPF_NOEXIST: u64 = 1;
 /// Counts the packet and, if a rule matched, offers it to the event sampler.
 #[inline(always)]
 pub fn record(frame: &Frame, direction: u8, config: &GenConfig, pkt: &Packet, decision: &Decision) {
-    let reason = decision.reason as u8;
-    let verdict = decision.verdict as u8;
+    let reason = decision.reason;
+    let verdict = decision.verdict;
     if let Some(total) = TOTALS.get_ptr_mut(totals_index(reason, verdict, direction)) {
         // SAFETY: this CPU's slot of a per-CPU array; programs do not nest on a CPU.
         unsafe { add(total, frame.len) };
     }
     count_account(decision.slot, reason, verdict, direction, frame.len);
-    if decision.verdict != Verdict::Pass {
+    if decision.verdict != Verdict::Pass as u8 {
         emit(frame, direction, config, pkt, decision);
     }
 }
@@ -85,15 +85,17 @@ pub fn bump_stat(index: u32) {
 
 #[inline(always)]
 fn emit(frame: &Frame, direction: u8, config: &GenConfig, pkt: &Packet, decision: &Decision) {
-    let Some(window) = SAMPLER.get_ptr_mut(sampler_index(decision.slot, decision.reason as u8))
-    else {
+    let Some(window) = SAMPLER.get_ptr_mut(sampler_index(decision.slot, decision.reason)) else {
         return;
     };
+    // The one-second window needs no precision: the coarse clock (a tick,
+    // a few ms) costs a fraction of the exact one, and a flood pays it on
+    // every packet it sends.
     // SAFETY: helper without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let coarse = unsafe { bpf_ktime_get_coarse_ns() };
     // SAFETY: an 8-byte aligned map value, only ever accessed atomically.
     let current = unsafe { atomic::load(window) };
-    let Some(next) = sample::take(current, now, config.event_rate) else {
+    let Some(next) = sample::take(current, coarse, config.event_rate) else {
         return;
     };
     // One attempt: losing the race to another CPU means that CPU reports an
@@ -108,15 +110,16 @@ fn emit(frame: &Frame, direction: u8, config: &GenConfig, pkt: &Packet, decision
         return;
     };
     let mut event = Event {
-        ts_ns: now,
+        // SAFETY: helper without preconditions.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
         generation: config.generation,
         slot: decision.slot,
         list: decision.list,
         len: frame.len,
         ifindex: frame.ifindex,
         direction,
-        reason: decision.reason as u8,
-        verdict: decision.verdict as u8,
+        reason: decision.reason,
+        verdict: decision.verdict,
         family: 0,
         protocol: pkt.protocol,
         flags: pkt.flags,

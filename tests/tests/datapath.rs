@@ -94,6 +94,8 @@ fn capacity() -> Capacity {
         list_prefixes: 4096,
         counters: 4096,
         event_buffer: 256 * 1024,
+        stride_chunks: 64,
+        flow_cache: 1024,
     }
 }
 
@@ -1019,11 +1021,17 @@ fn a_million_global_prefixes_load() {
     let file = dir.join("feed.txt");
     let mut text = String::with_capacity(20 * 1_000_000);
     for i in 0..1_000_000u32 {
-        // /16 to /32 prefixes spread over 11.0.0.0/8 .. 99.0.0.0/8.
-        let len = 16 + (i % 17);
-        let addr = u32::from(std::net::Ipv4Addr::new(11, 0, 0, 0))
-            .wrapping_add(i.wrapping_mul(2_654_435_761) % (88 << 24));
-        let net = ipnet::Ipv4Net::new(addr.into(), len as u8).unwrap().trunc();
+        // A million distinct prefixes none of which covers another: 1000
+        // /16s from 40.0.0.0, then /24 to /32 from 11.0.0.0, one per /24.
+        let net = if i < 1000 {
+            ipnet::Ipv4Net::new(std::net::Ipv4Addr::from((40 << 24) + (i << 16)), 16)
+        } else {
+            ipnet::Ipv4Net::new(
+                std::net::Ipv4Addr::from((11 << 24) + i * 256),
+                24 + (i % 9) as u8,
+            )
+        }
+        .unwrap();
         text.push_str(&net.to_string());
         text.push('\n');
     }
@@ -1036,18 +1044,42 @@ fn a_million_global_prefixes_load() {
         list_prefixes: 1 << 20,
         ..capacity()
     };
+    let listed = Policy::parse(&policy, "million", Path::new("."))
+        .unwrap()
+        .global
+        .lists[0]
+        .v4
+        .len();
     let t = Instant::now();
     let mut h = Harness::with_capacity(&policy, cap);
     let loaded = t.elapsed();
     std::fs::remove_dir_all(&dir).ok();
+    assert_eq!(listed, 1_000_000);
     let entries = h.dp.active().unwrap().rules_v4.len();
-    assert!(
-        entries > 900_000,
-        "{entries} distinct prefixes after resolution"
+    assert_eq!(
+        entries, 1_000_000,
+        "no prefix of this feed covers another: all are written"
     );
-    eprintln!("loaded {entries} global prefixes in {loaded:?}");
+    eprintln!("loaded {listed} global prefixes ({entries} entries) in {loaded:?}");
     // Something in the feed is dropped, something outside passes.
-    let first: ipnet::Ipv4Net = "11.0.0.0/16".parse().unwrap();
+    // Prefix 1001 is a /26 at 11.0.0.0 + 1001 * 256: inside it and just outside.
+    let inside = std::net::Ipv4Addr::from((11 << 24) + 1001 * 256 + 1);
+    let outside = std::net::Ipv4Addr::from((11 << 24) + 1001 * 256 + 64);
+    assert_eq!(
+        h.run(
+            programs::XDP_INBOUND,
+            &udp(IpAddr::V4(inside), ip(ALPHA4), 1, 2, 0)
+        ),
+        Verdict::Drop
+    );
+    assert_eq!(
+        h.run(
+            programs::XDP_INBOUND,
+            &udp(IpAddr::V4(outside), ip(ALPHA4), 1, 2, 0)
+        ),
+        Verdict::Pass
+    );
+    let first: ipnet::Ipv4Net = "40.0.0.0/16".parse().unwrap();
     assert_eq!(
         h.run(
             programs::XDP_INBOUND,
@@ -1151,4 +1183,81 @@ fn rate_limit_holds_with_traffic_on_every_cpu() {
         admitted as f64 >= expected * 0.95 && admitted as f64 <= (expected + 2000.0) * 1.05,
         "admitted {admitted}, expected {expected:.0} (+ up to 2000 of burst)"
     );
+}
+
+#[test]
+fn stride_and_flow_cache_answer_like_a_longest_prefix_match() {
+    // A few hundred nested prefixes concentrated in two /8s, three lists
+    // with different actions and an allow list, a chunk pool too small for
+    // every region (so some regions fall back to the trie) and a flow cache
+    // small enough for collisions: every probe must get the answer of a
+    // naive longest-prefix match over the lists.
+    let mut rng = 0x1234_5678_9abc_def0_u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let mut lists: [Vec<ipnet::Ipv4Net>; 3] = [Vec::new(), Vec::new(), Vec::new()];
+    // Drops of all sizes, monitors and allows mostly inside them.
+    let lengths: [&[u8]; 3] = [
+        &[12, 16, 17, 20, 23, 24, 25, 28, 32],
+        &[16, 20, 24, 28, 32],
+        &[20, 24, 26, 30, 32],
+    ];
+    for i in 0..1200 {
+        let base = if i % 2 == 0 { 0x0b00_0000 } else { 0x0c00_0000 };
+        let addr = base | (next() as u32 & 0x00ff_ffff);
+        let choices = lengths[i % 3];
+        let len = choices[(next() % choices.len() as u64) as usize];
+        let net = ipnet::Ipv4Net::new(addr.into(), len).unwrap().trunc();
+        lists[i % 3].push(net);
+    }
+    let yaml_list = |nets: &[ipnet::Ipv4Net]| {
+        nets.iter()
+            .map(|n| format!("'{n}'"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let policy = format!(
+        "global:\n  events_per_second: 0\n  block:\n    - {{ name: d, cidrs: [{}] }}\n    - {{ name: m, action: monitor, cidrs: [{}] }}\n  allow:\n    - {{ name: a, cidrs: [{}] }}\naccounts:\n  - {{ id: alpha, prefixes: [{ALPHA4}] }}\n",
+        yaml_list(&lists[0]),
+        yaml_list(&lists[1]),
+        yaml_list(&lists[2]),
+    );
+    let cap = Capacity {
+        stride_chunks: 8,
+        flow_cache: 64,
+        ..capacity()
+    };
+    let mut h = Harness::with_capacity(&policy, cap);
+    assert!(
+        h.dp.active().unwrap().stride.overflow > 0,
+        "some regions must fall back to the trie"
+    );
+    let covers =
+        |nets: &[ipnet::Ipv4Net], a: std::net::Ipv4Addr| nets.iter().any(|n| n.contains(&a));
+    for round in 0..2 {
+        for _ in 0..400 {
+            let base = if next() % 2 == 0 {
+                0x0b00_0000
+            } else {
+                0x0c00_0000
+            };
+            let a = std::net::Ipv4Addr::from(base | (next() as u32 & 0x00ff_ffff));
+            let expected = if covers(&lists[2], a) || !covers(&lists[0], a) {
+                Verdict::Pass
+            } else {
+                Verdict::Drop
+            };
+            let got = h.run(
+                programs::XDP_INBOUND,
+                &udp(IpAddr::V4(a), ip(ALPHA4), 1, 2, 0),
+            );
+            assert_eq!(got, expected, "round {round}: remote {a}");
+        }
+    }
+    // Monitored but not dropped addresses were counted as such.
+    assert!(h.total(Reason::GlobalBlock, Verdict::Monitor, Direction::Inbound) > 0);
 }

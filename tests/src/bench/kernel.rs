@@ -71,6 +71,9 @@ fn capacity(scale: Scale) -> Capacity {
             .max(scale.global_v6 + 1024),
         counters: 1 << 16,
         event_buffer: 1 << 20,
+        // Enough chunks for every /16 region the random list touches.
+        stride_chunks: 65_536,
+        flow_cache: 8192,
     }
 }
 

@@ -492,7 +492,7 @@ mod tests {
         let md = r.markdown();
         assert!(
             md.contains(
-                "| f | 31.0 ns/pkt | 30.0–32.0 | drop | +20.5 (2.87×) | ≤ +60 ns/pkt | ✓ |"
+                "| f | 31.0 ns/pkt | 30.0–32.0 | drop | +20.5 (2.95×) | ≤ +60 ns/pkt | ✓ |"
             ),
             "{md}"
         );
