@@ -78,6 +78,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     // Named before the flip, so that the first events already find them.
     names.insert(dp.generation() + 1, NameTable::of(&compiled));
     let generation = dp.apply(compiled).context("applying the policy")?;
+    dp.sync_standby()
+        .context("writing the standby copy of the policy")?;
     tracing::info!(generation, "policy {summary}");
 
     for spec in &interfaces {
@@ -145,6 +147,10 @@ fn reload(dp: &mut Datapath, path: Option<&PathBuf>, names: &Names) {
             let summary = describe(&policy, &compiled);
             names.insert(dp.generation() + 1, NameTable::of(&compiled));
             let generation = dp.apply(compiled)?;
+            if let Err(err) = dp.sync_standby() {
+                // In force already; the standby half is repaired next time.
+                tracing::warn!(%err, "could not bring the standby copy of the policy up to date");
+            }
             Ok((generation, summary))
         });
     match result {

@@ -3,16 +3,21 @@
 //!
 //! # Applying a policy
 //!
-//! Every policy map is split in two halves (see `mmesh_common::maps`). At
-//! rest both halves hold the running policy. To apply a new one:
+//! Every policy map is split in two halves (see `mmesh_common::maps`).
+//! [`Datapath::apply`]:
 //!
-//! 1. write the difference into the inactive half (packets do not read it);
-//! 2. flip `CONFIG.active` with one word store: from the next packet on,
-//!    every lookup uses the new policy;
-//! 3. wait for programs that started before the flip ([`ProgramBarrier`]);
-//! 4. write the same difference into the old half.
+//! 1. waits, if it has not since the last flip, for programs that may still
+//!    read the inactive half ([`ProgramBarrier`]);
+//! 2. writes into the inactive half the difference between what it holds and
+//!    the new policy (packets do not read it);
+//! 3. flips `CONFIG.active` with one word store: from the next packet on,
+//!    every lookup uses the new policy.
 //!
-//! If step 1 fails, nothing packets see has changed and the error is
+//! [`Datapath::sync_standby`] then brings the old half up to date (after the
+//! same wait), so that the next change writes only its own difference. The
+//! agent runs it right after every apply; the policy is in force before it.
+//!
+//! If step 2 fails, nothing packets see has changed and the error is
 //! returned: the previous policy keeps enforcing. The agent tracks what each
 //! half holds; a half whose writes failed part-way is marked unknown and read
 //! back from the kernel before its next use.
@@ -360,6 +365,8 @@ pub struct Datapath {
     config: Config,
     generation: u64,
     barrier: ProgramBarrier,
+    /// No program has read the standby half since the last flip.
+    quiesced: bool,
     attachments: Vec<Attachment>,
 }
 
@@ -443,6 +450,7 @@ impl Datapath {
             },
             generation: 0,
             barrier: ProgramBarrier::new().map_err(DatapathError::Barrier)?,
+            quiesced: true,
             attachments: Vec::new(),
         })
     }
@@ -556,15 +564,20 @@ impl Datapath {
         Ok(self.attachments.last().expect("just pushed"))
     }
 
-    /// Applies a compiled policy all-or-nothing; returns its generation.
+    /// Applies a compiled policy all-or-nothing and returns its generation.
+    /// When it returns, packets see the new policy; the standby half still
+    /// holds the previous one until [`Datapath::sync_standby`] (the next
+    /// apply works either way).
     pub fn apply(&mut self, compiled: Compiled) -> Result<u64, DatapathError> {
         let generation = self.generation + 1;
         let mut compiled = compiled;
         compiled.config.generation = generation;
         let target = Arc::new(compiled);
-        let old = self.config.active;
-        let new = 1 - old;
+        let new = 1 - self.config.active;
 
+        // The half about to be written was the active one before the last
+        // flip: no program may still be reading it.
+        self.quiesce()?;
         self.reset_slots(&target.new_slots)?;
         self.write_half(new, &target)?;
         // The flip: one CONFIG write whose only changed word is `active`.
@@ -576,13 +589,29 @@ impl Datapath {
             .map_err(|e| DatapathError::map(names::CONFIG, e))?;
         self.config = flipped;
         self.generation = generation;
-        self.barrier.wait().map_err(DatapathError::Barrier)?;
-        if let Err(err) = self.write_half(old, &target) {
-            // The new policy is in force; the stale half is read back and
-            // repaired before it is next written.
-            tracing::warn!(%err, half = old, "could not bring the standby policy half up to date; it will be repaired on the next change");
-        }
+        self.quiesced = false;
         Ok(generation)
+    }
+
+    /// Brings the standby half up to date with the policy in force, so that
+    /// the next change only writes its own difference. Waits for programs
+    /// still reading the standby half first.
+    pub fn sync_standby(&mut self) -> Result<(), DatapathError> {
+        let Some(active) = self.halves[self.config.active as usize].clone() else {
+            return Ok(());
+        };
+        self.quiesce()?;
+        self.write_half(1 - self.config.active, &active)
+    }
+
+    /// Waits, once per flip, for the programs that may still use the half
+    /// that was active before it ([`ProgramBarrier`]).
+    fn quiesce(&mut self) -> Result<(), DatapathError> {
+        if !self.quiesced {
+            self.barrier.wait().map_err(DatapathError::Barrier)?;
+            self.quiesced = true;
+        }
+        Ok(())
     }
 
     /// Clears the rate-limit and sampler state, and the counters, of slots

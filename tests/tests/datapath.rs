@@ -917,7 +917,12 @@ fn policy_changes_take_effect_at_once_and_keep_state() {
         "cidrs: [203.0.113.0/24, '2001:db8:bad::/48']",
         "cidrs: ['2001:db8:bad::/48']",
     );
+    // The agent brings the standby half up to date after each change; the
+    // harness does it here once, so that both ways of reaching the next
+    // change (from an up-to-date standby half, and from one two policies
+    // behind) are exercised.
     let g2 = h.apply(&unblocked);
+    h.dp.sync_standby().expect("syncing the standby half");
     assert_eq!(
         h.run(programs::XDP_INBOUND, &blocked),
         Verdict::Pass,
