@@ -19,7 +19,7 @@ use mmesh_common::{
 use serde::Serialize;
 
 use crate::{
-    policy::{Action, DirLimits, List, ListKind, Policy},
+    policy::{Account, Action, DirLimits, List, ListKind, Policy},
     stride::Stride,
 };
 
@@ -193,6 +193,65 @@ pub struct Compiled {
     pub stride: Stride,
 }
 
+impl Compiled {
+    /// Adds one account's entries; returns the `GEN_PREFIXES_*` flags its
+    /// wider prefixes need.
+    fn add_account(&mut self, account: &Account) -> u32 {
+        let mut flags = 0;
+        let slot = self.slots.by_id[&account.id];
+        for net in &account.prefixes_v4 {
+            if net.prefix_len() == 32 {
+                self.hosts_v4.insert(net.addr().octets(), slot);
+            } else {
+                flags |= GEN_PREFIXES_V4;
+                self.prefixes_v4.insert(
+                    PrefixKey {
+                        addr: net.addr().octets(),
+                        len: net.prefix_len(),
+                    },
+                    slot,
+                );
+            }
+        }
+        for net in &account.prefixes_v6 {
+            if net.prefix_len() == 128 {
+                self.hosts_v6.insert(net.addr().octets(), slot);
+            } else {
+                flags |= GEN_PREFIXES_V6;
+                self.prefixes_v6.insert(
+                    PrefixKey {
+                        addr: net.addr().octets(),
+                        len: net.prefix_len(),
+                    },
+                    slot,
+                );
+            }
+        }
+        let resolver = Resolver::new(&mut self.lists, &account.id, &account.lists);
+        let (had_v4, had_v6) = resolver.emit(slot, &mut self.rules_v4, &mut self.rules_v6);
+        let mut account_flags = ACCOUNT_ACTIVE;
+        if had_v4 {
+            account_flags |= ACCOUNT_RULES_V4;
+        }
+        if had_v6 {
+            account_flags |= ACCOUNT_RULES_V6;
+        }
+        self.accounts.insert(
+            slot,
+            AccountConfig {
+                flags: account_flags,
+                // Set by the datapath when it applies the policy.
+                epoch: 0,
+                limits: [
+                    map_limits(account.inbound.as_ref()),
+                    map_limits(account.outbound.as_ref()),
+                ],
+            },
+        );
+        flags
+    }
+}
+
 /// Compiles `policy`, keeping the slots of accounts already in `slots`.
 pub fn compile(
     policy: &Policy,
@@ -232,55 +291,7 @@ pub fn compile(
     }
 
     for account in &policy.accounts {
-        let slot = out.slots.by_id[&account.id];
-        for net in &account.prefixes_v4 {
-            if net.prefix_len() == 32 {
-                out.hosts_v4.insert(net.addr().octets(), slot);
-            } else {
-                flags |= GEN_PREFIXES_V4;
-                out.prefixes_v4.insert(
-                    PrefixKey {
-                        addr: net.addr().octets(),
-                        len: net.prefix_len(),
-                    },
-                    slot,
-                );
-            }
-        }
-        for net in &account.prefixes_v6 {
-            if net.prefix_len() == 128 {
-                out.hosts_v6.insert(net.addr().octets(), slot);
-            } else {
-                flags |= GEN_PREFIXES_V6;
-                out.prefixes_v6.insert(
-                    PrefixKey {
-                        addr: net.addr().octets(),
-                        len: net.prefix_len(),
-                    },
-                    slot,
-                );
-            }
-        }
-        let resolver = Resolver::new(&mut out.lists, &account.id, &account.lists);
-        let (had_v4, had_v6) = resolver.emit(slot, &mut out.rules_v4, &mut out.rules_v6);
-        let mut account_flags = ACCOUNT_ACTIVE;
-        if had_v4 {
-            account_flags |= ACCOUNT_RULES_V4;
-        }
-        if had_v6 {
-            account_flags |= ACCOUNT_RULES_V6;
-        }
-        out.accounts.insert(
-            slot,
-            AccountConfig {
-                flags: account_flags,
-                _pad: 0,
-                limits: [
-                    map_limits(account.inbound.as_ref()),
-                    map_limits(account.outbound.as_ref()),
-                ],
-            },
-        );
+        flags |= out.add_account(account);
     }
 
     let global_v4: Vec<(u32, u8, RuleValue)> = out

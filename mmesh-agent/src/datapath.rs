@@ -39,9 +39,10 @@ use aya::{
 use mmesh_common::{
     Direction, Reason, Verdict,
     maps::{
-        AccountConfig, Config, Counter, CounterKey, GenConfig, NO_ACCOUNT, RateState, RuleValue,
-        SCOPE_BITS, STATS_LEN, ScopedV4, ScopedV6, TOTALS_LEN, account_index, names, programs,
-        rate_index, sampler_index, scope, totals_index,
+        ACCOUNT_ACTIVE, AccountConfig, Config, Counter, CounterKey, FlowEntry, GenConfig,
+        NO_ACCOUNT, RateState, RuleValue, SCOPE_BITS, STATS_LEN, ScopedV4, ScopedV6, TOTALS_LEN,
+        account_index, flow_generation, flow_tag_parts, names, programs, rate_index, sampler_index,
+        scope, totals_index,
     },
     stride,
 };
@@ -179,6 +180,7 @@ struct Maps {
     sampler: Array<MapData, u64>,
     totals: PerCpuArray<MapData, Counter>,
     account_counters: PerCpuHashMap<MapData, CounterKey, Counter>,
+    flow_cache: PerCpuArray<MapData, FlowEntry>,
     stats: PerCpuArray<MapData, u64>,
 }
 
@@ -295,6 +297,73 @@ impl Maps {
             }
         }
         Ok(())
+    }
+    /// Reads back the list entries of half `half` (for `read_half`).
+    fn read_rules(&self, half: u32, out: &mut Compiled) -> Result<(), DatapathError> {
+        fn rule_key<A>(scope_word: u32, addr: A, prefix_len: u32) -> RuleKey<A> {
+            RuleKey {
+                scope: scope_word & !(1 << 31),
+                addr,
+                len: (prefix_len - SCOPE_BITS) as u8,
+            }
+        }
+        for (map, name) in [
+            (&self.rules_v4, names::RULES_V4),
+            (&self.acct_rules_v4, names::ACCT_RULES_V4),
+        ] {
+            for entry in map {
+                let (key, value) = entry.map_err(|e| DatapathError::map(name, e))?;
+                let data = key.data();
+                if data.scope >> 31 == half {
+                    out.rules_v4
+                        .insert(rule_key(data.scope, data.addr, key.prefix_len()), value);
+                }
+            }
+        }
+        for (map, name) in [
+            (&self.rules_v6, names::RULES_V6),
+            (&self.acct_rules_v6, names::ACCT_RULES_V6),
+        ] {
+            for entry in map {
+                let (key, value) = entry.map_err(|e| DatapathError::map(name, e))?;
+                let data = key.data();
+                if data.scope >> 31 == half {
+                    out.rules_v6
+                        .insert(rule_key(data.scope, data.addr, key.prefix_len()), value);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads back the stride nodes of half `half`, chunk pointers turned
+    /// back into chunk numbers.
+    fn read_stride(&self, half: u32) -> Result<Stride, DatapathError> {
+        let base = stride::CHUNK_BASE + half * self.stride_chunks;
+        let node = |i: u32| {
+            self.stride
+                .get(&i, 0)
+                .map_err(|e| DatapathError::map(names::STRIDE, e))
+        };
+        let l1 = (0..stride::L1_NODES)
+            .map(|i| {
+                let mut n = node(half * stride::L1_NODES + i)?;
+                for e in &mut n {
+                    if stride::kind(*e) == stride::KIND_CHUNK {
+                        *e = stride::chunk(stride::payload(*e) - base);
+                    }
+                }
+                Ok(n)
+            })
+            .collect::<Result<_, DatapathError>>()?;
+        let chunks = (0..self.stride_chunks)
+            .map(|k| node(base + k))
+            .collect::<Result<_, _>>()?;
+        Ok(Stride {
+            l1,
+            chunks,
+            overflow: 0,
+        })
     }
 }
 
@@ -434,6 +503,7 @@ impl Datapath {
             sampler: take(&mut ebpf, names::SAMPLER)?,
             totals: take(&mut ebpf, names::TOTALS)?,
             account_counters: take(&mut ebpf, names::ACCOUNT_COUNTERS)?,
+            flow_cache: take(&mut ebpf, names::FLOW_CACHE)?,
             stats: take(&mut ebpf, names::STATS)?,
         };
         let events = Some(take(&mut ebpf, names::EVENTS)?);
@@ -572,6 +642,14 @@ impl Datapath {
         let generation = self.generation + 1;
         let mut compiled = compiled;
         compiled.config.generation = generation;
+        // A slot keeps the epoch of the generation that gave it its account.
+        let previous = self.active().cloned();
+        for (slot, account) in &mut compiled.accounts {
+            account.epoch = match previous.as_ref().and_then(|p| p.accounts.get(slot)) {
+                Some(before) if !compiled.new_slots.contains(slot) => before.epoch,
+                _ => flow_generation(generation),
+            };
+        }
         let target = Arc::new(compiled);
         let new = 1 - self.config.active;
 
@@ -664,9 +742,15 @@ impl Datapath {
         self.maps.sync_lists(half, &current, target)?;
         let m = &mut self.maps;
         let (removed, changed) = diff(current.accounts.iter(), target.accounts.iter());
+        // A slot left empty keeps an epoch: flow-cache counts of its last
+        // account are then dropped, never credited to a later one.
+        let tombstone = AccountConfig {
+            epoch: flow_generation(target.config.generation),
+            ..AccountConfig::default()
+        };
         for slot in removed {
             m.accounts
-                .set(account_index(*slot, half), AccountConfig::default(), 0)
+                .set(account_index(*slot, half), tombstone, 0)
                 .map_err(|e| DatapathError::map(names::ACCOUNTS, e))?;
         }
         for (slot, config) in changed {
@@ -742,66 +826,14 @@ impl Datapath {
                 );
             }
         }
-        for (map, name) in [
-            (&m.rules_v4, names::RULES_V4),
-            (&m.acct_rules_v4, names::ACCT_RULES_V4),
-        ] {
-            for entry in map {
-                let (key, value) = entry.map_err(|e| DatapathError::map(name, e))?;
-                let data = key.data();
-                if in_half(data.scope) {
-                    let k = RuleKey {
-                        scope: data.scope & !(1 << 31),
-                        addr: data.addr,
-                        len: (key.prefix_len() - SCOPE_BITS) as u8,
-                    };
-                    out.rules_v4.insert(k, value);
-                }
-            }
-        }
-        for (map, name) in [
-            (&m.rules_v6, names::RULES_V6),
-            (&m.acct_rules_v6, names::ACCT_RULES_V6),
-        ] {
-            for entry in map {
-                let (key, value) = entry.map_err(|e| DatapathError::map(name, e))?;
-                let data = key.data();
-                if in_half(data.scope) {
-                    let k = RuleKey {
-                        scope: data.scope & !(1 << 31),
-                        addr: data.addr,
-                        len: (key.prefix_len() - SCOPE_BITS) as u8,
-                    };
-                    out.rules_v6.insert(k, value);
-                }
-            }
-        }
-        let base = stride::CHUNK_BASE + half * m.stride_chunks;
-        let node = |i: u32| {
-            m.stride
-                .get(&i, 0)
-                .map_err(|e| DatapathError::map(names::STRIDE, e))
-        };
-        out.stride.l1 = (0..stride::L1_NODES)
-            .map(|i| {
-                let mut n = node(half * stride::L1_NODES + i)?;
-                for e in &mut n {
-                    if stride::kind(*e) == stride::KIND_CHUNK {
-                        *e = stride::chunk(stride::payload(*e) - base);
-                    }
-                }
-                Ok(n)
-            })
-            .collect::<Result<_, DatapathError>>()?;
-        out.stride.chunks = (0..m.stride_chunks)
-            .map(|k| node(base + k))
-            .collect::<Result<_, _>>()?;
+        m.read_rules(half, &mut out)?;
+        out.stride = m.read_stride(half)?;
         for slot in 1..=self.capacity.accounts {
             let config = m
                 .accounts
                 .get(&account_index(slot, half), 0)
                 .map_err(|e| DatapathError::map(names::ACCOUNTS, e))?;
-            if config != AccountConfig::default() {
+            if config.flags & ACCOUNT_ACTIVE != 0 {
                 out.accounts.insert(slot, config);
             }
         }
@@ -854,27 +886,65 @@ impl Datapath {
         &self,
         slot: u32,
     ) -> Result<BTreeMap<(Reason, Verdict, Direction), Counter>, DatapathError> {
-        let mut out = BTreeMap::new();
+        let mut out: BTreeMap<(Reason, Verdict, Direction), Counter> = BTreeMap::new();
+        let mut add = |reason: u8, verdict: u8, direction: u8, packets: u64, bytes: u64| {
+            let (Some(r), Some(v), Some(d)) = (
+                Reason::from_u8(reason),
+                Verdict::from_u8(verdict),
+                Direction::from_u8(direction),
+            ) else {
+                return;
+            };
+            let c = out.entry((r, v, d)).or_default();
+            c.packets += packets;
+            c.bytes += bytes;
+        };
         for entry in &self.maps.account_counters {
             let (key, values) =
                 entry.map_err(|e| DatapathError::map(names::ACCOUNT_COUNTERS, e))?;
-            if key.slot != slot {
-                continue;
+            if key.slot == slot {
+                for c in values.iter() {
+                    add(key.reason, key.verdict, key.direction, c.packets, c.bytes);
+                }
             }
-            let (Some(r), Some(v), Some(d)) = (
-                Reason::from_u8(key.reason),
-                Verdict::from_u8(key.verdict),
-                Direction::from_u8(key.direction),
-            ) else {
-                continue;
-            };
-            let sum = values.iter().fold(Counter::default(), |a, c| Counter {
-                packets: a.packets + c.packets,
-                bytes: a.bytes + c.bytes,
-            });
-            out.insert((r, v, d), sum);
+        }
+        // Packets still counted in flow-cache entries, with the kernel's rule
+        // for entries older than the slot's account.
+        let epoch = match self.active() {
+            _ if slot == NO_ACCOUNT => 0,
+            Some(policy) => policy.accounts.get(&slot).map_or(u32::MAX, |a| a.epoch),
+            None => u32::MAX,
+        };
+        for index in 0..self.capacity.flow_cache {
+            let values = self
+                .maps
+                .flow_cache
+                .get(&index, 0)
+                .map_err(|e| DatapathError::map(names::FLOW_CACHE, e))?;
+            for e in values
+                .iter()
+                .filter(|e| e.slot == slot && e.packets != 0 && e.generation >= epoch)
+            {
+                let (_, direction) = flow_tag_parts(e.tag);
+                add(e.reason, e.verdict, direction, e.packets, e.bytes);
+            }
         }
         Ok(out)
+    }
+
+    /// Flow-cache entries of the policy in force, over all CPUs.
+    pub fn flow_cache_entries(&self) -> Result<usize, DatapathError> {
+        let generation = flow_generation(self.generation);
+        let mut n = 0;
+        for index in 0..self.capacity.flow_cache {
+            let values = self
+                .maps
+                .flow_cache
+                .get(&index, 0)
+                .map_err(|e| DatapathError::map(names::FLOW_CACHE, e))?;
+            n += values.iter().filter(|e| e.generation == generation).count();
+        }
+        Ok(n)
     }
 
     /// The global settings of the active half.

@@ -102,6 +102,14 @@ impl<'de> Deserialize<'de> for Scalar {
     }
 }
 
+/// `field:` with nothing after it (YAML null) reads as empty, like an
+/// absent field.
+fn null_as_empty<'de, D: Deserializer<'de>, T: Deserialize<'de> + Default>(
+    d: D,
+) -> Result<T, D::Error> {
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPolicy {
@@ -111,7 +119,7 @@ struct RawPolicy {
     global: RawGlobal,
     #[serde(default)]
     defaults: RawDefaults,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_empty")]
     accounts: Vec<RawAccount>,
 }
 
@@ -124,9 +132,9 @@ struct RawGlobal {
     malformed: Option<Action>,
     #[serde(default)]
     events_per_second: Option<Spanned<Scalar>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_empty")]
     block: Vec<RawList>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_empty")]
     allow: Vec<RawList>,
 }
 
@@ -146,7 +154,7 @@ struct RawList {
     name: Option<Spanned<String>>,
     #[serde(default)]
     action: Option<Spanned<Action>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_empty")]
     cidrs: Vec<Spanned<String>>,
     #[serde(default)]
     file: Option<Spanned<String>>,
@@ -156,13 +164,13 @@ struct RawList {
 #[serde(deny_unknown_fields)]
 struct RawAccount {
     id: Spanned<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_empty")]
     prefixes: Vec<Spanned<String>>,
     #[serde(default)]
     mode: Option<Mode>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_empty")]
     block: Vec<RawList>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_empty")]
     allow: Vec<RawList>,
     #[serde(default)]
     limits: Option<RawLimits>,
@@ -866,6 +874,13 @@ mod tests {
                 .unwrap_err()
                 .contains("is not an IP address")
         );
+    }
+
+    #[test]
+    fn empty_fields_read_as_empty() {
+        let p =
+            Policy::parse("global:\n  block:\naccounts:\n", "t", Path::new(".")).expect("valid");
+        assert!(p.accounts.is_empty() && p.global.lists.is_empty());
     }
 
     #[test]

@@ -139,7 +139,10 @@ pub const ACCOUNT_RULES_V6: u32 = 1 << 2;
 pub struct AccountConfig {
     /// `ACCOUNT_*` bits.
     pub flags: u32,
-    pub _pad: u32,
+    /// The low 32 bits of the generation in which the slot got its current
+    /// account: flow-cache counts from before belong to an account that is
+    /// gone and are dropped, not flushed into the new owner's counters.
+    pub epoch: u32,
     /// Limits indexed by [`Direction`](crate::Direction).
     pub limits: [DirLimits; 2],
 }
@@ -182,31 +185,52 @@ pub struct RateState {
 
 /// One entry of the per-CPU, direct-mapped `FLOW_CACHE`: the decision of
 /// the checks that depend only on the addresses (attribution and the lists)
-/// for one (local, remote, direction), valid for one policy generation. A
-/// repeated flow skips the host hash, the stride, and the tries; rate limits
-/// are still evaluated per packet.
+/// for one (local, remote, direction), valid for one policy generation, and
+/// the packets of the flow that got exactly that decision. A repeated flow
+/// skips the host hash, the stride and the tries, and is counted here rather
+/// than in `ACCT_COUNTERS` (which receives the counts when the entry is
+/// replaced); rate limits are still evaluated per packet.
 #[repr(C, align(64))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowEntry {
     /// Local and remote address; IPv4 in the first four bytes, the rest zero.
     pub local: [u8; 16],
     pub remote: [u8; 16],
-    /// The generation the decision belongs to; 0: empty.
-    pub generation: u64,
+    /// The low 32 bits of the generation the decision belongs to; 0: empty.
+    pub generation: u32,
     /// [`flow_tag`] of family and direction.
-    pub tag: u32,
-    pub slot: u32,
-    pub list: u32,
+    pub tag: u16,
     pub reason: u8,
     pub verdict: u8,
-    pub _pad: [u8; 10],
+    pub slot: u32,
+    pub list: u32,
+    /// Packets and bytes of this flow that got this decision since the entry
+    /// was written.
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// The generation as a [`FlowEntry`] keeps it: never 0 (empty) for a
+/// written policy, even when the low bits wrap.
+#[inline(always)]
+#[must_use]
+pub const fn flow_generation(generation: u64) -> u32 {
+    let low = generation as u32;
+    if low == 0 { 1 } else { low }
 }
 
 /// The family/direction word of a [`FlowEntry`] (never 0).
 #[inline(always)]
 #[must_use]
-pub const fn flow_tag(family: u8, direction: u8) -> u32 {
-    ((family as u32) << 8) | direction as u32
+pub const fn flow_tag(family: u8, direction: u8) -> u16 {
+    ((family as u16) << 8) | direction as u16
+}
+
+/// The family (4 or 6) and direction of a [`flow_tag`].
+#[inline(always)]
+#[must_use]
+pub const fn flow_tag_parts(tag: u16) -> (u8, u8) {
+    ((tag >> 8) as u8, tag as u8)
 }
 
 /// A packet and byte count.

@@ -6,10 +6,21 @@
 //! generation, so a policy change invalidates them all at once without the
 //! agent touching the cache. A flood from ever-new remote addresses misses
 //! every time and pays the full checks plus one 64-byte store.
+//!
+//! The entry also counts the flow's packets that got the cached decision, so
+//! that a hit costs no counter-map lookup; the counts move to `ACCT_COUNTERS`
+//! when the entry is replaced, and the agent adds the ones still in the cache
+//! when it reads counters.
 
-use mmesh_common::maps::{FlowEntry, flow_tag};
+use mmesh_common::maps::{
+    FlowEntry, NO_ACCOUNT, account_index, flow_generation, flow_tag, flow_tag_parts,
+};
 
-use crate::{Decision, maps::FLOW_CACHE};
+use crate::{
+    Decision,
+    maps::{ACCOUNTS, FLOW_CACHE},
+    report,
+};
 
 /// Local and remote address of a packet.
 #[derive(Clone, Copy)]
@@ -31,26 +42,33 @@ fn head(a: &[u8; 16]) -> [u8; 4] {
     [a[0], a[1], a[2], a[3]]
 }
 
-/// Multiplicative hashing of the two addresses (Fibonacci and murmur3
-/// constants), mixed with the direction.
+/// Hash of the two addresses and the direction: combined, then murmur3's
+/// 32-bit finalizer. The finalizer matters: addresses are loaded in network
+/// order, so the octet that varies most (the last) sits in the top byte, and
+/// without an avalanche step the low bits that index the cache would hardly
+/// depend on it.
 #[inline(always)]
 fn hash(local: u32, remote: u32, direction: u8) -> u32 {
-    let h = local.wrapping_mul(0x9e37_79b1)
-        ^ remote.wrapping_mul(0x85eb_ca77).rotate_left(13)
-        ^ u32::from(direction);
+    let mut h = local.wrapping_mul(0x9e37_79b1) ^ remote.rotate_left(16) ^ u32::from(direction);
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
     h ^ (h >> 16)
 }
 
 /// The decision for `ends` in `direction` under `generation`: the cached one,
-/// or the one `decide` makes, which is then remembered.
+/// or the one `decide` makes, which is then remembered; with the entry, in
+/// which the packet is counted if its final decision is the cached one.
 #[inline(always)]
 pub fn decision(
     mask: u32,
     generation: u64,
+    half: u32,
     direction: u8,
     ends: Ends,
     decide: impl FnOnce() -> Decision,
-) -> Decision {
+) -> (Decision, Option<*mut FlowEntry>) {
     let (family, index) = match ends {
         Ends::V4 { local, remote } => (
             4,
@@ -63,11 +81,12 @@ pub fn decision(
         Ends::V6 { local, remote } => (6, hash(fold(&local), fold(&remote), direction)),
     };
     let tag = flow_tag(family, direction);
-    let Some(entry) = FLOW_CACHE.get_ptr_mut(index & mask) else {
-        return decide();
+    let generation = flow_generation(generation);
+    let Some(ptr) = FLOW_CACHE.get_ptr_mut(index & mask) else {
+        return (decide(), None);
     };
     // SAFETY: this CPU's entry of a per-CPU array; programs do not nest on a CPU.
-    let entry = unsafe { &mut *entry };
+    let entry = unsafe { &mut *ptr };
     if entry.generation == generation && entry.tag == tag {
         let same = match ends {
             Ends::V4 { local, remote } => {
@@ -76,13 +95,17 @@ pub fn decision(
             Ends::V6 { local, remote } => entry.local == local && entry.remote == remote,
         };
         if same {
-            return Decision {
+            let cached = Decision {
                 reason: entry.reason,
                 verdict: entry.verdict,
                 slot: entry.slot,
                 list: entry.list,
             };
+            return (cached, Some(ptr));
         }
+    }
+    if entry.packets != 0 {
+        flush(entry, half);
     }
     let decided = decide();
     let (mut l, mut r) = ([0u8; 16], [0u8; 16]);
@@ -101,11 +124,35 @@ pub fn decision(
         remote: r,
         generation,
         tag,
-        slot: decided.slot,
-        list: decided.list,
         reason: decided.reason,
         verdict: decided.verdict,
-        _pad: [0; 10],
+        slot: decided.slot,
+        list: decided.list,
+        packets: 0,
+        bytes: 0,
     };
-    decided
+    (decided, Some(ptr))
+}
+
+/// Moves the counts of an entry about to be replaced into `ACCT_COUNTERS`,
+/// unless its account has left the slot since (see `AccountConfig::epoch`).
+#[inline(always)]
+fn flush(entry: &FlowEntry, half: u32) {
+    if entry.slot != NO_ACCOUNT {
+        let epoch = ACCOUNTS
+            .get(account_index(entry.slot, half))
+            .map_or(0, |a| a.epoch);
+        if entry.generation < epoch {
+            return;
+        }
+    }
+    let (_, direction) = flow_tag_parts(entry.tag);
+    report::count_account(
+        entry.slot,
+        entry.reason,
+        entry.verdict,
+        direction,
+        entry.packets,
+        entry.bytes,
+    );
 }

@@ -30,8 +30,8 @@ use aya_ebpf::{
 use mmesh_common::{
     Direction, Reason, Verdict,
     maps::{
-        ACCOUNT_ACTIVE, ACCOUNT_RULES_V4, ACCOUNT_RULES_V6, GEN_RULES_V4, GEN_RULES_V6, GenConfig,
-        NO_ACCOUNT, RuleValue, STAT_PULL_FAILED, account_index,
+        ACCOUNT_ACTIVE, ACCOUNT_RULES_V4, ACCOUNT_RULES_V6, FlowEntry, GEN_RULES_V4, GEN_RULES_V6,
+        GenConfig, NO_ACCOUNT, RuleValue, STAT_PULL_FAILED, account_index,
     },
 };
 use mmesh_ebpf::parse::{Addrs, Cursor, L3, Packet, ParseError, parse};
@@ -201,7 +201,7 @@ fn try_process(frame: &Frame, direction: Direction) -> Result<Verdict, MissingCo
     let half = config.active & 1;
     let gen_config = &config.halves[half as usize];
     let mut pkt = Packet::new();
-    let decision = decide(
+    let (decision, flow) = decide(
         frame,
         direction,
         half,
@@ -209,7 +209,7 @@ fn try_process(frame: &Frame, direction: Direction) -> Result<Verdict, MissingCo
         gen_config,
         &mut pkt,
     );
-    report::record(frame, direction as u8, gen_config, &pkt, &decision);
+    report::record(frame, direction as u8, gen_config, &pkt, &decision, flow);
     Ok(if decision.is(Verdict::Drop) {
         Verdict::Drop
     } else {
@@ -225,10 +225,13 @@ fn decide(
     flow_mask: u32,
     config: &GenConfig,
     pkt: &mut Packet,
-) -> Decision {
+) -> (Decision, Option<*mut FlowEntry>) {
     let cursor = Cursor::new(frame.data, frame.data_end);
     match parse(&cursor, pkt) {
-        Ok(L3::NonIp) => Decision::new(Reason::NonIp, Verdict::Pass, NO_ACCOUNT),
+        Ok(L3::NonIp) => (
+            Decision::new(Reason::NonIp, Verdict::Pass, NO_ACCOUNT),
+            None,
+        ),
         Ok(L3::Ip) => match pkt.addrs {
             Some(addrs) => check(
                 frame,
@@ -238,7 +241,7 @@ fn decide(
                 config,
                 ends(addrs, direction),
             ),
-            None => Decision::new(Reason::Pass, Verdict::Pass, NO_ACCOUNT),
+            None => (Decision::new(Reason::Pass, Verdict::Pass, NO_ACCOUNT), None),
         },
         Err(err) => {
             let reason = match err {
@@ -257,7 +260,7 @@ fn decide(
                 Some(addrs) => local_account(half, config.flags, ends(addrs, direction)),
                 None => NO_ACCOUNT,
             };
-            Decision::new(reason, verdict, slot)
+            (Decision::new(reason, verdict, slot), None)
         }
     }
 }
@@ -339,19 +342,24 @@ fn check(
     flow_mask: u32,
     config: &GenConfig,
     ends: Ends,
-) -> Decision {
-    let mut decision = flow::decision(flow_mask, config.generation, direction as u8, ends, || {
-        address_checks(half, config, ends)
-    });
+) -> (Decision, Option<*mut FlowEntry>) {
+    let (mut decision, flow) = flow::decision(
+        flow_mask,
+        config.generation,
+        half,
+        direction as u8,
+        ends,
+        || address_checks(half, config, ends),
+    );
     if decision.is(Verdict::Drop) || decision.slot == NO_ACCOUNT {
-        return decision;
+        return (decision, flow);
     }
     // 3. Rate limits: per packet, never cached.
     let Some(account) = ACCOUNTS.get(account_index(decision.slot, half)) else {
-        return decision;
+        return (decision, flow);
     };
     if account.flags & ACCOUNT_ACTIVE == 0 {
-        return decision;
+        return (decision, flow);
     }
     let limits = &account.limits[direction as usize];
     if let Some(over) = ratelimit::check(
@@ -363,7 +371,7 @@ fn check(
     ) {
         decision.apply(over.reason, over.action, 0);
     }
-    decision
+    (decision, flow)
 }
 
 #[cfg(not(test))]

@@ -51,6 +51,7 @@ pub struct Cursor {
 
 impl Cursor {
     #[inline(always)]
+    #[must_use]
     pub const fn new(data: usize, end: usize) -> Self {
         Self { data, end }
     }
@@ -172,8 +173,15 @@ pub struct Packet {
     pub dport: u16,
 }
 
+impl Default for Packet {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Packet {
     #[inline(always)]
+    #[must_use]
     pub const fn new() -> Self {
         Self {
             addrs: None,

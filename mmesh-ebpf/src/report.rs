@@ -5,8 +5,8 @@ use mmesh_common::{
     Verdict,
     event::Event,
     maps::{
-        Counter, CounterKey, GenConfig, STAT_COUNTERS_FULL, STAT_EVENTS_LOST, sampler_index,
-        totals_index,
+        Counter, CounterKey, FlowEntry, GenConfig, STAT_COUNTERS_FULL, STAT_EVENTS_LOST,
+        sampler_index, totals_index,
     },
     sample,
 };
@@ -21,31 +21,64 @@ use crate::{
 const BPF_NOEXIST: u64 = 1;
 
 /// Counts the packet and, if a rule matched, offers it to the event sampler.
+/// `flow` is the packet's flow-cache entry: the packet is counted there when
+/// its decision is the cached one.
 #[inline(always)]
-pub fn record(frame: &Frame, direction: u8, config: &GenConfig, pkt: &Packet, decision: &Decision) {
+pub fn record(
+    frame: &Frame,
+    direction: u8,
+    config: &GenConfig,
+    pkt: &Packet,
+    decision: &Decision,
+    flow: Option<*mut FlowEntry>,
+) {
     let reason = decision.reason;
     let verdict = decision.verdict;
     if let Some(total) = TOTALS.get_ptr_mut(totals_index(reason, verdict, direction)) {
         // SAFETY: this CPU's slot of a per-CPU array; programs do not nest on a CPU.
-        unsafe { add(total, frame.len) };
+        unsafe { add(total, 1, u64::from(frame.len)) };
     }
-    count_account(decision.slot, reason, verdict, direction, frame.len);
+    let in_flow = match flow {
+        // SAFETY: this CPU's flow-cache entry.
+        Some(entry) => unsafe {
+            let entry = &mut *entry;
+            if entry.reason == reason && entry.verdict == verdict {
+                entry.packets += 1;
+                entry.bytes += u64::from(frame.len);
+                true
+            } else {
+                false
+            }
+        },
+        None => false,
+    };
+    if !in_flow {
+        count_account(
+            decision.slot,
+            reason,
+            verdict,
+            direction,
+            1,
+            u64::from(frame.len),
+        );
+    }
     if decision.verdict != Verdict::Pass as u8 {
         emit(frame, direction, config, pkt, decision);
     }
 }
 
 #[inline(always)]
-unsafe fn add(counter: *mut Counter, bytes: u32) {
+unsafe fn add(counter: *mut Counter, packets: u64, bytes: u64) {
     // SAFETY: the caller passes a valid per-CPU value.
     unsafe {
-        (*counter).packets += 1;
-        (*counter).bytes += u64::from(bytes);
+        (*counter).packets += packets;
+        (*counter).bytes += bytes;
     }
 }
 
+/// Adds to the per-account counter of (slot, reason, verdict, direction).
 #[inline(always)]
-fn count_account(slot: u32, reason: u8, verdict: u8, direction: u8, bytes: u32) {
+pub fn count_account(slot: u32, reason: u8, verdict: u8, direction: u8, packets: u64, bytes: u64) {
     let key = CounterKey {
         slot,
         reason,
@@ -55,20 +88,17 @@ fn count_account(slot: u32, reason: u8, verdict: u8, direction: u8, bytes: u32) 
     };
     if let Some(counter) = ACCT_COUNTERS.get_ptr_mut(key) {
         // SAFETY: this CPU's value of a per-CPU hash entry.
-        unsafe { add(counter, bytes) };
+        unsafe { add(counter, packets, bytes) };
         return;
     }
-    let first = Counter {
-        packets: 1,
-        bytes: u64::from(bytes),
-    };
+    let first = Counter { packets, bytes };
     // A failed insert is either a full map (counted, the packet is still in
     // TOTALS) or another CPU inserting the same key first (then this CPU's
     // value is the fresh zero one: retry the lookup once).
     if ACCT_COUNTERS.insert(key, first, BPF_NOEXIST).is_err() {
         match ACCT_COUNTERS.get_ptr_mut(key) {
             // SAFETY: as above.
-            Some(counter) => unsafe { add(counter, bytes) },
+            Some(counter) => unsafe { add(counter, packets, bytes) },
             None => bump_stat(STAT_COUNTERS_FULL),
         }
     }

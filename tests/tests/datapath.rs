@@ -1198,7 +1198,7 @@ fn stride_and_flow_cache_answer_like_a_longest_prefix_match() {
     // small enough for collisions: every probe must get the answer of a
     // naive longest-prefix match over the lists.
     let mut rng = 0x1234_5678_9abc_def0_u64;
-    let mut next = move || {
+    let mut random = move || {
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
@@ -1213,9 +1213,9 @@ fn stride_and_flow_cache_answer_like_a_longest_prefix_match() {
     ];
     for i in 0..1200 {
         let base = if i % 2 == 0 { 0x0b00_0000 } else { 0x0c00_0000 };
-        let addr = base | (next() as u32 & 0x00ff_ffff);
+        let addr = base | (random() as u32 & 0x00ff_ffff);
         let choices = lengths[i % 3];
-        let len = choices[(next() % choices.len() as u64) as usize];
+        let len = choices[(random() % choices.len() as u64) as usize];
         let net = ipnet::Ipv4Net::new(addr.into(), len).unwrap().trunc();
         lists[i % 3].push(net);
     }
@@ -1245,12 +1245,12 @@ fn stride_and_flow_cache_answer_like_a_longest_prefix_match() {
         |nets: &[ipnet::Ipv4Net], a: std::net::Ipv4Addr| nets.iter().any(|n| n.contains(&a));
     for round in 0..2 {
         for _ in 0..400 {
-            let base = if next() % 2 == 0 {
+            let base = if random() % 2 == 0 {
                 0x0b00_0000
             } else {
                 0x0c00_0000
             };
-            let a = std::net::Ipv4Addr::from(base | (next() as u32 & 0x00ff_ffff));
+            let a = std::net::Ipv4Addr::from(base | (random() as u32 & 0x00ff_ffff));
             let expected = if covers(&lists[2], a) || !covers(&lists[0], a) {
                 Verdict::Pass
             } else {
@@ -1265,4 +1265,63 @@ fn stride_and_flow_cache_answer_like_a_longest_prefix_match() {
     }
     // Monitored but not dropped addresses were counted as such.
     assert!(h.total(Reason::GlobalBlock, Verdict::Monitor, Direction::Inbound) > 0);
+}
+
+#[test]
+fn flow_cache_counts_survive_eviction_and_stay_with_their_account() {
+    // One CPU, one cache: the evictions below must hit the entries above.
+    pin_to_cpu(0);
+    let with = |accounts: &str| format!("global:\n  events_per_second: 0\naccounts:\n{accounts}");
+    let a = "  - { id: a, prefixes: [10.1.0.10] }\n";
+    let b = "  - { id: b, prefixes: [10.2.0.20] }\n";
+    let cap = Capacity {
+        flow_cache: 64,
+        ..capacity()
+    };
+    let mut h = Harness::with_capacity(&with(a), cap);
+    let slot = h.slot("a");
+    let pass_in = |h: &Harness, slot| {
+        h.account(slot, Reason::Pass, Verdict::Pass, Direction::Inbound)
+            .packets
+    };
+    h.run_n(
+        programs::XDP_INBOUND,
+        &udp(ip(ORDINARY4), ip("10.1.0.10"), 1, 2, 0),
+        10,
+    );
+    assert_eq!(pass_in(&h, slot), 10, "counted in the flow-cache entry");
+    // 300 other flows replace the entries (64 of them per CPU): counts move
+    // to the counter map and nothing is lost.
+    for i in 0..300u32 {
+        let remote = std::net::Ipv4Addr::from(0x6440_0000 + i);
+        h.run(
+            programs::XDP_INBOUND,
+            &udp(IpAddr::V4(remote), ip("10.1.0.10"), 1, 2, 0),
+        );
+    }
+    assert_eq!(pass_in(&h, slot), 310);
+    // The hash spreads flows that differ in the last octet only: most of
+    // the 64 entries hold one of them (a weak hash leaves a handful).
+    let in_cache = h.dp.flow_cache_entries().expect("reading the flow cache");
+    assert!(in_cache > 40, "{in_cache} of 64 entries in use");
+    // a leaves; b arrives one policy later and gets a's old slot. None of
+    // a's counts, in the map or in stale cache entries, may become b's.
+    h.apply(&with(""));
+    h.apply(&with(b));
+    assert_eq!(h.slot("b"), slot, "the freed slot is reused");
+    assert_eq!(pass_in(&h, slot), 0, "b starts from zero");
+    // Stale entries of a are replaced by new flows (flushing if they could).
+    for i in 0..300u32 {
+        let remote = std::net::Ipv4Addr::from(0x6440_1000 + i);
+        h.run(
+            programs::XDP_INBOUND,
+            &udp(IpAddr::V4(remote), ip(UNOWNED4), 1, 2, 0),
+        );
+    }
+    h.run_n(
+        programs::XDP_INBOUND,
+        &udp(ip(ORDINARY4), ip("10.2.0.20"), 1, 2, 0),
+        5,
+    );
+    assert_eq!(pass_in(&h, slot), 5, "only b's own packets");
 }

@@ -58,7 +58,7 @@ enum Target {
 /// The loaded programs.
 struct Bench {
     dp: Datapath,
-    bench: Ebpf,
+    baselines: Ebpf,
     /// Repeat count per scenario, calibrated in the first round.
     repeats: std::collections::HashMap<&'static str, u32>,
 }
@@ -124,29 +124,29 @@ impl Bench {
         }
         Self {
             dp,
-            bench,
+            baselines: bench,
             repeats: std::collections::HashMap::new(),
         }
     }
 
     fn xdp(&mut self, target: Target) -> &Xdp {
         let prog = match target {
-            Target::Bench(name) => self.bench.program_mut(name),
+            Target::Bench(name) => self.baselines.program_mut(name),
             Target::Mmesh => self.dp.program_mut(programs::XDP_INBOUND),
             Target::Randomized { into } => {
                 let callee = match into {
                     Callee::Mmesh => self.dp.program_mut(programs::XDP_INBOUND),
-                    Callee::Bench(name) => self.bench.program_mut(name),
+                    Callee::Bench(name) => self.baselines.program_mut(name),
                 };
                 let callee: &mut Xdp = callee.expect("program").try_into().expect("XDP");
                 let callee = callee.fd().expect("loaded").try_clone().expect("dup");
                 let mut array: ProgramArray<&mut MapData> =
-                    ProgramArray::try_from(self.bench.map_mut("BENCH_TARGET").expect("map"))
+                    ProgramArray::try_from(self.baselines.map_mut("BENCH_TARGET").expect("map"))
                         .expect("prog array");
                 array
                     .set(0, &callee, 0)
                     .expect("installing the tail-call target");
-                self.bench.program_mut("bench_randomize")
+                self.baselines.program_mut("bench_randomize")
             }
         };
         let prog: &mut Xdp = prog.expect("program").try_into().expect("XDP");
@@ -184,6 +184,10 @@ impl Bench {
     }
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "a table of scenarios, one literal each"
+)]
 fn scenarios(global: &[Ipv4Net]) -> Vec<Scenario> {
     let acct = ip4(scale::host_v4(0));
     let remote = ip4(scale::REMOTE_V4);

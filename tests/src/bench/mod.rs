@@ -18,6 +18,9 @@ pub mod xdp_filter;
 
 use std::path::PathBuf;
 
+/// A benchmark group's entry point.
+type Group = fn(&Options, &mut report::Report);
+
 /// Command-line options of `mmesh-bench`.
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -52,12 +55,12 @@ pub fn main() -> std::process::ExitCode {
                     .next()
                     .and_then(|r| r.parse().ok())
                     .filter(|r| *r >= 1)
-                    .unwrap_or_else(|| usage("--rounds takes a number ≥ 1"))
+                    .unwrap_or_else(|| usage("--rounds takes a number ≥ 1"));
             }
             "--out" => {
                 opts.out = args
                     .next()
-                    .map_or_else(|| usage("--out takes a directory"), PathBuf::from)
+                    .map_or_else(|| usage("--out takes a directory"), PathBuf::from);
             }
             "--only" => opts.only.push(
                 args.next()
@@ -84,7 +87,7 @@ pub fn main() -> std::process::ExitCode {
         figures: Vec::new(),
     };
     // One group at a time: each needs the machine to itself.
-    let groups: [(&str, fn(&Options, &mut report::Report)); 5] = [
+    let groups: [(&str, Group); 5] = [
         ("kernel", kernel::run),
         ("e2e", e2e::run),
         ("accuracy", accuracy::run),

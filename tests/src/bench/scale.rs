@@ -3,7 +3,7 @@
 //!
 //! - 100,000 accounts, each with an IPv4 host address (100.64.0.0/10), an
 //!   IPv4 /28 (in 10.0.0.0/8), an IPv6 host address and an IPv6 /64 (in
-//!   fd00:acc::/32), and limits high enough never to bite (1 Gpps, 100 Tbit/s)
+//!   `fd00:acc::/32`), and limits high enough never to bite (1 Gpps, 100 Tbit/s)
 //!   so that the pass path pays for evaluating them;
 //! - one account, `limited`, at 1 packet/s;
 //! - every 100th account with a block list of ten IPv4 prefixes;
@@ -74,7 +74,7 @@ impl XorShift {
 }
 
 /// Whether a global prefix would cover an address the benchmark relies on.
-fn clear_v4(net: &Ipv4Net) -> bool {
+fn clear_v4(net: Ipv4Net) -> bool {
     let reserved: [Ipv4Net; 5] = [
         "10.0.0.0/8".parse().expect("literal"),
         "100.64.0.0/10".parse().expect("literal"),
@@ -82,7 +82,7 @@ fn clear_v4(net: &Ipv4Net) -> bool {
         "203.0.113.0/24".parse().expect("literal"),
         "192.0.2.0/24".parse().expect("literal"),
     ];
-    !reserved.iter().any(|r| r.contains(net) || net.contains(r))
+    !reserved.iter().any(|r| r.contains(&net) || net.contains(r))
 }
 
 fn clear_v6(net: &Ipv6Net) -> bool {
@@ -105,7 +105,7 @@ pub fn global_v4(count: u32) -> Vec<Ipv4Net> {
         let net = Ipv4Net::new(Ipv4Addr::from(rng.next() as u32), len)
             .expect("length ≤ 32")
             .trunc();
-        if clear_v4(&net) {
+        if clear_v4(net) {
             out.push(net);
         }
     }
