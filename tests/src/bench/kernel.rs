@@ -20,6 +20,7 @@ use super::{
     Options,
     report::{Figure, Goal, Report},
     scale::{self, Scale, ip4, ip6},
+    xdp_filter::{self, Rules, XdpFilter},
 };
 use crate::packets::{tcp, udp};
 
@@ -27,6 +28,10 @@ const GROUP: &str = "in-kernel cost (BPF_PROG_TEST_RUN)";
 
 /// The baseline every in-kernel figure is compared with.
 const BARE: &str = "bare XDP_DROP";
+
+/// The peer, on the flood frame and on a passing one.
+const PEER: &str = "peer: xdp-filter, source in its list (drop)";
+const PEER_PASS: &str = "peer: xdp-filter, in no list (pass)";
 
 /// What one scenario runs.
 struct Scenario {
@@ -49,6 +54,8 @@ enum Callee {
 enum Target {
     Bench(&'static str),
     Mmesh,
+    /// The peer: xdp-filter with equivalent rules.
+    XdpFilter,
     /// `bench_randomize` tail-calling mmesh, or a bench program.
     Randomized {
         into: Callee,
@@ -59,6 +66,8 @@ enum Target {
 struct Bench {
     dp: Datapath,
     baselines: Ebpf,
+    /// xdp-filter loaded with equivalent rules, or why it is not.
+    peer: Result<XdpFilter, String>,
     /// Repeat count per scenario, calibrated in the first round.
     repeats: std::collections::HashMap<&'static str, u32>,
 }
@@ -122,15 +131,42 @@ impl Bench {
             )
             .expect("filling BENCH_LPM");
         }
+        let blocked = scale::blocked_v4(global);
+        let peer = xdp_filter::object_path()
+            .map_or_else(
+                || xdp_filter::apt_install(&[xdp_filter::PACKAGE]).map(drop),
+                |_| Ok(()),
+            )
+            .and_then(|()| {
+                let rules = Rules::equivalent(
+                    global,
+                    &scale::global_v6(scale.global_v6),
+                    blocked,
+                    xdp_filter::CAPACITY,
+                );
+                XdpFilter::load(&rules)
+            });
+        if let Err(why) = &peer {
+            eprintln!("bench: xdp-filter not measured: {why}");
+        }
         Self {
             dp,
+            peer,
             baselines: bench,
             repeats: std::collections::HashMap::new(),
         }
     }
 
     fn xdp(&mut self, target: Target) -> &Xdp {
+        if target == Target::XdpFilter {
+            return self
+                .peer
+                .as_mut()
+                .expect("measured only when loaded")
+                .program();
+        }
         let prog = match target {
+            Target::XdpFilter => unreachable!("handled above"),
             Target::Bench(name) => self.baselines.program_mut(name),
             Target::Mmesh => self.dp.program_mut(programs::XDP_INBOUND),
             Target::Randomized { into } => {
@@ -217,6 +253,22 @@ fn scenarios(global: &[Ipv4Net]) -> Vec<Scenario> {
             target: Target::Bench("bench_lpm"),
             frame: frame(blocked, acct),
             note: "one lookup in a trie of the same IPv4 prefixes as mmesh's global list, hitting a /24",
+        },
+        Scenario {
+            name: PEER,
+            vs: Some(BARE),
+            goal: None,
+            target: Target::XdpFilter,
+            frame: frame(blocked, acct),
+            note: "xdp-tools' xdpfilt_alw_all (every rule kind: MACs, ports, IPv4, IPv6) with 10,000 exact source addresses per family, the flood's among them (it has no prefixes): the peer the goals compare with",
+        },
+        Scenario {
+            name: PEER_PASS,
+            vs: Some(BARE),
+            goal: None,
+            target: Target::XdpFilter,
+            frame: frame(remote, acct),
+            note: "the same xdp-filter on a packet in none of its lists: every lookup misses, the packet passes",
         },
         Scenario {
             name: "mmesh: pass (attributed, under its limits)",
@@ -325,10 +377,13 @@ pub fn run(opts: &Options, report: &mut Report) {
     for round in 0..opts.rounds {
         let mut values = std::collections::HashMap::new();
         for s in &scenarios {
+            if s.target == Target::XdpFilter && bench.peer.is_err() {
+                continue;
+            }
             let ns = bench.measure(s.name, s.target, &s.frame, per_call);
             values.insert(s.name, ns);
         }
-        for s in &scenarios {
+        for s in scenarios.iter().filter(|s| values.contains_key(s.name)) {
             report.add(Figure {
                 group: GROUP.into(),
                 name: s.name.into(),
@@ -340,6 +395,19 @@ pub fn run(opts: &Options, report: &mut Report) {
             });
         }
         eprintln!("bench: in-kernel round {}/{} done", round + 1, opts.rounds);
+    }
+    if let Err(why) = &bench.peer {
+        for name in [PEER, PEER_PASS] {
+            report.add(Figure {
+                group: GROUP.into(),
+                name: name.into(),
+                unit: "ns/pkt".into(),
+                samples: Vec::new(),
+                baseline: None,
+                goal: None,
+                note: format!("not measured: {why}"),
+            });
+        }
     }
     report.add(Figure {
         group: GROUP.into(),
