@@ -1,6 +1,6 @@
 //! `mmesh-agent run`: load, apply, attach, report, reload, detach.
 
-use std::{fmt::Write as _, path::PathBuf, time::Duration};
+use std::{fmt::Write as _, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use mmesh_common::{Direction, Reason, Verdict, maps::Counter};
@@ -12,7 +12,7 @@ use tokio::{
 use crate::{
     compile::{Capacity, Compiled, compile},
     datapath::{Datapath, Totals},
-    events::{self, NameTable, Names},
+    events::{self, Names},
     interface::{self, InterfaceSpec, Role},
     policy::Policy,
 };
@@ -34,22 +34,25 @@ pub fn load_policy(path: Option<&PathBuf>) -> Result<Policy, crate::policy::Poli
     }
 }
 
-fn compile_for(dp: &Datapath, policy: &Policy) -> anyhow::Result<Compiled> {
-    let slots = dp.active().map(|c| c.slots.clone()).unwrap_or_default();
-    Ok(compile(policy, &slots, dp.capacity())?)
+/// Compiles `policy` against the policy in force (reusing what did not
+/// change).
+fn compile_for(dp: &Datapath, policy: &Policy) -> anyhow::Result<Arc<Compiled>> {
+    Ok(Arc::new(compile(
+        policy,
+        dp.active().map(AsRef::as_ref),
+        dp.capacity(),
+    )?))
 }
 
 fn describe(policy: &Policy, compiled: &Compiled) -> String {
+    let c = compiled.counts();
     format!(
         "{} (version {}): {} accounts, {} account prefixes, {} list prefixes",
         policy.source,
         policy.version.as_deref().unwrap_or("none"),
         policy.accounts.len(),
-        compiled.hosts_v4.len()
-            + compiled.hosts_v6.len()
-            + compiled.prefixes_v4.len()
-            + compiled.prefixes_v6.len(),
-        compiled.rules_v4.len() + compiled.rules_v6.len(),
+        c.account_prefixes_v4 + c.account_prefixes_v6,
+        c.list_prefixes_v4 + c.list_prefixes_v6,
     )
 }
 
@@ -76,7 +79,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let summary = describe(&policy, &compiled);
     let names = Names::default();
     // Named before the flip, so that the first events already find them.
-    names.insert(dp.generation() + 1, NameTable::of(&compiled));
+    names.insert(dp.generation() + 1, compiled.clone());
     let generation = dp.apply(compiled).context("applying the policy")?;
     dp.sync_standby()
         .context("writing the standby copy of the policy")?;
@@ -145,7 +148,7 @@ fn reload(dp: &mut Datapath, path: Option<&PathBuf>, names: &Names) {
         .and_then(|policy| {
             let compiled = compile_for(dp, &policy)?;
             let summary = describe(&policy, &compiled);
-            names.insert(dp.generation() + 1, NameTable::of(&compiled));
+            names.insert(dp.generation() + 1, compiled.clone());
             let generation = dp.apply(compiled)?;
             if let Err(err) = dp.sync_standby() {
                 // In force already; the standby half is repaired next time.

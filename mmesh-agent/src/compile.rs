@@ -1,11 +1,17 @@
 //! Compiles a validated [`Policy`] into the entries of the policy maps.
 //!
 //! The output is independent of the half it will be written to: the
-//! datapath adds the half when it writes keys. Everything is in ordered maps,
-//! so two compilations can be diffed entry by entry and only the difference
-//! is written to the kernel.
+//! datapath adds the half when it writes keys. It is made of shared pieces,
+//! one for the global lists and one per account, and compiling against the
+//! previous policy reuses every piece whose source did not change. The
+//! datapath then writes only the pieces that are not the very same ones it
+//! wrote before: a change of one account among a hundred thousand compiles
+//! and writes that account alone.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
 
 use ipnet::{Ipv4Net, Ipv6Net};
 use mmesh_common::{
@@ -13,7 +19,7 @@ use mmesh_common::{
     maps::{
         ACCOUNT_ACTIVE, ACCOUNT_RULES_V4, ACCOUNT_RULES_V6, AccountConfig,
         DirLimits as MapDirLimits, GEN_PREFIXES_V4, GEN_PREFIXES_V6, GEN_RULES_V4, GEN_RULES_V6,
-        GenConfig, NO_ACCOUNT, RateLimit, RuleValue,
+        GenConfig, RateLimit, RuleValue,
     },
 };
 use serde::Serialize;
@@ -78,85 +84,40 @@ pub enum CompileError {
 
 /// Stable account slots: an account keeps its slot (and with it its rate
 /// limit state and counters) for as long as it stays in the policy.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+/// Persistent maps: the table of one policy shares all but its changes with
+/// the previous one.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SlotTable {
-    pub by_id: BTreeMap<String, u32>,
     /// Slots released by earlier policies, reused lowest first.
-    free: BTreeSet<u32>,
+    free: imbl::OrdSet<u32>,
     /// Next never-used slot.
     next: u32,
 }
 
 impl SlotTable {
-    /// The account id of a slot.
-    #[must_use]
-    pub fn id_of(&self, slot: u32) -> Option<&str> {
-        self.by_id
-            .iter()
-            .find(|(_, s)| **s == slot)
-            .map(|(id, _)| id.as_str())
-    }
-
-    /// Slots for `ids`: existing accounts keep theirs, new ones get free
-    /// slots. Slots of accounts that left are freed only after this
-    /// assignment, so no slot changes owner within one policy change.
-    /// Returns the table and the slots that are new.
-    fn assign<'a>(
-        &self,
-        ids: impl Iterator<Item = &'a str>,
-        max: u32,
-    ) -> Result<(Self, Vec<u32>), CompileError> {
-        let mut next = Self {
-            by_id: BTreeMap::new(),
-            free: self.free.clone(),
-            next: self.next.max(1),
+    /// A slot for a new account: a released one, else a never-used one.
+    fn take(&mut self, max: u32) -> Result<u32, CompileError> {
+        let slot = if let Some(slot) = self.free.remove_min() {
+            slot
+        } else {
+            self.next = self.next.max(1);
+            let slot = self.next;
+            self.next += 1;
+            slot
         };
-        let mut fresh = Vec::new();
-        let ids: Vec<&str> = ids.collect();
-        for id in &ids {
-            if let Some(slot) = self.by_id.get(*id) {
-                next.by_id.insert((*id).to_owned(), *slot);
-            }
+        if slot > max {
+            return Err(CompileError::OverCapacity {
+                what: "account slots",
+                needed: slot as usize,
+                capacity: max,
+                flag: "--max-accounts",
+            });
         }
-        for id in ids {
-            if next.by_id.contains_key(id) {
-                continue;
-            }
-            let slot = if let Some(slot) = next.free.pop_first() {
-                slot
-            } else {
-                let slot = next.next;
-                next.next += 1;
-                slot
-            };
-            if slot > max {
-                return Err(CompileError::OverCapacity {
-                    what: "account slots",
-                    needed: slot as usize,
-                    capacity: max,
-                    flag: "--max-accounts",
-                });
-            }
-            next.by_id.insert(id.to_owned(), slot);
-            fresh.push(slot);
-        }
-        let kept: BTreeSet<u32> = next.by_id.values().copied().collect();
-        next.free
-            .extend(self.by_id.values().filter(|s| !kept.contains(s)));
-        Ok((next, fresh))
+        Ok(slot)
     }
 }
 
-/// A list prefix in a scope: the key of the `RULES_*` tries minus the half.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-pub struct RuleKey<A> {
-    /// [`NO_ACCOUNT`] for global lists, else the account slot.
-    pub scope: u32,
-    pub addr: A,
-    pub len: u8,
-}
-
-/// An account prefix: the key of the `PREFIXES_*` tries minus the half.
+/// A prefix: the key of an LPM trie minus the half and the scope.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct PrefixKey<A> {
     pub addr: A,
@@ -171,91 +132,190 @@ pub struct ListInfo {
     pub name: String,
 }
 
+/// Account list ids carry this bit, the slot and the list's index in the
+/// account: stable for as long as the account keeps its slot, so that one
+/// account's change never renumbers another's lists. Global list ids are
+/// small (1, 2, …): the stride has 24 bits for them.
+pub const ACCOUNT_LIST: u32 = 1 << 31;
+
+/// Lists an account may have (the index takes 8 bits of the id).
+pub const MAX_ACCOUNT_LISTS: usize = 255;
+
+/// The id of list `index` of the account in `slot`.
+#[must_use]
+pub const fn account_list_id(slot: u32, index: u32) -> u32 {
+    ACCOUNT_LIST | (slot << 8) | index
+}
+
+/// The global part of a compiled policy.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GlobalEntries {
+    /// What it was compiled from; `None` when read back from the kernel.
+    pub source: Option<Vec<List>>,
+    pub rules_v4: BTreeMap<PrefixKey<[u8; 4]>, RuleValue>,
+    pub rules_v6: BTreeMap<PrefixKey<[u8; 16]>, RuleValue>,
+    /// The first levels of the global IPv4 lists.
+    pub stride: Stride,
+    /// List names; list id `i` is `lists[i - 1]`.
+    pub lists: Vec<ListInfo>,
+}
+
+/// Everything one account puts in the maps.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AccountEntries {
+    /// What it was compiled from; `None` when read back from the kernel.
+    pub source: Option<Account>,
+    /// The settings, `epoch` left to the datapath.
+    pub config: AccountConfig,
+    pub hosts_v4: Vec<[u8; 4]>,
+    pub hosts_v6: Vec<[u8; 16]>,
+    pub prefixes_v4: Vec<PrefixKey<[u8; 4]>>,
+    pub prefixes_v6: Vec<PrefixKey<[u8; 16]>>,
+    pub rules_v4: Vec<(PrefixKey<[u8; 4]>, RuleValue)>,
+    pub rules_v6: Vec<(PrefixKey<[u8; 16]>, RuleValue)>,
+    /// The account's list names, by index.
+    pub lists: Vec<ListInfo>,
+}
+
+impl AccountEntries {
+    /// The account id, if known.
+    #[must_use]
+    pub fn id(&self) -> Option<&str> {
+        self.source.as_ref().map(|a| a.id.as_str())
+    }
+}
+
 /// The map entries of one policy.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Compiled {
-    /// Global settings; `generation` is filled in when applied.
+    /// Global settings; the datapath fills in the generation.
     pub config: GenConfig,
     pub slots: SlotTable,
     /// Slots new in this policy: their rate-limit and sampler state must be
     /// reset before packets can see them.
     pub new_slots: Vec<u32>,
-    pub accounts: BTreeMap<u32, AccountConfig>,
-    pub hosts_v4: BTreeMap<[u8; 4], u32>,
-    pub hosts_v6: BTreeMap<[u8; 16], u32>,
-    pub prefixes_v4: BTreeMap<PrefixKey<[u8; 4]>, u32>,
-    pub prefixes_v6: BTreeMap<PrefixKey<[u8; 16]>, u32>,
-    pub rules_v4: BTreeMap<RuleKey<[u8; 4]>, RuleValue>,
-    pub rules_v6: BTreeMap<RuleKey<[u8; 16]>, RuleValue>,
-    /// List names by list id; id 0 is "no list".
-    pub lists: Vec<ListInfo>,
-    /// The first levels of the global IPv4 lists.
-    pub stride: Stride,
+    pub global: Arc<GlobalEntries>,
+    /// The accounts' entries, indexed by slot (slot 0 is never an account).
+    pub accounts: imbl::Vector<Option<Arc<AccountEntries>>>,
+    /// (slot, fingerprint) of the policy's accounts in their order: what the
+    /// next compile compares against.
+    /// Persistent, so that a one-account change copies a path, not 100,000
+    /// entries.
+    pub order: imbl::Vector<(u32, u128)>,
+    /// Entry counts, kept up to date piece by piece.
+    pub counts: Counts,
+    /// This compilation's identity, and that of the one it was compiled
+    /// against (0: none).
+    pub id: u64,
+    pub base: u64,
+    /// Slots whose entries differ from the base's (changed, new, released):
+    /// a half that holds the base needs only these written.
+    pub changed: Vec<u32>,
+    /// Slots whose accounts left with this policy.
+    pub released: Vec<u32>,
 }
 
-impl Compiled {
-    /// Adds one account's entries; returns the `GEN_PREFIXES_*` flags its
-    /// wider prefixes need.
-    fn add_account(&mut self, account: &Account) -> u32 {
-        let mut flags = 0;
-        let slot = self.slots.by_id[&account.id];
-        for net in &account.prefixes_v4 {
-            if net.prefix_len() == 32 {
-                self.hosts_v4.insert(net.addr().octets(), slot);
-            } else {
-                flags |= GEN_PREFIXES_V4;
-                self.prefixes_v4.insert(
-                    PrefixKey {
-                        addr: net.addr().octets(),
-                        len: net.prefix_len(),
-                    },
-                    slot,
-                );
-            }
-        }
-        for net in &account.prefixes_v6 {
-            if net.prefix_len() == 128 {
-                self.hosts_v6.insert(net.addr().octets(), slot);
-            } else {
-                flags |= GEN_PREFIXES_V6;
-                self.prefixes_v6.insert(
-                    PrefixKey {
-                        addr: net.addr().octets(),
-                        len: net.prefix_len(),
-                    },
-                    slot,
-                );
-            }
-        }
-        let resolver = Resolver::new(&mut self.lists, &account.id, &account.lists);
-        let (had_v4, had_v6) = resolver.emit(slot, &mut self.rules_v4, &mut self.rules_v6);
-        let mut account_flags = ACCOUNT_ACTIVE;
-        if had_v4 {
-            account_flags |= ACCOUNT_RULES_V4;
-        }
-        if had_v6 {
-            account_flags |= ACCOUNT_RULES_V6;
-        }
-        self.accounts.insert(
-            slot,
-            AccountConfig {
-                flags: account_flags,
-                // Set by the datapath when it applies the policy.
-                epoch: 0,
-                limits: [
-                    map_limits(account.inbound.as_ref()),
-                    map_limits(account.outbound.as_ref()),
-                ],
-            },
+/// Source of [`Compiled::id`].
+static COMPILATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// Entry counts per map, against the capacities.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    pub accounts: usize,
+    pub account_prefixes_v4: usize,
+    pub account_prefixes_v6: usize,
+    pub list_prefixes_v4: usize,
+    pub list_prefixes_v6: usize,
+    /// Accounts with IPv4 / IPv6 prefixes wider than a host (for the
+    /// `GEN_PREFIXES_*` flags).
+    pub wide_v4: usize,
+    pub wide_v6: usize,
+}
+
+impl Counts {
+    fn add(&mut self, a: &AccountEntries, sign: isize) {
+        let add = |n: &mut usize, d: usize| *n = n.wrapping_add_signed(sign * d as isize);
+        add(&mut self.accounts, 1);
+        add(
+            &mut self.account_prefixes_v4,
+            a.hosts_v4.len() + a.prefixes_v4.len(),
         );
-        flags
+        add(
+            &mut self.account_prefixes_v6,
+            a.hosts_v6.len() + a.prefixes_v6.len(),
+        );
+        add(&mut self.list_prefixes_v4, a.rules_v4.len());
+        add(&mut self.list_prefixes_v6, a.rules_v6.len());
+        add(&mut self.wide_v4, usize::from(!a.prefixes_v4.is_empty()));
+        add(&mut self.wide_v6, usize::from(!a.prefixes_v6.is_empty()));
     }
 }
 
-/// Compiles `policy`, keeping the slots of accounts already in `slots`.
+impl Compiled {
+    /// The entries of the account in `slot`.
+    #[must_use]
+    pub fn account(&self, slot: u32) -> Option<&Arc<AccountEntries>> {
+        self.accounts.get(slot as usize).and_then(Option::as_ref)
+    }
+
+    /// The accounts with their slots, in slot order.
+    pub fn accounts(&self) -> impl Iterator<Item = (u32, &Arc<AccountEntries>)> {
+        self.accounts
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, a)| a.as_ref().map(|a| (slot as u32, a)))
+    }
+
+    /// The name of list `id`.
+    #[must_use]
+    pub fn list(&self, id: u32) -> Option<&ListInfo> {
+        if id & ACCOUNT_LIST != 0 {
+            self.account((id & !ACCOUNT_LIST) >> 8)?
+                .lists
+                .get((id & 0xff) as usize)
+        } else {
+            self.global.lists.get((id as usize).checked_sub(1)?)
+        }
+    }
+
+    /// The slot of account `id` (a scan: for tests and tools).
+    #[must_use]
+    pub fn slot_of(&self, id: &str) -> Option<u32> {
+        self.order
+            .iter()
+            .map(|(slot, _)| *slot)
+            .find(|slot| self.account_id(*slot) == Some(id))
+    }
+
+    /// The account id of `slot`.
+    #[must_use]
+    pub fn account_id(&self, slot: u32) -> Option<&str> {
+        self.account(slot).and_then(|a| a.id())
+    }
+
+    /// How many entries each map needs.
+    #[must_use]
+    pub fn counts(&self) -> Counts {
+        Counts {
+            list_prefixes_v4: self.counts.list_prefixes_v4 + self.global.rules_v4.len(),
+            list_prefixes_v6: self.counts.list_prefixes_v6 + self.global.rules_v6.len(),
+            ..self.counts
+        }
+    }
+}
+
+/// Compiles `policy`. With the `previous` compiled policy, accounts keep
+/// their slots, and every piece whose source is unchanged is reused as it
+/// is (the same `Arc`), which is what lets the datapath skip it.
+///
+/// Accounts are matched with the previous policy's by position from both
+/// ends (fingerprints compared, ids only where fingerprints differ), and by
+/// id only in the stretch in between that differs: a change to one account,
+/// one account added or removed, costs a scan of the fingerprints plus the
+/// work of that account, whatever the size of the policy.
 pub fn compile(
     policy: &Policy,
-    slots: &SlotTable,
+    previous: Option<&Compiled>,
     capacity: &Capacity,
 ) -> Result<Compiled, CompileError> {
     if policy.accounts.len() > capacity.accounts as usize {
@@ -266,82 +326,380 @@ pub fn compile(
             flag: "--max-accounts",
         });
     }
-    let (slots, new_slots) = slots.assign(
-        policy.accounts.iter().map(|a| a.id.as_str()),
-        capacity.accounts,
-    )?;
-    let mut out = Compiled {
-        slots,
-        new_slots,
-        lists: vec![ListInfo {
-            scope: String::new(),
-            name: String::new(),
-        }],
-        ..Compiled::default()
+    // (An empty `Compiled` allocates the empty stride tables: only when needed.)
+    let empty;
+    let previous = if let Some(previous) = previous {
+        previous
+    } else {
+        empty = Compiled::default();
+        &empty
+    };
+    let global = match &previous.global.source {
+        Some(source) if *source == policy.global.lists => previous.global.clone(),
+        _ => Arc::new(compile_global(&policy.global.lists, capacity)?),
     };
 
+    let new = &policy.accounts;
+    let (n, m) = (new.len(), previous.order.len());
+    let Ends {
+        head,
+        tail,
+        changed,
+    } = match_ends(new, previous);
+    let mut slots = previous.slots.clone();
+    let mut out = Accounts {
+        entries: previous.accounts.clone(),
+        counts: previous.counts,
+        touched: Vec::new(),
+    };
+
+    // The ends: same accounts in the same places; recompile the changed ones.
+    let mut order = previous.order.clone();
+    for (i, j, slot) in changed {
+        out.put(slot, Some(Arc::new(compile_account(&new[i], slot)?)));
+        order.set(j, (slot, new[i].fingerprint));
+    }
+
+    // The middle: by id.
+    let Middle {
+        order: middle,
+        new_slots,
+        released,
+    } = match_middle(
+        &new[head..n - tail],
+        previous,
+        head..m - tail,
+        &mut slots,
+        &mut out,
+        capacity,
+    )?;
+    if head + tail < m || head + tail < n {
+        let mut spliced = order.take(head);
+        spliced.append(middle.into_iter().collect());
+        spliced.append(order.skip(m - tail));
+        order = spliced;
+    }
+
+    let Accounts {
+        entries: accounts,
+        counts,
+        touched,
+    } = out;
+    let flags = generation_flags(&global, &counts);
+    let out = Compiled {
+        config: GenConfig {
+            generation: 0,
+            flags,
+            malformed: verdict_code(policy.global.malformed),
+            event_rate: policy.global.events_per_second,
+            _pad: 0,
+        },
+        slots,
+        new_slots,
+        global,
+        accounts,
+        order,
+        counts,
+        id: COMPILATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        base: previous.id,
+        changed: touched,
+        released,
+    };
+    check_capacity(&out.counts(), capacity)?;
+    Ok(out)
+}
+
+/// The accounts of a compilation in the making.
+struct Accounts {
+    entries: imbl::Vector<Option<Arc<AccountEntries>>>,
+    counts: Counts,
+    /// Slots whose entries were replaced.
+    touched: Vec<u32>,
+}
+
+impl Accounts {
+    /// Gives `slot` its new entries (`None`: no account).
+    fn put(&mut self, slot: u32, entries: Option<Arc<AccountEntries>>) {
+        self.touched.push(slot);
+        while self.entries.len() <= slot as usize {
+            self.entries.push_back(None);
+        }
+        if let Some(old) = &self.entries[slot as usize] {
+            self.counts.add(old, -1);
+        }
+        if let Some(e) = &entries {
+            self.counts.add(e, 1);
+        }
+        self.entries.set(slot as usize, entries);
+    }
+}
+
+/// How far a new account list matches the previous policy's from each end.
+struct Ends {
+    /// Accounts matched from the front and from the back.
+    head: usize,
+    tail: usize,
+    /// (new index, previous index, slot) of the matched accounts whose
+    /// fingerprints differ: the changed ones.
+    changed: Vec<(usize, usize, u32)>,
+}
+
+/// Matches `new` with the previous policy's accounts by position from both
+/// ends: a position matches while the fingerprints are equal, or the ids are
+/// (a changed account).
+fn match_ends(new: &[Account], previous: &Compiled) -> Ends {
+    let (n, m) = (new.len(), previous.order.len());
+    let mut changed = Vec::new();
+    let same_id =
+        |account: &Account, slot: u32| previous.account_id(slot) == Some(account.id.as_str());
+    let mut head = 0;
+    for (account, &(slot, fingerprint)) in new.iter().zip(previous.order.iter()) {
+        if fingerprint != account.fingerprint {
+            if !same_id(account, slot) {
+                break;
+            }
+            changed.push((head, head, slot));
+        }
+        head += 1;
+    }
+    let mut tail = 0;
+    let rest = (n - head).min(m - head);
+    for (account, &(slot, fingerprint)) in new[head..]
+        .iter()
+        .rev()
+        .zip(previous.order.iter().rev())
+        .take(rest)
+    {
+        if fingerprint != account.fingerprint {
+            if !same_id(account, slot) {
+                break;
+            }
+            changed.push((n - 1 - tail, m - 1 - tail, slot));
+        }
+        tail += 1;
+    }
+    Ends {
+        head,
+        tail,
+        changed,
+    }
+}
+
+/// The middle stretch of a policy, matched by id.
+struct Middle {
+    /// (slot, fingerprint) of its accounts, in order.
+    order: Vec<(u32, u128)>,
+    new_slots: Vec<u32>,
+    released: Vec<u32>,
+}
+
+/// Matches the accounts `new` with the previous policy's accounts at
+/// `positions` by id: accounts that stay keep their slot (and their entries
+/// if unchanged); the others leave or arrive.
+fn match_middle(
+    new: &[Account],
+    previous: &Compiled,
+    positions: std::ops::Range<usize>,
+    slots: &mut SlotTable,
+    out: &mut Accounts,
+    capacity: &Capacity,
+) -> Result<Middle, CompileError> {
+    let mut leaving: HashMap<&str, (u32, u128)> = previous
+        .order
+        .clone()
+        .slice(positions)
+        .into_iter()
+        .filter_map(|(slot, fingerprint)| {
+            previous
+                .account_id(slot)
+                .map(|id| (id, (slot, fingerprint)))
+        })
+        .collect();
+    let mut order = Vec::with_capacity(new.len());
+    let mut arriving = Vec::new();
+    for account in new {
+        if let Some((slot, fingerprint)) = leaving.remove(account.id.as_str()) {
+            if fingerprint != account.fingerprint {
+                out.put(slot, Some(Arc::new(compile_account(account, slot)?)));
+            }
+            order.push((slot, account.fingerprint));
+        } else {
+            arriving.push(order.len());
+            order.push((0, account.fingerprint));
+        }
+    }
+    // New accounts take slots before leaving ones release theirs, so that no
+    // slot changes hands within one policy change.
+    let mut new_slots = Vec::with_capacity(arriving.len());
+    for k in arriving {
+        let account = &new[k];
+        let slot = slots.take(capacity.accounts)?;
+        new_slots.push(slot);
+        out.put(slot, Some(Arc::new(compile_account(account, slot)?)));
+        order[k] = (slot, account.fingerprint);
+    }
+    let mut released = Vec::with_capacity(leaving.len());
+    for (slot, _) in leaving.into_values() {
+        slots.free.insert(slot);
+        out.put(slot, None);
+        released.push(slot);
+    }
+    Ok(Middle {
+        order,
+        new_slots,
+        released,
+    })
+}
+
+/// The `GenConfig` flags: which lookups the programs can skip.
+fn generation_flags(global: &GlobalEntries, counts: &Counts) -> u32 {
     let mut flags = 0;
-    let global = Resolver::new(&mut out.lists, "global", &policy.global.lists);
-    let (global_v4, global_v6) = global.emit(NO_ACCOUNT, &mut out.rules_v4, &mut out.rules_v6);
-    if global_v4 {
+    if !global.rules_v4.is_empty() {
         flags |= GEN_RULES_V4;
     }
-    if global_v6 {
+    if !global.rules_v6.is_empty() {
         flags |= GEN_RULES_V6;
     }
-
-    for account in &policy.accounts {
-        flags |= out.add_account(account);
+    if counts.wide_v4 > 0 {
+        flags |= GEN_PREFIXES_V4;
     }
+    if counts.wide_v6 > 0 {
+        flags |= GEN_PREFIXES_V6;
+    }
+    flags
+}
 
-    let global_v4: Vec<(u32, u8, RuleValue)> = out
-        .rules_v4
-        .iter()
-        .take_while(|(k, _)| k.scope == NO_ACCOUNT)
-        .map(|(k, v)| (u32::from_be_bytes(k.addr), k.len, *v))
-        .collect();
-    out.stride = Stride::build(&global_v4, capacity.stride_chunks);
-    if out.lists.len() > mmesh_common::stride::MAX_PAYLOAD as usize {
+fn compile_global(lists: &[List], capacity: &Capacity) -> Result<GlobalEntries, CompileError> {
+    if lists.len() > mmesh_common::stride::MAX_PAYLOAD as usize {
         return Err(CompileError::OverCapacity {
-            what: "lists",
-            needed: out.lists.len(),
+            what: "global lists",
+            needed: lists.len(),
             capacity: mmesh_common::stride::MAX_PAYLOAD,
             flag: "(a fixed limit: merge lists)",
         });
     }
-    out.config = GenConfig {
-        generation: 0,
-        flags,
-        malformed: verdict_code(policy.global.malformed),
-        event_rate: policy.global.events_per_second,
-        _pad: 0,
+    let mut infos = Vec::with_capacity(lists.len());
+    let resolver = Resolver::new(lists, |index, list| {
+        infos.push(ListInfo {
+            scope: "global".to_owned(),
+            name: list.name.clone(),
+        });
+        index + 1
+    });
+    let (v4, v6) = resolver.resolve();
+    let rules_v4: BTreeMap<_, _> = v4
+        .into_iter()
+        .map(|(addr, len, v)| (PrefixKey { addr, len }, v))
+        .collect();
+    let rules_v6: BTreeMap<_, _> = v6
+        .into_iter()
+        .map(|(addr, len, v)| (PrefixKey { addr, len }, v))
+        .collect();
+    let flat: Vec<(u32, u8, RuleValue)> = rules_v4
+        .iter()
+        .map(|(k, v)| (u32::from_be_bytes(k.addr), k.len, *v))
+        .collect();
+    Ok(GlobalEntries {
+        source: Some(lists.to_vec()),
+        stride: Stride::build(&flat, capacity.stride_chunks),
+        rules_v4,
+        rules_v6,
+        lists: infos,
+    })
+}
+
+fn compile_account(account: &Account, slot: u32) -> Result<AccountEntries, CompileError> {
+    if account.lists.len() > MAX_ACCOUNT_LISTS {
+        return Err(CompileError::OverCapacity {
+            what: "lists in one account",
+            needed: account.lists.len(),
+            capacity: MAX_ACCOUNT_LISTS as u32,
+            flag: "(a fixed limit: merge the account's lists)",
+        });
+    }
+    let mut out = AccountEntries {
+        source: Some(account.clone()),
+        ..AccountEntries::default()
     };
-    check_capacity(&out, capacity)?;
+    for net in &account.prefixes_v4 {
+        if net.prefix_len() == 32 {
+            out.hosts_v4.push(net.addr().octets());
+        } else {
+            out.prefixes_v4.push(PrefixKey {
+                addr: net.addr().octets(),
+                len: net.prefix_len(),
+            });
+        }
+    }
+    for net in &account.prefixes_v6 {
+        if net.prefix_len() == 128 {
+            out.hosts_v6.push(net.addr().octets());
+        } else {
+            out.prefixes_v6.push(PrefixKey {
+                addr: net.addr().octets(),
+                len: net.prefix_len(),
+            });
+        }
+    }
+    let mut infos = Vec::with_capacity(account.lists.len());
+    let resolver = Resolver::new(&account.lists, |index, list| {
+        infos.push(ListInfo {
+            scope: account.id.clone(),
+            name: list.name.clone(),
+        });
+        account_list_id(slot, index)
+    });
+    let (v4, v6) = resolver.resolve();
+    out.rules_v4 = v4
+        .into_iter()
+        .map(|(addr, len, v)| (PrefixKey { addr, len }, v))
+        .collect();
+    out.rules_v6 = v6
+        .into_iter()
+        .map(|(addr, len, v)| (PrefixKey { addr, len }, v))
+        .collect();
+    out.lists = infos;
+    let mut flags = ACCOUNT_ACTIVE;
+    if !out.rules_v4.is_empty() {
+        flags |= ACCOUNT_RULES_V4;
+    }
+    if !out.rules_v6.is_empty() {
+        flags |= ACCOUNT_RULES_V6;
+    }
+    out.config = AccountConfig {
+        flags,
+        // The datapath's: the generation in which the slot got its account.
+        epoch: 0,
+        limits: [
+            map_limits(account.inbound.as_ref()),
+            map_limits(account.outbound.as_ref()),
+        ],
+    };
     Ok(out)
 }
 
-fn check_capacity(out: &Compiled, capacity: &Capacity) -> Result<(), CompileError> {
+fn check_capacity(c: &Counts, capacity: &Capacity) -> Result<(), CompileError> {
     let checks = [
         (
-            out.hosts_v4.len() + out.prefixes_v4.len(),
+            c.account_prefixes_v4,
             capacity.account_prefixes,
             "IPv4 account prefixes",
             "--max-account-prefixes",
         ),
         (
-            out.hosts_v6.len() + out.prefixes_v6.len(),
+            c.account_prefixes_v6,
             capacity.account_prefixes,
             "IPv6 account prefixes",
             "--max-account-prefixes",
         ),
         (
-            out.rules_v4.len(),
+            c.list_prefixes_v4,
             capacity.list_prefixes,
             "IPv4 list prefixes",
             "--max-list-prefixes",
         ),
         (
-            out.rules_v6.len(),
+            c.list_prefixes_v6,
             capacity.list_prefixes,
             "IPv6 list prefixes",
             "--max-list-prefixes",
@@ -431,6 +789,9 @@ impl Resolution {
     }
 }
 
+/// Resolved list entries: (address, prefix length, rule).
+type Resolved<A> = Vec<(A, u8, RuleValue)>;
+
 /// Resolves one scope's lists into trie entries whose longest match is the
 /// scope's answer.
 struct Resolver {
@@ -439,15 +800,12 @@ struct Resolver {
 }
 
 impl Resolver {
-    fn new(table: &mut Vec<ListInfo>, scope: &str, lists: &[List]) -> Self {
+    /// `id(index, list)` names each list (and may record it).
+    fn new(lists: &[List], mut id: impl FnMut(u32, &List) -> u32) -> Self {
         let mut v4 = Vec::new();
         let mut v6 = Vec::new();
-        for list in lists {
-            let id = table.len() as u32;
-            table.push(ListInfo {
-                scope: scope.to_owned(),
-                name: list.name.clone(),
-            });
+        for (index, list) in lists.iter().enumerate() {
+            let id = id(index as u32, list);
             v4.extend(list.v4.iter().map(|n: &Ipv4Net| Raw {
                 addr: u128::from(u32::from(n.network())),
                 len: n.prefix_len(),
@@ -464,38 +822,17 @@ impl Resolver {
         Self { v4, v6 }
     }
 
-    /// Emits the entries; returns whether any IPv4 / IPv6 entry was emitted.
-    fn emit(
-        self,
-        scope: u32,
-        v4: &mut BTreeMap<RuleKey<[u8; 4]>, RuleValue>,
-        v6: &mut BTreeMap<RuleKey<[u8; 16]>, RuleValue>,
-    ) -> (bool, bool) {
-        let mut any4 = false;
-        for (addr, len, value) in resolve(self.v4, 32) {
-            any4 = true;
-            v4.insert(
-                RuleKey {
-                    scope,
-                    addr: (addr as u32).to_be_bytes(),
-                    len,
-                },
-                value,
-            );
-        }
-        let mut any6 = false;
-        for (addr, len, value) in resolve(self.v6, 128) {
-            any6 = true;
-            v6.insert(
-                RuleKey {
-                    scope,
-                    addr: addr.to_be_bytes(),
-                    len,
-                },
-                value,
-            );
-        }
-        (any4, any6)
+    /// The resolved entries, IPv4 and IPv6, in address order.
+    fn resolve(self) -> (Resolved<[u8; 4]>, Resolved<[u8; 16]>) {
+        let v4 = resolve(self.v4, 32)
+            .into_iter()
+            .map(|(a, l, v)| ((a as u32).to_be_bytes(), l, v))
+            .collect();
+        let v6 = resolve(self.v6, 128)
+            .into_iter()
+            .map(|(a, l, v)| (a.to_be_bytes(), l, v))
+            .collect();
+        (v4, v6)
     }
 }
 
@@ -569,105 +906,101 @@ mod tests {
         Policy::parse(yaml, "test", Path::new(".")).expect("valid policy")
     }
 
-    fn rule4(c: &Compiled, scope: u32, cidr: &str) -> Option<RuleValue> {
+    fn fresh(yaml: &str) -> Compiled {
+        compile(&policy(yaml), None, &Capacity::default()).expect("compiles")
+    }
+
+    fn global4(c: &Compiled, cidr: &str) -> Option<RuleValue> {
         let net: Ipv4Net = cidr.parse().unwrap();
-        c.rules_v4
-            .get(&RuleKey {
-                scope,
+        c.global
+            .rules_v4
+            .get(&PrefixKey {
                 addr: net.addr().octets(),
                 len: net.prefix_len(),
             })
             .copied()
     }
 
-    /// A longest-prefix-match over the compiled entries, as the kernel does it.
-    fn lookup4(c: &Compiled, scope: u32, addr: &str) -> Option<RuleValue> {
+    /// A longest-prefix-match over the compiled global entries, as the
+    /// kernel does it.
+    fn lookup4(c: &Compiled, addr: &str) -> Option<RuleValue> {
         let a: std::net::Ipv4Addr = addr.parse().unwrap();
-        (0..=32u8).rev().find_map(|len| {
-            let net = Ipv4Net::new(a, len).unwrap().trunc();
-            rule4(c, scope, &net.to_string())
-        })
+        (0..=32u8)
+            .rev()
+            .find_map(|len| global4(c, &Ipv4Net::new(a, len).unwrap().trunc().to_string()))
+    }
+
+    fn list_name(c: &Compiled, v: Option<RuleValue>) -> &str {
+        c.list(v.expect("a match").list)
+            .expect("a named list")
+            .name
+            .as_str()
     }
 
     #[test]
     fn allow_beats_block_and_drop_beats_monitor_within_a_scope() {
-        let c = compile(
-            &policy(
-                "global:
+        let c = fresh(
+            "global:
   block:
     - { name: wide, cidrs: [10.0.0.0/8] }
     - { name: watch, action: monitor, cidrs: [10.9.0.0/16, 172.16.0.0/12] }
   allow:
     - { name: ok, cidrs: [10.1.0.0/16, 192.168.0.0/16] }
-  ",
-            ),
-            &SlotTable::default(),
-            &Capacity::default(),
-        )
-        .unwrap();
-        let drop = Verdict::Drop as u32;
-        let pass = Verdict::Pass as u32;
-        let monitor = Verdict::Monitor as u32;
-        assert_eq!(lookup4(&c, 0, "10.2.3.4").unwrap().action, drop);
+",
+        );
+        let (drop, pass, monitor) = (
+            Verdict::Drop as u32,
+            Verdict::Pass as u32,
+            Verdict::Monitor as u32,
+        );
+        assert_eq!(lookup4(&c, "10.2.3.4").unwrap().action, drop);
         assert_eq!(
-            lookup4(&c, 0, "10.1.3.4").unwrap().action,
+            lookup4(&c, "10.1.3.4").unwrap().action,
             pass,
             "allow inside block"
         );
         assert_eq!(
-            lookup4(&c, 0, "10.9.3.4").unwrap().action,
+            lookup4(&c, "10.9.3.4").unwrap().action,
             drop,
             "monitor inside drop is still dropped"
         );
-        assert_eq!(lookup4(&c, 0, "172.16.1.1").unwrap().action, monitor);
-        assert_eq!(lookup4(&c, 0, "8.8.8.8"), None);
+        assert_eq!(lookup4(&c, "172.16.1.1").unwrap().action, monitor);
+        assert_eq!(lookup4(&c, "8.8.8.8"), None);
         assert_eq!(
-            rule4(&c, 0, "192.168.0.0/16"),
+            global4(&c, "192.168.0.0/16"),
             None,
             "an allow with no block around it is left out"
         );
-        assert_eq!(
-            c.lists[lookup4(&c, 0, "10.2.3.4").unwrap().list as usize].name,
-            "wide"
-        );
+        assert_eq!(list_name(&c, lookup4(&c, "10.2.3.4")), "wide");
         assert_eq!(c.config.flags & GEN_RULES_V4, GEN_RULES_V4);
         assert_eq!(c.config.flags & GEN_RULES_V6, 0);
     }
 
     #[test]
     fn block_inside_allow_is_allowed() {
-        let c = compile(
-            &policy(
-                "global:
+        let c = fresh(
+            "global:
   allow: [{ cidrs: [10.0.0.0/8] }]
   block: [{ cidrs: [10.1.0.0/16] }]
 ",
-            ),
-            &SlotTable::default(),
-            &Capacity::default(),
-        )
-        .unwrap();
+        );
         // Not blocked; the block entry inside the allow changes nothing and
         // is not even written.
-        assert_eq!(lookup4(&c, 0, "10.1.1.1"), None);
-        assert!(c.rules_v4.is_empty());
+        assert_eq!(lookup4(&c, "10.1.1.1"), None);
+        assert!(c.global.rules_v4.is_empty());
     }
 
     #[test]
     fn redundant_prefixes_are_not_written() {
-        let c = compile(
-            &policy(
-                "global:
+        let c = fresh(
+            "global:
   block:
     - { name: feed, cidrs: [10.0.0.0/16, 10.0.1.0/24, 10.0.1.7/32, 10.9.0.0/24] }
     - { name: other, cidrs: [10.0.2.0/24] }
 ",
-            ),
-            &SlotTable::default(),
-            &Capacity::default(),
-        )
-        .unwrap();
+        );
         let written: Vec<String> = c
+            .global
             .rules_v4
             .keys()
             .map(|k| format!("{}/{}", std::net::Ipv4Addr::from(k.addr), k.len))
@@ -675,14 +1008,8 @@ mod tests {
         // The /24 and /32 of `feed` inside its own /16 add nothing; the /24 of
         // `other` is reported under its own name, so it stays.
         assert_eq!(written, ["10.0.0.0/16", "10.0.2.0/24", "10.9.0.0/24"]);
-        assert_eq!(
-            c.lists[lookup4(&c, 0, "10.0.2.9").unwrap().list as usize].name,
-            "other"
-        );
-        assert_eq!(
-            c.lists[lookup4(&c, 0, "10.0.1.7").unwrap().list as usize].name,
-            "feed"
-        );
+        assert_eq!(list_name(&c, lookup4(&c, "10.0.2.9")), "other");
+        assert_eq!(list_name(&c, lookup4(&c, "10.0.1.7")), "feed");
     }
 
     #[test]
@@ -693,12 +1020,12 @@ mod tests {
   - { id: b, prefixes: [10.0.0.2, 10.2.0.0/16, '2001:db8::/64'] }
 ",
         );
-        let c1 = compile(&p1, &SlotTable::default(), &Capacity::default()).unwrap();
-        assert_eq!(c1.slots.by_id["a"], 1);
-        assert_eq!(c1.slots.by_id["b"], 2);
+        let c1 = compile(&p1, None, &Capacity::default()).unwrap();
+        assert_eq!((c1.slot_of("a").unwrap(), c1.slot_of("b").unwrap()), (1, 2));
         assert_eq!(c1.new_slots, vec![1, 2]);
-        assert_eq!(c1.hosts_v4[&[10, 0, 0, 2]], 2);
-        assert_eq!(c1.prefixes_v4.len(), 1);
+        assert_eq!(c1.account(2).unwrap().hosts_v4, vec![[10, 0, 0, 2]]);
+        assert_eq!(c1.account(2).unwrap().prefixes_v4.len(), 1);
+        assert_eq!(c1.account_id(2), Some("b"));
         assert_eq!(
             c1.config.flags & (GEN_PREFIXES_V4 | GEN_PREFIXES_V6),
             GEN_PREFIXES_V4 | GEN_PREFIXES_V6
@@ -712,9 +1039,8 @@ mod tests {
   - { id: b, prefixes: [10.0.0.2] }
 ",
         );
-        let c2 = compile(&p2, &c1.slots, &Capacity::default()).unwrap();
-        assert_eq!(c2.slots.by_id["b"], 2);
-        assert_eq!(c2.slots.by_id["c"], 3);
+        let c2 = compile(&p2, Some(&c1), &Capacity::default()).unwrap();
+        assert_eq!((c2.slot_of("b").unwrap(), c2.slot_of("c").unwrap()), (2, 3));
         assert_eq!(c2.new_slots, vec![3]);
         let p3 = policy(
             "accounts:
@@ -723,15 +1049,61 @@ mod tests {
   - { id: d, prefixes: [10.0.0.4] }
 ",
         );
-        let c3 = compile(&p3, &c2.slots, &Capacity::default()).unwrap();
-        assert_eq!(c3.slots.by_id["d"], 1);
+        let c3 = compile(&p3, Some(&c2), &Capacity::default()).unwrap();
+        assert_eq!(c3.slot_of("d").unwrap(), 1);
+    }
+
+    #[test]
+    fn unchanged_pieces_are_reused_as_they_are() {
+        let base = "global:
+  block: [{ name: g, cidrs: [192.0.2.0/24] }]
+accounts:
+  - { id: a, prefixes: [10.0.0.1], limits: { inbound: { pps: 1000 } } }
+  - { id: b, prefixes: [10.0.0.2], block: [{ name: own, cidrs: [198.51.100.0/24] }] }
+";
+        let c1 = fresh(base);
+        // Same text: every piece is the same Arc, the slot table too.
+        let c2 = compile(&policy(base), Some(&c1), &Capacity::default()).unwrap();
+        assert!(Arc::ptr_eq(&c1.global, &c2.global));
+        assert_eq!(c1.slots, c2.slots);
+        assert!(
+            c1.accounts()
+                .all(|(s, a)| Arc::ptr_eq(a, c2.account(s).unwrap()))
+        );
+        // One account's limit changes: only its piece is new.
+        let c3 = compile(
+            &policy(&base.replace("pps: 1000", "pps: 2000")),
+            Some(&c2),
+            &Capacity::default(),
+        )
+        .unwrap();
+        assert!(!Arc::ptr_eq(c2.account(1).unwrap(), c3.account(1).unwrap()));
+        assert!(Arc::ptr_eq(c2.account(2).unwrap(), c3.account(2).unwrap()));
+        assert!(Arc::ptr_eq(&c2.global, &c3.global));
+        assert_eq!(
+            c3.account(1).unwrap().config.limits[0].pps,
+            RateLimit::packets(2000, 200, Verdict::Drop as u32)
+        );
+        // The global list changes: a new global piece, the accounts stay.
+        let c4 = compile(
+            &policy(&base.replace("192.0.2.0/24", "192.0.2.0/25")),
+            Some(&c3),
+            &Capacity::default(),
+        )
+        .unwrap();
+        assert!(!Arc::ptr_eq(&c3.global, &c4.global));
+        assert!(Arc::ptr_eq(c3.account(2).unwrap(), c4.account(2).unwrap()));
+        // Account list ids do not depend on other accounts.
+        let id = c4.account(2).unwrap().rules_v4[0].1.list;
+        assert_eq!(id, account_list_id(2, 0));
+        assert_eq!(c4.list(id).unwrap().name, "own");
+        assert_eq!(c4.list(id).unwrap().scope, "b");
     }
 
     #[test]
     fn account_lists_are_scoped_by_slot_and_limits_compiled() {
-        let c = compile(
-            &policy(
-                "accounts:
+        let c = fresh(
+            "accounts:
   - id: a
     prefixes: [10.0.0.1]
     mode: monitor
@@ -739,15 +1111,15 @@ mod tests {
     limits:
       outbound: { pps: 1000, bps: 8M }
 ",
-            ),
-            &SlotTable::default(),
-            &Capacity::default(),
-        )
-        .unwrap();
-        let acc = c.accounts[&1];
-        assert_eq!(acc.flags, ACCOUNT_ACTIVE | ACCOUNT_RULES_V6);
-        assert_eq!(acc.limits[0], MapDirLimits::default(), "no inbound limits");
-        let out = acc.limits[1];
+        );
+        let acc = &c.account(1).unwrap();
+        assert_eq!(acc.config.flags, ACCOUNT_ACTIVE | ACCOUNT_RULES_V6);
+        assert_eq!(
+            acc.config.limits[0],
+            MapDirLimits::default(),
+            "no inbound limits"
+        );
+        let out = acc.config.limits[1];
         assert_eq!(
             out.pps.action,
             Verdict::Monitor as u32,
@@ -761,8 +1133,8 @@ mod tests {
             out.bps,
             RateLimit::bits(8_000_000, 800_000, Verdict::Monitor as u32)
         );
-        let (key, value) = c.rules_v6.iter().next().unwrap();
-        assert_eq!((key.scope, key.len), (1, 48));
+        let (key, value) = acc.rules_v6[0];
+        assert_eq!(key.len, 48);
         assert_eq!(value.action, Verdict::Monitor as u32);
     }
 
@@ -778,9 +1150,7 @@ mod tests {
             accounts: 1,
             ..Capacity::default()
         };
-        let err = compile(&p, &SlotTable::default(), &cap)
-            .unwrap_err()
-            .to_string();
+        let err = compile(&p, None, &cap).unwrap_err().to_string();
         assert!(
             err.contains("2 accounts") && err.contains("--max-accounts"),
             "{err}"
@@ -790,13 +1160,96 @@ mod tests {
             list_prefixes: 1,
             ..Capacity::default()
         };
-        let err = compile(&p, &SlotTable::default(), &cap)
-            .unwrap_err()
-            .to_string();
+        let err = compile(&p, None, &cap).unwrap_err().to_string();
         assert!(
             err.contains("IPv4 list prefixes") && err.contains("--max-list-prefixes"),
             "{err}"
         );
+    }
+
+    /// A small policy from a list of (account number, variant): ids from a
+    /// small pool so that consecutive policies share, add, drop, reorder
+    /// and change accounts.
+    fn policy_of(accounts: &[(u8, u8)]) -> Policy {
+        use std::fmt::Write as _;
+        let mut y =
+            String::from("global:\n  block: [{ name: g, cidrs: [192.0.2.0/24] }]\naccounts:\n");
+        let mut seen = std::collections::HashSet::new();
+        for (n, variant) in accounts {
+            if !seen.insert(*n) {
+                continue;
+            }
+            let _ = write!(
+                y,
+                "  - {{ id: a{n}, prefixes: [10.0.{n}.1, '10.1.{n}.0/24'], limits: {{ inbound: {{ pps: {} }} }}",
+                1000 + u32::from(*variant % 3)
+            );
+            if variant % 2 == 1 {
+                let _ = write!(
+                    y,
+                    ", block: [{{ name: own, cidrs: [198.51.{}.0/24] }}]",
+                    variant % 4
+                );
+            }
+            y.push_str(" }\n");
+        }
+        policy(&y)
+    }
+
+    /// What an account puts in the maps, with list ids replaced by names so
+    /// that it does not depend on the slot.
+    #[allow(clippy::type_complexity, reason = "a test's tuple of what it compares")]
+    fn portable(
+        c: &Compiled,
+        slot: u32,
+    ) -> (
+        Vec<[u8; 4]>,
+        Vec<PrefixKey<[u8; 4]>>,
+        Vec<(PrefixKey<[u8; 4]>, u32, String)>,
+        AccountConfig,
+    ) {
+        let a = c.account(slot).expect("compiled");
+        let rules = a
+            .rules_v4
+            .iter()
+            .map(|(k, v)| (*k, v.action, c.list(v.list).unwrap().name.clone()))
+            .collect();
+        (a.hosts_v4.clone(), a.prefixes_v4.clone(), rules, a.config)
+    }
+
+    proptest::proptest! {
+        /// Compiling B against A gives the same entries as compiling B
+        /// afresh, accounts present in both keep their slots, no slot is
+        /// shared, and the new slots are exactly those of the new accounts.
+        #[test]
+        fn incremental_compile_matches_a_fresh_one(
+            a in proptest::collection::vec((0u8..12, 0u8..6), 0..10),
+            b in proptest::collection::vec((0u8..12, 0u8..6), 0..10),
+        ) {
+            let cap = Capacity::default();
+            let (pa, pb) = (policy_of(&a), policy_of(&b));
+            let ca = compile(&pa, None, &cap).unwrap();
+            let incremental = compile(&pb, Some(&ca), &cap).unwrap();
+            let fresh = compile(&pb, None, &cap).unwrap();
+            proptest::prop_assert_eq!(incremental.counts(), fresh.counts());
+            proptest::prop_assert_eq!(incremental.config, fresh.config);
+            let mut used = std::collections::HashSet::new();
+            for account in &pb.accounts {
+                let si = incremental.slot_of(&account.id).unwrap();
+                let sf = fresh.slot_of(&account.id).unwrap();
+                proptest::prop_assert!(used.insert(si), "slot {} given twice", si);
+                proptest::prop_assert_eq!(portable(&incremental, si), portable(&fresh, sf));
+                match ca.slot_of(&account.id) {
+                    Some(before) => {
+                        proptest::prop_assert_eq!(si, before, "{} moved", account.id);
+                        proptest::prop_assert!(!incremental.new_slots.contains(&si));
+                    }
+                    None => proptest::prop_assert!(incremental.new_slots.contains(&si)),
+                }
+            }
+            proptest::prop_assert_eq!(incremental.accounts().count(), pb.accounts.len());
+            proptest::prop_assert_eq!(incremental.order.len(), pb.accounts.len());
+        }
     }
 
     proptest::proptest! {

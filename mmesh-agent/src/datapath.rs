@@ -22,16 +22,13 @@
 //! half holds; a half whose writes failed part-way is marked unknown and read
 //! back from the kernel before its next use.
 
-use std::{
-    collections::{BTreeMap, btree_map},
-    sync::Arc,
-};
+use std::{collections::BTreeMap, sync::Arc};
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
-        Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf,
-        lpm_trie::Key,
+        Array, HashMap, IterableMap as _, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap,
+        RingBuf, lpm_trie::Key,
     },
     programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
     util::KernelVersion,
@@ -50,7 +47,8 @@ use serde::Serialize;
 
 use crate::{
     barrier::ProgramBarrier,
-    compile::{Capacity, Compiled, PrefixKey, RuleKey},
+    batch,
+    compile::{AccountEntries, Capacity, Compiled, GlobalEntries, PrefixKey},
     interface::{self, InterfaceError, InterfaceSpec, Role},
     stride::Stride,
 };
@@ -135,6 +133,17 @@ impl DatapathError {
     }
 }
 
+/// The error of a failed [`batch::update`] of map `map`.
+fn batch_error(map: &'static str) -> impl Fn(std::io::Error) -> DatapathError {
+    move |io_error| {
+        let call = "bpf_map_update_batch";
+        DatapathError::map(
+            map,
+            MapError::SyscallError(aya::sys::SyscallError { call, io_error }),
+        )
+    }
+}
+
 /// Whether an error chain bottoms out in EPERM or EACCES.
 fn is_permission(err: &(dyn std::error::Error + 'static)) -> bool {
     let mut cur = Some(err);
@@ -184,86 +193,443 @@ struct Maps {
     stats: PerCpuArray<MapData, u64>,
 }
 
+/// A slot's entries before and after a change.
+type Change = (
+    u32,
+    Option<Arc<AccountEntries>>,
+    Option<Arc<AccountEntries>>,
+);
+
+/// Writes to hash and array maps gathered for one batched system call per
+/// map ([`batch::update`]): the first load of a large policy writes hundreds
+/// of thousands of host addresses.
+#[derive(Default)]
+struct Pending {
+    hosts_v4: Batch<ScopedV4, u32>,
+    hosts_v6: Batch<ScopedV6, u32>,
+    prefixes_v4: Batch<Key<ScopedV4>, u32>,
+    prefixes_v6: Batch<Key<ScopedV6>, u32>,
+    accounts: Batch<u32, AccountConfig>,
+}
+
+struct Batch<K, V> {
+    keys: Vec<K>,
+    values: Vec<V>,
+}
+
+impl<K, V> Default for Batch<K, V> {
+    fn default() -> Self {
+        Self {
+            keys: Vec::new(),
+            values: Vec::new(),
+        }
+    }
+}
+
+impl<K: aya::Pod, V: aya::Pod> Batch<K, V> {
+    fn push(&mut self, key: K, value: V) {
+        self.keys.push(key);
+        self.values.push(value);
+    }
+
+    fn write(&self, map: &MapData) -> std::io::Result<()> {
+        batch::update(map, &self.keys, &self.values)
+    }
+}
+
 impl Maps {
-    /// Brings the attribution and list entries of half `half` from
-    /// `current` to `target`.
-    fn sync_lists(
+    /// Brings the global lists of half `half` from `current` to `target`.
+    fn sync_global(
         &mut self,
         half: u32,
-        current: &Compiled,
-        target: &Compiled,
+        current: &GlobalEntries,
+        target: &GlobalEntries,
     ) -> Result<(), DatapathError> {
         let own = scope(half, NO_ACCOUNT);
-        let host4 = |a: &[u8; 4]| ScopedV4 {
-            scope: own,
-            addr: *a,
-        };
-        let host6 = |a: &[u8; 16]| ScopedV6 {
-            scope: own,
-            addr: *a,
-        };
-        sync_hash(
-            &mut self.hosts_v4,
-            names::HOSTS_V4,
-            current.hosts_v4.iter(),
-            target.hosts_v4.iter(),
-            host4,
-        )?;
-        sync_hash(
-            &mut self.hosts_v6,
-            names::HOSTS_V6,
-            current.hosts_v6.iter(),
-            target.hosts_v6.iter(),
-            host6,
-        )?;
-        let prefix4 = |k: &PrefixKey<[u8; 4]>| key4(own, k.addr, k.len);
-        let prefix6 = |k: &PrefixKey<[u8; 16]>| key6(own, k.addr, k.len);
-        sync_lpm(
-            &mut self.prefixes_v4,
-            names::PREFIXES_V4,
-            current.prefixes_v4.iter(),
-            target.prefixes_v4.iter(),
-            prefix4,
-        )?;
-        sync_lpm(
-            &mut self.prefixes_v6,
-            names::PREFIXES_V6,
-            current.prefixes_v6.iter(),
-            target.prefixes_v6.iter(),
-            prefix6,
-        )?;
-        // Global entries (scope 0) sort first; the accounts' follow.
-        let rule4 = |k: &RuleKey<[u8; 4]>| key4(scope(half, k.scope), k.addr, k.len);
-        let rule6 = |k: &RuleKey<[u8; 16]>| key6(scope(half, k.scope), k.addr, k.len);
+        let v4 = |k: &PrefixKey<[u8; 4]>| key4(own, k.addr, k.len);
+        let v6 = |k: &PrefixKey<[u8; 16]>| key6(own, k.addr, k.len);
         sync_lpm(
             &mut self.rules_v4,
             names::RULES_V4,
-            global_rules(&current.rules_v4),
-            global_rules(&target.rules_v4),
-            rule4,
+            current.rules_v4.iter(),
+            target.rules_v4.iter(),
+            v4,
         )?;
         sync_lpm(
             &mut self.rules_v6,
             names::RULES_V6,
-            global_rules(&current.rules_v6),
-            global_rules(&target.rules_v6),
-            rule6,
-        )?;
-        sync_lpm(
-            &mut self.acct_rules_v4,
-            names::ACCT_RULES_V4,
-            account_rules(&current.rules_v4),
-            account_rules(&target.rules_v4),
-            rule4,
-        )?;
-        sync_lpm(
-            &mut self.acct_rules_v6,
-            names::ACCT_RULES_V6,
-            account_rules(&current.rules_v6),
-            account_rules(&target.rules_v6),
-            rule6,
+            current.rules_v6.iter(),
+            target.rules_v6.iter(),
+            v6,
         )?;
         self.sync_stride(half, &current.stride, &target.stride)
+    }
+
+    /// Brings the accounts of half `half` from `current` to `target`,
+    /// touching only the accounts whose entries are not the very same
+    /// (`Arc`). Every entry that goes away is removed before any entry is
+    /// written, so that a prefix passing from one account to another in the
+    /// same change ends up with its new owner.
+    fn sync_accounts(
+        &mut self,
+        half: u32,
+        current: &imbl::Vector<Option<Arc<AccountEntries>>>,
+        target: &imbl::Vector<Option<Arc<AccountEntries>>>,
+        epochs: &[u32],
+    ) -> Result<(), DatapathError> {
+        let empty = AccountEntries::default();
+        let mut changed: Vec<(u32, &AccountEntries, Option<&AccountEntries>)> = Vec::new();
+        let pad = std::iter::repeat(&None);
+        let pairs = current
+            .iter()
+            .chain(pad.clone())
+            .zip(target.iter().chain(pad))
+            .take(current.len().max(target.len()));
+        for (slot, (old, new)) in pairs.enumerate() {
+            match (old.as_ref(), new.as_ref()) {
+                (Some(o), Some(n)) if Arc::ptr_eq(o, n) => {}
+                (None, None) => {}
+                (o, n) => changed.push((slot as u32, o.map_or(&empty, |o| &**o), n.map(|n| &**n))),
+            }
+        }
+        for (slot, old, new) in &changed {
+            self.remove_entries(half, *slot, old, new.unwrap_or(&empty))?;
+        }
+        let mut pending = Pending::default();
+        for (slot, old, new) in &changed {
+            self.put_entries(half, *slot, old, *new, epochs, &mut pending)?;
+        }
+        self.flush(&pending)
+    }
+
+    /// As [`Maps::sync_accounts`], for the listed slots only.
+    fn sync_slots(
+        &mut self,
+        half: u32,
+        slots: &[u32],
+        current: &imbl::Vector<Option<Arc<AccountEntries>>>,
+        target: &imbl::Vector<Option<Arc<AccountEntries>>>,
+        epochs: &[u32],
+    ) -> Result<(), DatapathError> {
+        let empty = AccountEntries::default();
+        let entries = |v: &imbl::Vector<Option<Arc<AccountEntries>>>, slot: u32| {
+            v.get(slot as usize).cloned().flatten()
+        };
+        let changed: Vec<Change> = slots
+            .iter()
+            .map(|slot| (*slot, entries(current, *slot), entries(target, *slot)))
+            .collect();
+        for (slot, old, new) in &changed {
+            self.remove_entries(
+                half,
+                *slot,
+                old.as_deref().unwrap_or(&empty),
+                new.as_deref().unwrap_or(&empty),
+            )?;
+        }
+        let mut pending = Pending::default();
+        for (slot, old, new) in &changed {
+            self.put_entries(
+                half,
+                *slot,
+                old.as_deref().unwrap_or(&empty),
+                new.as_deref(),
+                epochs,
+                &mut pending,
+            )?;
+        }
+        self.flush(&pending)
+    }
+
+    /// Removes the entries of `old` that `new` does not have.
+    fn remove_entries(
+        &mut self,
+        half: u32,
+        slot: u32,
+        old: &AccountEntries,
+        new: &AccountEntries,
+    ) -> Result<(), DatapathError> {
+        let own = scope(half, NO_ACCOUNT);
+        let mine = scope(half, slot);
+        for a in gone(&old.hosts_v4, &new.hosts_v4) {
+            remove_hash(
+                &mut self.hosts_v4,
+                names::HOSTS_V4,
+                &ScopedV4 {
+                    scope: own,
+                    addr: *a,
+                },
+            )?;
+        }
+        for a in gone(&old.hosts_v6, &new.hosts_v6) {
+            remove_hash(
+                &mut self.hosts_v6,
+                names::HOSTS_V6,
+                &ScopedV6 {
+                    scope: own,
+                    addr: *a,
+                },
+            )?;
+        }
+        for k in gone(&old.prefixes_v4, &new.prefixes_v4) {
+            remove_lpm(
+                &mut self.prefixes_v4,
+                names::PREFIXES_V4,
+                &key4(own, k.addr, k.len),
+            )?;
+        }
+        for k in gone(&old.prefixes_v6, &new.prefixes_v6) {
+            remove_lpm(
+                &mut self.prefixes_v6,
+                names::PREFIXES_V6,
+                &key6(own, k.addr, k.len),
+            )?;
+        }
+        let keys4: Vec<_> = new.rules_v4.iter().map(|(k, _)| *k).collect();
+        for (k, _) in old.rules_v4.iter().filter(|(k, _)| !keys4.contains(k)) {
+            remove_lpm(
+                &mut self.acct_rules_v4,
+                names::ACCT_RULES_V4,
+                &key4(mine, k.addr, k.len),
+            )?;
+        }
+        let keys6: Vec<_> = new.rules_v6.iter().map(|(k, _)| *k).collect();
+        for (k, _) in old.rules_v6.iter().filter(|(k, _)| !keys6.contains(k)) {
+            remove_lpm(
+                &mut self.acct_rules_v6,
+                names::ACCT_RULES_V6,
+                &key6(mine, k.addr, k.len),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Writes the entries of `new` that `old` does not have (or has with
+    /// another value), and the account's settings; without `new`, leaves a
+    /// tombstone holding the slot's epoch.
+    fn put_entries(
+        &mut self,
+        half: u32,
+        slot: u32,
+        old: &AccountEntries,
+        new: Option<&AccountEntries>,
+        epochs: &[u32],
+        pending: &mut Pending,
+    ) -> Result<(), DatapathError> {
+        let epoch = epochs.get(slot as usize).copied().unwrap_or(0);
+        let Some(new) = new else {
+            let tombstone = AccountConfig {
+                epoch,
+                ..AccountConfig::default()
+            };
+            pending.accounts.push(account_index(slot, half), tombstone);
+            return Ok(());
+        };
+        let own = scope(half, NO_ACCOUNT);
+        let mine = scope(half, slot);
+        for a in gone(&new.hosts_v4, &old.hosts_v4) {
+            pending.hosts_v4.push(
+                ScopedV4 {
+                    scope: own,
+                    addr: *a,
+                },
+                slot,
+            );
+        }
+        for a in gone(&new.hosts_v6, &old.hosts_v6) {
+            pending.hosts_v6.push(
+                ScopedV6 {
+                    scope: own,
+                    addr: *a,
+                },
+                slot,
+            );
+        }
+        for k in gone(&new.prefixes_v4, &old.prefixes_v4) {
+            pending.prefixes_v4.push(key4(own, k.addr, k.len), slot);
+        }
+        for k in gone(&new.prefixes_v6, &old.prefixes_v6) {
+            pending.prefixes_v6.push(key6(own, k.addr, k.len), slot);
+        }
+        for rule in gone(&new.rules_v4, &old.rules_v4) {
+            let (k, v) = rule;
+            self.acct_rules_v4
+                .insert(&key4(mine, k.addr, k.len), v, 0)
+                .map_err(|e| DatapathError::map(names::ACCT_RULES_V4, e))?;
+        }
+        for rule in gone(&new.rules_v6, &old.rules_v6) {
+            let (k, v) = rule;
+            self.acct_rules_v6
+                .insert(&key6(mine, k.addr, k.len), v, 0)
+                .map_err(|e| DatapathError::map(names::ACCT_RULES_V6, e))?;
+        }
+        let config = AccountConfig {
+            epoch,
+            ..new.config
+        };
+        if old.config != config {
+            pending.accounts.push(account_index(slot, half), config);
+        }
+        Ok(())
+    }
+
+    /// Writes the batched entries of `pending`, hosts before settings (a
+    /// slot's settings must not name addresses not yet routed to it: harmless
+    /// in the inactive half, but cheap to keep in order).
+    fn flush(&mut self, pending: &Pending) -> Result<(), DatapathError> {
+        pending
+            .hosts_v4
+            .write(self.hosts_v4.map())
+            .map_err(batch_error(names::HOSTS_V4))?;
+        pending
+            .hosts_v6
+            .write(self.hosts_v6.map())
+            .map_err(batch_error(names::HOSTS_V6))?;
+        pending
+            .prefixes_v4
+            .write(self.prefixes_v4.map())
+            .map_err(batch_error(names::PREFIXES_V4))?;
+        pending
+            .prefixes_v6
+            .write(self.prefixes_v6.map())
+            .map_err(batch_error(names::PREFIXES_V6))?;
+        pending
+            .accounts
+            .write(self.accounts.map())
+            .map_err(batch_error(names::ACCOUNTS))
+    }
+
+    /// The accounts' entries in half `half`, by slot (slots up to
+    /// `max_slot`).
+    fn read_accounts(
+        &self,
+        half: u32,
+        max_slot: u32,
+    ) -> Result<BTreeMap<u32, AccountEntries>, DatapathError> {
+        let m = self;
+        let in_half = |s: u32| s >> 31 == half;
+        let prefix = |len: u32| (len - SCOPE_BITS) as u8;
+        let mut accounts: BTreeMap<u32, AccountEntries> = BTreeMap::new();
+        for key in m.hosts_v4.keys() {
+            let key = key.map_err(|e| DatapathError::map(names::HOSTS_V4, e))?;
+            if in_half(key.scope) {
+                let slot = m
+                    .hosts_v4
+                    .get(&key, 0)
+                    .map_err(|e| DatapathError::map(names::HOSTS_V4, e))?;
+                accounts.entry(slot).or_default().hosts_v4.push(key.addr);
+            }
+        }
+        for key in m.hosts_v6.keys() {
+            let key = key.map_err(|e| DatapathError::map(names::HOSTS_V6, e))?;
+            if in_half(key.scope) {
+                let slot = m
+                    .hosts_v6
+                    .get(&key, 0)
+                    .map_err(|e| DatapathError::map(names::HOSTS_V6, e))?;
+                accounts.entry(slot).or_default().hosts_v6.push(key.addr);
+            }
+        }
+        for entry in &m.prefixes_v4 {
+            let (key, slot) = entry.map_err(|e| DatapathError::map(names::PREFIXES_V4, e))?;
+            if in_half(key.data().scope) {
+                accounts
+                    .entry(slot)
+                    .or_default()
+                    .prefixes_v4
+                    .push(PrefixKey {
+                        addr: key.data().addr,
+                        len: prefix(key.prefix_len()),
+                    });
+            }
+        }
+        for entry in &m.prefixes_v6 {
+            let (key, slot) = entry.map_err(|e| DatapathError::map(names::PREFIXES_V6, e))?;
+            if in_half(key.data().scope) {
+                accounts
+                    .entry(slot)
+                    .or_default()
+                    .prefixes_v6
+                    .push(PrefixKey {
+                        addr: key.data().addr,
+                        len: prefix(key.prefix_len()),
+                    });
+            }
+        }
+        for entry in &m.acct_rules_v4 {
+            let (key, value) = entry.map_err(|e| DatapathError::map(names::ACCT_RULES_V4, e))?;
+            let data = key.data();
+            if in_half(data.scope) {
+                let k = PrefixKey {
+                    addr: data.addr,
+                    len: prefix(key.prefix_len()),
+                };
+                accounts
+                    .entry(data.scope & !(1 << 31))
+                    .or_default()
+                    .rules_v4
+                    .push((k, value));
+            }
+        }
+        for entry in &m.acct_rules_v6 {
+            let (key, value) = entry.map_err(|e| DatapathError::map(names::ACCT_RULES_V6, e))?;
+            let data = key.data();
+            if in_half(data.scope) {
+                let k = PrefixKey {
+                    addr: data.addr,
+                    len: prefix(key.prefix_len()),
+                };
+                accounts
+                    .entry(data.scope & !(1 << 31))
+                    .or_default()
+                    .rules_v6
+                    .push((k, value));
+            }
+        }
+        for slot in 1..=max_slot {
+            let config = m
+                .accounts
+                .get(&account_index(slot, half), 0)
+                .map_err(|e| DatapathError::map(names::ACCOUNTS, e))?;
+            if config.flags & ACCOUNT_ACTIVE != 0 {
+                accounts.entry(slot).or_default().config = config;
+            }
+        }
+        Ok(accounts)
+    }
+
+    /// The global lists in half `half`.
+    fn read_global(&self, half: u32) -> Result<GlobalEntries, DatapathError> {
+        let m = self;
+        let in_half = |s: u32| s >> 31 == half;
+        let prefix = |len: u32| (len - SCOPE_BITS) as u8;
+        let mut global = GlobalEntries::default();
+        for entry in &m.rules_v4 {
+            let (key, value) = entry.map_err(|e| DatapathError::map(names::RULES_V4, e))?;
+            if in_half(key.data().scope) {
+                global.rules_v4.insert(
+                    PrefixKey {
+                        addr: key.data().addr,
+                        len: prefix(key.prefix_len()),
+                    },
+                    value,
+                );
+            }
+        }
+        for entry in &m.rules_v6 {
+            let (key, value) = entry.map_err(|e| DatapathError::map(names::RULES_V6, e))?;
+            if in_half(key.data().scope) {
+                global.rules_v6.insert(
+                    PrefixKey {
+                        addr: key.data().addr,
+                        len: prefix(key.prefix_len()),
+                    },
+                    value,
+                );
+            }
+        }
+        global.stride = m.read_stride(half)?;
+        Ok(global)
     }
 
     /// Writes the stride nodes of half `half` that differ. Chunk numbers
@@ -298,44 +664,6 @@ impl Maps {
         }
         Ok(())
     }
-    /// Reads back the list entries of half `half` (for `read_half`).
-    fn read_rules(&self, half: u32, out: &mut Compiled) -> Result<(), DatapathError> {
-        fn rule_key<A>(scope_word: u32, addr: A, prefix_len: u32) -> RuleKey<A> {
-            RuleKey {
-                scope: scope_word & !(1 << 31),
-                addr,
-                len: (prefix_len - SCOPE_BITS) as u8,
-            }
-        }
-        for (map, name) in [
-            (&self.rules_v4, names::RULES_V4),
-            (&self.acct_rules_v4, names::ACCT_RULES_V4),
-        ] {
-            for entry in map {
-                let (key, value) = entry.map_err(|e| DatapathError::map(name, e))?;
-                let data = key.data();
-                if data.scope >> 31 == half {
-                    out.rules_v4
-                        .insert(rule_key(data.scope, data.addr, key.prefix_len()), value);
-                }
-            }
-        }
-        for (map, name) in [
-            (&self.rules_v6, names::RULES_V6),
-            (&self.acct_rules_v6, names::ACCT_RULES_V6),
-        ] {
-            for entry in map {
-                let (key, value) = entry.map_err(|e| DatapathError::map(name, e))?;
-                let data = key.data();
-                if data.scope >> 31 == half {
-                    out.rules_v6
-                        .insert(rule_key(data.scope, data.addr, key.prefix_len()), value);
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// Reads back the stride nodes of half `half`, chunk pointers turned
     /// back into chunk numbers.
     fn read_stride(&self, half: u32) -> Result<Stride, DatapathError> {
@@ -367,30 +695,40 @@ impl Maps {
     }
 }
 
-/// The global entries (scope 0) of a compiled rules map: they sort first.
-fn global_rules<A: Ord + Default>(
-    m: &BTreeMap<RuleKey<A>, RuleValue>,
-) -> btree_map::Range<'_, RuleKey<A>, RuleValue> {
-    m.range(
-        ..RuleKey {
-            scope: 1,
-            addr: A::default(),
-            len: 0,
-        },
-    )
+/// The items of `a` that `b` does not have. Accounts hold a handful of
+/// entries, where a scan beats hashing; large ones go through a set.
+fn gone<'a, T: PartialEq + Eq + std::hash::Hash + Copy>(
+    a: &'a [T],
+    b: &'a [T],
+) -> impl Iterator<Item = &'a T> + 'a {
+    let set: Option<std::collections::HashSet<T>> =
+        (b.len() > 32).then(|| b.iter().copied().collect());
+    a.iter().filter(move |x| match &set {
+        Some(set) => !set.contains(*x),
+        None => !b.contains(x),
+    })
 }
 
-/// The accounts' entries of a compiled rules map.
-fn account_rules<A: Ord + Default>(
-    m: &BTreeMap<RuleKey<A>, RuleValue>,
-) -> btree_map::Range<'_, RuleKey<A>, RuleValue> {
-    m.range(
-        RuleKey {
-            scope: 1,
-            addr: A::default(),
-            len: 0,
-        }..,
-    )
+fn remove_hash<K: aya::Pod>(
+    map: &mut HashMap<MapData, K, u32>,
+    name: &'static str,
+    key: &K,
+) -> Result<(), DatapathError> {
+    match map.remove(key) {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(e) => Err(DatapathError::map(name, e)),
+    }
+}
+
+fn remove_lpm<K: aya::Pod, V: aya::Pod>(
+    map: &mut LpmTrie<MapData, K, V>,
+    name: &'static str,
+    key: &Key<K>,
+) -> Result<(), DatapathError> {
+    match map.remove(key) {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(e) => Err(DatapathError::map(name, e)),
+    }
 }
 
 /// The LPM key of `addr/len` in the scope word `scope`.
@@ -433,6 +771,9 @@ pub struct Datapath {
     halves: [Option<Arc<Compiled>>; 2],
     config: Config,
     generation: u64,
+    /// Per account slot, the low bits of the generation in which it got its
+    /// account (or lost it): see `AccountConfig::epoch`.
+    epochs: Vec<u32>,
     barrier: ProgramBarrier,
     /// No program has read the standby half since the last flip.
     quiesced: bool,
@@ -519,6 +860,7 @@ impl Datapath {
                 ..Config::default()
             },
             generation: 0,
+            epochs: Vec::new(),
             barrier: ProgramBarrier::new().map_err(DatapathError::Barrier)?,
             quiesced: true,
             attachments: Vec::new(),
@@ -638,26 +980,25 @@ impl Datapath {
     /// When it returns, packets see the new policy; the standby half still
     /// holds the previous one until [`Datapath::sync_standby`] (the next
     /// apply works either way).
-    pub fn apply(&mut self, compiled: Compiled) -> Result<u64, DatapathError> {
+    pub fn apply(&mut self, compiled: Arc<Compiled>) -> Result<u64, DatapathError> {
         let generation = self.generation + 1;
-        let mut compiled = compiled;
-        compiled.config.generation = generation;
-        // A slot keeps the epoch of the generation that gave it its account.
-        let previous = self.active().cloned();
-        for (slot, account) in &mut compiled.accounts {
-            account.epoch = match previous.as_ref().and_then(|p| p.accounts.get(slot)) {
-                Some(before) if !compiled.new_slots.contains(slot) => before.epoch,
-                _ => flow_generation(generation),
-            };
-        }
-        let target = Arc::new(compiled);
         let new = 1 - self.config.active;
+        // Slots that change hands start a new epoch.
+        let mut epochs = self.epochs.clone();
+        epochs.resize(epochs.len().max(compiled.accounts.len()), 0);
+        let stamp = flow_generation(generation);
+        for slot in &compiled.new_slots {
+            epochs[*slot as usize] = stamp;
+        }
+        for slot in &compiled.released {
+            epochs[*slot as usize] = stamp;
+        }
 
         // The half about to be written was the active one before the last
         // flip: no program may still be reading it.
         self.quiesce()?;
-        self.reset_slots(&target.new_slots)?;
-        self.write_half(new, &target)?;
+        self.reset_slots(&compiled.new_slots)?;
+        self.write_half(new, compiled, generation, &epochs)?;
         // The flip: one CONFIG write whose only changed word is `active`.
         let mut flipped = self.config;
         flipped.active = new;
@@ -667,6 +1008,7 @@ impl Datapath {
             .map_err(|e| DatapathError::map(names::CONFIG, e))?;
         self.config = flipped;
         self.generation = generation;
+        self.epochs = epochs;
         self.quiesced = false;
         Ok(generation)
     }
@@ -679,7 +1021,8 @@ impl Datapath {
             return Ok(());
         };
         self.quiesce()?;
-        self.write_half(1 - self.config.active, &active)
+        let epochs = self.epochs.clone();
+        self.write_half(1 - self.config.active, active, self.generation, &epochs)
     }
 
     /// Waits, once per flip, for the programs that may still use the half
@@ -698,26 +1041,28 @@ impl Datapath {
         if slots.is_empty() {
             return Ok(());
         }
+        let mut rate = Batch::default();
+        let mut sampler = Batch::default();
         for &slot in slots {
             for d in Direction::ALL {
-                self.maps
-                    .rate_state
-                    .set(rate_index(slot, d as u8), RateState::default(), 0)
-                    .map_err(|e| DatapathError::map(names::RATE_STATE, e))?;
+                rate.push(rate_index(slot, d as u8), RateState::default());
             }
             for r in Reason::ALL {
-                self.maps
-                    .sampler
-                    .set(sampler_index(slot, r as u8), 0, 0)
-                    .map_err(|e| DatapathError::map(names::SAMPLER, e))?;
+                sampler.push(sampler_index(slot, r as u8), 0u64);
             }
         }
+        rate.write(self.maps.rate_state.map())
+            .map_err(batch_error(names::RATE_STATE))?;
+        sampler
+            .write(self.maps.sampler.map())
+            .map_err(batch_error(names::SAMPLER))?;
+        let taken: std::collections::HashSet<u32> = slots.iter().copied().collect();
         let stale: Vec<CounterKey> = self
             .maps
             .account_counters
             .keys()
             .filter_map(Result::ok)
-            .filter(|k| slots.contains(&k.slot))
+            .filter(|k| taken.contains(&k.slot))
             .collect();
         for key in stale {
             match self.maps.account_counters.remove(&key) {
@@ -728,116 +1073,72 @@ impl Datapath {
         Ok(())
     }
 
-    /// Makes half `half` hold `target`.
-    fn write_half(&mut self, half: u32, target: &Arc<Compiled>) -> Result<(), DatapathError> {
+    /// Makes half `half` hold `target` (of generation `generation`).
+    fn write_half(
+        &mut self,
+        half: u32,
+        target: Arc<Compiled>,
+        generation: u64,
+        epochs: &[u32],
+    ) -> Result<(), DatapathError> {
         let current = match self.halves[half as usize].take() {
             Some(c) => c,
             None => Arc::new(self.read_half(half)?),
         };
-        if Arc::ptr_eq(&current, target) {
-            self.halves[half as usize] = Some(current);
-            return Ok(());
-        }
         // From here until success the half is unknown (`None`).
-        self.maps.sync_lists(half, &current, target)?;
-        let m = &mut self.maps;
-        let (removed, changed) = diff(current.accounts.iter(), target.accounts.iter());
-        // A slot left empty keeps an epoch: flow-cache counts of its last
-        // account are then dropped, never credited to a later one.
-        let tombstone = AccountConfig {
-            epoch: flow_generation(target.config.generation),
-            ..AccountConfig::default()
-        };
-        for slot in removed {
-            m.accounts
-                .set(account_index(*slot, half), tombstone, 0)
-                .map_err(|e| DatapathError::map(names::ACCOUNTS, e))?;
+        if !Arc::ptr_eq(&current.global, &target.global) {
+            self.maps
+                .sync_global(half, &current.global, &target.global)?;
         }
-        for (slot, config) in changed {
-            m.accounts
-                .set(account_index(*slot, half), config, 0)
-                .map_err(|e| DatapathError::map(names::ACCOUNTS, e))?;
+        if current.id == target.base {
+            // The half holds what the target was compiled against: only the
+            // slots the compilation touched can differ.
+            self.maps.sync_slots(
+                half,
+                &target.changed,
+                &current.accounts,
+                &target.accounts,
+                epochs,
+            )?;
+        } else {
+            self.maps
+                .sync_accounts(half, &current.accounts, &target.accounts, epochs)?;
         }
         // Last, the half's global settings (the other half's bytes are
         // rewritten unchanged).
         let mut config = self.config;
-        config.halves[half as usize] = target.config;
-        m.config
-            .set(0, config, 0)
-            .map_err(|e| DatapathError::map(names::CONFIG, e))?;
-        self.config = config;
-        self.halves[half as usize] = Some(target.clone());
+        config.halves[half as usize] = GenConfig {
+            generation,
+            ..target.config
+        };
+        if config != self.config {
+            self.maps
+                .config
+                .set(0, config, 0)
+                .map_err(|e| DatapathError::map(names::CONFIG, e))?;
+            self.config = config;
+        }
+        self.halves[half as usize] = Some(target);
         Ok(())
     }
 
     /// Reads back what half `half` holds, after a failed write.
     fn read_half(&self, half: u32) -> Result<Compiled, DatapathError> {
-        let m = &self.maps;
-        let in_half = |s: u32| s >> 31 == half;
-        let mut out = Compiled {
+        let accounts = self.maps.read_accounts(half, self.capacity.accounts)?;
+        let top = accounts.keys().last().map_or(0, |s| *s as usize);
+        let mut laid_out: imbl::Vector<Option<Arc<AccountEntries>>> =
+            std::iter::repeat_n(None, top + 1).collect();
+        for (slot, a) in accounts {
+            laid_out.set(slot as usize, Some(Arc::new(a)));
+        }
+        Ok(Compiled {
+            // Read back: the base of no compilation.
+            id: u64::MAX,
             config: self.config.halves[half as usize],
+            global: Arc::new(self.maps.read_global(half)?),
+            accounts: laid_out,
             ..Compiled::default()
-        };
-        for key in m.hosts_v4.keys() {
-            let key = key.map_err(|e| DatapathError::map(names::HOSTS_V4, e))?;
-            if in_half(key.scope) {
-                out.hosts_v4.insert(
-                    key.addr,
-                    m.hosts_v4
-                        .get(&key, 0)
-                        .map_err(|e| DatapathError::map(names::HOSTS_V4, e))?,
-                );
-            }
-        }
-        for key in m.hosts_v6.keys() {
-            let key = key.map_err(|e| DatapathError::map(names::HOSTS_V6, e))?;
-            if in_half(key.scope) {
-                out.hosts_v6.insert(
-                    key.addr,
-                    m.hosts_v6
-                        .get(&key, 0)
-                        .map_err(|e| DatapathError::map(names::HOSTS_V6, e))?,
-                );
-            }
-        }
-        for entry in &m.prefixes_v4 {
-            let (key, slot) = entry.map_err(|e| DatapathError::map(names::PREFIXES_V4, e))?;
-            let data = key.data();
-            if in_half(data.scope) {
-                out.prefixes_v4.insert(
-                    PrefixKey {
-                        addr: data.addr,
-                        len: (key.prefix_len() - SCOPE_BITS) as u8,
-                    },
-                    slot,
-                );
-            }
-        }
-        for entry in &m.prefixes_v6 {
-            let (key, slot) = entry.map_err(|e| DatapathError::map(names::PREFIXES_V6, e))?;
-            let data = key.data();
-            if in_half(data.scope) {
-                out.prefixes_v6.insert(
-                    PrefixKey {
-                        addr: data.addr,
-                        len: (key.prefix_len() - SCOPE_BITS) as u8,
-                    },
-                    slot,
-                );
-            }
-        }
-        m.read_rules(half, &mut out)?;
-        out.stride = m.read_stride(half)?;
-        for slot in 1..=self.capacity.accounts {
-            let config = m
-                .accounts
-                .get(&account_index(slot, half), 0)
-                .map_err(|e| DatapathError::map(names::ACCOUNTS, e))?;
-            if config.flags & ACCOUNT_ACTIVE != 0 {
-                out.accounts.insert(slot, config);
-            }
-        }
-        Ok(out)
+        })
     }
 
     /// Totals summed over CPUs.
@@ -912,8 +1213,10 @@ impl Datapath {
         // for entries older than the slot's account.
         let epoch = match self.active() {
             _ if slot == NO_ACCOUNT => 0,
-            Some(policy) => policy.accounts.get(&slot).map_or(u32::MAX, |a| a.epoch),
-            None => u32::MAX,
+            Some(policy) if policy.account(slot).is_some() => {
+                self.epochs.get(slot as usize).copied().unwrap_or(0)
+            }
+            _ => u32::MAX,
         };
         for index in 0..self.capacity.flow_cache {
             let values = self
@@ -1096,27 +1399,6 @@ fn diff<'a, K: Ord + 'a, V: PartialEq + Copy + 'a>(
             (None, None) => return (removed, changed),
         }
     }
-}
-
-fn sync_hash<'a, A: Ord + 'a, K: aya::Pod>(
-    map: &mut HashMap<MapData, K, u32>,
-    name: &'static str,
-    old: impl Iterator<Item = (&'a A, &'a u32)>,
-    new: impl Iterator<Item = (&'a A, &'a u32)>,
-    key: impl Fn(&A) -> K,
-) -> Result<(), DatapathError> {
-    let (removed, changed) = diff(old, new);
-    for a in removed {
-        match map.remove(&key(a)) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(e) => return Err(DatapathError::map(name, e)),
-        }
-    }
-    for (a, v) in changed {
-        map.insert(key(a), v, 0)
-            .map_err(|e| DatapathError::map(name, e))?;
-    }
-    Ok(())
 }
 
 fn sync_lpm<'a, A: Ord + 'a, K: aya::Pod, V: aya::Pod + PartialEq + 'a>(

@@ -16,51 +16,30 @@ use mmesh_common::{
 use serde::Serialize;
 use tokio::io::unix::AsyncFd;
 
-use crate::compile::{Compiled, ListInfo};
+use crate::compile::Compiled;
 
-/// Account ids and list names of one policy generation.
-#[derive(Debug, Default)]
-pub struct NameTable {
-    pub accounts: BTreeMap<u32, String>,
-    pub lists: Vec<ListInfo>,
-}
-
-impl NameTable {
-    #[must_use]
-    pub fn of(compiled: &Compiled) -> Self {
-        Self {
-            accounts: compiled
-                .slots
-                .by_id
-                .iter()
-                .map(|(id, slot)| (*slot, id.clone()))
-                .collect(),
-            lists: compiled.lists.clone(),
-        }
-    }
-}
-
-/// Name tables of the last few generations: an event decoded just after a
-/// policy change may come from the one before.
+/// The compiled policies of the last few generations, where events find
+/// their account ids and list names: an event decoded just after a policy
+/// change may come from the one before.
 #[derive(Debug, Default, Clone)]
-pub struct Names(Arc<RwLock<BTreeMap<u64, Arc<NameTable>>>>);
+pub struct Names(Arc<RwLock<BTreeMap<u64, Arc<Compiled>>>>);
 
 impl Names {
     const KEEP: usize = 8;
 
-    pub fn insert(&self, generation: u64, table: NameTable) {
+    pub fn insert(&self, generation: u64, policy: Arc<Compiled>) {
         let mut map = self
             .0
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        map.insert(generation, Arc::new(table));
+        map.insert(generation, policy);
         while map.len() > Self::KEEP {
             map.pop_first();
         }
     }
 
     #[must_use]
-    pub fn get(&self, generation: u64) -> Option<Arc<NameTable>> {
+    pub fn get(&self, generation: u64) -> Option<Arc<Compiled>> {
         let map = self
             .0
             .read()
@@ -173,17 +152,14 @@ pub fn decode(bytes: &[u8], names: &Names, clock: &Clock) -> Option<EventRecord>
     let account = (ev.slot != NO_ACCOUNT).then(|| {
         table
             .as_ref()
-            .and_then(|t| t.accounts.get(&ev.slot).cloned())
+            .and_then(|t| t.account_id(ev.slot).map(str::to_owned))
             .unwrap_or_else(|| format!("slot:{}", ev.slot))
     });
     let list = (ev.list != 0).then(|| {
-        table
-            .as_ref()
-            .and_then(|t| t.lists.get(ev.list as usize))
-            .map_or_else(
-                || format!("list:{}", ev.list),
-                |l| format!("{}/{}", l.scope, l.name),
-            )
+        table.as_ref().and_then(|t| t.list(ev.list)).map_or_else(
+            || format!("list:{}", ev.list),
+            |l| format!("{}/{}", l.scope, l.name),
+        )
     });
     let (src, dst) = match ev.family {
         4 => {
@@ -291,22 +267,16 @@ mod tests {
     #[test]
     fn decodes_an_event_with_names() {
         let names = Names::default();
-        names.insert(
-            3,
-            NameTable {
-                accounts: [(2, "acme".to_owned())].into(),
-                lists: vec![
-                    ListInfo {
-                        scope: String::new(),
-                        name: String::new(),
-                    },
-                    ListInfo {
-                        scope: "global".into(),
-                        name: "bad".into(),
-                    },
-                ],
-            },
-        );
+        let policy = crate::policy::Policy::parse(
+            "global:\n  block: [{ name: bad, cidrs: [192.0.2.0/24] }]\naccounts:\n  - { id: zero, prefixes: [10.0.0.1] }\n  - { id: acme, prefixes: [10.0.0.2] }\n",
+            "t",
+            std::path::Path::new("."),
+        )
+        .unwrap();
+        let compiled =
+            crate::compile::compile(&policy, None, &crate::compile::Capacity::default()).unwrap();
+        assert_eq!(compiled.account_id(2), Some("acme"));
+        names.insert(3, std::sync::Arc::new(compiled));
         let mut ev = Event {
             ts_ns: 5,
             generation: 3,

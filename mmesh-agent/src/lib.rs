@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod barrier;
+pub mod batch;
 pub mod compile;
 pub mod datapath;
 pub mod events;

@@ -9,11 +9,17 @@ use std::{
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use mmesh_agent::{
     agent::{self, RunOptions},
-    compile::{Capacity, SlotTable, compile},
+    compile::{Capacity, compile},
     interface::InterfaceSpec,
     policy::Policy,
     show,
 };
+
+/// mimalloc, not glibc malloc: reloading a 100,000-account policy frees and
+/// allocates hundreds of thousands of small objects, and glibc stops for
+/// milliseconds at a time to consolidate them (docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -206,19 +212,19 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
 
 fn validate(file: &Path, capacity: &Capacity) -> anyhow::Result<()> {
     let policy = Policy::from_file(file)?;
-    let compiled = compile(&policy, &SlotTable::default(), capacity)?;
+    let compiled = compile(&policy, None, capacity)?;
     println!(
         "{}: valid: {} accounts, {} list prefixes",
         file.display(),
         policy.accounts.len(),
-        compiled.rules_v4.len() + compiled.rules_v6.len()
+        compiled.counts().list_prefixes_v4 + compiled.counts().list_prefixes_v6
     );
     Ok(())
 }
 
 fn show(file: Option<&PathBuf>, format: ShowFormat, capacity: &Capacity) -> anyhow::Result<()> {
     let policy = agent::load_policy(file)?;
-    let compiled = compile(&policy, &SlotTable::default(), capacity)?;
+    let compiled = compile(&policy, None, capacity)?;
     let view = show::effective(&policy, &compiled, capacity);
     match format {
         ShowFormat::Yaml => print!("{}", serde_saphyr::to_string(&view)?),

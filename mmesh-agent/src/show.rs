@@ -5,12 +5,12 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use ipnet::IpNet;
 use mmesh_common::{
     Verdict,
-    maps::{NO_ACCOUNT, RateLimit, RuleValue},
+    maps::{RateLimit, RuleValue},
 };
 use serde::Serialize;
 
 use crate::{
-    compile::{Capacity, Compiled, RuleKey},
+    compile::{Capacity, Compiled, PrefixKey},
     policy::{Account, Action, DirLimits, Mode, Policy},
 };
 
@@ -89,19 +89,19 @@ pub struct Entries {
 /// Builds the view of `policy` compiled as `compiled`.
 #[must_use]
 pub fn effective(policy: &Policy, compiled: &Compiled, capacity: &Capacity) -> EffectivePolicy {
-    let rules = |scope: u32| -> Vec<EffectiveRule> {
-        let v4 = compiled
-            .rules_v4
-            .iter()
-            .filter(|(k, _)| k.scope == scope)
-            .map(|(k, v)| rule(compiled, v4_net(k), *v));
-        let v6 = compiled
+    let global = compiled
+        .global
+        .rules_v4
+        .iter()
+        .map(|(k, v)| rule(compiled, v4_net(*k), *v));
+    let global = global.chain(
+        compiled
+            .global
             .rules_v6
             .iter()
-            .filter(|(k, _)| k.scope == scope)
-            .map(|(k, v)| rule(compiled, v6_net(k), *v));
-        v4.chain(v6).collect()
-    };
+            .map(|(k, v)| rule(compiled, v6_net(k), *v)),
+    );
+    let counts = compiled.counts();
     EffectivePolicy {
         source: policy.source.clone(),
         version: policy.version.clone(),
@@ -109,17 +109,30 @@ pub fn effective(policy: &Policy, compiled: &Compiled, capacity: &Capacity) -> E
             mode: policy.global.mode,
             malformed: policy.global.malformed,
             events_per_second: policy.global.events_per_second,
-            rules: rules(NO_ACCOUNT),
+            rules: global.collect(),
         },
         accounts: policy
             .accounts
             .iter()
-            .map(|a: &Account| {
-                let slot = compiled.slots.by_id[&a.id];
-                let limits = &compiled.accounts[&slot].limits;
+            .zip(compiled.order.iter())
+            .map(|(a, (slot, _)): (&Account, &(u32, u128))| {
+                let entries = compiled
+                    .account(*slot)
+                    .expect("every account of the policy is compiled");
+                let limits = &entries.config.limits;
+                let own = entries
+                    .rules_v4
+                    .iter()
+                    .map(|(k, v)| rule(compiled, v4_net(*k), *v));
+                let own = own.chain(
+                    entries
+                        .rules_v6
+                        .iter()
+                        .map(|(k, v)| rule(compiled, v6_net(k), *v)),
+                );
                 EffectiveAccount {
                     id: a.id.clone(),
-                    slot,
+                    slot: *slot,
                     mode: a.mode,
                     prefixes: a
                         .prefixes_v4
@@ -135,27 +148,27 @@ pub fn effective(policy: &Policy, compiled: &Compiled, capacity: &Capacity) -> E
                         .outbound
                         .as_ref()
                         .map(|l| effective_limits(l, &limits[1].pps, &limits[1].bps)),
-                    rules: rules(slot),
+                    rules: own.collect(),
                 }
             })
             .collect(),
         entries: Entries {
-            accounts: compiled.accounts.len(),
-            account_prefixes_v4: compiled.hosts_v4.len() + compiled.prefixes_v4.len(),
-            account_prefixes_v6: compiled.hosts_v6.len() + compiled.prefixes_v6.len(),
-            list_prefixes_v4: compiled.rules_v4.len(),
-            list_prefixes_v6: compiled.rules_v6.len(),
+            accounts: counts.accounts,
+            account_prefixes_v4: counts.account_prefixes_v4,
+            account_prefixes_v6: counts.account_prefixes_v6,
+            list_prefixes_v4: counts.list_prefixes_v4,
+            list_prefixes_v6: counts.list_prefixes_v6,
             capacity: *capacity,
         },
     }
 }
 
-fn v4_net(k: &RuleKey<[u8; 4]>) -> IpNet {
+fn v4_net(k: PrefixKey<[u8; 4]>) -> IpNet {
     IpNet::new(IpAddr::V4(Ipv4Addr::from(k.addr)), k.len)
         .expect("compiled prefix lengths are valid")
 }
 
-fn v6_net(k: &RuleKey<[u8; 16]>) -> IpNet {
+fn v6_net(k: &PrefixKey<[u8; 16]>) -> IpNet {
     IpNet::new(IpAddr::V6(Ipv6Addr::from(k.addr)), k.len)
         .expect("compiled prefix lengths are valid")
 }
@@ -167,8 +180,7 @@ fn rule(compiled: &Compiled, prefix: IpNet, value: RuleValue) -> EffectiveRule {
         _ => "allow",
     };
     let list = compiled
-        .lists
-        .get(value.list as usize)
+        .list(value.list)
         .map_or_else(String::new, |l| format!("{}/{}", l.scope, l.name));
     EffectiveRule {
         prefix,

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use mmesh_agent::{
-    compile::{Capacity, SlotTable, compile},
+    compile::{Capacity, compile},
     policy::Policy,
 };
 
@@ -32,7 +32,7 @@ fn example() -> PathBuf {
 fn good_policies_validate_and_compile() {
     for file in files("good").into_iter().chain([example()]) {
         let policy = Policy::from_file(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-        compile(&policy, &SlotTable::default(), &Capacity::default())
+        compile(&policy, None, &Capacity::default())
             .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
     }
 }

@@ -137,17 +137,23 @@ impl Harness {
     fn apply(&mut self, yaml: &str) -> u64 {
         let policy =
             Policy::parse(yaml, "test policy", Path::new(".")).expect("test policy is valid");
-        let slots = self
-            .dp
-            .active()
-            .map(|c| c.slots.clone())
-            .unwrap_or_default();
-        let compiled = compile(&policy, &slots, self.dp.capacity()).expect("test policy compiles");
-        self.dp.apply(compiled).expect("applying the policy")
+        let compiled = compile(
+            &policy,
+            self.dp.active().map(AsRef::as_ref),
+            self.dp.capacity(),
+        )
+        .expect("test policy compiles");
+        self.dp
+            .apply(std::sync::Arc::new(compiled))
+            .expect("applying the policy")
     }
 
     fn slot(&self, id: &str) -> u32 {
-        self.dp.active().expect("a policy is applied").slots.by_id[id]
+        self.dp
+            .active()
+            .expect("a policy is applied")
+            .slot_of(id)
+            .expect("the account is in the policy")
     }
 
     /// Runs `program` `repeat` times on `frame`; returns the last verdict.
@@ -377,7 +383,7 @@ fn global_block_list_drops_both_directions_and_families() {
     );
     assert_eq!(first.src, addr16(ip(BLOCKED4)));
     assert_eq!(first.dst, addr16(ip(ALPHA4)));
-    let list = &h.dp.active().unwrap().lists[first.list as usize];
+    let list = h.dp.active().unwrap().list(first.list).unwrap().clone();
     assert_eq!(
         (list.scope.as_str(), list.name.as_str()),
         ("global", "bad-nets")
@@ -469,7 +475,7 @@ fn account_lists_apply_to_their_account_only() {
             .iter()
             .all(|e| e.reason == Reason::AccountBlock as u8 && e.slot == beta)
     );
-    let list = &h.dp.active().unwrap().lists[events[0].list as usize];
+    let list = h.dp.active().unwrap().list(events[0].list).unwrap().clone();
     assert_eq!(
         (list.scope.as_str(), list.name.as_str()),
         ("beta", "beta-own")
@@ -1060,7 +1066,7 @@ fn a_million_global_prefixes_load() {
     let loaded = t.elapsed();
     std::fs::remove_dir_all(&dir).ok();
     assert_eq!(listed, 1_000_000);
-    let entries = h.dp.active().unwrap().rules_v4.len();
+    let entries = h.dp.active().unwrap().global.rules_v4.len();
     assert_eq!(
         entries, 1_000_000,
         "no prefix of this feed covers another: all are written"
@@ -1238,7 +1244,7 @@ fn stride_and_flow_cache_answer_like_a_longest_prefix_match() {
     };
     let mut h = Harness::with_capacity(&policy, cap);
     assert!(
-        h.dp.active().unwrap().stride.overflow > 0,
+        h.dp.active().unwrap().global.stride.overflow > 0,
         "some regions must fall back to the trie"
     );
     let covers =

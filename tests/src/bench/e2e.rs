@@ -53,7 +53,7 @@ use aya::{
 };
 use ipnet::{Ipv4Net, Ipv6Net};
 use mmesh_agent::{
-    compile::{Capacity, SlotTable, compile},
+    compile::{Capacity, compile},
     datapath::{BENCH_OBJECT, Datapath},
     policy::{Action, ListKind, Policy},
 };
@@ -500,9 +500,9 @@ impl Bench {
 fn load_mmesh(scale: Scale, policy: &Policy) -> Result<Datapath, String> {
     let cap = capacity(scale);
     let mut dp = Datapath::load(cap).map_err(|e| format!("not measured: loading mmesh: {e}"))?;
-    let compiled = compile(policy, &SlotTable::default(), &cap)
+    let compiled = compile(policy, None, &cap)
         .map_err(|e| format!("not measured: compiling the benchmark policy: {e}"))?;
-    dp.apply(compiled)
+    dp.apply(std::sync::Arc::new(compiled))
         .map_err(|e| format!("not measured: applying the benchmark policy: {e}"))?;
     Ok(dp)
 }

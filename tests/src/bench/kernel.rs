@@ -11,7 +11,7 @@ use aya::{
 };
 use ipnet::Ipv4Net;
 use mmesh_agent::{
-    compile::{Capacity, SlotTable, compile},
+    compile::{Capacity, compile},
     datapath::{BENCH_OBJECT, Datapath},
 };
 use mmesh_common::maps::programs;
@@ -92,9 +92,9 @@ impl Bench {
         let capacity = capacity(scale);
         let mut dp = Datapath::load(capacity).expect("loading mmesh (run as root)");
         let t = std::time::Instant::now();
-        let compiled =
-            compile(&policy, &SlotTable::default(), &capacity).expect("benchmark policy compiles");
-        dp.apply(compiled).expect("applying the benchmark policy");
+        let compiled = compile(&policy, None, &capacity).expect("benchmark policy compiles");
+        dp.apply(std::sync::Arc::new(compiled))
+            .expect("applying the benchmark policy");
         eprintln!(
             "bench: mmesh loaded with {} accounts and {} global prefixes in {:?}",
             scale.accounts + 1,

@@ -202,6 +202,7 @@ pub fn policy(scale: Scale) -> Policy {
             lists,
             inbound: Some(unlimited()),
             outbound: Some(unlimited()),
+            fingerprint: 0,
         });
     }
     accounts.push(Account {
@@ -216,7 +217,11 @@ pub fn policy(scale: Scale) -> Policy {
             action: Action::Drop,
         }),
         outbound: None,
+        fingerprint: 0,
     });
+    for account in &mut accounts {
+        account.fingerprint = account.fingerprint_of();
+    }
     Policy {
         source: "benchmark policy".into(),
         version: None,
