@@ -506,88 +506,59 @@ impl Maps {
         half: u32,
         max_slot: u32,
     ) -> Result<BTreeMap<u32, AccountEntries>, DatapathError> {
-        let m = self;
-        let in_half = |s: u32| s >> 31 == half;
-        let prefix = |len: u32| (len - SCOPE_BITS) as u8;
         let mut accounts: BTreeMap<u32, AccountEntries> = BTreeMap::new();
-        for key in m.hosts_v4.keys() {
-            let key = key.map_err(|e| DatapathError::map(names::HOSTS_V4, e))?;
-            if in_half(key.scope) {
-                let slot = m
-                    .hosts_v4
-                    .get(&key, 0)
-                    .map_err(|e| DatapathError::map(names::HOSTS_V4, e))?;
-                accounts.entry(slot).or_default().hosts_v4.push(key.addr);
-            }
+        for (key, slot) in hash_entries(&self.hosts_v4, names::HOSTS_V4, half, |k| k.scope)? {
+            accounts.entry(slot).or_default().hosts_v4.push(key.addr);
         }
-        for key in m.hosts_v6.keys() {
-            let key = key.map_err(|e| DatapathError::map(names::HOSTS_V6, e))?;
-            if in_half(key.scope) {
-                let slot = m
-                    .hosts_v6
-                    .get(&key, 0)
-                    .map_err(|e| DatapathError::map(names::HOSTS_V6, e))?;
-                accounts.entry(slot).or_default().hosts_v6.push(key.addr);
-            }
+        for (key, slot) in hash_entries(&self.hosts_v6, names::HOSTS_V6, half, |k| k.scope)? {
+            accounts.entry(slot).or_default().hosts_v6.push(key.addr);
         }
-        for entry in &m.prefixes_v4 {
-            let (key, slot) = entry.map_err(|e| DatapathError::map(names::PREFIXES_V4, e))?;
-            if in_half(key.data().scope) {
-                accounts
-                    .entry(slot)
-                    .or_default()
-                    .prefixes_v4
-                    .push(PrefixKey {
-                        addr: key.data().addr,
-                        len: prefix(key.prefix_len()),
-                    });
-            }
+        for (key, len, slot) in
+            lpm_entries(&self.prefixes_v4, names::PREFIXES_V4, half, |k| k.scope)?
+        {
+            let entry = accounts.entry(slot).or_default();
+            entry.prefixes_v4.push(PrefixKey {
+                addr: key.addr,
+                len,
+            });
         }
-        for entry in &m.prefixes_v6 {
-            let (key, slot) = entry.map_err(|e| DatapathError::map(names::PREFIXES_V6, e))?;
-            if in_half(key.data().scope) {
-                accounts
-                    .entry(slot)
-                    .or_default()
-                    .prefixes_v6
-                    .push(PrefixKey {
-                        addr: key.data().addr,
-                        len: prefix(key.prefix_len()),
-                    });
-            }
+        for (key, len, slot) in
+            lpm_entries(&self.prefixes_v6, names::PREFIXES_V6, half, |k| k.scope)?
+        {
+            let entry = accounts.entry(slot).or_default();
+            entry.prefixes_v6.push(PrefixKey {
+                addr: key.addr,
+                len,
+            });
         }
-        for entry in &m.acct_rules_v4 {
-            let (key, value) = entry.map_err(|e| DatapathError::map(names::ACCT_RULES_V4, e))?;
-            let data = key.data();
-            if in_half(data.scope) {
-                let k = PrefixKey {
-                    addr: data.addr,
-                    len: prefix(key.prefix_len()),
-                };
-                accounts
-                    .entry(data.scope & !(1 << 31))
-                    .or_default()
-                    .rules_v4
-                    .push((k, value));
-            }
+        // Account rules are scoped by their slot.
+        let slot_of = |scope: u32| scope & !(1 << 31);
+        for (key, len, rule) in
+            lpm_entries(&self.acct_rules_v4, names::ACCT_RULES_V4, half, |k| k.scope)?
+        {
+            let entry = accounts.entry(slot_of(key.scope)).or_default();
+            entry.rules_v4.push((
+                PrefixKey {
+                    addr: key.addr,
+                    len,
+                },
+                rule,
+            ));
         }
-        for entry in &m.acct_rules_v6 {
-            let (key, value) = entry.map_err(|e| DatapathError::map(names::ACCT_RULES_V6, e))?;
-            let data = key.data();
-            if in_half(data.scope) {
-                let k = PrefixKey {
-                    addr: data.addr,
-                    len: prefix(key.prefix_len()),
-                };
-                accounts
-                    .entry(data.scope & !(1 << 31))
-                    .or_default()
-                    .rules_v6
-                    .push((k, value));
-            }
+        for (key, len, rule) in
+            lpm_entries(&self.acct_rules_v6, names::ACCT_RULES_V6, half, |k| k.scope)?
+        {
+            let entry = accounts.entry(slot_of(key.scope)).or_default();
+            entry.rules_v6.push((
+                PrefixKey {
+                    addr: key.addr,
+                    len,
+                },
+                rule,
+            ));
         }
         for slot in 1..=max_slot {
-            let config = m
+            let config = self
                 .accounts
                 .get(&account_index(slot, half), 0)
                 .map_err(|e| DatapathError::map(names::ACCOUNTS, e))?;
@@ -600,35 +571,26 @@ impl Maps {
 
     /// The global lists in half `half`.
     fn read_global(&self, half: u32) -> Result<GlobalEntries, DatapathError> {
-        let m = self;
-        let in_half = |s: u32| s >> 31 == half;
-        let prefix = |len: u32| (len - SCOPE_BITS) as u8;
         let mut global = GlobalEntries::default();
-        for entry in &m.rules_v4 {
-            let (key, value) = entry.map_err(|e| DatapathError::map(names::RULES_V4, e))?;
-            if in_half(key.data().scope) {
-                global.rules_v4.insert(
-                    PrefixKey {
-                        addr: key.data().addr,
-                        len: prefix(key.prefix_len()),
-                    },
-                    value,
-                );
-            }
+        for (key, len, rule) in lpm_entries(&self.rules_v4, names::RULES_V4, half, |k| k.scope)? {
+            global.rules_v4.insert(
+                PrefixKey {
+                    addr: key.addr,
+                    len,
+                },
+                rule,
+            );
         }
-        for entry in &m.rules_v6 {
-            let (key, value) = entry.map_err(|e| DatapathError::map(names::RULES_V6, e))?;
-            if in_half(key.data().scope) {
-                global.rules_v6.insert(
-                    PrefixKey {
-                        addr: key.data().addr,
-                        len: prefix(key.prefix_len()),
-                    },
-                    value,
-                );
-            }
+        for (key, len, rule) in lpm_entries(&self.rules_v6, names::RULES_V6, half, |k| k.scope)? {
+            global.rules_v6.insert(
+                PrefixKey {
+                    addr: key.addr,
+                    len,
+                },
+                rule,
+            );
         }
-        global.stride = m.read_stride(half)?;
+        global.stride = self.read_stride(half)?;
         Ok(global)
     }
 
@@ -729,6 +691,48 @@ fn remove_lpm<K: aya::Pod, V: aya::Pod>(
         Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
         Err(e) => Err(DatapathError::map(name, e)),
     }
+}
+
+/// Whether a scope word belongs to half `half` (its top bit).
+fn in_half(scope: u32, half: u32) -> bool {
+    scope >> 31 == half
+}
+
+/// The entries of a hash map whose keys (`scope` of them) are in half
+/// `half`.
+fn hash_entries<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &'static str,
+    half: u32,
+    scope: impl Fn(&K) -> u32,
+) -> Result<Vec<(K, V)>, DatapathError> {
+    let mut out = Vec::new();
+    for entry in map {
+        let (key, value) = entry.map_err(|e| DatapathError::map(name, e))?;
+        if in_half(scope(&key), half) {
+            out.push((key, value));
+        }
+    }
+    Ok(out)
+}
+
+/// The entries of an LPM trie whose keys (`scope` of them) are in half
+/// `half`, with their prefix lengths less the scope bits.
+fn lpm_entries<K: aya::Pod, V: aya::Pod>(
+    trie: &LpmTrie<MapData, K, V>,
+    name: &'static str,
+    half: u32,
+    scope: impl Fn(&K) -> u32,
+) -> Result<Vec<(K, u8, V)>, DatapathError> {
+    let mut out = Vec::new();
+    for entry in trie {
+        let (key, value) = entry.map_err(|e| DatapathError::map(name, e))?;
+        let data = key.data();
+        if in_half(scope(&data), half) {
+            out.push((data, (key.prefix_len() - SCOPE_BITS) as u8, value));
+        }
+    }
+    Ok(out)
 }
 
 /// The LPM key of `addr/len` in the scope word `scope`.
@@ -877,6 +881,14 @@ impl Datapath {
     #[must_use]
     pub const fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// Treats the standby half as unknown, as after a write into it that
+    /// failed part-way: the next write reads it back from the kernel first.
+    /// For tests of that path.
+    #[doc(hidden)]
+    pub fn forget_standby(&mut self) {
+        self.halves[1 - self.config.active as usize] = None;
     }
 
     /// The compiled policy in force.

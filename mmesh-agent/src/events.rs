@@ -232,7 +232,15 @@ pub async fn read<W: Write>(
     Ok(count)
 }
 
-fn drain(ring: &mut RingBuf<MapData>, names: &Names, clock: &Clock, out: &mut impl Write) -> u64 {
+/// Decodes every event waiting in `ring` to a JSON line on `out`, then
+/// flushes it; returns how many events it wrote. (Public for the benchmark
+/// harness, which measures this loop.)
+pub fn drain(
+    ring: &mut RingBuf<MapData>,
+    names: &Names,
+    clock: &Clock,
+    out: &mut impl Write,
+) -> u64 {
     let mut count = 0;
     while let Some(item) = ring.next() {
         if let Some(record) = decode(&item, names, clock) {

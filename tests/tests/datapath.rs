@@ -967,6 +967,61 @@ fn policy_changes_take_effect_at_once_and_keep_state() {
 }
 
 #[test]
+fn a_half_of_unknown_content_is_read_back_and_brought_to_the_policy() {
+    let mut h = Harness::new(POLICY);
+    let blocked = udp(ip(BLOCKED4), ip(BETA4), 1, 2, 0);
+    let beta_own = udp(ip("198.18.5.1"), ip(BETA4), 1, 2, 0);
+    let to_alpha = udp(ip(ORDINARY4), ip(ALPHA_NET4), 1, 2, 0);
+    let to_alpha6 = udp(ip(ORDINARY6), ip(ALPHA6), 1, 2, 0);
+    assert_eq!(h.run(programs::XDP_INBOUND, &blocked), Verdict::Drop);
+
+    // The standby half holds the first policy's entries too; forgotten, the
+    // write must find them (read back from the maps) and remove what goes.
+    h.dp.sync_standby().expect("syncing the standby half");
+    h.dp.forget_standby();
+    let changed = POLICY
+        .replace(
+            "  - id: alpha\n    prefixes: [10.1.0.10, 10.1.1.0/24, 'fd00:1::10', 'fd00:1:1::/64']\n",
+            "",
+        )
+        .replace("cidrs: [203.0.113.0/24, '2001:db8:bad::/48']", "cidrs: ['2001:db8:bad::/48']")
+        .replace("cidrs: [198.18.5.0/24, '2001:db8:be7a::/48']", "cidrs: ['2001:db8:be7a::/48']");
+    h.apply(&changed);
+    assert_eq!(
+        h.run(programs::XDP_INBOUND, &blocked),
+        Verdict::Pass,
+        "global list entry removed"
+    );
+    assert_eq!(
+        h.run(programs::XDP_INBOUND, &beta_own),
+        Verdict::Pass,
+        "account list entry removed"
+    );
+    h.run(programs::XDP_INBOUND, &to_alpha);
+    h.run(programs::XDP_INBOUND, &to_alpha6);
+    let unattributed = h
+        .account(0, Reason::Pass, Verdict::Pass, Direction::Inbound)
+        .packets;
+    assert_eq!(unattributed, 2, "alpha's prefix and host address removed");
+
+    // The half that held the first policy is the standby one now: unknown,
+    // synced from its read-back, then back to the first policy from there.
+    h.dp.forget_standby();
+    h.dp.sync_standby().expect("syncing the standby half");
+    h.apply(POLICY);
+    assert_eq!(h.run(programs::XDP_INBOUND, &blocked), Verdict::Drop);
+    assert_eq!(h.run(programs::XDP_INBOUND, &beta_own), Verdict::Drop);
+    let alpha = h.slot("alpha");
+    h.run(programs::XDP_INBOUND, &to_alpha);
+    h.run(programs::XDP_INBOUND, &to_alpha6);
+    assert_eq!(
+        h.account(alpha, Reason::Pass, Verdict::Pass, Direction::Inbound)
+            .packets,
+        2
+    );
+}
+
+#[test]
 fn events_are_sampled_per_account_and_reason() {
     let mut h = Harness::new(&POLICY.replace("events_per_second: 1000", "events_per_second: 3"));
     let start = Instant::now();

@@ -52,8 +52,9 @@ enum Cmd {
         args: Vec<String>,
     },
     /// Run the whole test suite: lints, host tests, kernel tests
-    /// (`BPF_PROG_TEST_RUN`) and end-to-end tests in network namespaces (root).
-    /// Arguments after `--` go to `cargo test`.
+    /// (`BPF_PROG_TEST_RUN`), end-to-end tests in network namespaces (root),
+    /// then `bench --quick` into target/bench-quick. Arguments after `--` go
+    /// to `cargo test` (and skip the quick benchmarks).
     Test {
         /// Skip clippy and the format check.
         #[arg(long)]
@@ -78,9 +79,12 @@ fn main() -> anyhow::Result<()> {
             let agent = build(release)?;
             run_agent(&agent, &args)
         }
-        Cmd::Bench { quick, args } => {
+        Cmd::Bench { quick, mut args } => {
             setup::ensure(false)?;
-            bench(quick, &args)
+            if quick {
+                args.insert(0, "--quick".into());
+            }
+            bench(true, &args)
         }
         Cmd::Test { no_lint, args } => {
             setup::ensure(false)?;
@@ -141,16 +145,22 @@ fn run_agent(agent: &Path, args: &[String]) -> anyhow::Result<()> {
     status(&mut cmd)
 }
 
-fn bench(quick: bool, args: &[String]) -> anyhow::Result<()> {
-    status(cargo().args([
-        "build",
-        "--release",
-        "--package",
-        "mmesh-tests",
-        "--bin",
-        "mmesh-bench",
-    ]))?;
-    let harness = Path::new("target/release/mmesh-bench");
+/// Builds the agent and the benchmark harness (`release`: optimized, for
+/// figures; else the test profile, to check that every scenario runs) and
+/// runs the harness on that agent with `args`.
+fn bench(release: bool, args: &[String]) -> anyhow::Result<()> {
+    let agent = build(release)?;
+    let agent =
+        std::fs::canonicalize(&agent).with_context(|| format!("finding {}", agent.display()))?;
+    let mut cmd = cargo();
+    cmd.args(["build", "--package", "mmesh-tests", "--bin", "mmesh-bench"]);
+    if release {
+        cmd.arg("--release");
+    }
+    status(&mut cmd)?;
+    let harness = Path::new("target")
+        .join(if release { "release" } else { "debug" })
+        .join("mmesh-bench");
     let mut cmd = if is_root() {
         Command::new(harness)
     } else {
@@ -159,10 +169,7 @@ fn bench(quick: bool, args: &[String]) -> anyhow::Result<()> {
         c.arg(harness);
         c
     };
-    if quick {
-        cmd.arg("--quick");
-    }
-    status(cmd.args(args))
+    status(cmd.args(args).env("MMESH_AGENT_BIN", agent))
 }
 
 fn test(no_lint: bool, args: &[String]) -> anyhow::Result<()> {
@@ -222,5 +229,13 @@ fn test(no_lint: bool, args: &[String]) -> anyhow::Result<()> {
             .args(["test", "--workspace", "--exclude", "mmesh-ebpf"])
             .args(args)
             .env("MMESH_AGENT_BIN", agent),
-    )
+    )?;
+    if args.is_empty() {
+        // So that the harness cannot rot: every scenario once, briefly; the
+        // published report in target/bench is left alone.
+        eprintln!("xtask: benchmarks, quick (each scenario once, no figures checked)");
+        let quick = ["--quick", "--out", "target/bench-quick"].map(String::from);
+        bench(false, &quick)?;
+    }
+    Ok(())
 }

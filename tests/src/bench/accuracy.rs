@@ -37,7 +37,7 @@ use mmesh_agent::{
     interface::{InterfaceSpec, Role},
     policy::Policy,
 };
-use mmesh_common::{Direction, Reason, Verdict, maps::programs};
+use mmesh_common::{Direction, Reason, Verdict};
 
 use super::{
     Options,
@@ -307,13 +307,7 @@ impl Bench {
             Kind::Bits => LARGE_PAYLOAD,
         };
         let frame = udp(ip(REMOTE), ip(ACCOUNT), 40_000, 53, payload);
-        let prog: &mut Xdp = self
-            .dp
-            .program_mut(programs::XDP_INBOUND)
-            .expect("xdp_inbound")
-            .try_into()
-            .expect("an XDP program");
-        let prog: &Xdp = prog;
+        let prog = super::xdp_inbound(&mut self.dp);
         let spans = flood(prog, &self.cpus, &frame, run_for);
         let first = spans.iter().map(|s| s.first).min().expect("a worker");
         let last = spans.iter().map(|s| s.last).max().expect("a worker");

@@ -53,7 +53,7 @@ use aya::{
 };
 use ipnet::{Ipv4Net, Ipv6Net};
 use mmesh_agent::{
-    compile::{Capacity, compile},
+    compile::compile,
     datapath::{BENCH_OBJECT, Datapath},
     policy::{Action, ListKind, Policy},
 };
@@ -134,17 +134,6 @@ struct Run {
 impl Run {
     fn mpps(self, packets: u64) -> f64 {
         packets as f64 / self.time.as_secs_f64() / 1e6
-    }
-}
-
-/// mmesh's map sizes for `scale` (as the in-kernel group sizes them).
-fn capacity(scale: Scale) -> Capacity {
-    Capacity {
-        accounts: scale.accounts + 16,
-        account_prefixes: 2 * scale.accounts + 16,
-        list_prefixes: (scale.global_v4 + scale.accounts / 100 * 11 + 1024)
-            .max(scale.global_v6 + 1024),
-        ..Capacity::default()
     }
 }
 
@@ -498,7 +487,8 @@ impl Bench {
 
 /// Loads mmesh with maps sized for `scale` and applies `policy`.
 fn load_mmesh(scale: Scale, policy: &Policy) -> Result<Datapath, String> {
-    let cap = capacity(scale);
+    // mmesh's map sizes for `scale`, as the in-kernel group sizes them.
+    let cap = super::kernel::capacity(scale);
     let mut dp = Datapath::load(cap).map_err(|e| format!("not measured: loading mmesh: {e}"))?;
     let compiled = compile(policy, None, &cap)
         .map_err(|e| format!("not measured: compiling the benchmark policy: {e}"))?;

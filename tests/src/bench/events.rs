@@ -12,7 +12,7 @@
 //!
 //! The reader is a thread pinned to the second CPU doing what the agent's
 //! `events::read` does: wait for the ring buffer to be readable, then drain
-//! it through `mmesh_agent::events::decode` and `serde_json` into a 64 KiB
+//! it with `mmesh_agent::events::drain` (decode, `serde_json`) into a 64 KiB
 //! `BufWriter` flushed once per drained batch, here to `/dev/null`. The
 //! agent waits through tokio's `AsyncFd`
 //! (epoll); this thread waits in `poll(2)` on the same fd, because the
@@ -41,15 +41,14 @@ use std::{
 
 use aya::{
     maps::{MapData, RingBuf},
-    programs::{TestRun as _, TestRunOptions, Xdp},
+    programs::{TestRun as _, TestRunOptions},
 };
 use mmesh_agent::{
     compile::{Capacity, compile},
     datapath::Datapath,
-    events::{Clock, Names, decode},
+    events::{Clock, Names, drain},
     policy::Policy,
 };
-use mmesh_common::maps::programs;
 
 use super::{
     Options,
@@ -114,21 +113,6 @@ fn read(
     }
 }
 
-/// The agent's `events::drain`: returns how many events it wrote.
-fn drain(ring: &mut RingBuf<MapData>, names: &Names, clock: &Clock, out: &mut impl Write) -> u64 {
-    let mut count = 0;
-    while let Some(item) = ring.next() {
-        if let Some(record) = decode(&item, names, clock) {
-            count += 1;
-            if serde_json::to_writer(&mut *out, &record).is_ok() {
-                let _ = out.write_all(b"\n");
-            }
-        }
-    }
-    let _ = out.flush();
-    count
-}
-
 /// CPU time consumed by a thread so far.
 fn thread_cpu(clock: libc::clockid_t) -> Duration {
     let mut ts = libc::timespec {
@@ -182,13 +166,7 @@ impl Bench {
         let lost0 = self.dp.totals().expect("totals").events_lost;
         let decoded0 = self.decoded.load(Ordering::Relaxed);
         let cpu0 = thread_cpu(self.reader_clock);
-        let prog: &mut Xdp = self
-            .dp
-            .program_mut(programs::XDP_INBOUND)
-            .expect("xdp_inbound")
-            .try_into()
-            .expect("an XDP program");
-        let prog: &Xdp = prog;
+        let prog = super::xdp_inbound(&mut self.dp);
         let frames = &self.frames;
         let cpu = self.generator_cpu;
         let start = Instant::now();

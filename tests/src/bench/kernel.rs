@@ -72,7 +72,8 @@ struct Bench {
     repeats: std::collections::HashMap<&'static str, u32>,
 }
 
-fn capacity(scale: Scale) -> Capacity {
+/// mmesh's map sizes for `scale`.
+pub(super) fn capacity(scale: Scale) -> Capacity {
     Capacity {
         accounts: scale.accounts + 16,
         account_prefixes: 2 * scale.accounts + 16,

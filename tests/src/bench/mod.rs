@@ -18,6 +18,16 @@ pub mod xdp_filter;
 
 use std::path::PathBuf;
 
+/// mmesh's inbound XDP program of `dp`, to run with `BPF_PROG_TEST_RUN`.
+fn xdp_inbound(dp: &mut mmesh_agent::datapath::Datapath) -> &aya::programs::Xdp {
+    let prog: &mut aya::programs::Xdp = dp
+        .program_mut(mmesh_common::maps::programs::XDP_INBOUND)
+        .expect("xdp_inbound")
+        .try_into()
+        .expect("an XDP program");
+    prog
+}
+
 /// A benchmark group's entry point.
 type Group = fn(&Options, &mut report::Report);
 
