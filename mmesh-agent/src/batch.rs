@@ -1,7 +1,8 @@
-//! `BPF_MAP_UPDATE_BATCH`: many entries of a hash or array map in one
-//! system call (kernel 5.6), where one call per entry would cost the first
-//! load of a hundred-thousand-account policy a good part of a second. aya
-//! 0.14 has no batch operations, so this uses the `bpf(2)` syscall directly.
+//! `BPF_MAP_UPDATE_BATCH`: many entries of a map in one system call (hash
+//! and array maps since kernel 5.6, LPM tries since 5.13; the agent needs
+//! 5.15), where one call per entry would cost the first load of a
+//! hundred-thousand-account policy a good part of a second. aya 0.14 has no
+//! batch operations, so this uses the `bpf(2)` syscall directly.
 
 use std::{
     io,

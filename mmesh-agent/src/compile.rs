@@ -198,9 +198,8 @@ pub struct Compiled {
     /// The accounts' entries, indexed by slot (slot 0 is never an account).
     pub accounts: imbl::Vector<Option<Arc<AccountEntries>>>,
     /// (slot, fingerprint) of the policy's accounts in their order: what the
-    /// next compile compares against.
-    /// Persistent, so that a one-account change copies a path, not 100,000
-    /// entries.
+    /// next compile compares against. Persistent, so that a one-account
+    /// change copies a path, not the whole list.
     pub order: imbl::Vector<(u32, u128)>,
     /// Entry counts, kept up to date piece by piece.
     pub counts: Counts,

@@ -200,9 +200,9 @@ type Change = (
     Option<Arc<AccountEntries>>,
 );
 
-/// Writes to hash and array maps gathered for one batched system call per
-/// map ([`batch::update`]): the first load of a large policy writes hundreds
-/// of thousands of host addresses.
+/// Account entries gathered for one batched system call per map
+/// ([`batch::update`]): the first load of a large policy writes hundreds of
+/// thousands of them. (Account rules go one by one: there are few.)
 #[derive(Default)]
 struct Pending {
     hosts_v4: Batch<ScopedV4, u32>,
@@ -473,9 +473,8 @@ impl Maps {
         Ok(())
     }
 
-    /// Writes the batched entries of `pending`, hosts before settings (a
-    /// slot's settings must not name addresses not yet routed to it: harmless
-    /// in the inactive half, but cheap to keep in order).
+    /// Writes the batched entries of `pending`. Order does not matter: the
+    /// half is inactive, and a failure leaves it unknown.
     fn flush(&mut self, pending: &Pending) -> Result<(), DatapathError> {
         pending
             .hosts_v4
