@@ -233,7 +233,7 @@ fn test(no_lint: bool, args: &[String]) -> anyhow::Result<()> {
     if args.is_empty() {
         // So that the harness cannot rot: every scenario once, briefly; the
         // published report in target/bench is left alone.
-        eprintln!("xtask: benchmarks, quick (each scenario once, no figures checked)");
+        eprintln!("xtask: benchmarks, quick (each scenario once; no speed is checked)");
         let quick = ["--quick", "--out", "target/bench-quick"].map(String::from);
         bench(false, &quick)?;
     }
