@@ -290,9 +290,10 @@ pub struct Account {
     pub outbound: Option<DirLimits>,
     /// A 128-bit hash of everything above, taken while the account is
     /// validated (its data is in the cache then). Compiling against the
-    /// previous policy compares fingerprints, laid out contiguously, instead
-    /// of walking a hundred thousand accounts' data. Two different accounts
-    /// share one with probability 2^-128.
+    /// previous policy compares fingerprints instead of whole accounts. Two
+    /// different accounts share one by accident with probability about
+    /// 2^-128 (XXH3 is not built against deliberate collisions; the policy
+    /// is the operator's own).
     #[serde(skip)]
     pub fingerprint: u128,
 }
