@@ -761,30 +761,22 @@ impl Validator<'_> {
 
     fn dir_limits(&mut self, raw: &RawDirLimits, path: &str, mode: Mode) -> Option<DirLimits> {
         let pps = raw.pps.as_ref().and_then(|r| {
-            let rate = self.quantity(r, &format!("{path}.pps"), 1, MAX_PPS)?;
-            let burst = match &raw.pps_burst {
-                Some(b) => self.quantity(
-                    b,
-                    &format!("{path}.pps_burst"),
-                    1,
-                    rate.saturating_mul(MAX_BURST_SECONDS),
-                )?,
-                None => (rate / 10).max(1),
-            };
-            Some(Rate { rate, burst })
+            self.rate(
+                r,
+                raw.pps_burst.as_ref(),
+                &format!("{path}.pps"),
+                (1, MAX_PPS),
+                1,
+            )
         });
         let bps = raw.bps.as_ref().and_then(|r| {
-            let rate = self.quantity(r, &format!("{path}.bps"), MIN_BPS, MAX_BPS)?;
-            let burst = match &raw.bps_burst {
-                Some(b) => self.quantity(
-                    b,
-                    &format!("{path}.bps_burst"),
-                    8,
-                    rate.saturating_mul(MAX_BURST_SECONDS),
-                )?,
-                None => (rate / 10).max(8),
-            };
-            Some(Rate { rate, burst })
+            self.rate(
+                r,
+                raw.bps_burst.as_ref(),
+                &format!("{path}.bps"),
+                (MIN_BPS, MAX_BPS),
+                8,
+            )
         });
         for (burst, rate, name) in [
             (&raw.pps_burst, &raw.pps, "pps"),
@@ -807,6 +799,30 @@ impl Validator<'_> {
             bps,
             action: mode.apply(raw.action.unwrap_or(Action::Drop)),
         })
+    }
+
+    /// A rate within `range` at `path` and its burst (at `path`_burst; by
+    /// default a tenth of the rate), at least `min_burst` and at most an
+    /// hour of the rate.
+    fn rate(
+        &mut self,
+        rate: &At<Scalar>,
+        burst: Option<&At<Scalar>>,
+        path: &str,
+        (min, max): (u64, u64),
+        min_burst: u64,
+    ) -> Option<Rate> {
+        let rate = self.quantity(rate, path, min, max)?;
+        let burst = match burst {
+            Some(b) => self.quantity(
+                b,
+                &format!("{path}_burst"),
+                min_burst,
+                rate.saturating_mul(MAX_BURST_SECONDS),
+            )?,
+            None => (rate / 10).max(min_burst),
+        };
+        Some(Rate { rate, burst })
     }
 
     fn quantity(&mut self, raw: &At<Scalar>, path: &str, min: u64, max: u64) -> Option<u64> {

@@ -203,14 +203,7 @@ impl Bench {
         let mut bench = aya::EbpfLoader::new()
             .load(BENCH_OBJECT)
             .expect("loading the benchmark programs");
-        for name in ["bench_tx", "bench_count"] {
-            let p: &mut Xdp = bench
-                .program_mut(name)
-                .expect("program")
-                .try_into()
-                .expect("XDP");
-            p.load().expect("verifier");
-        }
+        super::load_xdp(&mut bench, &["bench_tx", "bench_count"]);
 
         let t = Instant::now();
         let mmesh = load_mmesh(scale, &policy);

@@ -108,14 +108,10 @@ impl Bench {
             .map_max_entries("BENCH_LPM", scale.global_v4 + 1024)
             .load(BENCH_OBJECT)
             .expect("loading the benchmark programs");
-        for name in ["bench_drop", "bench_hash", "bench_lpm", "bench_randomize"] {
-            let p: &mut Xdp = bench
-                .program_mut(name)
-                .expect("program")
-                .try_into()
-                .expect("XDP");
-            p.load().expect("verifier");
-        }
+        super::load_xdp(
+            &mut bench,
+            &["bench_drop", "bench_hash", "bench_lpm", "bench_randomize"],
+        );
         let mut hash: HashMap<&mut MapData, [u8; 4], u32> =
             HashMap::try_from(bench.map_mut("BENCH_HASH").expect("map")).expect("hash");
         for i in 0..scale.accounts {

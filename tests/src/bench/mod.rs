@@ -28,6 +28,18 @@ fn xdp_inbound(dp: &mut mmesh_agent::datapath::Datapath) -> &aya::programs::Xdp 
     prog
 }
 
+/// Loads (verifies) the XDP programs `names` of the benchmark object.
+fn load_xdp(bench: &mut aya::Ebpf, names: &[&str]) {
+    for name in names {
+        let p: &mut aya::programs::Xdp = bench
+            .program_mut(name)
+            .expect("program")
+            .try_into()
+            .expect("XDP");
+        p.load().expect("verifier");
+    }
+}
+
 /// A benchmark group's entry point.
 type Group = fn(&Options, &mut report::Report);
 
