@@ -10,4 +10,5 @@ pub mod events;
 pub mod interface;
 pub mod policy;
 pub mod show;
+pub mod sink;
 pub mod stride;
