@@ -168,6 +168,29 @@ pub struct Attachment {
     pub tc_mode: &'static str,
     #[serde(skip)]
     added_clsact: bool,
+    #[serde(skip)]
+    links: AttachmentLinks,
+}
+
+/// The links of one attachment, to detach it alone.
+#[derive(Debug)]
+struct AttachmentLinks {
+    xdp_program: &'static str,
+    xdp: Option<aya::programs::xdp::XdpLinkId>,
+    tc_program: &'static str,
+    tc: Option<aya::programs::tc::SchedClassifierLinkId>,
+}
+
+impl Clone for AttachmentLinks {
+    /// A copy describes the attachment; only the original can detach it.
+    fn clone(&self) -> Self {
+        Self {
+            xdp_program: self.xdp_program,
+            xdp: None,
+            tc_program: self.tc_program,
+            tc: None,
+        }
+    }
 }
 
 /// Typed handles of the maps, owned in one place.
@@ -965,26 +988,61 @@ impl Datapath {
             }
         }
         let classifier: &mut SchedClassifier = program(&mut self.ebpf, tc_name)?;
-        if let Err(e) = classifier.attach(&spec.name, TcAttachType::Egress) {
-            let xdp: &mut Xdp = program(&mut self.ebpf, xdp_name)?;
-            xdp.detach(xdp_link).ok();
-            if added_clsact {
-                remove_clsact(&spec.name);
+        let tc_link = match classifier.attach(&spec.name, TcAttachType::Egress) {
+            Ok(link) => link,
+            Err(e) => {
+                let xdp: &mut Xdp = program(&mut self.ebpf, xdp_name)?;
+                xdp.detach(xdp_link).ok();
+                if added_clsact {
+                    remove_clsact(&spec.name);
+                }
+                return Err(DatapathError::Attach {
+                    program: tc_name,
+                    name: spec.name.clone(),
+                    source: e,
+                });
             }
-            return Err(DatapathError::Attach {
-                program: tc_name,
-                name: spec.name.clone(),
-                source: e,
-            });
-        }
+        };
         self.attachments.push(Attachment {
             name: spec.name.clone(),
             ifindex,
             role: spec.role,
             tc_mode: if tcx { "tcx" } else { "clsact" },
             added_clsact,
+            links: AttachmentLinks {
+                xdp_program: xdp_name,
+                xdp: Some(xdp_link),
+                tc_program: tc_name,
+                tc: Some(tc_link),
+            },
         });
         Ok(self.attachments.last().expect("just pushed"))
+    }
+
+    /// Detaches the programs from the interface attached as `name`, and
+    /// forgets it; `None` if no interface of that name is attached. For an
+    /// interface that is gone already, this releases the links the kernel
+    /// has made defunct.
+    pub fn detach(&mut self, name: &str) -> Option<Attachment> {
+        let at = self.attachments.iter().position(|a| a.name == name)?;
+        let mut a = self.attachments.remove(at);
+        // Best effort: a link whose device is gone fails to detach, and is
+        // released all the same when its file descriptor closes.
+        if let Some(link) = a.links.xdp.take()
+            && let Ok(xdp) = program::<Xdp>(&mut self.ebpf, a.links.xdp_program)
+        {
+            xdp.detach(link).ok();
+        }
+        if let Some(link) = a.links.tc.take()
+            && let Ok(tc) = program::<SchedClassifier>(&mut self.ebpf, a.links.tc_program)
+        {
+            tc.detach(link).ok();
+        }
+        if a.added_clsact {
+            remove_clsact(&a.name);
+            a.added_clsact = false;
+        }
+        Some(a)
     }
 
     /// Applies a compiled policy all-or-nothing and returns its generation.

@@ -12,10 +12,10 @@ use std::{
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
-        mpsc::{self, Receiver, SyncSender, TrySendError},
+        mpsc::{self, SyncSender, TrySendError},
     },
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 /// What a sink did with what it was given, in items (log lines, events).
@@ -54,6 +54,8 @@ impl SinkStats {
 struct Chunk {
     bytes: Vec<u8>,
     items: u64,
+    /// Answered once everything queued before this chunk has been handled.
+    ack: Option<SyncSender<()>>,
 }
 
 /// The sending side: cheap to clone, never blocks.
@@ -63,11 +65,6 @@ pub struct Sink {
     stats: Arc<SinkStats>,
 }
 
-/// The writer thread of a [`Sink`], to wait for at shutdown.
-pub struct SinkWriter {
-    done: Receiver<()>,
-}
-
 impl Sink {
     /// Starts a writer thread named `name` that writes to `out`, behind a
     /// queue of at most `chunks` chunks.
@@ -75,9 +72,8 @@ impl Sink {
         name: &str,
         out: impl Write + Send + 'static,
         chunks: usize,
-    ) -> std::io::Result<(Self, SinkWriter)> {
+    ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::sync_channel::<Chunk>(chunks.max(1));
-        let (done_tx, done) = mpsc::sync_channel(1);
         let stats = Arc::new(SinkStats::default());
         let thread_stats = stats.clone();
         thread::Builder::new()
@@ -85,6 +81,10 @@ impl Sink {
             .spawn(move || {
                 let mut out = out;
                 for chunk in rx {
+                    if let Some(ack) = chunk.ack {
+                        let _ = ack.try_send(());
+                        continue;
+                    }
                     // Flushed per chunk: a chunk is a whole line or batch, and
                     // whoever reads the other end should see it now.
                     match out.write_all(&chunk.bytes).and_then(|()| out.flush()) {
@@ -96,14 +96,17 @@ impl Sink {
                             .fetch_add(chunk.items, Ordering::Relaxed),
                     };
                 }
-                let _ = done_tx.send(());
             })?;
-        Ok((Self { tx, stats }, SinkWriter { done }))
+        Ok(Self { tx, stats })
     }
 
     /// Queues `bytes`, which hold `items` items; false if they were dropped.
     pub fn send(&self, bytes: Vec<u8>, items: u64) -> bool {
-        match self.tx.try_send(Chunk { bytes, items }) {
+        match self.tx.try_send(Chunk {
+            bytes,
+            items,
+            ack: None,
+        }) {
             Ok(()) => true,
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
                 self.stats.dropped.fetch_add(items, Ordering::Relaxed);
@@ -116,15 +119,34 @@ impl Sink {
     pub fn stats(&self) -> Arc<SinkStats> {
         self.stats.clone()
     }
-}
 
-impl SinkWriter {
-    /// Waits up to `timeout` for the writer to finish what is queued, once
-    /// every [`Sink`] clone is dropped; false if it did not (a stalled reader:
-    /// the thread is left behind, and ends with the process).
+    /// Waits up to `timeout` until everything queued so far has been
+    /// written (or failed); false if the writer did not get there in time (a
+    /// stalled reader: what is queued stays behind and ends with the process).
     #[must_use]
-    pub fn finish(self, timeout: Duration) -> bool {
-        self.done.recv_timeout(timeout).is_ok()
+    pub fn flush(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let (ack_tx, ack) = mpsc::sync_channel(1);
+        let mut marker = Chunk {
+            bytes: Vec::new(),
+            items: 0,
+            ack: Some(ack_tx),
+        };
+        loop {
+            match self.tx.try_send(marker) {
+                Ok(()) => break,
+                Err(TrySendError::Disconnected(_)) => return false,
+                Err(TrySendError::Full(back)) => {
+                    if Instant::now() >= deadline {
+                        return false;
+                    }
+                    marker = back;
+                    thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+        ack.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .is_ok()
     }
 }
 
@@ -154,11 +176,19 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
 
 /// Control characters in `s` escaped (`\n`, `\u{1b}`, …), so that a value
 /// taken from a file or the network cannot forge log lines or drive a
-/// terminal.
+/// terminal. Everything else is left as it is.
 #[must_use]
 pub fn escape_controls(s: &str) -> std::borrow::Cow<'_, str> {
     if s.chars().any(char::is_control) {
-        std::borrow::Cow::Owned(s.chars().flat_map(char::escape_debug).collect())
+        let mut out = String::with_capacity(s.len() + 8);
+        for c in s.chars() {
+            if c.is_control() {
+                out.extend(c.escape_debug());
+            } else {
+                out.push(c);
+            }
+        }
+        std::borrow::Cow::Owned(out)
     } else {
         std::borrow::Cow::Borrowed(s)
     }
@@ -213,7 +243,7 @@ mod tests {
     #[test]
     fn a_stalled_writer_never_blocks_the_sender_and_losses_are_counted() {
         let stalled = Stalled::default();
-        let (sink, writer) = Sink::spawn("test-stalled", stalled.clone(), 4).unwrap();
+        let sink = Sink::spawn("test-stalled", stalled.clone(), 4).unwrap();
         let mut accepted = 0;
         for _ in 0..1000 {
             if sink.send(b"event\n".to_vec(), 3) {
@@ -223,22 +253,23 @@ mod tests {
         // One chunk may sit in the writer's hands, four in the queue.
         assert!((4..=5).contains(&accepted), "accepted {accepted}");
         assert_eq!(sink.stats().dropped(), (1000 - accepted) * 3);
+        assert!(
+            !sink.flush(Duration::from_millis(1)),
+            "a stalled writer cannot have flushed"
+        );
         stalled.release();
-        let stats = sink.stats();
-        drop(sink);
-        assert!(writer.finish(Duration::from_secs(30)));
-        assert_eq!(stats.written(), accepted * 3);
+        assert!(sink.flush(Duration::from_secs(60)));
+        assert_eq!(sink.stats().written(), accepted * 3);
     }
 
     #[test]
     fn write_errors_are_counted_not_raised() {
-        let (sink, writer) = Sink::spawn("test-closed", Closed, 16).unwrap();
+        let sink = Sink::spawn("test-closed", Closed, 16).unwrap();
         let stats = sink.stats();
         for _ in 0..10 {
             sink.send(b"line\n".to_vec(), 1);
         }
-        drop(sink);
-        assert!(writer.finish(Duration::from_secs(30)));
+        assert!(sink.flush(Duration::from_secs(60)));
         assert_eq!(stats.failed() + stats.dropped(), 10);
         assert_eq!(stats.written(), 0);
     }
@@ -247,8 +278,8 @@ mod tests {
     fn controls_are_escaped() {
         assert_eq!(escape_controls("r1"), "r1");
         assert_eq!(
-            escape_controls("r1\nINFO forged\u{1b}[2J"),
-            "r1\\nINFO forged\\u{1b}[2J"
+            escape_controls("r1\nINFO \"forged\"\u{1b}[2J"),
+            "r1\\nINFO \"forged\"\\u{1b}[2J"
         );
     }
 }
