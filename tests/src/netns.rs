@@ -366,7 +366,13 @@ impl Topology {
         let host = NetNs::create(&format!("{base}-h"));
         let remote = NetNs::create(&format!("{base}-r"));
         let topo = Self { host, remote };
-        topo.host.ip(&[
+        topo.create_link();
+        topo
+    }
+
+    /// Creates the veth pair, brings it up and adds the routes.
+    fn create_link(&self) {
+        self.host.ip(&[
             "link",
             "add",
             HOST_IF,
@@ -380,11 +386,11 @@ impl Topology {
             "address",
             REMOTE_MAC,
             "netns",
-            topo.remote.name(),
+            self.remote.name(),
         ]);
         let v4_net = format!("{}/{}", TEST_NET_V4.0, TEST_NET_V4.1);
         let v6_net = format!("{}/{}", TEST_NET_V6.0, TEST_NET_V6.1);
-        for (ns, dev) in [(&topo.host, HOST_IF), (&topo.remote, REMOTE_IF)] {
+        for (ns, dev) in [(&self.host, HOST_IF), (&self.remote, REMOTE_IF)] {
             // No link-local address: nothing but the test's own traffic
             // (no DAD, router or multicast listener chatter) on the wire.
             ns.ip(&["link", "set", "dev", dev, "addrgenmode", "none"]);
@@ -393,15 +399,28 @@ impl Topology {
             ns.ip(&["-6", "route", "add", &v6_net, "dev", dev]);
         }
         wait_until("both veth ends to be up", Duration::from_secs(5), || {
-            topo.host
+            self.host
                 .ip_output(&["-br", "link", "show", "dev", HOST_IF])
                 .contains(" UP ")
-                && topo
+                && self
                     .remote
                     .ip_output(&["-br", "link", "show", "dev", REMOTE_IF])
                     .contains(" UP ")
         });
-        topo
+    }
+
+    /// Deletes the veth pair (what a container runtime does when a
+    /// container goes), leaving both namespaces.
+    pub fn delete_link(&self) {
+        self.host.ip(&["link", "del", "dev", HOST_IF]);
+    }
+
+    /// Creates the veth pair again under the same names, with `host_addrs`
+    /// and `remote_addrs` (a container restarted on the same interface name).
+    pub fn recreate_link(&self, host_addrs: &[IpAddr], remote_addrs: &[IpAddr]) {
+        self.create_link();
+        self.add_host_addrs(host_addrs);
+        self.add_remote_addrs(remote_addrs);
     }
 
     /// Adds `addrs` to the host side of the veth pair.
@@ -652,6 +671,31 @@ pub struct Agent {
     pid: u32,
     output: Arc<Output>,
     readers: Vec<JoinHandle<()>>,
+    /// Pipe ends held open and never read ([`Streams`]).
+    stalled: Vec<File>,
+}
+
+/// What a test does with the agent's stdout and stderr.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Streams {
+    /// Both read line by line (events and logs are there to check).
+    Read,
+    /// stderr's read end closed at once: every log write fails (EPIPE).
+    StderrClosed,
+    /// stderr never read, its pipe shrunk to one page: full within a few
+    /// log lines.
+    StderrStalled,
+    /// stdout never read, its pipe shrunk to one page: full within a few
+    /// events.
+    StdoutStalled,
+}
+
+/// Shrinks the pipe behind `fd` to one page (`F_SETPIPE_SZ`); best effort
+/// (a pipe already holding more cannot shrink, and then fills a little
+/// later).
+fn shrink_pipe(fd: &impl std::os::fd::AsRawFd) {
+    // SAFETY: fcntl on a pipe fd we own.
+    unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, 4096) };
 }
 
 impl Agent {
@@ -677,6 +721,20 @@ impl Agent {
     /// Starts the agent binary with `args` in `ns` and waits until it is
     /// running.
     pub fn start_with_args(ns: &NetNs, args: &[String]) -> Self {
+        Self::start_with_streams(ns, args, Streams::Read, |agent| {
+            agent.log_position(AGENT_READY_LINE, 0).is_some()
+        })
+    }
+
+    /// Starts the agent binary with `args` in `ns`, its output handled as
+    /// `streams` says, and waits until `ready` holds (with stderr unread,
+    /// the ready line cannot be awaited: look at the system instead).
+    pub fn start_with_streams(
+        ns: &NetNs,
+        args: &[String],
+        streams: Streams,
+        ready: impl Fn(&Self) -> bool,
+    ) -> Self {
         let bin = agent_binary();
         let mut child = agent_command(ns, args)
             .spawn()
@@ -685,10 +743,14 @@ impl Agent {
         let output = Arc::new(Output::default());
         let stdout = child.stdout.take().expect("stdout is piped");
         let stderr = child.stderr.take().expect("stderr is piped");
-        let events_out = output.clone();
-        let logs_out = output.clone();
-        let readers = vec![
-            thread::spawn(move || {
+        let mut readers = Vec::new();
+        let mut stalled = Vec::new();
+        if streams == Streams::StdoutStalled {
+            shrink_pipe(&stdout);
+            stalled.push(File::from(std::os::fd::OwnedFd::from(stdout)));
+        } else {
+            let events_out = output.clone();
+            readers.push(thread::spawn(move || {
                 for line in BufReader::new(stdout).lines() {
                     let Ok(line) = line else { break };
                     match serde_json::from_str::<Value>(&line) {
@@ -696,23 +758,34 @@ impl Agent {
                         _ => lock(&events_out.garbage).push(line),
                     }
                 }
-            }),
-            thread::spawn(move || {
-                for line in BufReader::new(stderr).lines() {
-                    let Ok(line) = line else { break };
-                    lock(&logs_out.logs).push(line);
-                }
-            }),
-        ];
+            }));
+        }
+        match streams {
+            Streams::StderrClosed => drop(stderr),
+            Streams::StderrStalled => {
+                shrink_pipe(&stderr);
+                stalled.push(File::from(std::os::fd::OwnedFd::from(stderr)));
+            }
+            Streams::Read | Streams::StdoutStalled => {
+                let logs_out = output.clone();
+                readers.push(thread::spawn(move || {
+                    for line in BufReader::new(stderr).lines() {
+                        let Ok(line) = line else { break };
+                        lock(&logs_out.logs).push(line);
+                    }
+                }));
+            }
+        }
         let mut agent = Self {
             child: Some(child),
             pid,
             output,
             readers,
+            stalled,
         };
         let deadline = Instant::now() + AGENT_READY_TIMEOUT;
         loop {
-            if agent.log_position(AGENT_READY_LINE, 0).is_some() {
+            if ready(&agent) {
                 return agent;
             }
             let exited = agent
@@ -907,7 +980,16 @@ impl Agent {
         Some(result)
     }
 
+    /// Whether the agent process is still there (not exited, not reaped).
+    #[must_use]
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     fn join_readers(&mut self) {
+        self.stalled.clear();
         // The pipes close when the agent exits, so the readers end.
         for reader in self.readers.drain(..) {
             let _ = reader.join();
