@@ -13,6 +13,7 @@ use crate::{
     compile::{Capacity, Compiled, compile},
     datapath::{Datapath, Totals},
     events::{self, Names},
+    hook::ReceiveHook,
     interface::{self, InterfaceSpec, Role},
     policy::Policy,
 };
@@ -22,6 +23,7 @@ use crate::{
 pub struct RunOptions {
     pub policy: Option<PathBuf>,
     pub interfaces: Vec<InterfaceSpec>,
+    pub receive_hook: ReceiveHook,
     pub capacity: Capacity,
     pub summary_interval: Duration,
 }
@@ -86,8 +88,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     tracing::info!(generation, "policy {summary}");
 
     for spec in &interfaces {
-        let a = dp.attach(spec)?;
-        tracing::info!(interface = %a.name, ifindex = a.ifindex, role = %a.role, tc = a.tc_mode, "attached");
+        let a = dp.attach(spec, opts.receive_hook)?;
+        tracing::info!(interface = %a.name, ifindex = a.ifindex, role = %a.role, receive = %a.receive, driver = %a.driver, tc = a.tc_mode, "attached");
     }
 
     let ring = dp
@@ -127,7 +129,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     let _ = stop_tx.send(());
     let decoded = reader.await.context("event reader task")??;
     let totals = dp.totals()?;
-    let attached: Vec<String> = dp.attachments().iter().map(|a| a.name.clone()).collect();
+    let attached: Vec<String> = dp
+        .attachments()
+        .iter()
+        .map(|a| format!("{} ({}, receive {})", a.name, a.role, a.receive))
+        .collect();
     drop(dp);
     tracing::info!(
         events = decoded,

@@ -30,7 +30,10 @@ use aya::{
         Array, HashMap, IterableMap as _, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap,
         RingBuf, lpm_trie::Key,
     },
-    programs::{ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode, tc},
+    programs::{
+        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode, tc, tc::SchedClassifierLinkId,
+        xdp::XdpLinkId,
+    },
     util::KernelVersion,
 };
 use mmesh_common::{
@@ -49,6 +52,7 @@ use crate::{
     barrier::ProgramBarrier,
     batch,
     compile::{AccountEntries, Capacity, Compiled, GlobalEntries, PrefixKey},
+    hook::{self, Hook, ReceiveHook},
     interface::{self, InterfaceError, InterfaceSpec, Role},
     stride::Stride,
 };
@@ -116,6 +120,14 @@ pub enum DatapathError {
         #[source]
         source: ProgramError,
     },
+    #[error(
+        "cannot tell what kind of device interface {name} is (ETHTOOL_GDRVINFO): {source}; choose its receive hook with --receive-hook xdp or tc"
+    )]
+    DeviceKind {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("interface {0} is attached twice; give each interface once")]
     DuplicateInterface(String),
     #[error("cannot create the program barrier map-in-map: {0}")]
@@ -164,10 +176,21 @@ pub struct Attachment {
     pub name: String,
     pub ifindex: u32,
     pub role: Role,
-    /// `tcx` or `clsact`.
+    /// Where the receive program is: XDP, or TC ingress.
+    pub receive: Hook,
+    /// The device's driver (`veth`, `tun`, `ixgbe`; empty if it has none),
+    /// which decided `receive` under `--receive-hook auto`.
+    pub driver: String,
+    /// How TC programs are attached: `tcx` or `clsact`.
     pub tc_mode: &'static str,
     #[serde(skip)]
     added_clsact: bool,
+}
+
+/// A receive link, to undo an attachment that failed half-way.
+enum RxLink {
+    Xdp(&'static str, XdpLinkId),
+    Tc(&'static str, SchedClassifierLinkId),
 }
 
 /// Typed handles of the maps, owned in one place.
@@ -912,79 +935,134 @@ impl Datapath {
         self.ebpf.program_mut(name)
     }
 
-    /// Attaches the receive (XDP) and transmit (TC) programs of `spec.role`.
-    /// On failure nothing of this interface stays attached.
-    pub fn attach(&mut self, spec: &InterfaceSpec) -> Result<&Attachment, DatapathError> {
+    /// Attaches the receive and transmit programs of `spec.role`: receive on
+    /// the hook `receive` chooses for the device (XDP, or TC ingress),
+    /// transmit on TC egress. On failure nothing of this interface stays
+    /// attached.
+    pub fn attach(
+        &mut self,
+        spec: &InterfaceSpec,
+        receive: ReceiveHook,
+    ) -> Result<&Attachment, DatapathError> {
         if self.attachments.iter().any(|a| a.name == spec.name) {
             return Err(DatapathError::DuplicateInterface(spec.name.clone()));
         }
         let ifindex = interface::check(&spec.name)?;
-        let (xdp_name, tc_name) = match spec.role {
-            Role::Uplink => (programs::XDP_INBOUND, programs::TC_OUTBOUND),
-            Role::Workload => (programs::XDP_OUTBOUND, programs::TC_INBOUND),
-        };
-        let xdp: &mut Xdp = program(&mut self.ebpf, xdp_name)?;
-        let xdp_link = xdp
-            .attach_to_if_index(ifindex, XdpMode::Default)
-            .map_err(|e| {
-                if is_errno(&e, libc::EBUSY) || is_errno(&e, libc::EEXIST) {
-                    DatapathError::XdpBusy {
-                        name: spec.name.clone(),
-                    }
-                } else if is_permission(&e) {
-                    DatapathError::Permission {
-                        doing: format!("attaching XDP to {}", spec.name),
-                    }
-                } else {
-                    DatapathError::Attach {
-                        program: xdp_name,
-                        name: spec.name.clone(),
-                        source: e,
-                    }
-                }
-            })?;
-        let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
-        let mut added_clsact = false;
-        if !tcx {
-            // Before TCX (6.6) a TC program needs the clsact qdisc.
-            match tc::qdisc_add_clsact(&spec.name) {
-                Ok(()) => added_clsact = true,
-                Err(tc::TcError::AlreadyAttached) => {}
-                Err(e)
-                    if matches!(&e, tc::TcError::NetlinkError(_)) && is_errno(&e, libc::EEXIST) => {
-                }
-                Err(e) => {
-                    let xdp: &mut Xdp = program(&mut self.ebpf, xdp_name)?;
-                    xdp.detach(xdp_link).ok();
-                    return Err(DatapathError::Attach {
-                        program: tc_name,
-                        name: spec.name.clone(),
-                        source: ProgramError::from(e),
-                    });
+        let device = hook::device_kind(&spec.name).map_err(|source| {
+            if source.raw_os_error() == Some(libc::ENODEV) {
+                DatapathError::Interface(InterfaceError::Unknown(spec.name.clone()))
+            } else {
+                DatapathError::DeviceKind {
+                    name: spec.name.clone(),
+                    source,
                 }
             }
-        }
-        let classifier: &mut SchedClassifier = program(&mut self.ebpf, tc_name)?;
-        if let Err(e) = classifier.attach(&spec.name, TcAttachType::Egress) {
-            let xdp: &mut Xdp = program(&mut self.ebpf, xdp_name)?;
-            xdp.detach(xdp_link).ok();
+        })?;
+        let hook = receive.resolve(&device);
+        // Receive sees what comes from the other side of the interface.
+        let (rx, tx) = match spec.role {
+            Role::Uplink => (Direction::Inbound, Direction::Outbound),
+            Role::Workload => (Direction::Outbound, Direction::Inbound),
+        };
+        let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+        // Before TCX (6.6) a TC program needs the clsact qdisc, which
+        // holds both the ingress and the egress hook.
+        let added_clsact = !tcx && add_clsact(&spec.name, tc_program(tx))?;
+        let undo_clsact = |e: DatapathError| {
             if added_clsact {
                 remove_clsact(&spec.name);
             }
-            return Err(DatapathError::Attach {
-                program: tc_name,
-                name: spec.name.clone(),
-                source: e,
-            });
+            e
+        };
+        let rx_link = match hook {
+            Hook::Xdp => self.attach_xdp(xdp_program(rx), &spec.name, ifindex),
+            Hook::Tc => self.attach_tc(tc_program(rx), &spec.name, TcAttachType::Ingress),
+        }
+        .map_err(undo_clsact)?;
+        if let Err(e) = self.attach_tc(tc_program(tx), &spec.name, TcAttachType::Egress) {
+            self.detach(rx_link);
+            return Err(undo_clsact(e));
         }
         self.attachments.push(Attachment {
             name: spec.name.clone(),
             ifindex,
             role: spec.role,
+            receive: hook,
+            driver: device.driver,
             tc_mode: if tcx { "tcx" } else { "clsact" },
             added_clsact,
         });
         Ok(self.attachments.last().expect("just pushed"))
+    }
+
+    fn attach_xdp(
+        &mut self,
+        name: &'static str,
+        interface: &str,
+        ifindex: u32,
+    ) -> Result<RxLink, DatapathError> {
+        let xdp: &mut Xdp = program(&mut self.ebpf, name)?;
+        let link = xdp
+            .attach_to_if_index(ifindex, XdpMode::Default)
+            .map_err(|e| {
+                if is_errno(&e, libc::EBUSY) || is_errno(&e, libc::EEXIST) {
+                    DatapathError::XdpBusy {
+                        name: interface.to_owned(),
+                    }
+                } else if is_permission(&e) {
+                    DatapathError::Permission {
+                        doing: format!("attaching XDP to {interface}"),
+                    }
+                } else {
+                    DatapathError::Attach {
+                        program: name,
+                        name: interface.to_owned(),
+                        source: e,
+                    }
+                }
+            })?;
+        Ok(RxLink::Xdp(name, link))
+    }
+
+    fn attach_tc(
+        &mut self,
+        name: &'static str,
+        interface: &str,
+        side: TcAttachType,
+    ) -> Result<RxLink, DatapathError> {
+        let classifier: &mut SchedClassifier = program(&mut self.ebpf, name)?;
+        let link = classifier.attach(interface, side).map_err(|e| {
+            if is_permission(&e) {
+                DatapathError::Permission {
+                    doing: format!("attaching TC to {interface}"),
+                }
+            } else {
+                DatapathError::Attach {
+                    program: name,
+                    name: interface.to_owned(),
+                    source: e,
+                }
+            }
+        })?;
+        Ok(RxLink::Tc(name, link))
+    }
+
+    /// Detaches a link made by [`Datapath::attach`] (when a later step of the
+    /// same interface failed). Best effort: the link goes with the program
+    /// at exit anyway.
+    fn detach(&mut self, link: RxLink) {
+        match link {
+            RxLink::Xdp(name, link) => {
+                if let Ok(xdp) = program::<Xdp>(&mut self.ebpf, name) {
+                    xdp.detach(link).ok();
+                }
+            }
+            RxLink::Tc(name, link) => {
+                if let Ok(classifier) = program::<SchedClassifier>(&mut self.ebpf, name) {
+                    classifier.detach(link).ok();
+                }
+            }
+        }
     }
 
     /// Applies a compiled policy all-or-nothing and returns its generation.
@@ -1277,6 +1355,39 @@ impl Drop for Datapath {
                 remove_clsact(&a.name);
             }
         }
+    }
+}
+
+/// Adds the clsact qdisc to `name` (kernels before TCX); true if this call
+/// added it, false if it was there.
+fn add_clsact(name: &str, program: &'static str) -> Result<bool, DatapathError> {
+    match tc::qdisc_add_clsact(name) {
+        Ok(()) => Ok(true),
+        Err(tc::TcError::AlreadyAttached) => Ok(false),
+        Err(e) if matches!(&e, tc::TcError::NetlinkError(_)) && is_errno(&e, libc::EEXIST) => {
+            Ok(false)
+        }
+        Err(e) => Err(DatapathError::Attach {
+            program,
+            name: name.to_owned(),
+            source: ProgramError::from(e),
+        }),
+    }
+}
+
+/// The XDP program of `direction`.
+const fn xdp_program(direction: Direction) -> &'static str {
+    match direction {
+        Direction::Inbound => programs::XDP_INBOUND,
+        Direction::Outbound => programs::XDP_OUTBOUND,
+    }
+}
+
+/// The TC program of `direction`, for ingress and egress alike.
+const fn tc_program(direction: Direction) -> &'static str {
+    match direction {
+        Direction::Inbound => programs::TC_INBOUND,
+        Direction::Outbound => programs::TC_OUTBOUND,
     }
 }
 

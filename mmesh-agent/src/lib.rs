@@ -7,6 +7,7 @@ pub mod batch;
 pub mod compile;
 pub mod datapath;
 pub mod events;
+pub mod hook;
 pub mod interface;
 pub mod policy;
 pub mod show;
