@@ -619,6 +619,16 @@ fn bit_rate_limit_counts_bytes() {
     let frame = udp(ip(BETA4), ip(ORDINARY4), 1, 2, 1000 - 42);
     assert_eq!(frame.len(), 1000);
     h.run_n(programs::TC_OUTBOUND, &frame, 20);
+    // A small packet does not fit either until the debt is paid: 42 bytes
+    // take 4.2 ms to refill, so it goes right after the big ones (reading
+    // the counters below takes about that long).
+    assert_eq!(
+        h.run(
+            programs::TC_OUTBOUND,
+            &udp(ip(BETA4), ip(ORDINARY4), 1, 2, 0)
+        ),
+        Verdict::Drop
+    );
     let passed = h
         .account(beta, Reason::Pass, Verdict::Pass, Direction::Outbound)
         .packets;
@@ -626,15 +636,7 @@ fn bit_rate_limit_counts_bytes() {
     assert_eq!(
         h.account(beta, Reason::RateBps, Verdict::Drop, Direction::Outbound)
             .packets,
-        20 - passed
-    );
-    // Small packets still fit where big ones did not... after the debt is paid.
-    assert_eq!(
-        h.run(
-            programs::TC_OUTBOUND,
-            &udp(ip(BETA4), ip(ORDINARY4), 1, 2, 0)
-        ),
-        Verdict::Drop
+        21 - passed
     );
 }
 
@@ -823,26 +825,33 @@ fn truncated_and_malformed_headers_get_their_own_reasons(rx: Rx) {
     ext.extensions = vec![EXT_HOP_BY_HOP];
     let ext = ext.frame();
     // Shorter than an Ethernet header cannot be tested: BPF_PROG_TEST_RUN
-    // refuses frames under ETH_HLEN (and no driver delivers them).
+    // refuses frames under ETH_HLEN (and no driver delivers them). For a TC
+    // program it also refuses (EINVAL) an IP frame cut inside the fixed IP
+    // header, so those two cases run on XDP only.
     let vlan_cut = packets::with_vlans(&v4, &[(ETH_P_8021Q, 5)]);
-    let truncated: [(&str, &[u8]); 6] = [
-        ("inside a VLAN tag", &vlan_cut[..16]),
-        ("inside IPv4", &v4[..14 + 12]),
-        ("inside UDP", &v4[..14 + 20 + 4]),
-        ("inside IPv6", &v6[..14 + 30]),
-        ("inside TCP over IPv6", &v6[..14 + 40 + 12]),
-        ("inside an extension header", &ext[..=(14 + 40)]),
+    let truncated: [(&str, &[u8], bool); 6] = [
+        ("inside a VLAN tag", &vlan_cut[..16], true),
+        ("inside IPv4", &v4[..14 + 12], false),
+        ("inside UDP", &v4[..14 + 20 + 4], true),
+        ("inside IPv6", &v6[..14 + 30], false),
+        ("inside TCP over IPv6", &v6[..14 + 40 + 12], true),
+        ("inside an extension header", &ext[..=(14 + 40)], true),
     ];
-    for (what, frame) in truncated {
+    let mut cut = 0;
+    for (what, frame, on_tc) in truncated {
+        if matches!(rx, Rx::Tc) && !on_tc {
+            continue;
+        }
         assert_eq!(
             h.run(rx.inbound(), frame),
             Verdict::Drop,
             "truncated {what}"
         );
+        cut += 1;
     }
     assert_eq!(
         h.total(Reason::Truncated, Verdict::Drop, Direction::Inbound),
-        6
+        cut
     );
     // Truncated after the addresses were read (UDP, TCP, extension header):
     // attributed to the account.
@@ -874,8 +883,8 @@ fn truncated_and_malformed_headers_get_their_own_reasons(rx: Rx) {
         events
             .iter()
             .filter(|e| e.reason == Reason::Truncated as u8)
-            .count(),
-        6
+            .count() as u64,
+        cut
     );
     assert_eq!(
         events[0].family, 0,
@@ -884,7 +893,7 @@ fn truncated_and_malformed_headers_get_their_own_reasons(rx: Rx) {
 
     // The policy can make them monitor-only.
     h.apply(&POLICY.replace("global:\n", "global:\n  malformed: monitor\n"));
-    assert_eq!(h.run(rx.inbound(), &v4[..20]), Verdict::Pass);
+    assert_eq!(h.run(rx.inbound(), &v4[..14 + 20 + 4]), Verdict::Pass);
     assert_eq!(
         h.total(Reason::Truncated, Verdict::Monitor, Direction::Inbound),
         1
