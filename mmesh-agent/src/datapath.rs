@@ -128,6 +128,10 @@ pub enum DatapathError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "interface {name} already has mmesh's TC programs attached, by another mmesh-agent; stop that one first (two agents would count and rate-limit every packet twice)"
+    )]
+    TcBusy { name: String },
     #[error("interface {0} is attached twice; give each interface once")]
     DuplicateInterface(String),
     #[error("cannot create the program barrier map-in-map: {0}")]
@@ -965,6 +969,13 @@ impl Datapath {
             Role::Workload => (Direction::Outbound, Direction::Inbound),
         };
         let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+        // XDP takes one program per device, so a second agent finds the
+        // first one's there; TC takes many, so look for ours.
+        if has_mmesh_tc(&spec.name, tcx) {
+            return Err(DatapathError::TcBusy {
+                name: spec.name.clone(),
+            });
+        }
         // Before TCX (6.6) a TC program needs the clsact qdisc, which
         // holds both the ingress and the egress hook.
         let added_clsact = !tcx && add_clsact(&spec.name, tc_program(tx))?;
@@ -1372,6 +1383,31 @@ fn add_clsact(name: &str, program: &'static str) -> Result<bool, DatapathError> 
             name: name.to_owned(),
             source: ProgramError::from(e),
         }),
+    }
+}
+
+/// Whether a program of mmesh's (by name) is attached to TC ingress or
+/// egress of `name`. Best effort: a failed query finds nothing.
+fn has_mmesh_tc(name: &str, tcx: bool) -> bool {
+    let ours = |program: &str| program == programs::TC_INBOUND || program == programs::TC_OUTBOUND;
+    if tcx {
+        [TcAttachType::Ingress, TcAttachType::Egress]
+            .into_iter()
+            .filter_map(|side| SchedClassifier::query_tcx(name, side).ok())
+            .flat_map(|(_, infos)| infos)
+            .any(|info| info.name_as_str().is_some_and(ours))
+    } else {
+        // clsact filters are listed by tc(8) as `bpf name PROGRAM ...`.
+        ["ingress", "egress"].into_iter().any(|side| {
+            std::process::Command::new("tc")
+                .args(["filter", "show", "dev", name, side])
+                .output()
+                .is_ok_and(|out| {
+                    String::from_utf8_lossy(&out.stdout)
+                        .split_whitespace()
+                        .any(ours)
+                })
+        })
     }
 }
 
