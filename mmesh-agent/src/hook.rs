@@ -37,9 +37,8 @@ impl ReceiveHook {
     pub const fn resolve(self, kind: &DeviceKind) -> Hook {
         match self {
             Self::Xdp => Hook::Xdp,
-            Self::Tc => Hook::Tc,
             Self::Auto if kind.physical => Hook::Xdp,
-            Self::Auto => Hook::Tc,
+            Self::Tc | Self::Auto => Hook::Tc,
         }
     }
 }

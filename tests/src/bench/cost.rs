@@ -19,6 +19,7 @@
 //! 0.2 s in quick mode.
 
 use std::{
+    fmt::Write as _,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::Path,
     sync::Arc,
@@ -201,7 +202,7 @@ pub fn run(opts: &Options, report: &mut Report) {
                 port += 1;
                 let gbps = s.stream(way, duration, port).gbps();
                 sample[way as usize] = gbps;
-                line.push_str(&format!(" {} {way:?} {gbps:.1};", s.name));
+                let _ = write!(line, " {} {way:?} {gbps:.1};", s.name);
             }
             s.samples.push(sample);
         }
