@@ -1,21 +1,45 @@
 //! `mmesh-agent run`: load, apply, attach, report, reload, detach.
+//!
+//! Threads and tasks, so that nothing slow can freeze the rest:
+//! - the async loop answers signals and prints the summary; it never reads
+//!   a file, compiles a policy or writes to a pipe itself;
+//! - the *enforcer* thread alone changes the datapath: policy reloads (read,
+//!   validate, compile off the lock, then apply) and interface re-attachment,
+//!   in the order they were asked for, coalesced;
+//! - the link watcher thread wakes the enforcer when an interface appears
+//!   or disappears (rtnetlink), and every summary tick checks again;
+//! - events and log lines leave through [`Sink`]s: bounded queues in front
+//!   of writer threads that alone may block on a stalled pipe.
 
-use std::{fmt::Write as _, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    fmt::Write as _,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicU64, Ordering},
+        mpsc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
 use mmesh_common::{Direction, Reason, Verdict, maps::Counter};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::oneshot,
+    time::MissedTickBehavior,
 };
 
 use crate::{
-    compile::{Capacity, Compiled, compile},
+    compile::{Capacity, Compiled, Counts, compile},
     datapath::{Datapath, Totals},
     events::{self, Names},
     hook::ReceiveHook,
-    interface::{self, InterfaceSpec, Role},
+    interface::{self, InterfaceError, InterfaceSpec, Role},
+    netlink::LinkWatch,
     policy::Policy,
+    sink::{Sink, SinkStats, escape_controls},
 };
 
 /// Options of `mmesh-agent run`.
@@ -28,6 +52,15 @@ pub struct RunOptions {
     pub summary_interval: Duration,
 }
 
+/// Where the agent's output goes.
+#[derive(Clone)]
+pub struct Outputs {
+    /// JSON event lines (stdout).
+    pub events: Sink,
+    /// What happened to log lines (stderr), for the summary.
+    pub logs: Arc<SinkStats>,
+}
+
 /// Reads and validates the policy file, or the embedded default.
 pub fn load_policy(path: Option<&PathBuf>) -> Result<Policy, crate::policy::PolicyError> {
     match path {
@@ -38,12 +71,12 @@ pub fn load_policy(path: Option<&PathBuf>) -> Result<Policy, crate::policy::Poli
 
 /// Compiles `policy` against the policy in force (reusing what did not
 /// change).
-fn compile_for(dp: &Datapath, policy: &Policy) -> anyhow::Result<Arc<Compiled>> {
-    Ok(Arc::new(compile(
-        policy,
-        dp.active().map(AsRef::as_ref),
-        dp.capacity(),
-    )?))
+fn compile_for(
+    active: Option<&Compiled>,
+    capacity: &Capacity,
+    policy: &Policy,
+) -> anyhow::Result<Arc<Compiled>> {
+    Ok(Arc::new(compile(policy, active, capacity)?))
 }
 
 fn describe(policy: &Policy, compiled: &Compiled) -> String {
@@ -51,16 +84,23 @@ fn describe(policy: &Policy, compiled: &Compiled) -> String {
     format!(
         "{} (version {}): {} accounts, {} account prefixes, {} list prefixes",
         policy.source,
-        policy.version.as_deref().unwrap_or("none"),
+        escape_controls(policy.version.as_deref().unwrap_or("none")),
         policy.accounts.len(),
         c.account_prefixes_v4 + c.account_prefixes_v6,
         c.list_prefixes_v4 + c.list_prefixes_v6,
     )
 }
 
-/// Runs until SIGINT or SIGTERM. Errors before the datapath is attached are
-/// returned (and nothing stays attached); afterwards the agent keeps going.
-pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
+/// What was loaded and attached at start.
+struct Started {
+    dp: Datapath,
+    names: Names,
+    interfaces: Vec<InterfaceSpec>,
+}
+
+/// Everything before the loop: blocking work (files, the verifier, map
+/// writes), run off the async threads so that signals are watched meanwhile.
+fn start(opts: &RunOptions) -> anyhow::Result<Started> {
     let policy = load_policy(opts.policy.as_ref())?;
     let interfaces = if opts.interfaces.is_empty() {
         let name = interface::default_route()?;
@@ -77,7 +117,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
         interface::check(&spec.name)?;
     }
     let mut dp = Datapath::load(opts.capacity)?;
-    let compiled = compile_for(&dp, &policy)?;
+    let compiled = compile_for(dp.active().map(AsRef::as_ref), dp.capacity(), &policy)?;
     let summary = describe(&policy, &compiled);
     let names = Names::default();
     // Named before the flip, so that the first events already find them.
@@ -86,48 +126,308 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     dp.sync_standby()
         .context("writing the standby copy of the policy")?;
     tracing::info!(generation, "policy {summary}");
-
     for spec in &interfaces {
         let a = dp.attach(spec, opts.receive_hook)?;
         tracing::info!(interface = %a.name, ifindex = a.ifindex, role = %a.role, receive = %a.receive, driver = %a.driver, tc = a.tc_mode, "attached");
     }
+    Ok(Started {
+        dp,
+        names,
+        interfaces,
+    })
+}
+
+/// The datapath, shared between the enforcer (which changes it) and the
+/// summary (which reads counters when the enforcer is not writing).
+type Shared = Arc<Mutex<Datapath>>;
+
+fn lock(dp: &Shared) -> MutexGuard<'_, Datapath> {
+    // A panic while holding the lock would already have ended the agent
+    // (panic = abort is not set, but no code under the lock panics by
+    // design); the datapath itself stays consistent through its own
+    // generation flip, so a poisoned lock is still usable.
+    dp.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What the enforcer is asked to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Command {
+    /// Re-read the policy file and apply it (SIGHUP).
+    Reload,
+    /// Bring the attachments in line with the configured interfaces.
+    Reconcile,
+    Stop,
+}
+
+/// Counters of the interfaces, for the summary.
+#[derive(Debug, Default)]
+struct LinkStats {
+    /// Attached interfaces that disappeared.
+    lost: AtomicU64,
+    /// Re-attachments to an interface that came back.
+    reattached: AtomicU64,
+}
+
+struct Enforcer {
+    dp: Shared,
+    names: Names,
+    policy: Option<PathBuf>,
+    interfaces: Vec<InterfaceSpec>,
+    receive_hook: ReceiveHook,
+    links: Arc<LinkStats>,
+    /// Per interface, the last attach error logged (logged again only when
+    /// it changes, not at every tick).
+    last_error: std::collections::HashMap<String, String>,
+}
+
+impl Enforcer {
+    /// Runs commands until `Stop` or until every sender is gone. Commands
+    /// that queued up while one ran are coalesced: one reload and one
+    /// reconciliation stand for any number of requests.
+    fn run(mut self, rx: &mpsc::Receiver<Command>) {
+        while let Ok(first) = rx.recv() {
+            let mut pending = vec![first];
+            pending.extend(rx.try_iter());
+            if pending.contains(&Command::Stop) {
+                return;
+            }
+            if pending.contains(&Command::Reload) {
+                self.reload();
+            }
+            if pending.contains(&Command::Reconcile) {
+                self.reconcile();
+            }
+        }
+    }
+
+    fn reload(&self) {
+        let Some(path) = &self.policy else {
+            tracing::info!("SIGHUP: running the embedded default policy, nothing to reload");
+            return;
+        };
+        let (active, capacity) = {
+            let dp = lock(&self.dp);
+            (dp.active().cloned(), *dp.capacity())
+        };
+        // Read, validate and compile without the lock: the summary goes on.
+        let prepared = Policy::from_file(path)
+            .map_err(anyhow::Error::from)
+            .and_then(|policy| {
+                let compiled = compile_for(active.as_deref(), &capacity, &policy)?;
+                Ok((describe(&policy, &compiled), compiled))
+            });
+        let result = prepared.and_then(|(summary, compiled)| {
+            let mut dp = lock(&self.dp);
+            // Another change cannot have slipped in: this thread alone applies.
+            if let Some(old) = &active {
+                warn_on_removal(&old.counts(), &compiled.counts());
+            }
+            self.names.insert(dp.generation() + 1, compiled.clone());
+            let generation = dp.apply(compiled)?;
+            if let Err(err) = dp.sync_standby() {
+                // In force already; the standby half is repaired next time.
+                tracing::warn!(%err, "could not bring the standby copy of the policy up to date");
+            }
+            Ok((generation, summary))
+        });
+        match result {
+            Ok((generation, summary)) => {
+                tracing::info!(generation, "SIGHUP: policy reloaded: {summary}");
+            }
+            Err(err) => tracing::error!(
+                generation = lock(&self.dp).generation(),
+                "SIGHUP: policy rejected, the running policy stays in force: {}",
+                escape_controls(&format!("{err:#}"))
+            ),
+        }
+    }
+
+    /// Attaches every configured interface that exists and is not attached
+    /// (it came back, or was created again under the same name), and lets go
+    /// of attachments whose interface is gone.
+    fn reconcile(&mut self) {
+        let mut dp = lock(&self.dp);
+        for spec in &self.interfaces {
+            let attached = dp
+                .attachments()
+                .iter()
+                .find(|a| a.name == spec.name)
+                .map(|a| a.ifindex);
+            let now = interface::describe(&spec.name);
+            match (&now, attached) {
+                (Ok(link), Some(ifindex)) if link.index == ifindex => {
+                    self.last_error.remove(&spec.name);
+                    continue;
+                }
+                (Err(InterfaceError::Unknown(_)), None) => continue,
+                (_, Some(ifindex)) => {
+                    dp.detach(&spec.name);
+                    self.links.lost.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        interface = %spec.name,
+                        ifindex,
+                        "interface disappeared: nothing is enforced on it until it comes back"
+                    );
+                }
+                (_, None) => {}
+            }
+            let failure = match now {
+                Err(InterfaceError::Unknown(_)) => continue,
+                Err(err) => err.to_string(),
+                Ok(_) => match dp.attach(spec, self.receive_hook) {
+                    Ok(a) => {
+                        self.last_error.remove(&spec.name);
+                        self.links.reattached.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(interface = %a.name, ifindex = a.ifindex, role = %a.role, receive = %a.receive, driver = %a.driver, tc = a.tc_mode, "interface is back: re-attached");
+                        continue;
+                    }
+                    Err(err) => err.to_string(),
+                },
+            };
+            if self.last_error.get(&spec.name) != Some(&failure) {
+                tracing::error!(interface = %spec.name, "cannot attach: {failure}; trying again when the interface changes");
+                self.last_error.insert(spec.name.clone(), failure);
+            }
+        }
+    }
+}
+
+/// Warns when a new policy drops most of the accounts or list entries of
+/// the running one: more often a truncated or wrong file than an intent.
+fn warn_on_removal(old: &Counts, new: &Counts) {
+    let lists = |c: &Counts| c.list_prefixes_v4 + c.list_prefixes_v6;
+    for (what, before, after) in [
+        ("accounts", old.accounts, new.accounts),
+        ("list prefixes", lists(old), lists(new)),
+    ] {
+        if before >= 2 && after < before / 2 {
+            tracing::warn!(
+                before,
+                after,
+                "the new policy removes {} of {before} {what}; if that is not intended, restore the file (write policy files to a temporary name and rename them into place)",
+                before - after
+            );
+        }
+    }
+}
+
+/// Runs until SIGINT or SIGTERM. Errors before the datapath is attached are
+/// returned (and nothing stays attached); afterwards the agent keeps going.
+pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
+    // Signals first: a SIGHUP during a long start-up is a reload after it,
+    // not the end of the agent.
+    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+
+    let start_opts = opts.clone();
+    let startup = tokio::task::spawn_blocking(move || start(&start_opts));
+    let Started {
+        mut dp,
+        names,
+        interfaces,
+    } = tokio::select! {
+        started = startup => started.context("the start-up task")??,
+        _ = interrupt.recv() => {
+            tracing::info!("SIGINT during start-up: stopping");
+            return Ok(());
+        }
+        _ = terminate.recv() => {
+            tracing::info!("SIGTERM during start-up: stopping");
+            return Ok(());
+        }
+    };
 
     let ring = dp
         .take_events()
         .context("the event ring buffer was already taken")?;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let reader_names = names.clone();
+    let event_sink = out.events.clone();
     let reader = tokio::spawn(async move {
-        events::read(ring, reader_names, std::io::stdout(), async {
+        events::read(ring, reader_names, &event_sink, async {
             let _ = stop_rx.await;
         })
         .await
     });
 
-    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut terminate =
-        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let dp: Shared = Arc::new(Mutex::new(dp));
+    let links = Arc::new(LinkStats::default());
+    let (commands, rx) = mpsc::channel::<Command>();
+    let enforcer = Enforcer {
+        dp: dp.clone(),
+        names,
+        policy: opts.policy.clone(),
+        interfaces: interfaces.clone(),
+        receive_hook: opts.receive_hook,
+        links: links.clone(),
+        last_error: std::collections::HashMap::new(),
+    };
+    let (enforcer_done_tx, enforcer_done) = oneshot::channel::<()>();
+    thread::Builder::new()
+        .name("mmesh-enforcer".into())
+        .spawn(move || {
+            enforcer.run(&rx);
+            let _ = enforcer_done_tx.send(());
+        })
+        .context("starting the enforcer thread")?;
+    watch_links(commands.clone());
+
     let mut ticker = tokio::time::interval(opts.summary_interval);
+    // After a pause (SIGSTOP, a loaded machine) one summary, not a burst.
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
     ticker.tick().await;
-    let mut last = dp.totals()?;
+    let mut last = (lock(&dp).totals()?, Instant::now());
+    let mut last_lost = Losses::default();
     tracing::info!("running; SIGHUP reloads the policy, SIGINT or SIGTERM stops");
     loop {
         tokio::select! {
-            _ = hangup.recv() => reload(&mut dp, opts.policy.as_ref(), &names),
+            _ = hangup.recv() => { let _ = commands.send(Command::Reload); }
             _ = interrupt.recv() => { tracing::info!("SIGINT: stopping"); break; }
             _ = terminate.recv() => { tracing::info!("SIGTERM: stopping"); break; }
-            _ = ticker.tick() => match dp.totals() {
-                Ok(now) => {
-                    tracing::info!("{}", summarize(&last, &now, opts.summary_interval));
-                    last = now;
+            _ = ticker.tick() => {
+                let _ = commands.send(Command::Reconcile);
+                // The enforcer may be writing a large policy: then this
+                // summary is skipped, and the next one covers both.
+                let Ok(dp) = dp.try_lock() else {
+                    tracing::debug!("summary skipped: a policy is being applied");
+                    continue;
+                };
+                match dp.totals() {
+                    Ok(now) => {
+                        let at = Instant::now();
+                        let losses = Losses::read(&out, &links);
+                        tracing::info!(
+                            "{}{}{}",
+                            summarize(&last.0, &now, at - last.1),
+                            losses.since(&last_lost),
+                            attached_list(&dp, &interfaces),
+                        );
+                        last = (now, at);
+                        last_lost = losses;
+                    }
+                    Err(err) => tracing::warn!(%err, "reading counters"),
                 }
-                Err(err) => tracing::warn!(%err, "reading counters"),
-            },
+            }
         }
     }
     let _ = stop_tx.send(());
     let decoded = reader.await.context("event reader task")??;
+    let _ = commands.send(Command::Stop);
+    // A reload in progress finishes first (it is all-or-nothing); a very
+    // long one is not waited for: the process ends, and the kernel releases
+    // the links with it.
+    if tokio::time::timeout(Duration::from_secs(10), enforcer_done)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "a policy reload is still running after 10 s; exiting without waiting for it"
+        );
+        return Ok(());
+    }
+    let dp = lock(&dp);
     let totals = dp.totals()?;
     let attached: Vec<String> = dp
         .attachments()
@@ -144,33 +444,105 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn reload(dp: &mut Datapath, path: Option<&PathBuf>, names: &Names) {
-    let Some(path) = path else {
-        tracing::info!("SIGHUP: running the embedded default policy, nothing to reload");
-        return;
-    };
-    let result = Policy::from_file(path)
-        .map_err(anyhow::Error::from)
-        .and_then(|policy| {
-            let compiled = compile_for(dp, &policy)?;
-            let summary = describe(&policy, &compiled);
-            names.insert(dp.generation() + 1, compiled.clone());
-            let generation = dp.apply(compiled)?;
-            if let Err(err) = dp.sync_standby() {
-                // In force already; the standby half is repaired next time.
-                tracing::warn!(%err, "could not bring the standby copy of the policy up to date");
-            }
-            Ok((generation, summary))
-        });
-    match result {
-        Ok((generation, summary)) => {
-            tracing::info!(generation, "SIGHUP: policy reloaded: {summary}");
+/// Starts the thread that wakes the enforcer on every link change. Without
+/// it (no rtnetlink socket), the summary tick still reconciles.
+fn watch_links(commands: mpsc::Sender<Command>) {
+    let watch = match LinkWatch::open() {
+        Ok(w) => w,
+        Err(err) => {
+            tracing::warn!(%err, "cannot watch interfaces over rtnetlink; interfaces that come back are re-attached at the next summary tick");
+            return;
         }
-        Err(err) => tracing::error!(
-            generation = dp.generation(),
-            "SIGHUP: policy rejected, the running policy stays in force: {err:#}"
-        ),
+    };
+    let spawned = thread::Builder::new()
+        .name("mmesh-links".into())
+        .spawn(move || {
+            let mut watch = watch;
+            loop {
+                match watch.wait() {
+                    Ok(_) => {
+                        if commands.send(Command::Reconcile).is_err() {
+                            return;
+                        }
+                    }
+                    Err(err) => {
+                        tracing::warn!(%err, "reading interface changes failed; the summary tick still checks them");
+                        return;
+                    }
+                }
+            }
+        });
+    if let Err(err) = spawned {
+        tracing::warn!(%err, "cannot start the interface watcher");
     }
+}
+
+/// Output lost so far, and interface changes, for the summary.
+#[derive(Clone, Copy, Debug, Default)]
+struct Losses {
+    events: u64,
+    logs: u64,
+    links_lost: u64,
+    reattached: u64,
+}
+
+impl Losses {
+    fn read(out: &Outputs, links: &LinkStats) -> Self {
+        Self {
+            events: out.events.stats().lost(),
+            logs: out.logs.lost(),
+            links_lost: links.lost.load(Ordering::Relaxed),
+            reattached: links.reattached.load(Ordering::Relaxed),
+        }
+    }
+
+    fn since(&self, before: &Self) -> String {
+        let mut s = String::new();
+        let events = self.events - before.events;
+        if events > 0 {
+            let _ = write!(s, "; events lost to a slow or closed stdout: {events}");
+        }
+        let logs = self.logs - before.logs;
+        if logs > 0 {
+            let _ = write!(s, "; log lines lost to a slow or closed stderr: {logs}");
+        }
+        let lost = self.links_lost - before.links_lost;
+        if lost > 0 {
+            let _ = write!(s, "; interfaces lost: {lost}");
+        }
+        let back = self.reattached - before.reattached;
+        if back > 0 {
+            let _ = write!(s, "; interfaces re-attached: {back}");
+        }
+        s
+    }
+}
+
+/// `; attached: a0 (uplink, receive xdp), b0 (workload, receive tc);
+/// missing: c0`.
+fn attached_list(dp: &Datapath, interfaces: &[InterfaceSpec]) -> String {
+    let attached: Vec<String> = dp
+        .attachments()
+        .iter()
+        .map(|a| format!("{} ({}, receive {})", a.name, a.role, a.receive))
+        .collect();
+    let missing: Vec<&str> = interfaces
+        .iter()
+        .filter(|s| !dp.attachments().iter().any(|a| a.name == s.name))
+        .map(|s| s.name.as_str())
+        .collect();
+    let mut line = format!(
+        "; attached: {}",
+        if attached.is_empty() {
+            "none".to_owned()
+        } else {
+            attached.join(", ")
+        }
+    );
+    if !missing.is_empty() {
+        let _ = write!(line, "; missing: {}", missing.join(", "));
+    }
+    line
 }
 
 /// One line: what happened between two readings of the totals.

@@ -189,10 +189,30 @@ pub struct Attachment {
     pub tc_mode: &'static str,
     #[serde(skip)]
     added_clsact: bool,
+    #[serde(skip)]
+    links: AttachmentLinks,
 }
 
-/// A receive link, to undo an attachment that failed half-way.
-enum RxLink {
+/// The links of one attachment, to detach it alone.
+#[derive(Debug)]
+struct AttachmentLinks {
+    receive: Option<Link>,
+    transmit: Option<Link>,
+}
+
+impl Clone for AttachmentLinks {
+    /// A copy describes the attachment; only the original can detach it.
+    fn clone(&self) -> Self {
+        Self {
+            receive: None,
+            transmit: None,
+        }
+    }
+}
+
+/// One link, and the program it attaches.
+#[derive(Debug)]
+enum Link {
     Xdp(&'static str, XdpLinkId),
     Tc(&'static str, SchedClassifierLinkId),
 }
@@ -990,10 +1010,13 @@ impl Datapath {
             Hook::Tc => self.attach_tc(tc_program(rx), &spec.name, TcAttachType::Ingress),
         }
         .map_err(undo_clsact)?;
-        if let Err(e) = self.attach_tc(tc_program(tx), &spec.name, TcAttachType::Egress) {
-            self.detach(rx_link);
-            return Err(undo_clsact(e));
-        }
+        let tx_link = match self.attach_tc(tc_program(tx), &spec.name, TcAttachType::Egress) {
+            Ok(link) => link,
+            Err(e) => {
+                self.unlink(rx_link);
+                return Err(undo_clsact(e));
+            }
+        };
         self.attachments.push(Attachment {
             name: spec.name.clone(),
             ifindex,
@@ -1002,6 +1025,10 @@ impl Datapath {
             driver: device.driver,
             tc_mode: if tcx { "tcx" } else { "clsact" },
             added_clsact,
+            links: AttachmentLinks {
+                receive: Some(rx_link),
+                transmit: Some(tx_link),
+            },
         });
         Ok(self.attachments.last().expect("just pushed"))
     }
@@ -1011,7 +1038,7 @@ impl Datapath {
         name: &'static str,
         interface: &str,
         ifindex: u32,
-    ) -> Result<RxLink, DatapathError> {
+    ) -> Result<Link, DatapathError> {
         let xdp: &mut Xdp = program(&mut self.ebpf, name)?;
         let link = xdp
             .attach_to_if_index(ifindex, XdpMode::Default)
@@ -1032,7 +1059,7 @@ impl Datapath {
                     }
                 }
             })?;
-        Ok(RxLink::Xdp(name, link))
+        Ok(Link::Xdp(name, link))
     }
 
     fn attach_tc(
@@ -1040,7 +1067,7 @@ impl Datapath {
         name: &'static str,
         interface: &str,
         side: TcAttachType,
-    ) -> Result<RxLink, DatapathError> {
+    ) -> Result<Link, DatapathError> {
         let classifier: &mut SchedClassifier = program(&mut self.ebpf, name)?;
         let link = classifier.attach(interface, side).map_err(|e| {
             if is_permission(&e) {
@@ -1055,25 +1082,45 @@ impl Datapath {
                 }
             }
         })?;
-        Ok(RxLink::Tc(name, link))
+        Ok(Link::Tc(name, link))
     }
 
-    /// Detaches a link made by [`Datapath::attach`] (when a later step of the
-    /// same interface failed). Best effort: the link goes with the program
-    /// at exit anyway.
-    fn detach(&mut self, link: RxLink) {
+    /// Detaches one link. Best effort: a link whose device is gone fails to
+    /// detach, and is released all the same when its file descriptor closes
+    /// (at the latest with the program, at exit).
+    fn unlink(&mut self, link: Link) {
         match link {
-            RxLink::Xdp(name, link) => {
+            Link::Xdp(name, link) => {
                 if let Ok(xdp) = program::<Xdp>(&mut self.ebpf, name) {
                     xdp.detach(link).ok();
                 }
             }
-            RxLink::Tc(name, link) => {
+            Link::Tc(name, link) => {
                 if let Ok(classifier) = program::<SchedClassifier>(&mut self.ebpf, name) {
                     classifier.detach(link).ok();
                 }
             }
         }
+    }
+
+    /// Detaches the programs from the interface attached as `name`, and
+    /// forgets it; `None` if no interface of that name is attached. For an
+    /// interface that is gone already, this releases the links the kernel
+    /// has made defunct.
+    pub fn detach(&mut self, name: &str) -> Option<Attachment> {
+        let at = self.attachments.iter().position(|a| a.name == name)?;
+        let mut a = self.attachments.remove(at);
+        for link in [a.links.receive.take(), a.links.transmit.take()]
+            .into_iter()
+            .flatten()
+        {
+            self.unlink(link);
+        }
+        if a.added_clsact {
+            remove_clsact(&a.name);
+            a.added_clsact = false;
+        }
+        Some(a)
     }
 
     /// Applies a compiled policy all-or-nothing and returns its generation.

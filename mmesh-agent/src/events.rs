@@ -16,7 +16,7 @@ use mmesh_common::{
 use serde::Serialize;
 use tokio::io::unix::AsyncFd;
 
-use crate::compile::Compiled;
+use crate::{compile::Compiled, sink::Sink};
 
 /// The compiled policies of the last few generations, where events find
 /// their account ids and list names: an event decoded just after a policy
@@ -200,14 +200,18 @@ pub fn decode(bytes: &[u8], names: &Names, clock: &Clock) -> Option<EventRecord>
     })
 }
 
-/// Reads the ring buffer until `stop` resolves, writing every event as a
-/// JSON line to `out` (flushed after each batch the ring buffer hands over).
-/// Returns how many events were written. A failing `out` (a closed stdout)
-/// stops nothing: enforcement goes on and the events are dropped.
-pub async fn read<W: Write>(
+/// Events handed to the output sink at once, at most: a chunk is the unit a
+/// stalled reader loses, and bounds what one queue slot holds.
+const CHUNK_EVENTS: u64 = 256;
+
+/// Reads the ring buffer until `stop` resolves, handing every event as a
+/// JSON line to `out` in chunks of whole lines. Returns how many events were
+/// decoded. `out` never blocks: a stalled or closed stdout loses events
+/// (counted by the sink), and enforcement and the summary go on.
+pub async fn read(
     ring: RingBuf<MapData>,
     names: Names,
-    out: W,
+    out: &Sink,
     stop: impl Future<Output = ()>,
 ) -> std::io::Result<u64> {
     let clock = Clock::now();
@@ -215,7 +219,6 @@ pub async fn read<W: Write>(
     // for as long as the AsyncFd owns the ring buffer.
     let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
         .map_err(std::io::Error::from)?;
-    let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
     let mut count = 0u64;
     tokio::pin!(stop);
     loop {
@@ -223,13 +226,41 @@ pub async fn read<W: Write>(
             () = &mut stop => break,
             guard = fd.readable_mut() => {
                 let mut guard = guard?;
-                count += drain(guard.get_inner_mut(), &names, &clock, &mut out);
+                count += drain_to(guard.get_inner_mut(), &names, &clock, out);
                 guard.clear_ready();
             }
         }
     }
-    count += drain(fd.get_mut(), &names, &clock, &mut out);
+    count += drain_to(fd.get_mut(), &names, &clock, out);
     Ok(count)
+}
+
+/// Decodes every event waiting in `ring` into chunks of JSON lines for
+/// `out`; returns how many events it decoded.
+fn drain_to(ring: &mut RingBuf<MapData>, names: &Names, clock: &Clock, out: &Sink) -> u64 {
+    let mut count = 0;
+    let mut chunk = Vec::with_capacity(64 * 1024);
+    let mut in_chunk = 0;
+    while let Some(item) = ring.next() {
+        if let Some(record) = decode(&item, names, clock) {
+            count += 1;
+            if serde_json::to_writer(&mut chunk, &record).is_ok() {
+                chunk.push(b'\n');
+                in_chunk += 1;
+            }
+            if in_chunk == CHUNK_EVENTS {
+                out.send(
+                    std::mem::replace(&mut chunk, Vec::with_capacity(64 * 1024)),
+                    in_chunk,
+                );
+                in_chunk = 0;
+            }
+        }
+    }
+    if in_chunk > 0 {
+        out.send(chunk, in_chunk);
+    }
+    count
 }
 
 /// Decodes every event waiting in `ring` to a JSON line on `out`, then

@@ -2,6 +2,12 @@
 
 use std::{fmt, str::FromStr};
 
+use crate::netlink;
+pub use crate::netlink::Link;
+
+/// `ARPHRD_ETHER`: the link type of Ethernet devices (veth and tap too).
+const ARPHRD_ETHER: u16 = 1;
+
 /// How an interface sits relative to the accounts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -71,6 +77,14 @@ pub enum InterfaceError {
     )]
     NotEthernet { name: String, link_type: u32 },
     #[error(
+        "cannot read interface {name} over rtnetlink ({source}); the agent refuses interfaces it cannot check"
+    )]
+    Unreadable {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
         "no default route: cannot tell which interface is the uplink; name it with --interface NAME[:uplink|workload]"
     )]
     NoDefaultRoute,
@@ -86,20 +100,31 @@ pub fn index(name: &str) -> Result<u32, InterfaceError> {
     }
 }
 
-/// Checks that `name` exists and carries Ethernet frames (`ARPHRD_ETHER`).
+/// Checks that `name` exists and carries Ethernet frames (`ARPHRD_ETHER`);
+/// returns its index.
 pub fn check(name: &str) -> Result<u32, InterfaceError> {
-    let ifindex = index(name)?;
-    let link_type = std::fs::read_to_string(format!("/sys/class/net/{name}/type"))
-        .ok()
-        .and_then(|t| t.trim().parse::<u32>().ok())
-        .unwrap_or(1);
-    if link_type != 1 {
+    describe(name).map(|link| link.index)
+}
+
+/// The interface `name` of the agent's own network namespace, read over
+/// rtnetlink, if it carries Ethernet frames. Anything that cannot be read
+/// refuses the interface: attaching a parser of Ethernet frames to a device
+/// of another kind (a tun device hands over bare IP packets) would misread
+/// every packet.
+pub fn describe(name: &str) -> Result<Link, InterfaceError> {
+    let link = netlink::link(name)
+        .map_err(|source| InterfaceError::Unreadable {
+            name: name.to_owned(),
+            source,
+        })?
+        .ok_or_else(|| InterfaceError::Unknown(name.to_owned()))?;
+    if link.link_type != ARPHRD_ETHER {
         return Err(InterfaceError::NotEthernet {
             name: name.to_owned(),
-            link_type,
+            link_type: u32::from(link.link_type),
         });
     }
-    Ok(ifindex)
+    Ok(link)
 }
 
 /// The interface of the default route: IPv4 first (lowest metric), then IPv6.

@@ -4,11 +4,14 @@
 pub mod agent;
 pub mod barrier;
 pub mod batch;
+pub mod caps;
 pub mod compile;
 pub mod datapath;
 pub mod events;
 pub mod hook;
 pub mod interface;
+pub mod netlink;
 pub mod policy;
 pub mod show;
+pub mod sink;
 pub mod stride;

@@ -8,12 +8,14 @@ use std::{
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use mmesh_agent::{
-    agent::{self, RunOptions},
+    agent::{self, Outputs, RunOptions},
+    caps,
     compile::{Capacity, compile},
     hook::ReceiveHook,
     interface::InterfaceSpec,
     policy::Policy,
     show,
+    sink::{LogWriter, Sink, escape_controls},
 };
 
 /// mimalloc, not glibc malloc: reloading a 100,000-account policy frees and
@@ -167,24 +169,54 @@ enum ShowFormat {
     Json,
 }
 
-fn init_logging(format: LogFormat) {
+/// Log lines queued for stderr at most; beyond that they are dropped and
+/// counted (a stalled stderr must not stop the agent).
+const LOG_QUEUE: usize = 4096;
+/// Chunks of event lines queued for stdout at most (256 events each).
+const EVENT_QUEUE: usize = 64;
+
+/// Logs go through a [`Sink`] to stderr: a full pipe or a closed stderr loses
+/// lines (counted) instead of blocking or crashing the agent.
+fn init_logging(format: LogFormat) -> Sink {
+    let sink =
+        Sink::spawn("mmesh-log", std::io::stderr(), LOG_QUEUE).unwrap_or_else(|_| fallback_sink());
     let filter = tracing_subscriber::EnvFilter::try_from_env("MMESH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(LogWriter(sink.clone()))
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    sink
+}
+
+/// A sink that writes nowhere, for when no thread can be started.
+fn fallback_sink() -> Sink {
+    Sink::spawn("mmesh-null", std::io::sink(), 1).expect("a thread for the null sink")
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // Before any thread exists: capability sets are per thread.
+    let dropped = matches!(cli.command, Command::Run(_)).then(caps::drop_unneeded);
+    let logs = init_logging(cli.log_format);
+    match dropped {
+        Some(Ok(d)) if !d.missing().is_empty() => tracing::warn!(
+            "missing capabilities {}: loading the datapath will probably fail; run as root or grant CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON",
+            d.missing().join(", ")
+        ),
+        Some(Ok(d)) => tracing::debug!(
+            bounding = d.bounding,
+            "capabilities dropped to CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON"
+        ),
+        Some(Err(err)) => tracing::warn!(%err, "could not drop unneeded capabilities"),
+        None => {}
+    }
     let result = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(args, &logs),
         Command::Policy(PolicyCommand::Validate { file, capacity }) => {
             validate(&file, &(&capacity).into())
         }
@@ -194,27 +226,53 @@ fn main() -> ExitCode {
             capacity,
         }) => show(file.as_ref(), format, &(&capacity).into()),
     };
-    match result {
+    let code = match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("mmesh-agent: error: {err:#}");
+            // Line by line: a multi-line error (every problem of a policy)
+            // keeps its lines, and nothing else can move the terminal.
+            let text: Vec<String> = format!("mmesh-agent: error: {err:#}")
+                .lines()
+                .map(|l| escape_controls(l).into_owned())
+                .collect();
+            logs.send(format!("{}\n", text.join("\n")).into_bytes(), 1);
             ExitCode::FAILURE
         }
-    }
+    };
+    // What is queued still goes out, unless stderr is stalled.
+    let _ = logs.flush(Duration::from_secs(2));
+    code
 }
 
-fn run(args: RunArgs) -> anyhow::Result<()> {
+fn run(args: RunArgs, logs: &Sink) -> anyhow::Result<()> {
+    let events = Sink::spawn("mmesh-events", std::io::stdout(), EVENT_QUEUE)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    runtime.block_on(agent::run(RunOptions {
-        policy: args.policy,
-        interfaces: args.interfaces,
-        receive_hook: args.receive_hook,
-        capacity: (&args.capacity).into(),
-        summary_interval: Duration::from_secs(args.summary_interval),
-    }))
+    let result = runtime.block_on(agent::run(
+        RunOptions {
+            policy: args.policy,
+            interfaces: args.interfaces,
+            receive_hook: args.receive_hook,
+            capacity: (&args.capacity).into(),
+            summary_interval: Duration::from_secs(args.summary_interval),
+        },
+        Outputs {
+            events: events.clone(),
+            logs: logs.stats(),
+        },
+    ));
+    // A start-up interrupted by a signal leaves its blocking task behind:
+    // do not wait for it; the links it made end with the process.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    if !events.flush(Duration::from_secs(2)) {
+        tracing::warn!(
+            "stdout is not being read: events still queued at exit are lost ({} lost in all)",
+            events.stats().lost()
+        );
+    }
+    result
 }
 
 fn validate(file: &Path, capacity: &Capacity) -> anyhow::Result<()> {

@@ -273,13 +273,29 @@ fn decide(
             } else {
                 Verdict::Monitor
             };
-            // Attribute what can be attributed: garbage from an account is
-            // that account's garbage.
-            let slot = match pkt.addrs {
-                Some(addrs) => local_account(half, config.flags, ends(addrs, direction)),
-                None => NO_ACCOUNT,
+            let Some(addrs) = pkt.addrs else {
+                return (Decision::new(reason, verdict, NO_ACCOUNT), None);
             };
-            (Decision::new(reason, verdict, slot), None)
+            // Fail closed: a packet whose addresses were read meets the lists
+            // and the rate limits like any other. Otherwise a sender on a
+            // block list could pass by breaking its own headers (nine IPv6
+            // extension headers, an IHL below 5) wherever `malformed` is
+            // `monitor`. Only when nothing drops it does the parse error
+            // decide, attributed to the account (garbage from an account is
+            // that account's garbage).
+            let (checked, flow) = check(
+                frame,
+                frame.wire_bytes(pkt),
+                direction,
+                half,
+                flow_mask,
+                config,
+                ends(addrs, direction),
+            );
+            if checked.is(Verdict::Drop) {
+                return (checked, flow);
+            }
+            (Decision::new(reason, verdict, checked.slot), flow)
         }
     }
 }
