@@ -22,7 +22,11 @@
 //! half holds; a half whose writes failed part-way is marked unknown and read
 //! back from the kernel before its next use.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    os::{linux::net::SocketAddrExt as _, unix::net::UnixListener},
+    sync::Arc,
+};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -129,9 +133,15 @@ pub enum DatapathError {
         source: std::io::Error,
     },
     #[error(
-        "interface {name} already has mmesh's TC programs attached, by another mmesh-agent; stop that one first (two agents would count and rate-limit every packet twice)"
+        "interface {name} is already attached by another mmesh-agent; stop that one first (two agents would count and rate-limit every packet twice)"
     )]
-    TcBusy { name: String },
+    Claimed { name: String },
+    #[error("cannot claim interface {name} for this agent: {source}")]
+    Claim {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("interface {0} is attached twice; give each interface once")]
     DuplicateInterface(String),
     #[error("cannot create the program barrier map-in-map: {0}")]
@@ -193,11 +203,13 @@ pub struct Attachment {
     links: AttachmentLinks,
 }
 
-/// The links of one attachment, to detach it alone.
+/// The links of one attachment, to detach it alone, and its claim on the
+/// device ([`claim`]).
 #[derive(Debug)]
 struct AttachmentLinks {
     receive: Option<Link>,
     transmit: Option<Link>,
+    claim: Option<UnixListener>,
 }
 
 impl Clone for AttachmentLinks {
@@ -206,6 +218,7 @@ impl Clone for AttachmentLinks {
         Self {
             receive: None,
             transmit: None,
+            claim: None,
         }
     }
 }
@@ -988,14 +1001,19 @@ impl Datapath {
             Role::Uplink => (Direction::Inbound, Direction::Outbound),
             Role::Workload => (Direction::Outbound, Direction::Inbound),
         };
+        let claim = claim(ifindex).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::AddrInUse {
+                DatapathError::Claimed {
+                    name: spec.name.clone(),
+                }
+            } else {
+                DatapathError::Claim {
+                    name: spec.name.clone(),
+                    source,
+                }
+            }
+        })?;
         let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
-        // XDP takes one program per device, so a second agent finds the
-        // first one's there; TC takes many, so look for ours.
-        if has_mmesh_tc(&spec.name, tcx) {
-            return Err(DatapathError::TcBusy {
-                name: spec.name.clone(),
-            });
-        }
         // Before TCX (6.6) a TC program needs the clsact qdisc, which
         // holds both the ingress and the egress hook.
         let added_clsact = !tcx && add_clsact(&spec.name, tc_program(tx))?;
@@ -1028,6 +1046,7 @@ impl Datapath {
             links: AttachmentLinks {
                 receive: Some(rx_link),
                 transmit: Some(tx_link),
+                claim: Some(claim),
             },
         });
         Ok(self.attachments.last().expect("just pushed"))
@@ -1120,6 +1139,8 @@ impl Datapath {
             remove_clsact(&a.name);
             a.added_clsact = false;
         }
+        // Last: another agent may take the device once nothing of ours is on it.
+        drop(a.links.claim.take());
         Some(a)
     }
 
@@ -1433,29 +1454,20 @@ fn add_clsact(name: &str, program: &'static str) -> Result<bool, DatapathError> 
     }
 }
 
-/// Whether a program of mmesh's (by name) is attached to TC ingress or
-/// egress of `name`. Best effort: a failed query finds nothing.
-fn has_mmesh_tc(name: &str, tcx: bool) -> bool {
-    let ours = |program: &str| program == programs::TC_INBOUND || program == programs::TC_OUTBOUND;
-    if tcx {
-        [TcAttachType::Ingress, TcAttachType::Egress]
-            .into_iter()
-            .filter_map(|side| SchedClassifier::query_tcx(name, side).ok())
-            .flat_map(|(_, infos)| infos)
-            .any(|info| info.name_as_str().is_some_and(ours))
-    } else {
-        // clsact filters are listed by tc(8) as `bpf name PROGRAM ...`.
-        ["ingress", "egress"].into_iter().any(|side| {
-            std::process::Command::new("tc")
-                .args(["filter", "show", "dev", name, side])
-                .output()
-                .is_ok_and(|out| {
-                    String::from_utf8_lossy(&out.stdout)
-                        .split_whitespace()
-                        .any(ours)
-                })
-        })
-    }
+/// Claims the device `ifindex` of this network namespace for this agent:
+/// an abstract Unix socket named after it, which the kernel keeps per
+/// network namespace and releases when the process ends, however it ends.
+/// Fails with `AddrInUse` if another agent holds it.
+///
+/// XDP takes one program per device, so a second agent used to find the
+/// first one's program there; TC takes many, and which of them are mmesh's
+/// cannot be told without `CAP_SYS_ADMIN` (a program's name needs a file
+/// descriptor from its id), which the agent drops.
+fn claim(ifindex: u32) -> std::io::Result<UnixListener> {
+    let name = format!("mmesh-agent/ifindex/{ifindex}");
+    UnixListener::bind_addr(&std::os::unix::net::SocketAddr::from_abstract_name(
+        name.as_bytes(),
+    )?)
 }
 
 /// The XDP program of `direction`.

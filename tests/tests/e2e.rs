@@ -1217,18 +1217,19 @@ fn bad_interfaces_are_refused_and_the_running_agent_keeps_enforcing() {
     let _serial = serial();
     let s = setup("busy", &block_policy());
     let policy = s.policy.path().display().to_string();
-    // The running agent receives on TC (the device is a veth): a second one
-    // finds its programs there, whichever hook it would receive on.
+    // The running agent receives on TC (the device is a veth), where
+    // programs do not exclude each other: a second agent is refused all the
+    // same, whichever hook it would receive on.
     for (interface, hook, says) in [
         (
             format!("{HOST_IF}:uplink"),
             "auto",
-            format!("interface {HOST_IF} already has mmesh's TC programs attached"),
+            format!("interface {HOST_IF} is already attached by another mmesh-agent"),
         ),
         (
             format!("{HOST_IF}:workload"),
             "xdp",
-            format!("interface {HOST_IF} already has mmesh's TC programs attached"),
+            format!("interface {HOST_IF} is already attached by another mmesh-agent"),
         ),
         (
             "nosuch0".to_owned(),
