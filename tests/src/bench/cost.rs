@@ -5,8 +5,8 @@
 //! agent attached to the host end, as `uplink` and as `workload`, under a
 //! policy without rules: one account owning both ends (so every packet is
 //! attributed and counted), no lists, no limits. Each (role, direction) is
-//! its own figure against the baseline of the same direction measured in the
-//! same round; the goal is 0.95× of it.
+//! its own figure against the baseline of the same direction measured beside
+//! it; the goal is 0.95× of it.
 //!
 //! The receive hook is the agent's default (`--receive-hook auto`: TC
 //! ingress on a veth). For contrast, two more figures force native XDP on
@@ -14,9 +14,9 @@
 //! far side then pushes every segment through its stack on its own.
 //!
 //! Each configuration has its own topology (and its own loaded datapath),
-//! set up once; the rounds go through them one after the other. Sender and
-//! receiver are threads of this process; a stream runs for two seconds,
-//! 0.2 s in quick mode.
+//! set up once. In every round each figure's stream runs right beside one of
+//! the baseline's, in alternating order. Sender and receiver are threads of
+//! this process; a stream runs for a second, 0.2 s in quick mode.
 
 use std::{
     fmt::Write as _,
@@ -75,7 +75,8 @@ struct Setup {
     /// Dropped (detached) before the topology.
     dp: Option<Datapath>,
     topo: Topology,
-    samples: Vec<[f64; 2]>,
+    /// Per stream: its way, Gbit/s with the agent and beside it without.
+    samples: Vec<(Way, [f64; 2])>,
 }
 
 impl Setup {
@@ -160,7 +161,7 @@ pub fn run(opts: &Options, report: &mut Report) {
     let duration = if opts.quick {
         Duration::from_millis(200)
     } else {
-        Duration::from_secs(2)
+        Duration::from_secs(1)
     };
     let setup = Instant::now();
     let both: &[Way] = &[Way::Receive, Way::Transmit];
@@ -193,18 +194,32 @@ pub fn run(opts: &Options, report: &mut Report) {
         ),
     ];
     eprintln!("bench: cost: set up in {:.1?}", setup.elapsed());
+    // Each figure's stream runs right beside a stream of the baseline in the
+    // same direction, in alternating order, so that a neighbour's load on
+    // this shared machine falls on both or neither.
+    let (base, rest) = setups.split_first_mut().expect("the baseline is first");
     let mut port = PORT;
+    let mut next_port = || {
+        port += 1;
+        port
+    };
     for round in 0..opts.rounds {
         let mut line = String::new();
-        for s in &mut setups {
-            let mut sample = [f64::NAN; 2];
+        for s in rest.iter_mut() {
             for &way in s.ways {
-                port += 1;
-                let gbps = s.stream(way, duration, port).gbps();
-                sample[way as usize] = gbps;
-                let _ = write!(line, " {} {way:?} {gbps:.1};", s.name);
+                let mut pair = [0.0; 2];
+                for i in 0..2 {
+                    let agent = (i + round) % 2 == 0;
+                    let who: &Setup = if agent { s } else { base };
+                    pair[usize::from(!agent)] = who.stream(way, duration, next_port()).gbps();
+                }
+                let _ = write!(
+                    line,
+                    " {} {way:?} {:.1} (none {:.1});",
+                    s.name, pair[0], pair[1]
+                );
+                s.samples.push((way, pair));
             }
-            s.samples.push(sample);
         }
         eprintln!(
             "bench: cost round {}/{} (Gbit/s):{line}",
@@ -212,22 +227,23 @@ pub fn run(opts: &Options, report: &mut Report) {
             opts.rounds
         );
     }
-    let (base, rest) = setups.split_first().expect("the baseline is first");
-    for s in rest {
+    for s in rest.iter() {
         let (role, receive) = s.agent.expect("an agent");
         for &way in s.ways {
             let forced = receive == ReceiveHook::Xdp;
-            let name = format!("{}: {}", s.name, label(way, Some(role)));
-            let pick = |v: &[[f64; 2]]| v.iter().map(|x| x[way as usize]).collect::<Vec<f64>>();
+            let pick = |i: usize| -> Vec<f64> {
+                s.samples
+                    .iter()
+                    .filter(|(w, _)| *w == way)
+                    .map(|(_, pair)| pair[i])
+                    .collect()
+            };
             report.add(Figure {
                 group: GROUP.into(),
-                name,
+                name: format!("{}: {}", s.name, label(way, Some(role))),
                 unit: "Gbit/s".into(),
-                samples: pick(&s.samples),
-                baseline: Some((
-                    format!("no agent: {}", label(way, None)),
-                    pick(&base.samples),
-                )),
+                samples: pick(0),
+                baseline: Some((format!("no agent: {}", label(way, None)), pick(1))),
                 // The forced-XDP figures show why the default is TC on a
                 // veth; they have no goal.
                 goal: (!forced).then_some(Goal::RatioAtLeast(0.95)),
