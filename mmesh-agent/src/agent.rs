@@ -35,6 +35,7 @@ use crate::{
     compile::{Capacity, Compiled, Counts, compile},
     datapath::{Datapath, Totals},
     events::{self, Names},
+    hook::ReceiveHook,
     interface::{self, InterfaceError, InterfaceSpec, Role},
     netlink::LinkWatch,
     policy::Policy,
@@ -46,6 +47,7 @@ use crate::{
 pub struct RunOptions {
     pub policy: Option<PathBuf>,
     pub interfaces: Vec<InterfaceSpec>,
+    pub receive_hook: ReceiveHook,
     pub capacity: Capacity,
     pub summary_interval: Duration,
 }
@@ -125,8 +127,8 @@ fn start(opts: &RunOptions) -> anyhow::Result<Started> {
         .context("writing the standby copy of the policy")?;
     tracing::info!(generation, "policy {summary}");
     for spec in &interfaces {
-        let a = dp.attach(spec)?;
-        tracing::info!(interface = %a.name, ifindex = a.ifindex, role = %a.role, tc = a.tc_mode, "attached");
+        let a = dp.attach(spec, opts.receive_hook)?;
+        tracing::info!(interface = %a.name, ifindex = a.ifindex, role = %a.role, receive = %a.receive, driver = %a.driver, tc = a.tc_mode, "attached");
     }
     Ok(Started {
         dp,
@@ -171,6 +173,7 @@ struct Enforcer {
     names: Names,
     policy: Option<PathBuf>,
     interfaces: Vec<InterfaceSpec>,
+    receive_hook: ReceiveHook,
     links: Arc<LinkStats>,
     /// Per interface, the last attach error logged (logged again only when
     /// it changes, not at every tick).
@@ -271,11 +274,11 @@ impl Enforcer {
             let failure = match now {
                 Err(InterfaceError::Unknown(_)) => continue,
                 Err(err) => err.to_string(),
-                Ok(_) => match dp.attach(spec) {
+                Ok(_) => match dp.attach(spec, self.receive_hook) {
                     Ok(a) => {
                         self.last_error.remove(&spec.name);
                         self.links.reattached.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(interface = %a.name, ifindex = a.ifindex, role = %a.role, tc = a.tc_mode, "interface is back: re-attached");
+                        tracing::warn!(interface = %a.name, ifindex = a.ifindex, role = %a.role, receive = %a.receive, driver = %a.driver, tc = a.tc_mode, "interface is back: re-attached");
                         continue;
                     }
                     Err(err) => err.to_string(),
@@ -357,6 +360,7 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
         names,
         policy: opts.policy.clone(),
         interfaces: interfaces.clone(),
+        receive_hook: opts.receive_hook,
         links: links.clone(),
         last_error: std::collections::HashMap::new(),
     };
@@ -425,7 +429,11 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
     }
     let dp = lock(&dp);
     let totals = dp.totals()?;
-    let attached: Vec<String> = dp.attachments().iter().map(|a| a.name.clone()).collect();
+    let attached: Vec<String> = dp
+        .attachments()
+        .iter()
+        .map(|a| format!("{} ({}, receive {})", a.name, a.role, a.receive))
+        .collect();
     drop(dp);
     tracing::info!(
         events = decoded,
@@ -510,12 +518,13 @@ impl Losses {
     }
 }
 
-/// `; attached: a0 (uplink), b0 (workload); missing: c0`.
+/// `; attached: a0 (uplink, receive xdp), b0 (workload, receive tc);
+/// missing: c0`.
 fn attached_list(dp: &Datapath, interfaces: &[InterfaceSpec]) -> String {
     let attached: Vec<String> = dp
         .attachments()
         .iter()
-        .map(|a| format!("{} ({})", a.name, a.role))
+        .map(|a| format!("{} ({}, receive {})", a.name, a.role, a.receive))
         .collect();
     let missing: Vec<&str> = interfaces
         .iter()

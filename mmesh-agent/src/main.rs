@@ -11,6 +11,7 @@ use mmesh_agent::{
     agent::{self, Outputs, RunOptions},
     caps,
     compile::{Capacity, compile},
+    hook::ReceiveHook,
     interface::InterfaceSpec,
     policy::Policy,
     show,
@@ -64,6 +65,11 @@ struct RunArgs {
     /// default route, as uplink.
     #[arg(long = "interface", short, value_name = "NAME[:ROLE]")]
     interfaces: Vec<InterfaceSpec>,
+    /// Where receive programs go: `auto` puts XDP on physical devices and
+    /// TC ingress on virtual ones (veth, tap), where native XDP would turn
+    /// off the peer's TSO/GSO; `xdp` or `tc` for every interface.
+    #[arg(long, value_enum, default_value_t = ReceiveHook::Auto, env = "MMESH_RECEIVE_HOOK")]
+    receive_hook: ReceiveHook,
     /// Seconds between summary lines.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
     summary_interval: u64,
@@ -248,6 +254,7 @@ fn run(args: RunArgs, logs: &Sink) -> anyhow::Result<()> {
         RunOptions {
             policy: args.policy,
             interfaces: args.interfaces,
+            receive_hook: args.receive_hook,
             capacity: (&args.capacity).into(),
             summary_interval: Duration::from_secs(args.summary_interval),
         },

@@ -17,7 +17,7 @@ pub struct Event {
     pub slot: u32,
     /// The list that matched, for list reasons.
     pub list: u32,
-    /// Bytes of the frame.
+    /// Bytes on the wire: for a GSO skb, all its segments with their headers.
     pub len: u32,
     /// Interface the packet was seen on.
     pub ifindex: u32,

@@ -31,15 +31,19 @@ pub mod names {
     pub const EVENTS: &str = "EVENTS";
 }
 
-/// Symbol names of the programs in the eBPF object.
+/// Symbol names of the programs in the eBPF object. A program's name says
+/// its direction; the hook it sits on follows from the interface's role and
+/// device (`mmesh_agent::hook`).
 pub mod programs {
-    /// XDP, receive side, packets towards accounts (uplink receive).
+    /// XDP, packets towards accounts: uplink receive on a physical device.
     pub const XDP_INBOUND: &str = "xdp_inbound";
-    /// XDP, receive side, packets from accounts (workload device receive).
+    /// XDP, packets from accounts: workload receive on a physical device.
     pub const XDP_OUTBOUND: &str = "xdp_outbound";
-    /// TC, transmit side, packets towards accounts (workload device transmit).
+    /// TC, packets towards accounts: workload transmit (egress), and uplink
+    /// receive (ingress) on a virtual device.
     pub const TC_INBOUND: &str = "tc_inbound";
-    /// TC, transmit side, packets from accounts (uplink transmit).
+    /// TC, packets from accounts: uplink transmit (egress), and workload
+    /// receive (ingress) on a virtual device (a container's veth, a VM's tap).
     pub const TC_OUTBOUND: &str = "tc_outbound";
 }
 
@@ -233,7 +237,8 @@ pub const fn flow_tag_parts(tag: u16) -> (u8, u8) {
     ((tag >> 8) as u8, tag as u8)
 }
 
-/// A packet and byte count.
+/// A packet and byte count, as on the wire: a GSO skb counts as its
+/// segments, each with its own headers.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counter {
@@ -264,7 +269,7 @@ pub const STAT_COUNTERS_FULL: u32 = 1;
 /// `STATS`: rate-limit updates that lost every compare-and-swap retry and were
 /// charged with a plain atomic add instead.
 pub const STAT_RATE_CONTENDED: u32 = 2;
-/// `STATS`: transmit packets whose headers could not be pulled into the
+/// `STATS`: TC packets whose headers could not be pulled into the
 /// linear part of the skb (they are then counted as truncated).
 pub const STAT_PULL_FAILED: u32 = 3;
 /// Entries of `STATS`.

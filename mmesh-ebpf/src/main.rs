@@ -1,5 +1,7 @@
-//! The mmesh datapath: one XDP program per receive role and one TC program per
-//! transmit role. Each entry point is a thin wrapper around [`try_process`].
+//! The mmesh datapath: an XDP and a TC program per direction. The direction
+//! is the entry point's, not the hook's: `tc_inbound` serves an uplink's TC
+//! receive and a workload's transmit alike (docs/design.md, attach points).
+//! Each entry point is a thin wrapper around [`try_process`].
 //!
 //! Per packet: parse, attribute to an account by the local address, then the
 //! checks cheapest first, the first decisive verdict winning:
@@ -41,8 +43,8 @@ use crate::{
     maps::{ACCOUNTS, CONFIG},
 };
 
-/// On transmit, make sure this many bytes of headers are in the linear part
-/// of the skb before parsing (covers Ethernet, two VLAN tags, IPv4 with the
+/// On TC, make sure this many bytes of headers are in the linear part of the
+/// skb before parsing (covers Ethernet, two VLAN tags, IPv4 with the
 /// longest options or IPv6 with common extension headers, and TCP).
 const TC_PULL_LEN: u32 = 256;
 
@@ -86,11 +88,27 @@ pub fn tc_outbound(ctx: TcContext) -> i32 {
 pub struct Frame {
     data: usize,
     data_end: usize,
-    /// Bytes, for bit-rate limits and counters.
+    /// Bytes of the frame (of the whole skb on TC, headers counted once).
     len: u32,
-    /// Wire packets this frame stands for (GSO segments on transmit).
+    /// Wire packets this frame stands for: the GSO segments of a TC skb
+    /// (a large send on transmit, a GRO aggregate on receive), else 1.
     segs: u32,
     ifindex: u32,
+}
+
+impl Frame {
+    /// Bytes on the wire: a GSO skb leaves (or arrived) as `segs` packets,
+    /// each carrying the `headers` of `pkt` (Ethernet through TCP options or
+    /// the UDP header) in front of its share of the payload. Rate limits,
+    /// counters and events all charge this, so that they agree with what
+    /// an interface counter or a tap on the wire sees.
+    #[inline(always)]
+    fn wire_bytes(&self, pkt: &Packet) -> u32 {
+        // No overflow: segs <= 65535 (gso_segs is a u16), headers < 4200
+        // (the parser's offset bound plus a TCP header) and len < 4 GiB by
+        // far (512 KiB with BIG TCP).
+        self.len + (self.segs - 1) * u32::from(pkt.headers)
+    }
 }
 
 #[inline(always)]
@@ -235,6 +253,7 @@ fn decide(
         Ok(L3::Ip) => match pkt.addrs {
             Some(addrs) => check(
                 frame,
+                frame.wire_bytes(pkt),
                 direction,
                 half,
                 flow_mask,
@@ -266,6 +285,7 @@ fn decide(
             // that account's garbage).
             let (checked, flow) = check(
                 frame,
+                frame.wire_bytes(pkt),
                 direction,
                 half,
                 flow_mask,
@@ -349,9 +369,11 @@ fn address_checks(half: u32, config: &GenConfig, ends: Ends) -> Decision {
     decision
 }
 
+/// `bytes`: the frame's [`Frame::wire_bytes`].
 #[inline(always)]
 fn check(
     frame: &Frame,
+    bytes: u32,
     direction: Direction,
     half: u32,
     flow_mask: u32,
@@ -377,13 +399,8 @@ fn check(
         return (decision, flow);
     }
     let limits = &account.limits[direction as usize];
-    if let Some(over) = ratelimit::check(
-        decision.slot,
-        direction as u8,
-        limits,
-        frame.segs,
-        frame.len,
-    ) {
+    if let Some(over) = ratelimit::check(decision.slot, direction as u8, limits, frame.segs, bytes)
+    {
         decision.apply(over.reason, over.action, 0);
     }
     (decision, flow)

@@ -171,6 +171,12 @@ pub struct Packet {
     /// Ports; ICMP type and code for ICMP/ICMPv6; 0 without an L4 header.
     pub sport: u16,
     pub dport: u16,
+    /// Bytes of headers in front of the payload, from the Ethernet header
+    /// on: through the TCP header with its options, the UDP header, or, for
+    /// other protocols and later fragments, the IP header with its options
+    /// or extension headers. 0 until an IP header has been read. Every
+    /// segment of a GSO packet carries this much on the wire.
+    pub headers: u16,
 }
 
 impl Default for Packet {
@@ -189,6 +195,7 @@ impl Packet {
             flags: 0,
             sport: 0,
             dport: 0,
+            headers: 0,
         }
     }
 }
@@ -241,12 +248,14 @@ fn parse_ipv4(cur: &Cursor, offset: usize, pkt: &mut Packet) -> Result<(), Parse
     if ip.version_ihl >> 4 != 4 || ihl < 5 {
         return Err(ParseError::Malformed);
     }
+    let payload = offset + ihl * 4;
     // Fragment offset (low 13 bits) non-zero: a later fragment, no L4 header.
     if be16(ip.frag) & 0x1fff != 0 {
         pkt.flags |= EVENT_FRAGMENT;
+        pkt.headers = payload as u16;
         return Ok(());
     }
-    parse_l4(cur, offset + ihl * 4, pkt)
+    parse_l4(cur, payload, pkt)
 }
 
 #[inline(always)]
@@ -280,6 +289,7 @@ fn parse_ipv6(cur: &Cursor, offset: usize, pkt: &mut Packet) -> Result<(), Parse
                 if be16(frag.offset_flags) & 0xfff8 != 0 {
                     pkt.protocol = next;
                     pkt.flags |= EVENT_FRAGMENT;
+                    pkt.headers = offset as u16;
                     return Ok(());
                 }
             }
@@ -299,21 +309,28 @@ fn parse_ipv6(cur: &Cursor, offset: usize, pkt: &mut Packet) -> Result<(), Parse
     }
 }
 
+/// Reads the transport header at `offset` (the end of the IP headers).
 #[inline(always)]
 fn parse_l4(cur: &Cursor, offset: usize, pkt: &mut Packet) -> Result<(), ParseError> {
+    // Until the transport header is read, the headers end with the IP ones
+    // (also what a truncated or malformed transport header leaves).
+    pkt.headers = offset as u16;
     match pkt.protocol {
         IPPROTO_TCP => {
             let tcp: &TcpHdr = cur.get(offset)?;
             pkt.sport = be16(tcp.sport);
             pkt.dport = be16(tcp.dport);
-            if tcp.data_offset >> 4 < 5 {
+            let words = usize::from(tcp.data_offset >> 4);
+            if words < 5 {
                 return Err(ParseError::Malformed);
             }
+            pkt.headers = (offset + words * 4) as u16;
         }
         IPPROTO_UDP => {
             let udp: &UdpHdr = cur.get(offset)?;
             pkt.sport = be16(udp.sport);
             pkt.dport = be16(udp.dport);
+            pkt.headers = (offset + size_of::<UdpHdr>()) as u16;
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
             let icmp: &IcmpHdr = cur.get(offset)?;

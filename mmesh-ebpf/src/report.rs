@@ -22,7 +22,8 @@ const BPF_NOEXIST: u64 = 1;
 
 /// Counts the packet and, if a rule matched, offers it to the event sampler.
 /// `flow` is the packet's flow-cache entry: the packet is counted there when
-/// its decision is the cached one.
+/// its decision is the cached one. A GSO frame counts as its wire packets and
+/// wire bytes ([`Frame::wire_bytes`]), as the rate limits charge it.
 #[inline(always)]
 pub fn record(
     frame: &Frame,
@@ -34,17 +35,19 @@ pub fn record(
 ) {
     let reason = decision.reason;
     let verdict = decision.verdict;
+    let packets = u64::from(frame.segs);
+    let bytes = frame.wire_bytes(pkt);
     if let Some(total) = TOTALS.get_ptr_mut(totals_index(reason, verdict, direction)) {
         // SAFETY: this CPU's slot of a per-CPU array; programs do not nest on a CPU.
-        unsafe { add(total, 1, u64::from(frame.len)) };
+        unsafe { add(total, packets, u64::from(bytes)) };
     }
     let in_flow = match flow {
         // SAFETY: this CPU's flow-cache entry.
         Some(entry) => unsafe {
             let entry = &mut *entry;
             if entry.reason == reason && entry.verdict == verdict {
-                entry.packets += 1;
-                entry.bytes += u64::from(frame.len);
+                entry.packets += packets;
+                entry.bytes += u64::from(bytes);
                 true
             } else {
                 false
@@ -58,12 +61,12 @@ pub fn record(
             reason,
             verdict,
             direction,
-            1,
-            u64::from(frame.len),
+            packets,
+            u64::from(bytes),
         );
     }
     if decision.verdict != Verdict::Pass as u8 {
-        emit(frame, direction, config, pkt, decision);
+        emit(frame, bytes, direction, config, pkt, decision);
     }
 }
 
@@ -113,8 +116,16 @@ pub fn bump_stat(index: u32) {
     }
 }
 
+/// `bytes`: the frame's wire bytes.
 #[inline(always)]
-fn emit(frame: &Frame, direction: u8, config: &GenConfig, pkt: &Packet, decision: &Decision) {
+fn emit(
+    frame: &Frame,
+    bytes: u32,
+    direction: u8,
+    config: &GenConfig,
+    pkt: &Packet,
+    decision: &Decision,
+) {
     let Some(window) = SAMPLER.get_ptr_mut(sampler_index(decision.slot, decision.reason)) else {
         return;
     };
@@ -145,7 +156,7 @@ fn emit(frame: &Frame, direction: u8, config: &GenConfig, pkt: &Packet, decision
         generation: config.generation,
         slot: decision.slot,
         list: decision.list,
-        len: frame.len,
+        len: bytes,
         ifindex: frame.ifindex,
         direction,
         reason: decision.reason,

@@ -474,6 +474,39 @@ impl Topology {
     pub fn host_link_details(&self) -> String {
         self.host.ip_output(&["-d", "link", "show", "dev", HOST_IF])
     }
+
+    /// The BPF programs attached to [`HOST_IF`], as (hook, program name):
+    /// `xdp` from `ip -d link`, `tcx_ingress` and `tcx_egress` from the
+    /// kernel's TCX lists.
+    #[must_use]
+    pub fn host_programs(&self) -> Vec<(&'static str, String)> {
+        use aya::programs::{SchedClassifier, TcAttachType};
+        let details = self.host_link_details();
+        let mut out: Vec<(&'static str, String)> = details
+            .split("prog/xdp")
+            .skip(1)
+            .filter_map(|rest| {
+                let mut words = rest.split_whitespace();
+                words.find(|w| *w == "name")?;
+                Some(("xdp", words.next()?.to_owned()))
+            })
+            .collect();
+        for (hook, side) in [
+            ("tcx_ingress", TcAttachType::Ingress),
+            ("tcx_egress", TcAttachType::Egress),
+        ] {
+            let (_, infos) = self
+                .host
+                .enter(|| SchedClassifier::query_tcx(HOST_IF, side))
+                .unwrap_or_else(|e| panic!("querying the {hook} programs of {HOST_IF}: {e}"));
+            out.extend(
+                infos
+                    .iter()
+                    .map(|i| (hook, i.name_as_str().unwrap_or("?").to_owned())),
+            );
+        }
+        out
+    }
 }
 
 fn add_addr(ns: &NetNs, dev: &str, peer: &NetNs, peer_dev: &str, mac: &str, addr: IpAddr) {

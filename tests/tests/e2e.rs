@@ -4,8 +4,10 @@
 //!
 //! The host namespace holds the accounts' addresses, the remote namespace
 //! the rest of the world: ordinary, blocked, carved-out and account-blocked
-//! addresses. Inbound traffic (remote → host) meets the XDP program, outbound
-//! traffic (host → remote) the TC program.
+//! addresses. Inbound traffic (remote → host) meets the receive program,
+//! outbound traffic (host → remote) the transmit program on TC egress. The
+//! host end is a veth, so the agent receives on TC ingress (`--receive-hook
+//! auto`); the tests that say so run on XDP too.
 //!
 //! Needs root. The tests run one at a time (rate measurements do not share
 //! the CPUs well) and each is bounded in packets and time.
@@ -21,9 +23,12 @@ use std::{
     time::Duration,
 };
 
-use mmesh_tests::netns::{
-    Agent, Flow, HOST_IF, NetNs, Pace, PolicyFile, Received, Sent, Topology, UdpSink, namespaces,
-    run_agent_to_exit, send_udp, tcp_accept, tcp_echo,
+use mmesh_tests::{
+    netns::{
+        Agent, Flow, HOST_IF, NetNs, Pace, PolicyFile, REMOTE_IF, Received, Sent, Topology,
+        UdpSink, namespaces, run_agent_to_exit, send_udp, tcp_accept, tcp_echo,
+    },
+    wire::{ipv4_packets_received, tcp_stream, tso_enabled},
 };
 use serde_json::{Value, json};
 
@@ -224,9 +229,9 @@ fn flow(ns: &NetNs, src: IpAddr, dst: SocketAddr) -> Sent {
 /// Which way a flow crosses the veth pair.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Path {
-    /// The agent's XDP program sees it on receive.
+    /// The agent's receive program sees it.
     RemoteToHost,
-    /// The agent's TC program sees it on transmit.
+    /// The agent's transmit (TC egress) program sees it.
     HostToRemote,
 }
 
@@ -507,7 +512,7 @@ fn blocks_hold_for_fragments_and_header_options() {
 
 /// The host end of a container's veth: the account is behind it, in the
 /// remote namespace, so what the host receives is the account's outbound
-/// traffic (XDP) and what it transmits is inbound (TC).
+/// traffic and what it transmits is inbound.
 #[test]
 fn workload_role_reverses_directions() {
     let _serial = serial();
@@ -838,7 +843,7 @@ fn tcp(net: &Net, tag: &str) {
         );
     }
 
-    // From a blocked prefix (inbound, XDP) and to one (outbound, TC): no
+    // From a blocked prefix (inbound, receive) and to one (outbound, TC): no
     // connection. Both tried at the same time to bound the test's length.
     let in_listener = host.tcp_listener(sa(net.alpha, 7001));
     let out_listener = remote.tcp_listener(sa(net.blocked, 7002));
@@ -1148,12 +1153,20 @@ fn sigterm_detaches_and_exits_zero() {
             sink.finish(SINK_IDLE).packets_from(net.blocked)
         })
     };
-    assert!(
-        topo.host_link_details().contains("prog/xdp"),
-        "the agent attached XDP:\n{}",
-        topo.host_link_details()
+    let attached = [
+        ("tcx_ingress", "tc_inbound".to_owned()),
+        ("tcx_egress", "tc_outbound".to_owned()),
+    ];
+    assert_eq!(
+        topo.host_programs(),
+        attached,
+        "the agent receives on TC ingress of a veth"
     );
-    assert_eq!(inbound_arrivals(), [0, 0], "blocked while running (XDP)");
+    assert_eq!(
+        inbound_arrivals(),
+        [0, 0],
+        "blocked while running (receive)"
+    );
     assert_eq!(outbound_arrivals(), [0, 0], "blocked while running (TC)");
 
     let pid = agent.pid();
@@ -1179,10 +1192,10 @@ fn sigterm_detaches_and_exits_zero() {
         drops,
         "one event per dropped packet"
     );
-    let link = topo.host_link_details();
-    assert!(
-        !link.contains("xdp"),
-        "no XDP program after the agent stopped:\n{link}"
+    assert_eq!(
+        topo.host_programs(),
+        [],
+        "no program attached after the agent stopped"
     );
     assert_eq!(
         inbound_arrivals(),
@@ -1204,23 +1217,37 @@ fn bad_interfaces_are_refused_and_the_running_agent_keeps_enforcing() {
     let _serial = serial();
     let s = setup("busy", &block_policy());
     let policy = s.policy.path().display().to_string();
-    for (interface, says) in [
+    // The running agent receives on TC (the device is a veth), where
+    // programs do not exclude each other: a second agent is refused all the
+    // same, whichever hook it would receive on.
+    for (interface, hook, says) in [
         (
             format!("{HOST_IF}:uplink"),
-            format!("interface {HOST_IF} already has an XDP program attached"),
+            "auto",
+            format!("interface {HOST_IF} is already attached by another mmesh-agent"),
         ),
         (
             format!("{HOST_IF}:workload"),
-            format!("interface {HOST_IF} already has an XDP program attached"),
+            "xdp",
+            format!("interface {HOST_IF} is already attached by another mmesh-agent"),
         ),
         (
             "nosuch0".to_owned(),
+            "auto",
             "interface nosuch0 does not exist".to_owned(),
         ),
     ] {
         let out = run_agent_to_exit(
             &s.topo.host,
-            &["run", "--policy", &policy, "--interface", &interface],
+            &[
+                "run",
+                "--policy",
+                &policy,
+                "--interface",
+                &interface,
+                "--receive-hook",
+                hook,
+            ],
             Duration::from_secs(20),
         );
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -1230,7 +1257,7 @@ fn bad_interfaces_are_refused_and_the_running_agent_keeps_enforcing() {
             out.status
         );
     }
-    assert_eq!(blocked_arrivals(&s), [0, 0], "XDP still blocks");
+    assert_eq!(blocked_arrivals(&s), [0, 0], "receive still blocks");
     assert_eq!(blocked_departures(&s), [0, 0], "TC still blocks");
     assert_quiet_log(&s.agent);
 }
@@ -1258,7 +1285,7 @@ fn guards_remove_namespaces_and_agent_when_a_test_panics() {
             "{names:?} in {all:?}"
         );
         assert!(agent_running(s.agent.pid()));
-        assert!(s.topo.host_link_details().contains("prog/xdp"));
+        assert!(!s.topo.host_programs().is_empty());
         *seen.lock().unwrap_or_else(PoisonError::into_inner) =
             Some((names, s.agent.pid(), s.policy.path().to_owned()));
         panic!("deliberate panic: the guards must clean up");
@@ -1274,4 +1301,182 @@ fn guards_remove_namespaces_and_agent_when_a_test_panics() {
     }
     assert!(!agent_running(pid), "agent process {pid} is left");
     assert!(!policy.exists(), "policy file {} is left", policy.display());
+}
+
+// ---------------------------------------------------------------------------
+// 7. Offloads and wire accounting
+
+/// A global block of the host's unowned addresses, and nothing else.
+const BLOCK_UNOWNED: &str = "
+global:
+  events_per_second: 100000
+  block:
+    - name: blocked
+      cidrs: [10.77.0.50/32, 'fd77::50/128']
+";
+
+/// The agent's `attached` log line for [`HOST_IF`].
+fn attached_line(agent: &Agent) -> String {
+    agent
+        .logs()
+        .into_iter()
+        .find(|l| l.contains(" attached") && l.contains(&format!("interface={HOST_IF}")))
+        .unwrap_or_else(|| panic!("no attached line:\n{}", agent.logs().join("\n")))
+}
+
+/// The host end of a container's veth as `workload`: received on TC ingress
+/// by default, the container's end keeps TCP segmentation offload (native
+/// XDP on a veth turns it off on the peer); forced onto XDP, the same
+/// verdicts hold.
+#[test]
+fn workload_veth_keeps_the_containers_offloads_and_the_verdicts() {
+    let _serial = serial();
+    for (hook, receive) in [("auto", "tc"), ("xdp", "xdp")] {
+        let tag = format!("tso-{hook}");
+        let topo = Topology::new(&tag);
+        for net in [&V4, &V6] {
+            topo.add_host_addrs(&net.host_addrs());
+            topo.add_remote_addrs(&net.remote_addrs());
+        }
+        assert!(
+            tso_enabled(&topo.remote, REMOTE_IF),
+            "a veth starts with TSO on"
+        );
+        let policy = PolicyFile::new(&tag, BLOCK_UNOWNED);
+        let args = [
+            "run",
+            "--policy",
+            &policy.path().display().to_string(),
+            "--interface",
+            &format!("{HOST_IF}:workload"),
+            "--receive-hook",
+            hook,
+            "--summary-interval",
+            "1",
+        ]
+        .map(String::from);
+        let agent = Agent::start_with_args(&topo.host, &args);
+        let line = attached_line(&agent);
+        assert!(
+            line.contains(&format!("receive={receive}")) && line.contains("driver=veth"),
+            "--receive-hook {hook}: {line}"
+        );
+        let tso = tso_enabled(&topo.remote, REMOTE_IF);
+        if hook == "auto" {
+            assert!(tso, "the container's end keeps TSO with the agent on TC");
+        } else {
+            // What the kernel does to the peer of a veth with native XDP is
+            // its business; shown, not asserted.
+            eprintln!("with native XDP on {HOST_IF}, TSO of the peer is {tso}");
+        }
+        let s = Setup {
+            agent,
+            policy,
+            topo,
+            role: "workload",
+        };
+        let blocked = Expect::Dropped {
+            reason: "global_block",
+            account: None,
+            list: "global/blocked",
+        };
+        for net in [&V4, &V6] {
+            let case = |src, dst, expect| Case { src, dst, expect };
+            check_cases(
+                &s,
+                net,
+                Path::RemoteToHost,
+                &[
+                    case(net.ordinary, net.unowned, blocked),
+                    case(net.ordinary, net.alpha, Expect::Arrives),
+                ],
+            );
+            check_cases(
+                &s,
+                net,
+                Path::HostToRemote,
+                &[
+                    case(net.unowned, net.ordinary, blocked),
+                    case(net.alpha, net.ordinary, Expect::Arrives),
+                ],
+            );
+        }
+        assert_quiet_log(&s.agent);
+    }
+}
+
+/// `seen N packets, B bytes` of the agent's last summary (its totals).
+fn totals_seen(agent: &Agent) -> (u64, u64) {
+    let logs = agent.logs();
+    let line = logs
+        .iter()
+        .rev()
+        .find(|l| l.contains("totals: seen "))
+        .unwrap_or_else(|| panic!("no totals line:\n{}", logs.join("\n")));
+    let mut words = line
+        .split("totals: seen ")
+        .nth(1)
+        .expect("found")
+        .split(' ');
+    let packets = words.next().and_then(|w| w.parse().ok());
+    let bytes = words.nth(1).and_then(|w| w.parse().ok());
+    packets
+        .zip(bytes)
+        .unwrap_or_else(|| panic!("unreadable totals: {line}"))
+}
+
+/// A bulk TCP send leaves the host as GSO skbs of many segments each; the
+/// agent's transmit program (TC egress) must count the segments, as the
+/// receiving namespace's IP layer does, and bytes per wire packet.
+#[test]
+fn gso_tcp_through_an_uplink_is_counted_in_wire_packets() {
+    let _serial = serial();
+    let topo = Topology::new("gso");
+    // IPv4 only, static neighbours, no link-local addresses: nothing but the
+    // stream crosses the veth, so everything the agent sees is its packets.
+    topo.add_host_addrs(&[V4.alpha]);
+    topo.add_remote_addrs(&[V4.ordinary]);
+    assert!(
+        tso_enabled(&topo.host, HOST_IF),
+        "the host's sends must be GSO skbs for this test to mean anything"
+    );
+    let policy = PolicyFile::new("gso", &block_policy());
+    let mut agent = Agent::start(&topo.host, policy.path(), &[&format!("{HOST_IF}:uplink")]);
+    let bytes: u64 = 32 << 20;
+    let stream = tcp_stream(
+        &topo.host,
+        V4.alpha,
+        &topo.remote,
+        sa(V4.ordinary, 7100),
+        Duration::from_secs(10),
+        bytes,
+    )
+    .expect("a TCP stream from alpha");
+    assert_eq!(stream.bytes, bytes);
+    // Data segments into the remote namespace, acknowledgements into the
+    // host's: every packet that crossed the veth, one way or the other.
+    let received = ipv4_packets_received(&topo.remote) + ipv4_packets_received(&topo.host);
+    assert!(agent.stop().success());
+    let (seen, seen_bytes) = totals_seen(&agent);
+    let segments = bytes / 1448;
+    eprintln!(
+        "{} MiB at {:.1} Gbit/s: the agent saw {seen} packets ({seen_bytes} bytes), the receivers {received}",
+        bytes >> 20,
+        stream.gbps()
+    );
+    assert!(
+        received > segments,
+        "the receivers count segments ({received}, at least {segments} expected)"
+    );
+    let error = seen as f64 / received as f64 - 1.0;
+    assert!(
+        error.abs() < 0.03,
+        "the agent counted {seen} packets, the receivers {received} ({:+.1}%)",
+        error * 100.0
+    );
+    // Wire bytes: headers once per segment, so no packet above a frame.
+    assert!(
+        seen_bytes / seen <= 1514,
+        "{seen_bytes} bytes in {seen} packets is more than a frame each"
+    );
 }

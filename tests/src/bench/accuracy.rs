@@ -34,6 +34,7 @@ use aya::programs::{TestRun as _, TestRunOptions, Xdp};
 use mmesh_agent::{
     compile::{Capacity, compile},
     datapath::Datapath,
+    hook::ReceiveHook,
     interface::{InterfaceSpec, Role},
     policy::Policy,
 };
@@ -209,7 +210,8 @@ pub(super) fn veth_namespace(tag: &str) -> NetNs {
     ns
 }
 
-/// Attaches the datapath (as uplink) to `mmb0` of a [`veth_namespace`].
+/// Attaches the datapath (as uplink, receive on XDP whatever the device) to
+/// `mmb0` of a [`veth_namespace`].
 ///
 /// `BPF_PROG_TEST_RUN` of an XDP program that is attached nowhere adds it to
 /// the kernel's XDP dispatcher for the call and removes it afterwards, and
@@ -218,10 +220,13 @@ pub(super) fn veth_namespace(tag: &str) -> NetNs {
 /// once, the program stays in the dispatcher and calls run back to back.
 pub(super) fn attach_in(ns: &NetNs, dp: &mut Datapath) {
     ns.enter(|| {
-        dp.attach(&InterfaceSpec {
-            name: "mmb0".into(),
-            role: Role::Uplink,
-        })
+        dp.attach(
+            &InterfaceSpec {
+                name: "mmb0".into(),
+                role: Role::Uplink,
+            },
+            ReceiveHook::Xdp,
+        )
         .map(drop)
     })
     .expect("attaching the datapath to mmb0");

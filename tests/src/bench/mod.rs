@@ -8,6 +8,7 @@
 //! the harness works (the test suite runs it), its numbers mean nothing.
 
 pub mod accuracy;
+pub mod cost;
 pub mod e2e;
 pub mod events;
 pub mod kernel;
@@ -49,8 +50,8 @@ pub struct Options {
     pub quick: bool,
     pub rounds: usize,
     pub out: PathBuf,
-    /// Groups to run (all when empty): `kernel`, `e2e`, `accuracy`,
-    /// `policy`, `events`.
+    /// Groups to run (all when empty): `kernel`, `e2e`, `cost`,
+    /// `accuracy`, `policy`, `events`.
     pub only: Vec<String>,
 }
 
@@ -109,9 +110,10 @@ pub fn main() -> std::process::ExitCode {
         figures: Vec::new(),
     };
     // One group at a time: each needs the machine to itself.
-    let groups: [(&str, Group); 5] = [
+    let groups: [(&str, Group); 6] = [
         ("kernel", kernel::run),
         ("e2e", e2e::run),
+        ("cost", cost::run),
         ("accuracy", accuracy::run),
         ("policy", policy::run),
         ("events", events::run),
@@ -154,7 +156,7 @@ fn usage(problem: &str) -> ! {
         eprintln!("mmesh-bench: {problem}");
     }
     eprintln!(
-        "usage: mmesh-bench [--quick] [--rounds N] [--out DIR] [--only GROUP]...\ngroups: kernel e2e accuracy policy events"
+        "usage: mmesh-bench [--quick] [--rounds N] [--out DIR] [--only GROUP]...\ngroups: kernel e2e cost accuracy policy events"
     );
     std::process::exit(if problem.is_empty() { 0 } else { 2 });
 }
