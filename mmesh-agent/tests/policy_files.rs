@@ -1,5 +1,6 @@
 //! Every policy under tests/policies: the good ones validate and compile,
-//! each bad one fails with the messages its `# expect:` lines name. The
+//! each bad one fails with the messages its `# expect:` lines name and
+//! without the text its `# never:` lines name. The
 //! complete example of the README (examples/policy.yaml) is one of the good
 //! ones, and the README must show it as it is.
 
@@ -46,6 +47,10 @@ fn bad_policies_fail_with_their_expected_messages() {
             .lines()
             .filter_map(|l| l.strip_prefix("# expect: "))
             .collect();
+        let never: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# never: "))
+            .collect();
         assert!(
             !expected.is_empty(),
             "{} has no `# expect:` line",
@@ -66,6 +71,9 @@ fn bad_policies_fail_with_their_expected_messages() {
         }
         for e in expected.iter().filter(|e| !err.contains(**e)) {
             failures.push(format!("{}: expected {e:?} in:\n{err}", file.display()));
+        }
+        for n in never.iter().filter(|n| err.contains(**n)) {
+            failures.push(format!("{}: {n:?} must not be in:\n{err}", file.display()));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
