@@ -1315,16 +1315,20 @@ impl Validator<'_> {
         let v4: usize = accounts.iter().map(|a| a.prefixes_v4.len()).sum();
         let v6: usize = accounts.iter().map(|a| a.prefixes_v6.len()).sum();
         for (n, family) in [(v4, "IPv4"), (v6, "IPv6")] {
-            if n > max as usize {
-                let at_least = if cut { "at least " } else { "" };
-                self.issue(
-                    self.source.to_owned(),
-                    "accounts[].prefixes",
-                    format!(
-                        "{at_least}{n} {family} account prefixes, more than --max-account-prefixes {max} holds: raise --max-account-prefixes to {n} or more"
-                    ),
-                );
+            if n <= max as usize {
+                continue;
             }
+            let message = if cut {
+                format!(
+                    "more {family} account prefixes than --max-account-prefixes {max} holds ({n} in the first {} accounts; the others were not checked): raise --max-account-prefixes",
+                    accounts.len()
+                )
+            } else {
+                format!(
+                    "{n} {family} account prefixes, more than --max-account-prefixes {max} holds: raise --max-account-prefixes to {n} or more"
+                )
+            };
+            self.issue(self.source.to_owned(), "accounts[].prefixes", message);
         }
     }
 
@@ -2054,6 +2058,157 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    /// A file of its own under the system's temporary directory.
+    fn scratch(name: &str, text: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("mmesh-unit-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("p.yaml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    const WHOLE: &str = "version: r1\nglobal:\n  events_per_second: 5\n  block: [{name: blk9, cidrs: [10.251.9.0/24]}]\n";
+
+    #[test]
+    fn a_half_written_file_is_read_again_until_it_is_whole() {
+        // A writer has put down the first 40 bytes (valid YAML of an empty
+        // policy) when the reader comes; it finishes during the pause
+        // between the reader's two looks.
+        let path = scratch("half", &WHOLE[..40]);
+        assert!(Policy::parse(&WHOLE[..40], "t", Path::new(".")).is_ok());
+        let limits = ReadLimits {
+            settle: Duration::from_millis(100),
+            ..ReadLimits::default()
+        };
+        let mut pauses = Vec::new();
+        let policy = Policy::from_file_waiting(&path, &limits, &mut |d| {
+            pauses.push(d);
+            if pauses.len() == 1 {
+                std::fs::write(&path, WHOLE).unwrap();
+            }
+        })
+        .expect("the whole file is read");
+        assert_eq!(
+            policy.global.lists.len(),
+            1,
+            "the whole policy, not the half"
+        );
+        assert_eq!(pauses, [Duration::from_millis(100); 2]);
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn a_file_that_keeps_changing_is_refused() {
+        let path = scratch("changing", WHOLE);
+        let limits = ReadLimits {
+            attempts: 3,
+            ..ReadLimits::default()
+        };
+        let mut n = 0;
+        let err = Policy::from_file_waiting(&path, &limits, &mut |_| {
+            n += 1;
+            std::fs::write(&path, format!("{WHOLE}# {}\n", "x".repeat(n))).unwrap();
+        })
+        .unwrap_err()
+        .to_string();
+        assert_eq!(n, 3);
+        assert!(
+            err.contains("was still changing after 3 reads")
+                && err.contains("rename it into place"),
+            "{err}"
+        );
+        // A list file that changes counts as much as the policy file.
+        let dir = path.parent().unwrap();
+        std::fs::write(dir.join("list.txt"), "10.0.0.0/8\n").unwrap();
+        std::fs::write(&path, "global:\n  block: [{name: l, file: list.txt}]\n").unwrap();
+        let mut n = 0;
+        let err = Policy::from_file_waiting(&path, &limits, &mut |_| {
+            n += 1;
+            std::fs::write(dir.join("list.txt"), "10.0.0.0/8\n".repeat(n + 1)).unwrap();
+        })
+        .unwrap_err();
+        assert!(
+            matches!(err, PolicyError::StillChanging { attempts: 3, .. }),
+            "{err}"
+        );
+        // Once it stops, it is read.
+        let p = Policy::from_file_waiting(&path, &limits, &mut |_| {}).unwrap();
+        assert_eq!(p.global.lists[0].v4.len(), 1);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn removal_counts_what_a_new_policy_takes_away() {
+        let old = Policy::parse(
+            "global:\n  block: [{name: g, cidrs: [10.0.0.0/8, 192.0.2.0/24, '2001:db8::/32']}]\n\
+             accounts:\n\
+             - {id: a, prefixes: [10.1.0.1], block: [{name: x, cidrs: [198.51.100.0/24]}]}\n\
+             - {id: b, prefixes: [10.1.0.2]}\n\
+             - {id: c, prefixes: [10.1.0.3], block: [{name: y, cidrs: [203.0.113.0/24, 203.0.114.0/24]}]}\n",
+            "old",
+            Path::new("."),
+        )
+        .unwrap();
+        let same = Removal::between(&old, &old);
+        assert_eq!(
+            same,
+            Removal {
+                accounts_before: 3,
+                accounts_removed: 0,
+                list_entries_before: 6,
+                list_entries_removed: 0
+            }
+        );
+        assert!(!same.removes_most());
+        // c leaves with its two entries; g loses one; a keeps its list.
+        let new = Policy::parse(
+            "global:\n  block: [{name: g, cidrs: [10.0.0.0/8, '2001:db8::/32', 172.16.0.0/12]}]\n\
+             accounts:\n\
+             - {id: a, prefixes: [10.1.0.9], block: [{name: x, cidrs: [198.51.100.0/24]}]}\n\
+             - {id: b, prefixes: [10.1.0.2]}\n",
+            "new",
+            Path::new("."),
+        )
+        .unwrap();
+        let r = Removal::between(&old, &new);
+        assert_eq!((r.accounts_removed, r.list_entries_removed), (1, 3));
+        assert!(!r.removes_most());
+        assert_eq!(
+            r.to_string(),
+            "removes 1 of 3 accounts and 3 of 6 list entries"
+        );
+        // The half-written file of the issue: an empty policy removes all.
+        let empty = Policy::parse(
+            "version: r1\nglobal:\n  events_per_second:",
+            "e",
+            Path::new("."),
+        )
+        .unwrap();
+        let r = Removal::between(&old, &empty);
+        assert!(r.removes_most(), "{r}");
+        assert_eq!(
+            r.to_string(),
+            "removes 3 of 3 accounts and 6 of 6 list entries"
+        );
+    }
+
+    #[test]
+    fn quotes_are_short_and_escaped() {
+        assert_eq!(quote("10k"), "\"10k\"");
+        let long = "x".repeat(10_000);
+        let q = quote(&long);
+        assert!(q.len() < 70 && q.ends_with("… (10000 characters)"), "{q}");
+        assert_eq!(quote("a\nb\u{1b}[2J"), "\"a\\nb\\u{1b}[2J\"");
+        assert_eq!(escape_control("plain"), "plain");
+        assert_eq!(escape_control("r1\nINFO forged"), "r1\\nINFO forged");
+        // A deserializer's message about a megabyte-long line stays short.
+        let text = format!("{{\"accounts\": \"{}\"}}", "y".repeat(1 << 20));
+        let err = Policy::parse(&text, "t.json", Path::new("."))
+            .unwrap_err()
+            .to_string();
+        assert!(err.len() < 400, "{} bytes: {}", err.len(), &err[..400]);
     }
 
     #[test]
