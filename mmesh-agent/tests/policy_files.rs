@@ -185,8 +185,8 @@ fn fifos_are_refused_without_blocking() {
 #[test]
 fn bytes_read_are_bounded_and_the_option_named() {
     let dir = Scratch::new("bytes");
-    let list: String = (0..1000)
-        .map(|i| format!("10.0.{}.{}\n", i / 256, i % 256))
+    let list: String = (0..1000u32)
+        .map(|i| std::net::Ipv4Addr::from(0x0a00_0000 + i).to_string() + "\n")
         .collect();
     dir.write("list.txt", &list);
     let policy = dir.write(
