@@ -411,8 +411,8 @@ impl<'de> Deserialize<'de> for Scalar {
 #[derive(Clone, Debug)]
 struct At<T> {
     value: T,
-    line: u64,
-    column: u64,
+    line: u32,
+    column: u32,
 }
 
 impl<'de, T: Deserialize<'de>> Deserialize<'de> for At<T> {
@@ -426,8 +426,8 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for At<T> {
         }
         let spanned = serde_saphyr::Spanned::<T>::deserialize(deserializer)?;
         Ok(Self {
-            line: spanned.referenced.line(),
-            column: spanned.referenced.column(),
+            line: u32::try_from(spanned.referenced.line()).unwrap_or(u32::MAX),
+            column: u32::try_from(spanned.referenced.column()).unwrap_or(u32::MAX),
             value: spanned.value,
         })
     }
@@ -493,6 +493,23 @@ struct Extra {
     repeated: bool,
 }
 
+/// The keys of a raw struct that are not its fields: almost always none, so
+/// one word in the struct (a policy holds hundreds of thousands of them).
+#[derive(Clone, Debug, Default)]
+struct Extras(Option<Box<[Extra]>>);
+
+impl Extras {
+    fn push(&mut self, extra: Extra) {
+        let mut all = self.0.take().map(Vec::from).unwrap_or_default();
+        all.push(extra);
+        self.0 = Some(all.into_boxed_slice());
+    }
+
+    fn as_slice(&self) -> &[Extra] {
+        self.0.as_deref().unwrap_or_default()
+    }
+}
+
 /// Declares a raw struct: every field optional (absent and YAML null read
 /// alike), and keys that are not fields kept in `extra` with their location
 /// instead of ending the parse, so that validation reports them with every
@@ -503,7 +520,7 @@ macro_rules! raw_struct {
         #[derive(Debug, Default)]
         struct $name {
             $($field: Option<$ty>,)*
-            extra: Vec<Extra>,
+            extra: Extras,
         }
 
         impl Fields for $name {
@@ -575,7 +592,7 @@ raw_struct! {
 raw_struct! {
     struct RawDefaults {
         mode: At<Scalar>,
-        limits: RawLimits,
+        limits: Box<RawLimits>,
     }
 }
 
@@ -595,14 +612,16 @@ raw_struct! {
         mode: At<Scalar>,
         block: Vec<RawList>,
         allow: Vec<RawList>,
-        limits: RawLimits,
+        // Boxed: accounts are moved while they are read and validated, and
+        // limits are most of an account's size.
+        limits: Box<RawLimits>,
     }
 }
 
 raw_struct! {
     struct RawLimits {
-        inbound: RawDirLimits,
-        outbound: RawDirLimits,
+        inbound: Box<RawDirLimits>,
+        outbound: Box<RawDirLimits>,
     }
 }
 
@@ -1164,11 +1183,12 @@ impl Validator<'_> {
         }
     }
 
-    /// One of `words`, or a problem naming them.
+    /// One of `words`, or a problem at `path()` naming them (the path is
+    /// made only then: the field is in every account).
     fn word<T: Copy>(
         &mut self,
         raw: Option<&At<Scalar>>,
-        path: &str,
+        path: impl FnOnce() -> String,
         words: &[(&str, T)],
     ) -> Option<T> {
         let raw = raw?;
@@ -1179,7 +1199,7 @@ impl Validator<'_> {
         let at = self.at(raw);
         self.issue(
             at,
-            path,
+            path(),
             format!(
                 "{} is not one of: {}",
                 quote(raw.text()),
@@ -1189,22 +1209,26 @@ impl Validator<'_> {
         None
     }
 
-    fn mode(&mut self, raw: Option<&At<Scalar>>, path: &str) -> Option<Mode> {
+    fn mode(&mut self, raw: Option<&At<Scalar>>, path: impl FnOnce() -> String) -> Option<Mode> {
         self.word(raw, path, Mode::WORDS)
     }
 
-    fn action(&mut self, raw: Option<&At<Scalar>>, path: &str) -> Option<Action> {
+    fn action(
+        &mut self,
+        raw: Option<&At<Scalar>>,
+        path: impl FnOnce() -> String,
+    ) -> Option<Action> {
         self.word(raw, path, Action::WORDS)
     }
 
     fn policy(&mut self, raw: RawPolicy) -> Policy {
-        self.extra::<RawPolicy>(&raw.extra, "");
+        self.extra::<RawPolicy>(raw.extra.as_slice(), "");
         let version = raw.version.and_then(|v| self.version(&v));
         let global = self.global(raw.global.unwrap_or_default());
         let defaults = raw.defaults.unwrap_or_default();
-        self.extra::<RawDefaults>(&defaults.extra, "defaults");
+        self.extra::<RawDefaults>(defaults.extra.as_slice(), "defaults");
         let default_mode = self
-            .mode(defaults.mode.as_ref(), "defaults.mode")
+            .mode(defaults.mode.as_ref(), || "defaults.mode".to_owned())
             .unwrap_or_default();
         let default_limits = defaults
             .limits
@@ -1333,12 +1357,12 @@ impl Validator<'_> {
     }
 
     fn global(&mut self, raw: RawGlobal) -> Global {
-        self.extra::<RawGlobal>(&raw.extra, "global");
+        self.extra::<RawGlobal>(raw.extra.as_slice(), "global");
         let mode = self
-            .mode(raw.mode.as_ref(), "global.mode")
+            .mode(raw.mode.as_ref(), || "global.mode".to_owned())
             .unwrap_or_default();
         let malformed = self
-            .action(raw.malformed.as_ref(), "global.malformed")
+            .action(raw.malformed.as_ref(), || "global.malformed".to_owned())
             .unwrap_or(Action::Drop);
         let events_per_second = match raw.events_per_second {
             Some(eps) => {
@@ -1375,7 +1399,7 @@ impl Validator<'_> {
         default_mode: Mode,
         default_limits: Option<DefaultLimits>,
     ) -> Account {
-        self.extra::<RawAccount>(&raw.extra, path);
+        self.extra::<RawAccount>(raw.extra.as_slice(), path);
         let (id, id_at) = if let Some(id) = &raw.id {
             let at = self.at(id);
             if let Err(msg) = check_name(id.text()) {
@@ -1422,7 +1446,7 @@ impl Validator<'_> {
             }
         }
         let mode = self
-            .mode(raw.mode.as_ref(), &format!("{path}.mode"))
+            .mode(raw.mode.as_ref(), || format!("{path}.mode"))
             .unwrap_or(default_mode);
         let lists = self.lists(
             raw.block.unwrap_or_default(),
@@ -1454,7 +1478,7 @@ impl Validator<'_> {
     }
 
     fn limits(&mut self, raw: &RawLimits, path: &str, mode: Mode) -> DefaultLimits {
-        self.extra::<RawLimits>(&raw.extra, path);
+        self.extra::<RawLimits>(raw.extra.as_slice(), path);
         (
             raw.inbound
                 .as_ref()
@@ -1477,7 +1501,7 @@ impl Validator<'_> {
         for (field, raws) in [("block", block), ("allow", allow)] {
             for (i, raw) in raws.into_iter().enumerate() {
                 let path = format!("{scope}.{field}[{i}]");
-                self.extra::<RawList>(&raw.extra, &path);
+                self.extra::<RawList>(raw.extra.as_slice(), &path);
                 let name = match &raw.name {
                     Some(n) => {
                         if let Err(msg) = check_name(n.text()) {
@@ -1505,7 +1529,7 @@ impl Validator<'_> {
                 }
                 let kind = if field == "block" {
                     let action = self
-                        .action(raw.action.as_ref(), &format!("{path}.action"))
+                        .action(raw.action.as_ref(), || format!("{path}.action"))
                         .unwrap_or(Action::Drop);
                     ListKind::Block(mode.apply(action))
                 } else {
@@ -1639,7 +1663,7 @@ impl Validator<'_> {
     }
 
     fn dir_limits(&mut self, raw: &RawDirLimits, path: &str, mode: Mode) -> Option<DirLimits> {
-        self.extra::<RawDirLimits>(&raw.extra, path);
+        self.extra::<RawDirLimits>(raw.extra.as_slice(), path);
         let pps = raw.pps.as_ref().and_then(|r| {
             self.rate(
                 r,
@@ -1672,7 +1696,7 @@ impl Validator<'_> {
             }
         }
         let action = self
-            .action(raw.action.as_ref(), &format!("{path}.action"))
+            .action(raw.action.as_ref(), || format!("{path}.action"))
             .unwrap_or(Action::Drop);
         if pps.is_none() && bps.is_none() {
             return None;
