@@ -1,5 +1,6 @@
 //! Every policy under tests/policies: the good ones validate and compile,
-//! each bad one fails with the messages its `# expect:` lines name. The
+//! each bad one fails with the messages its `# expect:` lines name and
+//! without the text its `# never:` lines name. The
 //! complete example of the README (examples/policy.yaml) is one of the good
 //! ones, and the README must show it as it is.
 
@@ -7,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use mmesh_agent::{
     compile::{Capacity, compile},
-    policy::Policy,
+    policy::{DEFAULT_MAX_POLICY_BYTES, Policy, ReadLimits},
 };
 
 fn files(dir: &str) -> Vec<PathBuf> {
@@ -46,6 +47,10 @@ fn bad_policies_fail_with_their_expected_messages() {
             .lines()
             .filter_map(|l| l.strip_prefix("# expect: "))
             .collect();
+        let never: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# never: "))
+            .collect();
         assert!(
             !expected.is_empty(),
             "{} has no `# expect:` line",
@@ -66,6 +71,9 @@ fn bad_policies_fail_with_their_expected_messages() {
         }
         for e in expected.iter().filter(|e| !err.contains(**e)) {
             failures.push(format!("{}: expected {e:?} in:\n{err}", file.display()));
+        }
+        for n in never.iter().filter(|n| err.contains(**n)) {
+            failures.push(format!("{}: {n:?} must not be in:\n{err}", file.display()));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
@@ -104,5 +112,201 @@ fn the_example_is_rich_and_the_readme_shows_it_verbatim() {
     assert!(
         readme.contains(&example),
         "README.md must contain examples/policy.yaml verbatim"
+    );
+}
+
+/// A directory of its own under the system's temporary directory, removed
+/// when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("mmesh-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path; mkfifo touches nothing else.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+}
+
+/// Runs `f` on a thread of its own and fails if it does not return within
+/// seconds: a reader blocked on a FIFO would otherwise hang the test run.
+fn within_seconds<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the policy reader blocked")
+}
+
+#[test]
+fn fifos_are_refused_without_blocking() {
+    let dir = Scratch::new("fifo");
+    let fifo = dir.0.join("feed");
+    mkfifo(&fifo);
+    let policy = dir.write(
+        "p.yaml",
+        "global:\n  block:\n    - { name: feed, file: feed }\n",
+    );
+    let err = within_seconds(move || Policy::from_file(&policy).unwrap_err().to_string());
+    assert!(
+        err.contains("global.block[0].file: cannot read list file")
+            && err.contains("it is a FIFO (named pipe), not a regular file"),
+        "{err}"
+    );
+    // The policy file itself.
+    let err = within_seconds(move || Policy::from_file(&fifo).unwrap_err().to_string());
+    assert!(
+        err.contains("cannot read policy file") && err.contains("it is a FIFO (named pipe)"),
+        "{err}"
+    );
+    let err = Policy::from_file(&dir.0).unwrap_err().to_string();
+    assert!(err.contains("it is a directory"), "{err}");
+}
+
+#[test]
+fn bytes_read_are_bounded_and_the_option_named() {
+    let dir = Scratch::new("bytes");
+    let list: String = (0..1000u32)
+        .map(|i| std::net::Ipv4Addr::from(0x0a00_0000 + i).to_string() + "\n")
+        .collect();
+    dir.write("list.txt", &list);
+    let policy = dir.write(
+        "p.yaml",
+        "global:\n  block:\n    - { name: feed, file: list.txt }\n",
+    );
+    let fits = ReadLimits {
+        max_bytes: 20_000,
+        ..ReadLimits::default()
+    };
+    let p = Policy::from_file_with(&policy, &fits).expect("20,000 bytes are enough");
+    assert_eq!(p.global.lists[0].v4.len(), 1000);
+
+    // The policy file and its list file together are over the limit.
+    let tight = ReadLimits {
+        max_bytes: 5000,
+        ..ReadLimits::default()
+    };
+    let err = Policy::from_file_with(&policy, &tight)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("global.block[0].file: cannot read list file")
+            && err.contains("it is larger than the 4946 bytes left of --max-policy-bytes 5000")
+            && err.contains("raise --max-policy-bytes"),
+        "{err}"
+    );
+    // The policy file alone.
+    let small = ReadLimits {
+        max_bytes: 10,
+        ..ReadLimits::default()
+    };
+    let err = Policy::from_file_with(&policy, &small)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("cannot read policy file")
+            && err.contains("larger than the 10 bytes left of --max-policy-bytes 10"),
+        "{err}"
+    );
+}
+
+#[test]
+fn counts_are_checked_against_capacity_while_reading() {
+    // JSON, as a generator would write it: 1,000 accounts against room for 10.
+    let accounts: Vec<String> = (0..1000)
+        .map(|i| {
+            format!(
+                r#"{{"id": "a{i}", "prefixes": ["10.{}.{}.1", "fd00::{i:x}"]}}"#,
+                i / 256,
+                i % 256
+            )
+        })
+        .collect();
+    let text = format!(r#"{{"accounts": [{}]}}"#, accounts.join(","));
+    let few_accounts = Capacity {
+        accounts: 10,
+        ..Capacity::default()
+    };
+    let limits = ReadLimits::new(DEFAULT_MAX_POLICY_BYTES, &few_accounts);
+    let err = Policy::parse_with(&text, "big.json", Path::new("."), &limits)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("(1 problem)")
+            && err.contains(
+                "big.json: accounts: 1000 accounts, more than --max-accounts 10 holds: raise --max-accounts to 1000 or more (only the first 10 were checked)"
+            ),
+        "{err}"
+    );
+    // Room for the accounts, not for their prefixes: reading stops keeping
+    // accounts once their prefixes are over twice the room of one family.
+    let few_prefixes = Capacity {
+        account_prefixes: 8,
+        ..Capacity::default()
+    };
+    let limits = ReadLimits::new(DEFAULT_MAX_POLICY_BYTES, &few_prefixes);
+    let err = Policy::parse_with(&text, "big.json", Path::new("."), &limits)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("(2 problems)")
+            && err.contains(
+                "big.json: accounts[].prefixes: more IPv4 account prefixes than --max-account-prefixes 8 holds (9 in the first 9 accounts; the others were not checked)"
+            )
+            && err.contains("more IPv6 account prefixes than"),
+        "{err}"
+    );
+    // Within the accounts that were read, the count is exact.
+    let text = format!(r#"{{"accounts": [{}]}}"#, accounts[..9].join(","));
+    let err = Policy::parse_with(&text, "nine.json", Path::new("."), &limits)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("9 IPv4 account prefixes, more than --max-account-prefixes 8 holds: raise --max-account-prefixes to 9 or more"),
+        "{err}"
+    );
+    // Within capacity, nothing is said.
+    let text = format!(r#"{{"accounts": [{}]}}"#, accounts.join(","));
+    let roomy = ReadLimits::new(DEFAULT_MAX_POLICY_BYTES, &Capacity::default());
+    let p = Policy::parse_with(&text, "big.json", Path::new("."), &roomy).unwrap();
+    assert_eq!(p.accounts.len(), 1000);
+}
+
+#[test]
+fn policies_from_a_control_plane_cannot_name_files() {
+    let limits = ReadLimits {
+        list_files: false,
+        ..ReadLimits::default()
+    };
+    let err = Policy::parse_with(
+        "global:\n  block:\n    - { name: x, file: /etc/passwd }\n",
+        "remote",
+        Path::new("."),
+        &limits,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("global.block[0].file: this policy cannot name local files"),
+        "{err}"
     );
 }
