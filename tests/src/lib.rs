@@ -5,7 +5,10 @@
 //! - [`netns`]: network namespaces, veth pairs and the agent process for
 //!   end-to-end tests, each removed by a guard when the test ends, also when
 //!   it fails.
+//! - [`tcp`]: bulk TCP between namespaces, the kernel's TCP counters, and a
+//!   delay line for round-trip times.
 
 pub mod bench;
 pub mod netns;
 pub mod packets;
+pub mod tcp;

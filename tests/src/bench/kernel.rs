@@ -38,6 +38,9 @@ struct Scenario {
     name: &'static str,
     /// `None` for the baseline itself.
     vs: Option<&'static str>,
+    /// The scenario whose extra over the same baseline the goal is relative
+    /// to ([`Goal::ExtraAtMostOfReference`]).
+    reference: Option<&'static str>,
     goal: Option<Goal>,
     target: Target,
     frame: Vec<u8>,
@@ -230,6 +233,7 @@ fn scenarios(global: &[Ipv4Net]) -> Vec<Scenario> {
         Scenario {
             name: BARE,
             vs: None,
+            reference: None,
             goal: None,
             target: Target::Bench("bench_drop"),
             frame: frame(remote, acct),
@@ -238,6 +242,7 @@ fn scenarios(global: &[Ipv4Net]) -> Vec<Scenario> {
         Scenario {
             name: "baseline: parse + 1 hash lookup (100k entries)",
             vs: Some(BARE),
+            reference: None,
             goal: None,
             target: Target::Bench("bench_hash"),
             frame: frame(acct, remote),
@@ -246,6 +251,7 @@ fn scenarios(global: &[Ipv4Net]) -> Vec<Scenario> {
         Scenario {
             name: "baseline: parse + 1 LPM lookup (the global IPv4 prefixes)",
             vs: Some(BARE),
+            reference: None,
             goal: None,
             target: Target::Bench("bench_lpm"),
             frame: frame(blocked, acct),
@@ -254,6 +260,7 @@ fn scenarios(global: &[Ipv4Net]) -> Vec<Scenario> {
         Scenario {
             name: PEER,
             vs: Some(BARE),
+            reference: None,
             goal: None,
             target: Target::XdpFilter,
             frame: frame(blocked, acct),
@@ -262,6 +269,7 @@ fn scenarios(global: &[Ipv4Net]) -> Vec<Scenario> {
         Scenario {
             name: PEER_PASS,
             vs: Some(BARE),
+            reference: None,
             goal: None,
             target: Target::XdpFilter,
             frame: frame(remote, acct),
@@ -270,6 +278,7 @@ fn scenarios(global: &[Ipv4Net]) -> Vec<Scenario> {
         Scenario {
             name: "mmesh: pass (attributed, under its limits)",
             vs: Some(BARE),
+            reference: None,
             goal: Some(Goal::ExtraAtMost(60.0)),
             target: Target::Mmesh,
             frame: frame(remote, acct),
@@ -278,6 +287,7 @@ fn scenarios(global: &[Ipv4Net]) -> Vec<Scenario> {
         Scenario {
             name: "mmesh: pass, TCP",
             vs: Some(BARE),
+            reference: None,
             goal: Some(Goal::ExtraAtMost(60.0)),
             target: Target::Mmesh,
             frame: tcp(remote, acct, 40_000, 443, 0),
@@ -286,6 +296,7 @@ fn scenarios(global: &[Ipv4Net]) -> Vec<Scenario> {
         Scenario {
             name: "mmesh: IPv6 pass",
             vs: Some(BARE),
+            reference: None,
             goal: Some(Goal::ExtraAtMost(60.0)),
             target: Target::Mmesh,
             frame: frame(ip6(scale::REMOTE_V6), ip6(scale::host_v6(0))),
@@ -294,6 +305,7 @@ fn scenarios(global: &[Ipv4Net]) -> Vec<Scenario> {
         Scenario {
             name: "mmesh: drop, remote in a global list",
             vs: Some(BARE),
+            reference: None,
             goal: Some(Goal::ExtraAtMost(45.0)),
             target: Target::Mmesh,
             frame: frame(blocked, acct),
@@ -302,6 +314,7 @@ fn scenarios(global: &[Ipv4Net]) -> Vec<Scenario> {
         Scenario {
             name: "mmesh: drop, remote in the account's list",
             vs: Some(BARE),
+            reference: None,
             goal: Some(Goal::ExtraAtMost(45.0)),
             target: Target::Mmesh,
             frame: frame(ip4(scale::ACCOUNT_BLOCKED_V4), acct),
@@ -310,6 +323,7 @@ fn scenarios(global: &[Ipv4Net]) -> Vec<Scenario> {
         Scenario {
             name: "mmesh: drop, over the rate limit",
             vs: Some(BARE),
+            reference: None,
             goal: None,
             target: Target::Mmesh,
             frame: frame(remote, ip4(scale::LIMITED_V4)),
@@ -318,6 +332,7 @@ fn scenarios(global: &[Ipv4Net]) -> Vec<Scenario> {
         Scenario {
             name: "mmesh: unattributed",
             vs: Some(BARE),
+            reference: None,
             goal: None,
             target: Target::Mmesh,
             frame: frame(remote, ip4(scale::UNOWNED_V4)),
@@ -326,6 +341,7 @@ fn scenarios(global: &[Ipv4Net]) -> Vec<Scenario> {
         Scenario {
             name: "randomized: bench_randomize → XDP_DROP",
             vs: None,
+            reference: None,
             goal: None,
             target: Target::Randomized {
                 into: Callee::Bench("bench_drop"),
@@ -336,6 +352,7 @@ fn scenarios(global: &[Ipv4Net]) -> Vec<Scenario> {
         Scenario {
             name: "baseline: parse + 1 LPM lookup, every packet from a new source",
             vs: Some("randomized: bench_randomize → XDP_DROP"),
+            reference: None,
             goal: None,
             target: Target::Randomized {
                 into: Callee::Bench("bench_lpm"),
@@ -346,6 +363,7 @@ fn scenarios(global: &[Ipv4Net]) -> Vec<Scenario> {
         Scenario {
             name: "mmesh: every packet from a new remote address",
             vs: Some("randomized: bench_randomize → XDP_DROP"),
+            reference: None,
             goal: Some(Goal::ExtraAtMost(250.0)),
             target: Target::Randomized {
                 into: Callee::Mmesh,
@@ -387,6 +405,9 @@ pub fn run(opts: &Options, report: &mut Report) {
                 unit: "ns/pkt".into(),
                 samples: vec![values[s.name]],
                 baseline: s.vs.map(|b| (b.to_owned(), vec![values[b]])),
+                reference: s
+                    .reference
+                    .and_then(|r| values.get(r).map(|v| (r.to_owned(), vec![*v]))),
                 goal: s.goal,
                 note: s.note.into(),
             });
@@ -401,6 +422,7 @@ pub fn run(opts: &Options, report: &mut Report) {
                 unit: "ns/pkt".into(),
                 samples: Vec::new(),
                 baseline: None,
+                reference: None,
                 goal: None,
                 note: format!("not measured: {why}"),
             });
@@ -412,6 +434,7 @@ pub fn run(opts: &Options, report: &mut Report) {
         unit: "ns/pkt".into(),
         samples: Vec::new(),
         baseline: None,
+        reference: None,
         goal: None,
         note: "not measured: anti-spoofing is not implemented yet".into(),
     });
