@@ -39,7 +39,7 @@ pub const MAX_BURST_SECONDS: u64 = 3600;
 /// 200 ms (Linux's `TCP_RTO_MIN`) plus the round-trip time; a bucket that
 /// holds less than that overflows while the sender waits, and the time is
 /// lost for good: with a tenth of a second one stream got 48% of its limit.
-/// Half a second gave 0.90–0.97 of the limit (0.956 is TCP's ceiling) from
+/// Half a second gave 0.89–0.98 of the limit (0.956 is TCP's ceiling) from
 /// 1 Mbit/s to 1 Gbit/s, RTTs of 0–100 ms, one and eight streams
 /// (docs/benchmarks.md, "TCP under a bit-rate limit").
 pub const DEFAULT_BURST_MILLIS: u64 = 500;

@@ -37,7 +37,7 @@ use mmesh_agent::{
     compile::{Capacity, compile},
     datapath::Datapath,
     interface::{InterfaceSpec, Role},
-    policy::Policy,
+    policy::{MIN_DEFAULT_BPS_BURST, Policy, default_burst},
 };
 
 use super::{
@@ -45,7 +45,7 @@ use super::{
     report::{Figure, Goal, Report, Table},
 };
 use crate::{
-    netns::{self, HOST_IF, HOST_MAC, REMOTE_IF, REMOTE_MAC, Topology},
+    netns::{self, HOST_IF, HOST_MAC, Pace, REMOTE_IF, REMOTE_MAC, Topology, UdpSink, send_udp},
     tcp::{self, Bulk, DelayLine, Goodput, TcpCounters},
 };
 
@@ -59,6 +59,10 @@ const PORT: u16 = 5201;
 /// Goodput over the limit, at best: 1448 bytes of payload per 1514-byte
 /// frame.
 const CEILING: f64 = 1448.0 / 1514.0;
+
+/// Frame of the UDP flood, and its Ethernet, IPv4 and UDP headers.
+const UDP_FRAME: usize = 1514;
+const UDP_OVERHEAD: usize = 14 + 20 + 8;
 
 /// Socket buffer limit: above the largest bandwidth-delay product measured
 /// (1 Gbit/s × 100 ms = 12.5 MB) plus the burst.
@@ -227,6 +231,23 @@ impl Bench {
         }
     }
 
+    /// A UDP flood of full-size frames at twice `rate` from the account for
+    /// `seconds`: the frame bits that arrived, and the flood's real span.
+    fn udp_flood(&self, rate: u64, seconds: Duration) -> (f64, Duration) {
+        let (sender, src, receiver, dst, _) = self.ends();
+        let sink = UdpSink::bind(receiver, SocketAddr::new(IpAddr::V4(dst), PORT));
+        let socket = sender.udp_socket(SocketAddr::new(IpAddr::V4(src), 0));
+        let pps = 2 * rate / (UDP_FRAME as u64 * 8);
+        let sent = send_udp(
+            &socket,
+            sink.local_addr(),
+            Pace::for_duration(pps, seconds, UDP_FRAME - UDP_OVERHEAD),
+        );
+        let got = sink.finish(Duration::from_millis(200));
+        let bits = got.packets_from(IpAddr::V4(src)) as f64 * UDP_FRAME as f64 * 8.0;
+        (bits, sent.span)
+    }
+
     /// Delays what the receiver sends back to the sender by `rtt`.
     fn delay(&self, rtt: Duration) -> Option<DelayLine> {
         if rtt.is_zero() {
@@ -362,6 +383,47 @@ pub fn run(opts: &Options, report: &mut Report) {
         }
     }
     report.tables.push(table);
+    udp_floods(opts, report);
+}
+
+/// A UDP flood at twice the limit, default burst: what arrives is the burst
+/// once, then the rate. The figure is the rate part over the limit.
+fn udp_floods(opts: &Options, report: &mut Report) {
+    let rates: &[u64] = if opts.quick {
+        &[10_000_000]
+    } else {
+        // Above this the single paced sender cannot offer twice the rate.
+        &[1_000_000, 10_000_000, 100_000_000]
+    };
+    let seconds = if opts.quick {
+        Duration::from_millis(500)
+    } else {
+        Duration::from_secs(4)
+    };
+    let mut bench = Bench::new(Role::Workload);
+    for &rate in rates {
+        bench.limit(rate, None);
+        let burst = default_burst(rate, MIN_DEFAULT_BPS_BURST) as f64;
+        let (bits, span) = bench.udp_flood(rate, seconds);
+        let ratio = (bits - burst) / (rate as f64 * span.as_secs_f64());
+        eprintln!(
+            "bench: tcp: UDP flood at 2× {}: {ratio:.3} of the limit beyond the burst",
+            rate_name(rate)
+        );
+        report.add(Figure {
+            group: GROUP.into(),
+            name: format!("UDP flood at twice {}, beyond the burst", rate_name(rate)),
+            unit: "× limit".into(),
+            samples: vec![ratio],
+            baseline: None,
+            reference: None,
+            goal: Some(Goal::Between(0.95, 1.05)),
+            note: format!(
+                "{:?} of 1514-byte frames at twice the limit; (frame bits received − the default burst) / (limit × the flood's span)",
+                seconds
+            ),
+        });
+    }
 }
 
 fn rtts(cells: &[Cell]) -> Vec<Duration> {
