@@ -70,40 +70,40 @@ const POLL: Duration = Duration::from_millis(50);
 /// Bytes per `write` call.
 const CHUNK: usize = 128 * 1024;
 
-/// Sends from `src` in `sender` to `dst` in `receiver` over `bulk.streams`
-/// connections for `bulk.warmup + bulk.measure`, and returns what the
+/// Sends from `src` in `sender` to `dst` in `receiver` over `how.streams`
+/// connections for `how.warmup + how.measure`, and returns what the
 /// receiving application read. Panics if a connection cannot be made.
 ///
 /// # Panics
 /// If a connection cannot be made or a socket fails.
 #[must_use]
-pub fn bulk(sender: &NetNs, src: IpAddr, receiver: &NetNs, dst: SocketAddr, bulk: Bulk) -> Goodput {
+pub fn bulk(sender: &NetNs, src: IpAddr, receiver: &NetNs, dst: SocketAddr, how: Bulk) -> Goodput {
     let listener = receiver.tcp_listener(dst);
-    let received = AtomicU64::new(0);
+    let read_bytes = AtomicU64::new(0);
     let stop = AtomicBool::new(false);
     thread::scope(|s| {
         let mut readers = Vec::new();
         let mut writers = Vec::new();
         let mut start = None;
-        for n in 0..bulk.streams {
+        for n in 0..how.streams {
             let conn = sender
                 .tcp_connect(src, dst, CONNECT_TIMEOUT)
                 .unwrap_or_else(|e| panic!("TCP {src} → {dst} (stream {n}): {e}"));
-            if let Some(cc) = bulk.congestion {
+            if let Some(cc) = how.congestion {
                 set_congestion(&conn, cc);
             }
-            let accepted = tcp_accept(&listener, CONNECT_TIMEOUT)
+            let conn_in = tcp_accept(&listener, CONNECT_TIMEOUT)
                 .unwrap_or_else(|e| panic!("accepting TCP {src} → {dst} (stream {n}): {e}"));
             start.get_or_insert_with(Instant::now);
-            let (received, stop) = (&received, &stop);
-            readers.push(s.spawn(move || read_until_stopped(accepted, received, stop)));
+            let (count, stop) = (&read_bytes, &stop);
+            readers.push(s.spawn(move || read_until_stopped(conn_in, count, stop)));
             writers.push(s.spawn(move || write_until_stopped(conn, stop)));
         }
         let start = start.expect("at least one stream");
-        thread::sleep(bulk.warmup.saturating_sub(start.elapsed()));
-        let (t1, b1) = (Instant::now(), received.load(Ordering::Relaxed));
-        thread::sleep(bulk.measure);
-        let (t2, b2) = (Instant::now(), received.load(Ordering::Relaxed));
+        thread::sleep(how.warmup.saturating_sub(start.elapsed()));
+        let (t1, b1) = (Instant::now(), read_bytes.load(Ordering::Relaxed));
+        thread::sleep(how.measure);
+        let (t2, b2) = (Instant::now(), read_bytes.load(Ordering::Relaxed));
         stop.store(true, Ordering::Relaxed);
         for h in writers.into_iter().chain(readers) {
             h.join().unwrap_or_else(|p| std::panic::resume_unwind(p));

@@ -57,7 +57,7 @@ const GROUP: &str = "policy path";
 /// Goal: reading, validating, compiling and applying a large JSON policy
 /// takes at most this many times as long as parsing the same JSON into a
 /// generic value without looking at it.
-const JSON_APPLY_RATIO: f64 = 8.0;
+const JSON_APPLY_RATIO: f64 = 4.0;
 
 /// Goal: a one-account change (compile + apply) takes at most this share of
 /// compiling and applying the whole policy into fresh maps.
@@ -304,14 +304,21 @@ impl Texts {
 /// (`Policy::from_file`: read, parse, validate), timed.
 /// Reads `text` from `file` into a `serde_json::Value`: the baseline of the
 /// policy path, parsing the same JSON without validating it.
+/// The better of two runs: the first one also pays for the allocator's
+/// first growth, which the policy read measured before it already paid.
 fn json_without_validation(file: &PolicyFile, text: &str) -> Duration {
     file.write(text);
-    let (value, took) = timed(|| {
-        let bytes = std::fs::read(file.path()).expect("reading the policy file");
-        serde_json::from_slice::<serde_json::Value>(&bytes)
-    });
-    drop(value.expect("the benchmark policy is JSON"));
-    took
+    (0..2)
+        .map(|_| {
+            let (value, took) = timed(|| {
+                let bytes = std::fs::read(file.path()).expect("reading the policy file");
+                serde_json::from_slice::<serde_json::Value>(&bytes)
+            });
+            drop(value.expect("the benchmark policy is JSON"));
+            took
+        })
+        .min()
+        .expect("two runs")
 }
 
 fn read_policy(file: &PolicyFile, text: &str) -> (Policy, Duration) {
@@ -352,6 +359,10 @@ pub fn run(opts: &Options, report: &mut Report) {
 }
 
 /// One round in process.
+#[expect(
+    clippy::too_many_lines,
+    reason = "one figure after the other, in the order of the report"
+)]
 fn in_process(accounts: u32, file: &PolicyFile, texts: &Texts, report: &mut Report) {
     let n = accounts;
     let cap = capacity(accounts);

@@ -147,7 +147,14 @@ impl Figure {
             .iter()
             .zip(base)
             .zip(reference)
-            .map(|((s, b), r)| if r == b { f64::NAN } else { (s - b) / (r - b) })
+            .map(|((s, b), r)| {
+                let of = r - b;
+                if of.abs() < f64::EPSILON {
+                    f64::NAN
+                } else {
+                    (s - b) / of
+                }
+            })
             .collect();
         Stats::of(&values)
     }
@@ -563,6 +570,28 @@ mod tests {
         assert_eq!(f.met(), Some(true));
         let f = figure(&[3.0, 4.0], &[10.0, 10.0], Goal::RatioAtLeast(0.7));
         assert!((f.ratio().unwrap().median - 0.35).abs() < 1e-9);
+        assert_eq!(f.met(), Some(false));
+    }
+
+    #[test]
+    fn goals_relative_to_a_reference() {
+        // Extras over the baseline 20, 30 against the reference's 40, 40:
+        // 0.5 and 0.75, median 0.625.
+        let mut f = figure(
+            &[30.0, 40.0],
+            &[10.0, 10.0],
+            Goal::ExtraAtMostOfReference(0.6),
+        );
+        f.reference = Some(("lookup".into(), vec![50.0, 50.0]));
+        assert!((f.extra_of_reference().unwrap().median - 0.625).abs() < 1e-9);
+        assert_eq!(f.met(), Some(false));
+        assert!(
+            f.goal_text()
+                .contains("extra ≤ 0.6× the extra of lookup (is 0.62×)")
+        );
+        let f = figure(&[0.93], &[1.0], Goal::Between(0.9, 1.0));
+        assert_eq!(f.met(), Some(true));
+        let f = figure(&[3.0], &[1.0], Goal::RatioAtMost(2.0));
         assert_eq!(f.met(), Some(false));
     }
 

@@ -419,8 +419,7 @@ fn udp_floods(opts: &Options, report: &mut Report) {
             reference: None,
             goal: Some(Goal::Between(0.95, 1.05)),
             note: format!(
-                "{:?} of 1514-byte frames at twice the limit; (frame bits received − the default burst) / (limit × the flood's span)",
-                seconds
+                "{seconds:?} of 1514-byte frames at twice the limit; (frame bits received − the default burst) / (limit × the flood's span)"
             ),
         });
     }
