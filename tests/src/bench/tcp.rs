@@ -376,7 +376,7 @@ pub fn run(opts: &Options, report: &mut Report) {
                     samples: vec![ratio],
                     baseline: None,
                     reference: None,
-                    goal: Some(Goal::Between(0.9, 1.0)),
+                    goal: Some(Goal::AtLeast(0.9)),
                     note: String::new(),
                 });
             }
