@@ -1081,7 +1081,8 @@ accounts:
         assert!(Arc::ptr_eq(&c2.global, &c3.global));
         assert_eq!(
             c3.account(1).unwrap().config.limits[0].pps,
-            RateLimit::packets(2000, 200, Verdict::Drop as u32)
+            // The default burst: half a second of the rate.
+            RateLimit::packets(2000, 1000, Verdict::Drop as u32)
         );
         // The global list changes: a new global piece, the accounts stay.
         let c4 = compile(
@@ -1126,11 +1127,11 @@ accounts:
         );
         assert_eq!(
             out.pps,
-            RateLimit::packets(1000, 100, Verdict::Monitor as u32)
+            RateLimit::packets(1000, 500, Verdict::Monitor as u32)
         );
         assert_eq!(
             out.bps,
-            RateLimit::bits(8_000_000, 800_000, Verdict::Monitor as u32)
+            RateLimit::bits(8_000_000, 4_000_000, Verdict::Monitor as u32)
         );
         let (key, value) = acc.rules_v6[0];
         assert_eq!(key.len, 48);

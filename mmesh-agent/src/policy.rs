@@ -56,6 +56,21 @@ pub const MIN_BPS: u64 = 8;
 pub const MAX_BPS: u64 = 100_000_000_000_000;
 /// A burst may hold at most this many seconds of the rate.
 pub const MAX_BURST_SECONDS: u64 = 3600;
+/// Default burst, in milliseconds of the rate (both pps and bps). A burst
+/// of losses ends TCP's fast recovery in a retransmission timeout, at least
+/// 200 ms (Linux's `TCP_RTO_MIN`) plus the round-trip time; a bucket that
+/// holds less than that overflows while the sender waits, and the time is
+/// lost for good: with a tenth of a second one stream got 48% of its limit.
+/// Half a second gave 0.89–0.98 of the limit (0.956 is TCP's ceiling) from
+/// 1 Mbit/s to 1 Gbit/s, RTTs of 0–100 ms, one and eight streams
+/// (docs/benchmarks.md, "TCP under a bit-rate limit").
+pub const DEFAULT_BURST_MILLIS: u64 = 500;
+/// The least default `bps_burst`: twenty full-size Ethernet frames, twice
+/// TCP's initial window, so that a connection's first flight fits below
+/// 480 kbit/s, where half a second of the rate would not hold it.
+pub const MIN_DEFAULT_BPS_BURST: u64 = 20 * 1514 * 8;
+/// The least default `pps_burst`: the same twenty packets.
+pub const MIN_DEFAULT_PPS_BURST: u64 = 20;
 /// Largest `events_per_second`.
 pub const MAX_EVENTS_PER_SECOND: u64 = 1_000_000;
 /// Events per (account, reason) per second when the policy does not say.
@@ -1670,7 +1685,7 @@ impl Validator<'_> {
                 raw.pps_burst.as_ref(),
                 &format!("{path}.pps"),
                 (1, MAX_PPS),
-                1,
+                (1, MIN_DEFAULT_PPS_BURST),
             )
         });
         let bps = raw.bps.as_ref().and_then(|r| {
@@ -1679,7 +1694,7 @@ impl Validator<'_> {
                 raw.bps_burst.as_ref(),
                 &format!("{path}.bps"),
                 (MIN_BPS, MAX_BPS),
-                8,
+                (8, MIN_DEFAULT_BPS_BURST),
             )
         });
         for (burst, rate, name) in [
@@ -1708,16 +1723,16 @@ impl Validator<'_> {
         })
     }
 
-    /// A rate within `range` at `path` and its burst (at `path`_burst; by
-    /// default a tenth of the rate), at least `min_burst` and at most an
-    /// hour of the rate.
+    /// A rate within `range` at `path` and its burst (at `path`_burst), at
+    /// least `min_burst` and at most an hour of the rate; by default
+    /// [`DEFAULT_BURST_MILLIS`] of the rate, at least `default_floor`.
     fn rate(
         &mut self,
         rate: &At<Scalar>,
         burst: Option<&At<Scalar>>,
         path: &str,
         (min, max): (u64, u64),
-        min_burst: u64,
+        (min_burst, default_floor): (u64, u64),
     ) -> Option<Rate> {
         let rate = self.quantity(rate, path, min, max)?;
         let burst = match burst {
@@ -1727,7 +1742,7 @@ impl Validator<'_> {
                 min_burst,
                 rate.saturating_mul(MAX_BURST_SECONDS),
             )?,
-            None => (rate / 10).max(min_burst),
+            None => default_burst(rate, default_floor),
         };
         Some(Rate { rate, burst })
     }
@@ -1770,6 +1785,14 @@ impl Validator<'_> {
             }
         }
     }
+}
+
+/// The burst of a rate that was given none: [`DEFAULT_BURST_MILLIS`] of
+/// it, at least `floor`.
+#[must_use]
+pub fn default_burst(rate: u64, floor: u64) -> u64 {
+    let burst = u128::from(rate) * u128::from(DEFAULT_BURST_MILLIS) / 1000;
+    u64::try_from(burst).unwrap_or(u64::MAX).max(floor)
 }
 
 fn check_name(name: &str) -> Result<(), String> {

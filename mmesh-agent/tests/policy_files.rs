@@ -310,3 +310,41 @@ fn policies_from_a_control_plane_cannot_name_files() {
         "{err}"
     );
 }
+
+/// A rate given without a burst gets half a second of itself, at least
+/// twenty full-size frames (or packets): what TCP needs to recover from a
+/// loss burst without losing the time of a retransmission timeout.
+#[test]
+fn default_bursts_hold_half_a_second_with_a_floor() {
+    let policy = Policy::parse(
+        "accounts:
+  - id: fast
+    prefixes: [10.0.0.1/32]
+    limits:
+      inbound: { pps: 10k, bps: 100M }
+      outbound: { pps: 10, bps: 100k, bps_burst: 8k }
+",
+        "test",
+        Path::new("."),
+    )
+    .expect("a valid policy");
+    let account = &policy.accounts[0];
+    let inbound = account.inbound.as_ref().expect("inbound limits");
+    let outbound = account.outbound.as_ref().expect("outbound limits");
+    let burst = |r: Option<&mmesh_agent::policy::Rate>| r.expect("a rate").burst;
+    assert_eq!(burst(inbound.pps.as_ref()), 5_000);
+    assert_eq!(burst(inbound.bps.as_ref()), 50_000_000);
+    // Below the floor: 20 packets, 20 frames of 1514 bytes.
+    assert_eq!(burst(outbound.pps.as_ref()), 20);
+    // Given explicitly: kept.
+    assert_eq!(burst(outbound.bps.as_ref()), 8_000);
+    assert_eq!(
+        mmesh_agent::policy::default_burst(1_000_000, 0),
+        500_000,
+        "1 Mbit/s: half a second is above the floor"
+    );
+    assert_eq!(
+        mmesh_agent::policy::default_burst(100_000, 20 * 1514 * 8),
+        20 * 1514 * 8
+    );
+}

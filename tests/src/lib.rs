@@ -5,10 +5,13 @@
 //! - [`netns`]: network namespaces, veth pairs and the agent process for
 //!   end-to-end tests, each removed by a guard when the test ends, also when
 //!   it fails.
+//! - [`tcp`]: bulk TCP between namespaces, the kernel's TCP counters, and a
+//!   delay line for round-trip times.
 //! - [`wire`]: bulk TCP streams, a device's TSO setting, the IP packets a
 //!   namespace received (offloads and wire accounting).
 
 pub mod bench;
 pub mod netns;
 pub mod packets;
+pub mod tcp;
 pub mod wire;

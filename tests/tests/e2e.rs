@@ -23,6 +23,7 @@ use std::{
     time::Duration,
 };
 
+use mmesh_agent::policy::{MIN_DEFAULT_BPS_BURST, default_burst};
 use mmesh_tests::{
     netns::{
         Agent, Flow, HOST_IF, NetNs, Pace, PolicyFile, REMOTE_IF, Received, Sent, Topology,
@@ -924,6 +925,104 @@ fn tcp_v4() {
 #[test]
 fn tcp_v6() {
     tcp(&V6, "tcp6");
+}
+
+/// The bit-rate limit of the TCP-under-limit tests.
+const TCP_LIMIT_BPS: u64 = 30_000_000;
+/// How long they send.
+const TCP_LIMIT_SECONDS: Duration = Duration::from_millis(2500);
+/// The least share of the limit one stream must get. TCP payload is at most
+/// 95.6% (IPv4) and 94.3% (IPv6) of the frames the limit counts; a burst
+/// too short for TCP's recovery gave about 50%.
+const TCP_LIMIT_SHARE: f64 = 0.85;
+
+/// One TCP stream from an account limited to [`TCP_LIMIT_BPS`] outbound,
+/// with the default burst, gets most of the limit beyond that burst, and no
+/// more than a token bucket can admit. On the uplink the account is on the host side (its
+/// traffic meets the transmit hook); on a workload device it is on the
+/// remote side (the receive hook), where a packet over the limit is a loss
+/// the sender must recover from.
+fn tcp_under_limit(net: &Net, role: &'static str, tag: &str) {
+    let _serial = serial();
+    let account = if role == "uplink" {
+        net.alpha
+    } else {
+        net.ordinary
+    };
+    let policy = format!(
+        "
+accounts:
+  - id: limited
+    prefixes: ['{account}/{}']
+    limits:
+      outbound: {{ bps: {TCP_LIMIT_BPS} }}
+",
+        if account.is_ipv4() { 32 } else { 128 }
+    );
+    let s = setup_as(tag, &policy, role);
+    let (sender, src, receiver, dst) = if role == "uplink" {
+        (&s.topo.host, net.alpha, &s.topo.remote, net.ordinary)
+    } else {
+        (&s.topo.remote, net.ordinary, &s.topo.host, net.alpha)
+    };
+    let got = mmesh_tests::tcp::bulk(
+        sender,
+        src,
+        receiver,
+        sa(dst, 7100),
+        mmesh_tests::tcp::Bulk {
+            streams: 1,
+            warmup: Duration::ZERO,
+            measure: TCP_LIMIT_SECONDS,
+            // The Linux default, and the congestion control a policer
+            // hurts most.
+            congestion: Some("cubic"),
+        },
+    );
+    let limit_bytes = TCP_LIMIT_BPS as f64 / 8.0 * got.total.as_secs_f64();
+    // The bucket starts full: its burst comes on top of the rate, and is
+    // not what the assertion is about.
+    let burst_bytes = default_burst(TCP_LIMIT_BPS, MIN_DEFAULT_BPS_BURST) as f64 / 8.0;
+    let share = (got.total_bytes as f64 - burst_bytes) / limit_bytes;
+    eprintln!(
+        "{} {role}: {} bytes in {:?}, {share:.3} of the limit after the burst",
+        net.family, got.total_bytes, got.total
+    );
+    assert!(
+        share >= TCP_LIMIT_SHARE,
+        "{} {role}: one TCP stream got {share:.3} of a {TCP_LIMIT_BPS} bit/s limit with the default burst; at least {TCP_LIMIT_SHARE} expected",
+        net.family
+    );
+    // A token bucket admits at most rate × time + burst, and the payload is
+    // less than the frames: the limit holds.
+    assert!(
+        (got.total_bytes as f64) < limit_bytes + burst_bytes,
+        "{} {role}: {} bytes in {:?} is more than a {TCP_LIMIT_BPS} bit/s limit admits",
+        net.family,
+        got.total_bytes,
+        got.total
+    );
+    assert_quiet_log(&s.agent);
+}
+
+#[test]
+fn tcp_under_limit_uplink_v4() {
+    tcp_under_limit(&V4, "uplink", "tlu4");
+}
+
+#[test]
+fn tcp_under_limit_uplink_v6() {
+    tcp_under_limit(&V6, "uplink", "tlu6");
+}
+
+#[test]
+fn tcp_under_limit_workload_v4() {
+    tcp_under_limit(&V4, "workload", "tlw4");
+}
+
+#[test]
+fn tcp_under_limit_workload_v6() {
+    tcp_under_limit(&V6, "workload", "tlw6");
 }
 
 // ---------------------------------------------------------------------------

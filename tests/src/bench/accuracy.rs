@@ -479,6 +479,7 @@ pub fn run(opts: &Options, report: &mut Report) {
                 unit: "%".into(),
                 samples: vec![error],
                 baseline: None,
+                reference: None,
                 goal: Some(Goal::WithinPercent(5.0)),
                 note: format!(
                     "(admitted − expected) / expected, expected = rate × D + burst ({} {unit}, 20 ms of the rate; the bucket starts full); admitted {what} counted by the account's counters while one thread per CPU ({cpus}, nice −20) ran xdp_inbound through BPF_PROG_TEST_RUN for D = {:?} far over the limit; a flood during which every thread stood still at once for over 5 ms is measured again",

@@ -1162,6 +1162,7 @@ fn add_figures(
             unit: "Mpps".into(),
             samples: mpps(r),
             baseline: baseline.map(|b| (Receiver::Bare.figure().to_owned(), b)),
+            reference: None,
             goal,
             note,
         });
@@ -1183,6 +1184,7 @@ fn add_figures(
             unit: "Mpps".into(),
             samples: if measured { ours } else { Vec::new() },
             baseline: measured.then(|| (peer.figure().to_owned(), theirs)),
+            reference: None,
             goal,
             note: missing.map_or_else(
                 || format!("mmesh's rate over {}'s, per round", peer.short()),

@@ -415,6 +415,7 @@ fn climb(bench: &mut Bench, ladder: &[f64], run_for: Duration, report: &mut Repo
         unit: unit.into(),
         samples: sample.into_iter().collect(),
         baseline: None,
+        reference: None,
         goal,
         note,
     };

@@ -15,6 +15,7 @@ pub mod kernel;
 pub mod policy;
 pub mod report;
 pub mod scale;
+pub mod tcp;
 pub mod xdp_filter;
 
 use std::path::PathBuf;
@@ -50,14 +51,14 @@ pub struct Options {
     pub quick: bool,
     pub rounds: usize,
     pub out: PathBuf,
-    /// Groups to run (all when empty): `kernel`, `e2e`, `cost`,
-    /// `accuracy`, `policy`, `events`.
+    /// Groups to run (all but `tcp-burst` when empty): `kernel`, `e2e`,
+    /// `cost`, `accuracy`, `tcp`, `policy`, `events`, `tcp-burst`.
     pub only: Vec<String>,
 }
 
 impl Options {
-    fn wants(&self, group: &str) -> bool {
-        self.only.is_empty() || self.only.iter().any(|g| g == group)
+    fn wants(&self, group: &str, by_default: bool) -> bool {
+        (by_default && self.only.is_empty()) || self.only.iter().any(|g| g == group)
     }
 }
 
@@ -108,18 +109,22 @@ pub fn main() -> std::process::ExitCode {
         quick: opts.quick,
         rounds: opts.rounds,
         figures: Vec::new(),
+        tables: Vec::new(),
     };
-    // One group at a time: each needs the machine to itself.
-    let groups: [(&str, Group); 6] = [
-        ("kernel", kernel::run),
-        ("e2e", e2e::run),
-        ("cost", cost::run),
-        ("accuracy", accuracy::run),
-        ("policy", policy::run),
-        ("events", events::run),
+    // One group at a time: each needs the machine to itself. The last one
+    // runs only when named: it is how a default was chosen, not a figure.
+    let groups: [(&str, Group, bool); 8] = [
+        ("kernel", kernel::run, true),
+        ("e2e", e2e::run, true),
+        ("cost", cost::run, true),
+        ("accuracy", accuracy::run, true),
+        ("tcp", tcp::run, true),
+        ("policy", policy::run, true),
+        ("events", events::run, true),
+        ("tcp-burst", tcp::sweep, false),
     ];
-    for (name, run) in groups {
-        if opts.wants(name) {
+    for (name, run, by_default) in groups {
+        if opts.wants(name, by_default) {
             eprintln!("bench: group {name}");
             run(&opts, &mut report);
         }
@@ -156,7 +161,7 @@ fn usage(problem: &str) -> ! {
         eprintln!("mmesh-bench: {problem}");
     }
     eprintln!(
-        "usage: mmesh-bench [--quick] [--rounds N] [--out DIR] [--only GROUP]...\ngroups: kernel e2e cost accuracy policy events"
+        "usage: mmesh-bench [--quick] [--rounds N] [--out DIR] [--only GROUP]...\ngroups: kernel e2e cost accuracy tcp policy events (and tcp-burst, only when named)"
     );
     std::process::exit(if problem.is_empty() { 0 } else { 2 });
 }

@@ -20,22 +20,36 @@ pub enum Goal {
     ExtraAtMost(f64),
     /// At least this ratio to the baseline.
     RatioAtLeast(f64),
+    /// At most this ratio to the baseline.
+    RatioAtMost(f64),
+    /// The figure's extra over its baseline at most this many times the
+    /// reference's extra over the same baseline, per round: what something
+    /// costs against what a known operation costs on the same machine.
+    ExtraAtMostOfReference(f64),
     /// At most this value.
     AtMost(f64),
     /// At least this value.
     AtLeast(f64),
     /// Within this many percent of zero (for errors in percent).
     WithinPercent(f64),
+    /// Between these two values, both included.
+    Between(f64, f64),
 }
 
 impl Goal {
-    fn describe(self, unit: &str) -> String {
+    fn describe(self, unit: &str, reference: Option<&str>) -> String {
         match self {
             Self::ExtraAtMost(v) => format!("≤ +{v} {unit}"),
             Self::RatioAtLeast(v) => format!("≥ {v}× baseline"),
+            Self::RatioAtMost(v) => format!("≤ {v}× baseline"),
+            Self::ExtraAtMostOfReference(v) => format!(
+                "extra ≤ {v}× the extra of {}",
+                reference.unwrap_or("the reference")
+            ),
             Self::AtMost(v) => format!("≤ {v} {unit}"),
             Self::AtLeast(v) => format!("≥ {v} {unit}"),
             Self::WithinPercent(v) => format!("within ±{v}%"),
+            Self::Between(lo, hi) => format!("{lo}–{hi} {unit}"),
         }
     }
 }
@@ -51,6 +65,10 @@ pub struct Figure {
     /// The baseline's name and its value in the same rounds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub baseline: Option<(String, Vec<f64>)>,
+    /// Another figure's name and its value in the same rounds, for goals
+    /// relative to it ([`Goal::ExtraAtMostOfReference`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reference: Option<(String, Vec<f64>)>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub goal: Option<Goal>,
     /// What the figure means, or why it is missing.
@@ -118,6 +136,43 @@ impl Figure {
         self.paired(|s, b| if b == 0.0 { f64::NAN } else { s / b })
     }
 
+    /// Per round, the figure's extra over its baseline divided by the
+    /// reference's extra over the same baseline.
+    #[must_use]
+    pub fn extra_of_reference(&self) -> Option<Stats> {
+        let (_, base) = self.baseline.as_ref()?;
+        let (_, reference) = self.reference.as_ref()?;
+        let values: Vec<f64> = self
+            .samples
+            .iter()
+            .zip(base)
+            .zip(reference)
+            .map(|((s, b), r)| {
+                let of = r - b;
+                if of.abs() < f64::EPSILON {
+                    f64::NAN
+                } else {
+                    (s - b) / of
+                }
+            })
+            .collect();
+        Stats::of(&values)
+    }
+
+    /// The goal, and how far the figure is from it in the goal's terms when
+    /// that is a ratio the other columns do not show.
+    fn goal_text(&self) -> String {
+        let Some(goal) = self.goal else {
+            return String::new();
+        };
+        let reference = self.reference.as_ref().map(|(n, _)| n.as_str());
+        let text = goal.describe(&self.unit, reference);
+        match (goal, self.extra_of_reference()) {
+            (Goal::ExtraAtMostOfReference(_), Some(r)) => format!("{text} (is {}×)", num(r.median)),
+            _ => text,
+        }
+    }
+
     /// Whether the median meets the goal; `None` without a goal or data.
     #[must_use]
     pub fn met(&self) -> Option<bool> {
@@ -125,10 +180,34 @@ impl Figure {
         Some(match goal {
             Goal::ExtraAtMost(v) => self.extra()?.median <= v,
             Goal::RatioAtLeast(v) => self.ratio()?.median >= v,
+            Goal::RatioAtMost(v) => self.ratio()?.median <= v,
+            Goal::ExtraAtMostOfReference(v) => self.extra_of_reference()?.median <= v,
             Goal::AtMost(v) => self.stats()?.median <= v,
             Goal::AtLeast(v) => self.stats()?.median >= v,
             Goal::WithinPercent(v) => self.stats()?.median.abs() <= v,
+            Goal::Between(lo, hi) => (lo..=hi).contains(&self.stats()?.median),
         })
+    }
+}
+
+/// A table of a group's details that do not fit the figures' columns,
+/// printed under the group's figures.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Table {
+    pub group: String,
+    pub title: String,
+    pub columns: Vec<String>,
+    pub rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    fn markdown(&self, out: &mut String) {
+        let _ = writeln!(out, "\n{}\n", self.title);
+        let _ = writeln!(out, "| {} |", self.columns.join(" | "));
+        let _ = writeln!(out, "|{}", "---|".repeat(self.columns.len()));
+        for row in &self.rows {
+            let _ = writeln!(out, "| {} |", row.join(" | "));
+        }
     }
 }
 
@@ -139,6 +218,7 @@ pub struct Report {
     pub quick: bool,
     pub rounds: usize,
     pub figures: Vec<Figure>,
+    pub tables: Vec<Table>,
 }
 
 /// Formats a number with a precision that suits its size.
@@ -166,6 +246,9 @@ impl Report {
             f.samples.extend(figure.samples);
             if let (Some((_, base)), Some((_, more))) = (&mut f.baseline, figure.baseline) {
                 base.extend(more);
+            }
+            if let (Some((_, reference)), Some((_, more))) = (&mut f.reference, figure.reference) {
+                reference.extend(more);
             }
         } else {
             self.figures.push(figure);
@@ -216,6 +299,9 @@ impl Report {
                 for f in notes {
                     let _ = writeln!(out, "- *{}*: {}", f.name, f.note);
                 }
+            }
+            for table in self.tables.iter().filter(|t| t.group == group) {
+                table.markdown(&mut out);
             }
         }
         out
@@ -325,12 +411,19 @@ impl Report {
             );
             let vs = versus(f);
             let goal = match (f.goal, f.met()) {
-                (Some(g), Some(true)) => format!("  goal {} ✓", g.describe(&f.unit)),
-                (Some(g), Some(false)) => format!("  goal {} ✗", g.describe(&f.unit)),
-                (Some(g), None) => format!("  goal {}", g.describe(&f.unit)),
+                (Some(_), Some(true)) => format!("  goal {} ✓", f.goal_text()),
+                (Some(_), Some(false)) => format!("  goal {} ✗", f.goal_text()),
+                (Some(_), None) => format!("  goal {}", f.goal_text()),
                 (None, _) => String::new(),
             };
             let _ = writeln!(out, "  {:<46} {:<32} {vs}{goal}", f.name, value);
+        }
+        for table in &self.tables {
+            let _ = writeln!(out, "\n== {}: {}", table.group, table.title);
+            let _ = writeln!(out, "  {}", table.columns.join(" | "));
+            for row in &table.rows {
+                let _ = writeln!(out, "  {}", row.join(" | "));
+            }
         }
         out
     }
@@ -374,7 +467,7 @@ fn row(f: &Figure) -> String {
         ),
         _ => String::new(),
     };
-    let goal = f.goal.map_or_else(String::new, |g| g.describe(&f.unit));
+    let goal = f.goal_text();
     let met = match f.met() {
         Some(true) => "✓",
         Some(false) => "✗",
@@ -451,6 +544,7 @@ mod tests {
             unit: "ns/pkt".into(),
             samples: samples.to_vec(),
             baseline: Some(("drop".into(), base.to_vec())),
+            reference: None,
             goal: Some(goal),
             note: String::new(),
         }
@@ -476,6 +570,28 @@ mod tests {
         assert_eq!(f.met(), Some(true));
         let f = figure(&[3.0, 4.0], &[10.0, 10.0], Goal::RatioAtLeast(0.7));
         assert!((f.ratio().unwrap().median - 0.35).abs() < 1e-9);
+        assert_eq!(f.met(), Some(false));
+    }
+
+    #[test]
+    fn goals_relative_to_a_reference() {
+        // Extras over the baseline 20, 30 against the reference's 40, 40:
+        // 0.5 and 0.75, median 0.625.
+        let mut f = figure(
+            &[30.0, 40.0],
+            &[10.0, 10.0],
+            Goal::ExtraAtMostOfReference(0.6),
+        );
+        f.reference = Some(("lookup".into(), vec![50.0, 50.0]));
+        assert!((f.extra_of_reference().unwrap().median - 0.625).abs() < 1e-9);
+        assert_eq!(f.met(), Some(false));
+        assert!(
+            f.goal_text()
+                .contains("extra ≤ 0.6× the extra of lookup (is 0.62×)")
+        );
+        let f = figure(&[0.93], &[1.0], Goal::Between(0.9, 1.0));
+        assert_eq!(f.met(), Some(true));
+        let f = figure(&[3.0], &[1.0], Goal::RatioAtMost(2.0));
         assert_eq!(f.met(), Some(false));
     }
 
