@@ -32,13 +32,13 @@ use tokio::{
 };
 
 use crate::{
-    compile::{Capacity, Compiled, Counts, compile},
+    compile::{Capacity, Compiled, compile},
     datapath::{Datapath, Totals},
     events::{self, Names},
     hook::ReceiveHook,
     interface::{self, InterfaceError, InterfaceSpec, Role},
     netlink::LinkWatch,
-    policy::Policy,
+    policy::{Policy, ReadLimits, Removal},
     sink::{Sink, SinkStats, escape_controls},
 };
 
@@ -49,6 +49,8 @@ pub struct RunOptions {
     pub interfaces: Vec<InterfaceSpec>,
     pub receive_hook: ReceiveHook,
     pub capacity: Capacity,
+    /// How policy files are read (size, counts, settling).
+    pub limits: ReadLimits,
     pub summary_interval: Duration,
 }
 
@@ -62,9 +64,12 @@ pub struct Outputs {
 }
 
 /// Reads and validates the policy file, or the embedded default.
-pub fn load_policy(path: Option<&PathBuf>) -> Result<Policy, crate::policy::PolicyError> {
+pub fn load_policy(
+    path: Option<&PathBuf>,
+    limits: &ReadLimits,
+) -> Result<Policy, crate::policy::PolicyError> {
     match path {
-        Some(p) => Policy::from_file(p),
+        Some(p) => Policy::from_file_with(p, limits),
         None => Policy::embedded_default(),
     }
 }
@@ -96,12 +101,13 @@ struct Started {
     dp: Datapath,
     names: Names,
     interfaces: Vec<InterfaceSpec>,
+    policy: Policy,
 }
 
 /// Everything before the loop: blocking work (files, the verifier, map
 /// writes), run off the async threads so that signals are watched meanwhile.
 fn start(opts: &RunOptions) -> anyhow::Result<Started> {
-    let policy = load_policy(opts.policy.as_ref())?;
+    let policy = load_policy(opts.policy.as_ref(), &opts.limits)?;
     let interfaces = if opts.interfaces.is_empty() {
         let name = interface::default_route()?;
         tracing::info!(interface = %name, "no --interface given: attaching to the default-route interface as uplink");
@@ -134,6 +140,7 @@ fn start(opts: &RunOptions) -> anyhow::Result<Started> {
         dp,
         names,
         interfaces,
+        policy,
     })
 }
 
@@ -172,6 +179,9 @@ struct Enforcer {
     dp: Shared,
     names: Names,
     policy: Option<PathBuf>,
+    limits: ReadLimits,
+    /// The policy in force, to tell what a new one takes away.
+    running: Policy,
     interfaces: Vec<InterfaceSpec>,
     receive_hook: ReceiveHook,
     links: Arc<LinkStats>,
@@ -200,7 +210,7 @@ impl Enforcer {
         }
     }
 
-    fn reload(&self) {
+    fn reload(&mut self) {
         let Some(path) = &self.policy else {
             tracing::info!("SIGHUP: running the embedded default policy, nothing to reload");
             return;
@@ -210,24 +220,28 @@ impl Enforcer {
             (dp.active().cloned(), *dp.capacity())
         };
         // Read, validate and compile without the lock: the summary goes on.
-        let prepared = Policy::from_file(path)
+        let prepared = Policy::from_file_with(path, &self.limits)
             .map_err(anyhow::Error::from)
             .and_then(|policy| {
                 let compiled = compile_for(active.as_deref(), &capacity, &policy)?;
-                Ok((describe(&policy, &compiled), compiled))
+                Ok((policy, compiled))
             });
-        let result = prepared.and_then(|(summary, compiled)| {
-            let mut dp = lock(&self.dp);
-            // Another change cannot have slipped in: this thread alone applies.
-            if let Some(old) = &active {
-                warn_on_removal(&old.counts(), &compiled.counts());
+        let result = prepared.and_then(|(policy, compiled)| {
+            let summary = describe(&policy, &compiled);
+            let removal = Removal::between(&self.running, &policy);
+            if removal.removes_most() {
+                tracing::warn!(
+                    "SIGHUP: the new policy {removal}; applying it, but if that is not intended, restore the file (replace policy files by rename, never write them in place)"
+                );
             }
+            let mut dp = lock(&self.dp);
             self.names.insert(dp.generation() + 1, compiled.clone());
             let generation = dp.apply(compiled)?;
             if let Err(err) = dp.sync_standby() {
                 // In force already; the standby half is repaired next time.
                 tracing::warn!(%err, "could not bring the standby copy of the policy up to date");
             }
+            self.running = policy;
             Ok((generation, summary))
         });
         match result {
@@ -292,25 +306,6 @@ impl Enforcer {
     }
 }
 
-/// Warns when a new policy drops most of the accounts or list entries of
-/// the running one: more often a truncated or wrong file than an intent.
-fn warn_on_removal(old: &Counts, new: &Counts) {
-    let lists = |c: &Counts| c.list_prefixes_v4 + c.list_prefixes_v6;
-    for (what, before, after) in [
-        ("accounts", old.accounts, new.accounts),
-        ("list prefixes", lists(old), lists(new)),
-    ] {
-        if before >= 2 && after < before / 2 {
-            tracing::warn!(
-                before,
-                after,
-                "the new policy removes {} of {before} {what}; if that is not intended, restore the file (write policy files to a temporary name and rename them into place)",
-                before - after
-            );
-        }
-    }
-}
-
 /// Runs until SIGINT or SIGTERM. Errors before the datapath is attached are
 /// returned (and nothing stays attached); afterwards the agent keeps going.
 pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
@@ -327,6 +322,7 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
         mut dp,
         names,
         interfaces,
+        policy,
     } = tokio::select! {
         started = startup => started.context("the start-up task")??,
         _ = interrupt.recv() => {
@@ -359,6 +355,8 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
         dp: dp.clone(),
         names,
         policy: opts.policy.clone(),
+        limits: opts.limits.clone(),
+        running: policy,
         interfaces: interfaces.clone(),
         receive_hook: opts.receive_hook,
         links: links.clone(),

@@ -13,7 +13,7 @@ use mmesh_agent::{
     compile::{Capacity, compile},
     hook::ReceiveHook,
     interface::InterfaceSpec,
-    policy::Policy,
+    policy::{DEFAULT_MAX_POLICY_BYTES, Policy, ReadLimits},
     show,
     sink::{LogWriter, Sink, escape_controls},
 };
@@ -98,9 +98,20 @@ struct CapacityArgs {
     /// Entries of the per-CPU flow cache: a power of two (64 bytes per entry and CPU).
     #[arg(long, default_value_t = Capacity::default().flow_cache, value_parser = parse_flow_cache)]
     flow_cache: u32,
+    /// Bytes read for one policy at most: the policy file and the list files
+    /// it names, together.
+    #[arg(long, default_value_t = DEFAULT_MAX_POLICY_BYTES, value_parser = clap::value_parser!(u64).range(1..=(1 << 34)))]
+    max_policy_bytes: u64,
     /// Bytes of the event ring buffer: a power of two, at least 4096.
     #[arg(long, default_value_t = Capacity::default().event_buffer, value_parser = parse_ring_size)]
     event_buffer: u32,
+}
+
+impl CapacityArgs {
+    /// How policy files are read for maps of these capacities.
+    fn read_limits(&self) -> ReadLimits {
+        ReadLimits::new(self.max_policy_bytes, &self.into())
+    }
 }
 
 impl From<&CapacityArgs> for Capacity {
@@ -217,14 +228,12 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Run(args) => run(args, &logs),
-        Command::Policy(PolicyCommand::Validate { file, capacity }) => {
-            validate(&file, &(&capacity).into())
-        }
+        Command::Policy(PolicyCommand::Validate { file, capacity }) => validate(&file, &capacity),
         Command::Policy(PolicyCommand::Show {
             file,
             format,
             capacity,
-        }) => show(file.as_ref(), format, &(&capacity).into()),
+        }) => show(file.as_ref(), format, &capacity),
     };
     let code = match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -256,6 +265,7 @@ fn run(args: RunArgs, logs: &Sink) -> anyhow::Result<()> {
             interfaces: args.interfaces,
             receive_hook: args.receive_hook,
             capacity: (&args.capacity).into(),
+            limits: args.capacity.read_limits(),
             summary_interval: Duration::from_secs(args.summary_interval),
         },
         Outputs {
@@ -275,9 +285,10 @@ fn run(args: RunArgs, logs: &Sink) -> anyhow::Result<()> {
     result
 }
 
-fn validate(file: &Path, capacity: &Capacity) -> anyhow::Result<()> {
-    let policy = Policy::from_file(file)?;
-    let compiled = compile(&policy, None, capacity)?;
+fn validate(file: &Path, args: &CapacityArgs) -> anyhow::Result<()> {
+    let capacity = Capacity::from(args);
+    let policy = Policy::from_file_with(file, &args.read_limits())?;
+    let compiled = compile(&policy, None, &capacity)?;
     println!(
         "{}: valid: {} accounts, {} list prefixes",
         file.display(),
@@ -287,8 +298,9 @@ fn validate(file: &Path, capacity: &Capacity) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn show(file: Option<&PathBuf>, format: ShowFormat, capacity: &Capacity) -> anyhow::Result<()> {
-    let policy = agent::load_policy(file)?;
+fn show(file: Option<&PathBuf>, format: ShowFormat, args: &CapacityArgs) -> anyhow::Result<()> {
+    let capacity = &Capacity::from(args);
+    let policy = agent::load_policy(file, &args.read_limits())?;
     let compiled = compile(&policy, None, capacity)?;
     let view = show::effective(&policy, &compiled, capacity);
     match format {

@@ -96,7 +96,7 @@ fn blocked_arrivals(topo: &Topology) -> [u64; 2] {
             let sink = UdpSink::bind(&topo.host, SocketAddr::new(alpha, PORT));
             for src in [blocked, ordinary] {
                 let socket = topo.remote.udp_socket(SocketAddr::new(src, 0));
-                send_udp(
+                let _sent = send_udp(
                     &socket,
                     sink.local_addr(),
                     Pace {
@@ -404,4 +404,34 @@ fn a_tun_device_is_refused_also_through_nsenter() {
             .contains("prog/xdp"),
         "nothing attached to the tun device"
     );
+}
+
+/// A list file that is a FIFO or a device is refused at once, with the
+/// running policy left in force (before: a FIFO blocked the control loop
+/// for good, `/dev/zero` grew the agent until it was killed).
+#[test]
+fn list_files_that_are_not_regular_files_are_refused_at_once() {
+    let _serial = serial();
+    let topo = topology("fifo");
+    let policy = PolicyFile::new("fifo", BLOCKING);
+    let mut agent = Agent::start(&topo.host, policy.path(), &[&format!("{HOST_IF}:uplink")]);
+    let fifo = policy.path().with_file_name("list.fifo");
+    let c_path = std::ffi::CString::new(fifo.display().to_string()).expect("no NUL in the path");
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    for (file, says) in [
+        (fifo.display().to_string(), "FIFO"),
+        ("/dev/zero".to_owned(), "device"),
+    ] {
+        policy.write(&format!(
+            "{OPEN}global:\n  block:\n    - {{ name: from-file, file: {file} }}\n"
+        ));
+        let answer = agent.reload();
+        assert!(
+            answer.contains("policy rejected") && answer.contains(says),
+            "{file}: {answer}"
+        );
+        assert_eq!(blocked_arrivals(&topo), [0, 0], "the running policy stays");
+    }
+    assert_stops_cleanly(&mut agent);
 }

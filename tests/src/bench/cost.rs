@@ -244,6 +244,7 @@ pub fn run(opts: &Options, report: &mut Report) {
                 unit: "Gbit/s".into(),
                 samples: pick(0),
                 baseline: Some((format!("no agent: {}", label(way, None)), pick(1))),
+                reference: None,
                 // The forced-XDP figures show why the default is TC on a
                 // veth; they have no goal.
                 goal: (!forced).then_some(Goal::RatioAtLeast(0.95)),

@@ -36,6 +36,7 @@ use std::{
 use mmesh_agent::{
     compile::{Capacity, compile},
     datapath::Datapath,
+    hook::ReceiveHook,
     interface::{InterfaceSpec, Role},
     policy::{MIN_DEFAULT_BPS_BURST, Policy, default_burst},
 };
@@ -150,10 +151,13 @@ impl Bench {
         drop(dp.take_events());
         topo.host
             .enter(|| {
-                dp.attach(&InterfaceSpec {
-                    name: HOST_IF.into(),
-                    role,
-                })
+                dp.attach(
+                    &InterfaceSpec {
+                        name: HOST_IF.into(),
+                        role,
+                    },
+                    ReceiveHook::Auto,
+                )
                 .map(drop)
             })
             .expect("attaching the datapath");
