@@ -37,6 +37,7 @@ use crate::{
     events::{self, Names},
     hook::ReceiveHook,
     interface::{self, InterfaceError, InterfaceSpec, Role},
+    memory,
     netlink::LinkWatch,
     policy::{Policy, ReadLimits, Removal},
     sink::{Sink, SinkStats, escape_controls},
@@ -122,7 +123,25 @@ fn start(opts: &RunOptions) -> anyhow::Result<Started> {
     for spec in &interfaces {
         interface::check(&spec.name)?;
     }
-    let mut dp = Datapath::load(opts.capacity)?;
+    // Capacities beyond the machine are refused with the option to lower,
+    // not with a bare ENOMEM from deep inside map creation.
+    let cpus = aya::util::nr_cpus().map_or(1, |n| n as u64);
+    if let Some(available) = memory::available() {
+        let upfront = memory::check(&opts.capacity, cpus, available)?;
+        tracing::debug!(
+            mib = upfront >> 20,
+            "kernel memory the maps take when created"
+        );
+    }
+    let mut dp = Datapath::load(opts.capacity).map_err(|err| {
+        if has_errno(&err, libc::ENOMEM) {
+            anyhow::anyhow!(
+                "{err}: the kernel refused memory for the maps; lower the largest --max-* option (`mmesh-agent policy show` prints what the maps hold)"
+            )
+        } else {
+            err.into()
+        }
+    })?;
     let compiled = compile_for(dp.active().map(AsRef::as_ref), dp.capacity(), &policy)?;
     let summary = describe(&policy, &compiled);
     let names = Names::default();
@@ -142,6 +161,21 @@ fn start(opts: &RunOptions) -> anyhow::Result<Started> {
         interfaces,
         policy,
     })
+}
+
+/// Whether an `errno` is anywhere in the chain of `err`.
+fn has_errno(err: &(dyn std::error::Error + 'static), errno: i32) -> bool {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if e.downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error)
+            == Some(errno)
+        {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
 }
 
 /// The datapath, shared between the enforcer (which changes it) and the
@@ -191,6 +225,21 @@ struct Enforcer {
 }
 
 impl Enforcer {
+    /// Starts the enforcer thread; returns where to send it commands and
+    /// what resolves when it has stopped.
+    fn spawn(self) -> anyhow::Result<(mpsc::Sender<Command>, oneshot::Receiver<()>)> {
+        let (commands, rx) = mpsc::channel::<Command>();
+        let (done_tx, done) = oneshot::channel::<()>();
+        thread::Builder::new()
+            .name("mmesh-enforcer".into())
+            .spawn(move || {
+                self.run(&rx);
+                let _ = done_tx.send(());
+            })
+            .context("starting the enforcer thread")?;
+        Ok((commands, done))
+    }
+
     /// Runs commands until `Stop` or until every sender is gone. Commands
     /// that queued up while one ran are coalesced: one reload and one
     /// reconciliation stand for any number of requests.
@@ -350,8 +399,7 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
 
     let dp: Shared = Arc::new(Mutex::new(dp));
     let links = Arc::new(LinkStats::default());
-    let (commands, rx) = mpsc::channel::<Command>();
-    let enforcer = Enforcer {
+    let (commands, enforcer_done) = Enforcer {
         dp: dp.clone(),
         names,
         policy: opts.policy.clone(),
@@ -361,23 +409,19 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
         receive_hook: opts.receive_hook,
         links: links.clone(),
         last_error: std::collections::HashMap::new(),
-    };
-    let (enforcer_done_tx, enforcer_done) = oneshot::channel::<()>();
-    thread::Builder::new()
-        .name("mmesh-enforcer".into())
-        .spawn(move || {
-            enforcer.run(&rx);
-            let _ = enforcer_done_tx.send(());
-        })
-        .context("starting the enforcer thread")?;
+    }
+    .spawn()?;
     watch_links(commands.clone());
 
     let mut ticker = tokio::time::interval(opts.summary_interval);
     // After a pause (SIGSTOP, a loaded machine) one summary, not a burst.
     ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
     ticker.tick().await;
-    let mut last = (lock(&dp).totals()?, Instant::now());
-    let mut last_lost = Losses::default();
+    let mut summary = Summary {
+        totals: lock(&dp).totals()?,
+        at: Instant::now(),
+        losses: Losses::default(),
+    };
     tracing::info!("running; SIGHUP reloads the policy, SIGINT or SIGTERM stops");
     loop {
         tokio::select! {
@@ -386,27 +430,7 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
             _ = terminate.recv() => { tracing::info!("SIGTERM: stopping"); break; }
             _ = ticker.tick() => {
                 let _ = commands.send(Command::Reconcile);
-                // The enforcer may be writing a large policy: then this
-                // summary is skipped, and the next one covers both.
-                let Ok(dp) = dp.try_lock() else {
-                    tracing::debug!("summary skipped: a policy is being applied");
-                    continue;
-                };
-                match dp.totals() {
-                    Ok(now) => {
-                        let at = Instant::now();
-                        let losses = Losses::read(&out, &links);
-                        tracing::info!(
-                            "{}{}{}",
-                            summarize(&last.0, &now, at - last.1),
-                            losses.since(&last_lost),
-                            attached_list(&dp, &interfaces),
-                        );
-                        last = (now, at);
-                        last_lost = losses;
-                    }
-                    Err(err) => tracing::warn!(%err, "reading counters"),
-                }
+                summary.tick(&dp, &out, &links, &interfaces);
             }
         }
     }
@@ -472,6 +496,50 @@ fn watch_links(commands: mpsc::Sender<Command>) {
         });
     if let Err(err) = spawned {
         tracing::warn!(%err, "cannot start the interface watcher");
+    }
+}
+
+/// The last reading the summary line compares with.
+struct Summary {
+    totals: Totals,
+    at: Instant,
+    losses: Losses,
+}
+
+impl Summary {
+    /// Logs one summary line, unless the enforcer is writing a large policy:
+    /// then this one is skipped, and the next one covers both intervals.
+    fn tick(
+        &mut self,
+        dp: &Shared,
+        out: &Outputs,
+        links: &LinkStats,
+        interfaces: &[InterfaceSpec],
+    ) {
+        let Ok(dp) = dp.try_lock() else {
+            tracing::debug!("summary skipped: a policy is being applied");
+            return;
+        };
+        match dp.totals() {
+            Ok(now) => {
+                let at = Instant::now();
+                let losses = Losses::read(out, links);
+                // Rates over the time that really passed (a stopped or
+                // starved agent sees longer intervals than it asked for).
+                tracing::info!(
+                    "{}{}{}",
+                    summarize(&self.totals, &now, at - self.at),
+                    losses.since(&self.losses),
+                    attached_list(&dp, interfaces),
+                );
+                *self = Self {
+                    totals: now,
+                    at,
+                    losses,
+                };
+            }
+            Err(err) => tracing::warn!(%err, "reading counters"),
+        }
     }
 }
 

@@ -10,6 +10,7 @@ pub mod datapath;
 pub mod events;
 pub mod hook;
 pub mod interface;
+pub mod memory;
 pub mod netlink;
 pub mod policy;
 pub mod show;

@@ -9,6 +9,7 @@
 //! Needs root. One test at a time; each is bounded in packets and time.
 
 use std::{
+    fmt::Write as _,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     process::Command,
     sync::{Mutex, MutexGuard, PoisonError},
@@ -161,9 +162,7 @@ fn a_stalled_stderr_blocks_neither_reloads_nor_stopping() {
     // one-page pipe at once.
     let mut bad = String::from("accounts:\n");
     for i in 0..200 {
-        bad.push_str(&format!(
-            "  - {{ id: bad-{i}, prefixes: [not-an-address-{i}] }}\n"
-        ));
+        let _ = writeln!(bad, "  - {{ id: bad-{i}, prefixes: [not-an-address-{i}] }}");
     }
     let policy = PolicyFile::new("stderr-stalled", BLOCKING);
     let mut agent = Agent::start_with_streams(
@@ -293,12 +292,13 @@ fn sighup_during_start_up_is_a_reload_after_it() {
     let mut big = String::from(BLOCKING);
     big.push_str("  - id: bulk\n    prefixes: [10.77.0.20/32]\n    block:\n      - name: many\n        cidrs:\n");
     for i in 0..100_000u32 {
-        big.push_str(&format!(
-            "          - 100.{}.{}.{}/32\n",
+        let _ = writeln!(
+            big,
+            "          - 100.{}.{}.{}/32",
             64 + (i >> 16),
             (i >> 8) & 0xff,
             i & 0xff
-        ));
+        );
     }
     let policy = PolicyFile::new("early-hup", &big);
     let sent = std::sync::atomic::AtomicBool::new(false);
@@ -337,7 +337,7 @@ fn status_field(pid: u32, field: &str) -> Option<u64> {
     })
 }
 
-/// The running agent holds CAP_NET_ADMIN, CAP_PERFMON and CAP_BPF, and
+/// The running agent holds `CAP_NET_ADMIN`, `CAP_PERFMON` and `CAP_BPF`, and
 /// nothing else in any set.
 #[test]
 fn the_agent_keeps_three_capabilities() {
