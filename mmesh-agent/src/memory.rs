@@ -232,7 +232,8 @@ mod tests {
         assert_eq!(err.option, "--max-counters");
         let text = err.to_string();
         assert!(
-            text.contains("--max-counters alone asks for") && text.contains("MiB available"),
+            text.contains("--max-counters alone asks for")
+                && text.contains("MiB this machine has available"),
             "{text}"
         );
     }
