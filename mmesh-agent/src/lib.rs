@@ -16,3 +16,4 @@ pub mod policy;
 pub mod show;
 pub mod sink;
 pub mod stride;
+pub mod sys;

@@ -1,0 +1,312 @@
+//! Attaching the programs to interfaces, and detaching them.
+
+use std::os::{linux::net::SocketAddrExt as _, unix::net::UnixListener};
+
+use aya::{
+    programs::{
+        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode, tc, tc::SchedClassifierLinkId,
+        xdp::XdpLinkId,
+    },
+    util::KernelVersion,
+};
+use mmesh_common::{Direction, maps::programs};
+use serde::Serialize;
+
+use super::{
+    Datapath, DatapathError,
+    error::{is_errno, is_permission},
+    load::program,
+};
+use crate::{
+    hook::{self, Hook, ReceiveHook},
+    interface::{self, InterfaceError, InterfaceSpec, Role},
+};
+
+/// An interface with the programs attached to it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Attachment {
+    pub name: String,
+    pub ifindex: u32,
+    pub role: Role,
+    /// Where the receive program is: XDP, or TC ingress.
+    pub receive: Hook,
+    /// The device's driver (`veth`, `tun`, `ixgbe`; empty if it has none),
+    /// which decided `receive` under `--receive-hook auto`.
+    pub driver: String,
+    /// How TC programs are attached: `tcx` or `clsact`.
+    pub tc_mode: &'static str,
+    #[serde(skip)]
+    added_clsact: bool,
+    #[serde(skip)]
+    links: AttachmentLinks,
+}
+
+/// The links of one attachment, to detach it alone, and its claim on the
+/// device ([`claim`]).
+#[derive(Debug)]
+struct AttachmentLinks {
+    receive: Option<Link>,
+    transmit: Option<Link>,
+    claim: Option<UnixListener>,
+}
+
+impl Clone for AttachmentLinks {
+    /// A copy describes the attachment; only the original can detach it.
+    fn clone(&self) -> Self {
+        Self {
+            receive: None,
+            transmit: None,
+            claim: None,
+        }
+    }
+}
+
+/// One link, and the program it attaches.
+#[derive(Debug)]
+enum Link {
+    Xdp(&'static str, XdpLinkId),
+    Tc(&'static str, SchedClassifierLinkId),
+}
+
+impl Datapath {
+    /// Attaches the receive and transmit programs of `spec.role`: receive on
+    /// the hook `receive` chooses for the device (XDP, or TC ingress),
+    /// transmit on TC egress. On failure nothing of this interface stays
+    /// attached.
+    pub fn attach(
+        &mut self,
+        spec: &InterfaceSpec,
+        receive: ReceiveHook,
+    ) -> Result<&Attachment, DatapathError> {
+        if self.attachments.iter().any(|a| a.name == spec.name) {
+            return Err(DatapathError::DuplicateInterface(spec.name.clone()));
+        }
+        let ifindex = interface::check(&spec.name)?;
+        let device = hook::device_kind(&spec.name).map_err(|source| {
+            if source.raw_os_error() == Some(libc::ENODEV) {
+                DatapathError::Interface(InterfaceError::Unknown(spec.name.clone()))
+            } else {
+                DatapathError::DeviceKind {
+                    name: spec.name.clone(),
+                    source,
+                }
+            }
+        })?;
+        let hook = receive.resolve(&device);
+        // Receive sees what comes from the other side of the interface.
+        let (rx, tx) = match spec.role {
+            Role::Uplink => (Direction::Inbound, Direction::Outbound),
+            Role::Workload => (Direction::Outbound, Direction::Inbound),
+        };
+        let claim = claim(ifindex).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::AddrInUse {
+                DatapathError::Claimed {
+                    name: spec.name.clone(),
+                }
+            } else {
+                DatapathError::Claim {
+                    name: spec.name.clone(),
+                    source,
+                }
+            }
+        })?;
+        let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+        // Before TCX (6.6) a TC program needs the clsact qdisc, which
+        // holds both the ingress and the egress hook.
+        let added_clsact = !tcx && add_clsact(&spec.name, tc_program(tx))?;
+        let undo_clsact = |e: DatapathError| {
+            if added_clsact {
+                remove_clsact(&spec.name);
+            }
+            e
+        };
+        let rx_link = match hook {
+            Hook::Xdp => self.attach_xdp(xdp_program(rx), &spec.name, ifindex),
+            Hook::Tc => self.attach_tc(tc_program(rx), &spec.name, TcAttachType::Ingress),
+        }
+        .map_err(undo_clsact)?;
+        let tx_link = match self.attach_tc(tc_program(tx), &spec.name, TcAttachType::Egress) {
+            Ok(link) => link,
+            Err(e) => {
+                self.unlink(rx_link);
+                return Err(undo_clsact(e));
+            }
+        };
+        self.attachments.push(Attachment {
+            name: spec.name.clone(),
+            ifindex,
+            role: spec.role,
+            receive: hook,
+            driver: device.driver,
+            tc_mode: if tcx { "tcx" } else { "clsact" },
+            added_clsact,
+            links: AttachmentLinks {
+                receive: Some(rx_link),
+                transmit: Some(tx_link),
+                claim: Some(claim),
+            },
+        });
+        Ok(self.attachments.last().expect("just pushed"))
+    }
+
+    fn attach_xdp(
+        &mut self,
+        name: &'static str,
+        interface: &str,
+        ifindex: u32,
+    ) -> Result<Link, DatapathError> {
+        let xdp: &mut Xdp = program(&mut self.ebpf, name)?;
+        let link = xdp
+            .attach_to_if_index(ifindex, XdpMode::Default)
+            .map_err(|e| {
+                if is_errno(&e, libc::EBUSY) || is_errno(&e, libc::EEXIST) {
+                    DatapathError::XdpBusy {
+                        name: interface.to_owned(),
+                    }
+                } else if is_permission(&e) {
+                    DatapathError::Permission {
+                        doing: format!("attaching XDP to {interface}"),
+                    }
+                } else {
+                    DatapathError::Attach {
+                        program: name,
+                        name: interface.to_owned(),
+                        source: e,
+                    }
+                }
+            })?;
+        Ok(Link::Xdp(name, link))
+    }
+
+    fn attach_tc(
+        &mut self,
+        name: &'static str,
+        interface: &str,
+        side: TcAttachType,
+    ) -> Result<Link, DatapathError> {
+        let classifier: &mut SchedClassifier = program(&mut self.ebpf, name)?;
+        let link = classifier.attach(interface, side).map_err(|e| {
+            if is_permission(&e) {
+                DatapathError::Permission {
+                    doing: format!("attaching TC to {interface}"),
+                }
+            } else {
+                DatapathError::Attach {
+                    program: name,
+                    name: interface.to_owned(),
+                    source: e,
+                }
+            }
+        })?;
+        Ok(Link::Tc(name, link))
+    }
+
+    /// Detaches one link. Best effort: a link whose device is gone fails to
+    /// detach, and is released all the same when its file descriptor closes
+    /// (at the latest with the program, at exit).
+    fn unlink(&mut self, link: Link) {
+        match link {
+            Link::Xdp(name, link) => {
+                if let Ok(xdp) = program::<Xdp>(&mut self.ebpf, name) {
+                    xdp.detach(link).ok();
+                }
+            }
+            Link::Tc(name, link) => {
+                if let Ok(classifier) = program::<SchedClassifier>(&mut self.ebpf, name) {
+                    classifier.detach(link).ok();
+                }
+            }
+        }
+    }
+
+    /// Detaches the programs from the interface attached as `name`, and
+    /// forgets it; `None` if no interface of that name is attached. For an
+    /// interface that is gone already, this releases the links the kernel
+    /// has made defunct.
+    pub fn detach(&mut self, name: &str) -> Option<Attachment> {
+        let at = self.attachments.iter().position(|a| a.name == name)?;
+        let mut a = self.attachments.remove(at);
+        for link in [a.links.receive.take(), a.links.transmit.take()]
+            .into_iter()
+            .flatten()
+        {
+            self.unlink(link);
+        }
+        if a.added_clsact {
+            remove_clsact(&a.name);
+            a.added_clsact = false;
+        }
+        // Last: another agent may take the device once nothing of ours is on it.
+        drop(a.links.claim.take());
+        Some(a)
+    }
+}
+
+impl Drop for Datapath {
+    fn drop(&mut self) {
+        // Links are detached when `ebpf` drops; the clsact qdiscs this agent
+        // added (kernels before TCX) are removed here.
+        for a in &self.attachments {
+            if a.added_clsact {
+                remove_clsact(&a.name);
+            }
+        }
+    }
+}
+
+/// Adds the clsact qdisc to `name` (kernels before TCX); true if this call
+/// added it, false if it was there.
+fn add_clsact(name: &str, program: &'static str) -> Result<bool, DatapathError> {
+    match tc::qdisc_add_clsact(name) {
+        Ok(()) => Ok(true),
+        Err(tc::TcError::AlreadyAttached) => Ok(false),
+        Err(e) if matches!(&e, tc::TcError::NetlinkError(_)) && is_errno(&e, libc::EEXIST) => {
+            Ok(false)
+        }
+        Err(e) => Err(DatapathError::Attach {
+            program,
+            name: name.to_owned(),
+            source: ProgramError::from(e),
+        }),
+    }
+}
+
+/// Claims the device `ifindex` of this network namespace for this agent:
+/// an abstract Unix socket named after it, which the kernel keeps per
+/// network namespace and releases when the process ends, however it ends.
+/// Fails with `AddrInUse` if another agent holds it.
+///
+/// XDP takes one program per device, so a second agent used to find the
+/// first one's program there; TC takes many, and which of them are mmesh's
+/// cannot be told without `CAP_SYS_ADMIN` (a program's name needs a file
+/// descriptor from its id), which the agent drops.
+fn claim(ifindex: u32) -> std::io::Result<UnixListener> {
+    let name = format!("mmesh-agent/ifindex/{ifindex}");
+    UnixListener::bind_addr(&std::os::unix::net::SocketAddr::from_abstract_name(
+        name.as_bytes(),
+    )?)
+}
+
+/// The XDP program of `direction`.
+const fn xdp_program(direction: Direction) -> &'static str {
+    match direction {
+        Direction::Inbound => programs::XDP_INBOUND,
+        Direction::Outbound => programs::XDP_OUTBOUND,
+    }
+}
+
+/// The TC program of `direction`, for ingress and egress alike.
+const fn tc_program(direction: Direction) -> &'static str {
+    match direction {
+        Direction::Inbound => programs::TC_INBOUND,
+        Direction::Outbound => programs::TC_OUTBOUND,
+    }
+}
+
+fn remove_clsact(name: &str) {
+    // Best effort at teardown: a failure leaves an empty qdisc behind, which
+    // does nothing to traffic.
+    let _ = std::process::Command::new("tc")
+        .args(["qdisc", "del", "dev", name, "clsact"])
+        .status();
+}

@@ -1,0 +1,98 @@
+//! The `bpf(2)` calls aya 0.14 lacks, in one place: creating a standalone
+//! map-in-map (for the program barrier) and batched map updates.
+
+use std::{
+    io,
+    os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+};
+
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+pub const BPF_MAP_TYPE_ARRAY: u32 = 2;
+pub const BPF_MAP_TYPE_ARRAY_OF_MAPS: u32 = 12;
+
+/// `BPF_MAP_CREATE` of a map without BTF.
+pub fn map_create(
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    inner: Option<BorrowedFd<'_>>,
+    name: &[u8],
+) -> io::Result<OwnedFd> {
+    // union bpf_attr, BPF_MAP_CREATE: map_type, key_size, value_size,
+    // max_entries, map_flags, inner_map_fd, numa_node (u32 each), then
+    // map_name[16]. The rest stays zero.
+    let mut attr = [0u64; 8];
+    let words: [u32; 7] = [
+        map_type,
+        key_size,
+        value_size,
+        max_entries,
+        0,
+        inner.map_or(0, |fd| fd.as_raw_fd() as u32),
+        0,
+    ];
+    let bytes = attr.as_mut_ptr().cast::<u8>();
+    let name = &name[..name.len().min(15)];
+    // SAFETY: 7 u32 words (28 bytes) then at most 15 name bytes fit in the
+    // 64-byte buffer; the name keeps its terminating zero from the zeroes.
+    unsafe {
+        std::ptr::copy_nonoverlapping(words.as_ptr().cast::<u8>(), bytes, 28);
+        std::ptr::copy_nonoverlapping(name.as_ptr(), bytes.add(28), name.len());
+    }
+    let fd = bpf(BPF_MAP_CREATE, &mut attr)?;
+    // SAFETY: the kernel returned a new file descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `BPF_MAP_UPDATE_ELEM` of `key -> value` (flags `BPF_ANY`).
+///
+/// # Safety
+/// `key` and `value` must point to the map's key and value sizes.
+pub unsafe fn map_update_elem(
+    map: BorrowedFd<'_>,
+    key: *const u8,
+    value: *const u8,
+) -> io::Result<()> {
+    // union bpf_attr, BPF_MAP_*_ELEM: map_fd u32, pad, key u64, value u64, flags u64.
+    let mut attr = [0u64; 4];
+    attr[0] = u64::from(map.as_raw_fd() as u32);
+    attr[1] = key as u64;
+    attr[2] = value as u64;
+    bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(drop)
+}
+
+/// `BPF_MAP_UPDATE_BATCH` of `count` entries (flags `BPF_ANY`).
+///
+/// # Safety
+/// `keys` and `values` must point to `count` keys and values of the map's
+/// sizes.
+pub unsafe fn map_update_batch(
+    map: BorrowedFd<'_>,
+    keys: *const u8,
+    values: *const u8,
+    count: u32,
+) -> io::Result<()> {
+    // union bpf_attr, BPF_MAP_*_BATCH: in_batch, out_batch, keys, values
+    // (u64 each), count u32, map_fd u32, elem_flags u64, flags u64.
+    let mut attr = [0u64; 7];
+    attr[2] = keys as u64;
+    attr[3] = values as u64;
+    attr[4] = u64::from(count) | (u64::from(map.as_raw_fd() as u32) << 32);
+    bpf(BPF_MAP_UPDATE_BATCH, &mut attr).map(drop)
+}
+
+fn bpf<const N: usize>(cmd: libc::c_long, attr: &mut [u64; N]) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a zero-padded bpf_attr of the size we pass; the
+    // pointers in it are the callers' to vouch for.
+    let ret =
+        unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), size_of::<[u64; N]>()) };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
