@@ -32,8 +32,8 @@ use tokio::{
 };
 
 use crate::{
-    compile::{Capacity, Compiled, compile},
-    datapath::{Datapath, Totals},
+    compile::{Capacity, Compiled, compile, compile_adopting},
+    datapath::{Datapath, Totals, pin::Pins},
     events::{self, Names},
     hook::ReceiveHook,
     interface::{self, InterfaceError, InterfaceSpec, Role},
@@ -53,6 +53,10 @@ pub struct RunOptions {
     /// How policy files are read (size, counts, settling).
     pub limits: ReadLimits,
     pub summary_interval: Duration,
+    /// The bpffs directory the datapath is pinned in, made ready by
+    /// `datapath::pin::prepare`; `None`: ephemeral, everything detached at
+    /// exit.
+    pub pins: Option<PathBuf>,
 }
 
 /// Where the agent's output goes.
@@ -133,7 +137,12 @@ fn start(opts: &RunOptions) -> anyhow::Result<Started> {
             "kernel memory the maps take when created"
         );
     }
-    let mut dp = Datapath::load(opts.capacity).map_err(|err| {
+    let loaded = match &opts.pins {
+        Some(dir) => Pins::open(dir, opts.capacity.accounts + 1)
+            .and_then(|pins| Datapath::load_pinned(opts.capacity, pins)),
+        None => Datapath::load(opts.capacity),
+    };
+    let mut dp = loaded.map_err(|err| {
         if has_errno(&err, libc::ENOMEM) {
             anyhow::anyhow!(
                 "{err}: the kernel refused memory for the maps; lower the largest --max-* option (`mmesh-agent policy show` prints what the maps hold)"
@@ -142,7 +151,19 @@ fn start(opts: &RunOptions) -> anyhow::Result<Started> {
             err.into()
         }
     })?;
-    let compiled = compile_for(dp.active().map(AsRef::as_ref), dp.capacity(), &policy)?;
+    let compiled = match dp.pins() {
+        Some(pins) if pins.adopted().is_some() => {
+            let held = pins.held_slots()?;
+            tracing::info!(
+                dir = %pins.dir().display(),
+                generation = dp.generation(),
+                accounts = held.len(),
+                "adopting the pinned datapath: it keeps enforcing its policy until this one is applied"
+            );
+            Arc::new(compile_adopting(&policy, &held, dp.capacity())?)
+        }
+        _ => compile_for(dp.active().map(AsRef::as_ref), dp.capacity(), &policy)?,
+    };
     let summary = describe(&policy, &compiled);
     let names = Names::default();
     // Named before the flip, so that the first events already find them.
@@ -153,7 +174,25 @@ fn start(opts: &RunOptions) -> anyhow::Result<Started> {
     tracing::info!(generation, "policy {summary}");
     for spec in &interfaces {
         let a = dp.attach(spec, opts.receive_hook)?;
-        tracing::info!(interface = %a.name, ifindex = a.ifindex, role = %a.role, receive = %a.receive, driver = %a.driver, tc = a.tc_mode, "attached");
+        let what = if a.adopted {
+            "adopted (programs replaced in place)"
+        } else {
+            "attached"
+        };
+        tracing::info!(interface = %a.name, ifindex = a.ifindex, role = %a.role, receive = %a.receive, driver = %a.driver, tc = a.tc_mode, "{what}");
+    }
+    for pin in dp.prune_links() {
+        tracing::info!(
+            pin,
+            "detached a pinned link of an interface this agent is not told to use"
+        );
+    }
+    if let Some(pins) = dp.pins() {
+        tracing::info!(
+            dir = %pins.dir().display(),
+            generation = dp.generation(),
+            "adopted, policy in force; pinned: enforcement continues if the agent stops"
+        );
     }
     Ok(Started {
         dp,
@@ -456,14 +495,34 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
         .iter()
         .map(|a| format!("{} ({}, receive {})", a.name, a.role, a.receive))
         .collect();
+    let pinned = dp.pins().map(|p| p.dir().to_owned());
+    let generation = dp.generation();
     drop(dp);
+    let totals = summarize(&Totals::default(), &totals, Duration::ZERO);
     tracing::info!(
         events = decoded,
-        "detached from {}; totals: {}",
-        attached.join(", "),
-        summarize(&Totals::default(), &totals, Duration::ZERO)
+        "{}; totals: {totals}",
+        stopped(&attached, pinned.as_deref(), generation)
     );
     Ok(())
+}
+
+/// What stays when the agent stops: nothing (ephemeral), or the pinned
+/// datapath, and how to remove it.
+fn stopped(attached: &[String], pinned: Option<&std::path::Path>, generation: u64) -> String {
+    if let Some(dir) = pinned {
+        format!(
+            "stopped; enforcement stays: {} keep the policy of generation {generation}, pinned in {dir}; `mmesh-agent detach --bpffs {dir}` removes it",
+            if attached.is_empty() {
+                "no interface".to_owned()
+            } else {
+                attached.join(", ")
+            },
+            dir = dir.display()
+        )
+    } else {
+        format!("detached from {}", attached.join(", "))
+    }
 }
 
 /// Starts the thread that wakes the enforcer on every link change. Without

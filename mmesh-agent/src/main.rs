@@ -11,6 +11,7 @@ use mmesh_agent::{
     agent::{self, Outputs, RunOptions},
     caps,
     compile::{Capacity, compile},
+    datapath::pin,
     hook::ReceiveHook,
     interface::InterfaceSpec,
     policy::{DEFAULT_MAX_POLICY_BYTES, Policy, ReadLimits},
@@ -50,6 +51,10 @@ enum Command {
     /// lines on stdout) and a summary (stderr) until SIGINT or SIGTERM.
     /// SIGHUP reloads the policy file.
     Run(RunArgs),
+    /// Remove the pinned datapath: links (enforcement stops), programs, maps
+    /// and pins. The only way a pinned datapath stops enforcing; refused
+    /// while an agent runs on it.
+    Detach(DetachArgs),
     /// Check or display a policy without touching the kernel.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -73,8 +78,27 @@ struct RunArgs {
     /// Seconds between summary lines.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
     summary_interval: u64,
+    /// bpffs directory where maps and links are pinned, so that enforcement
+    /// goes on when the agent stops (SIGTERM, kill -9, a crash, an upgrade)
+    /// and the next agent adopts it. Mounted when it is not on bpffs.
+    #[arg(long, value_name = "DIR", default_value = mmesh_common::maps::pins::DEFAULT_DIR, env = "MMESH_BPFFS")]
+    bpffs: PathBuf,
+    /// Pin nothing and detach everything at exit: for trying the agent out.
+    #[arg(long, env = "MMESH_EPHEMERAL")]
+    ephemeral: bool,
     #[command(flatten)]
     capacity: CapacityArgs,
+}
+
+#[derive(Debug, Args)]
+struct DetachArgs {
+    /// The pin directory the agent ran with.
+    #[arg(long, value_name = "DIR", default_value = mmesh_common::maps::pins::DEFAULT_DIR, env = "MMESH_BPFFS")]
+    bpffs: PathBuf,
+    /// Detach only these interfaces (maps and other links stay). Repeat for
+    /// several. Default: everything.
+    #[arg(long = "interface", short, value_name = "NAME")]
+    interfaces: Vec<String>,
 }
 
 /// Map capacities, fixed when the datapath loads.
@@ -211,6 +235,11 @@ fn fallback_sink() -> Sink {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Mounting bpffs needs CAP_SYS_ADMIN, which is dropped next.
+    let prepared = match &cli.command {
+        Command::Run(args) if !args.ephemeral => pin::prepare(&args.bpffs),
+        _ => Ok(()),
+    };
     // Before any thread exists: capability sets are per thread.
     let dropped = matches!(cli.command, Command::Run(_)).then(caps::drop_unneeded);
     let logs = init_logging(cli.log_format);
@@ -227,7 +256,10 @@ fn main() -> ExitCode {
         None => {}
     }
     let result = match cli.command {
-        Command::Run(args) => run(args, &logs),
+        Command::Run(args) => prepared
+            .map_err(anyhow::Error::from)
+            .and_then(|()| run(args, &logs)),
+        Command::Detach(args) => detach(&args),
         Command::Policy(PolicyCommand::Validate { file, capacity }) => validate(&file, &capacity),
         Command::Policy(PolicyCommand::Show {
             file,
@@ -267,6 +299,7 @@ fn run(args: RunArgs, logs: &Sink) -> anyhow::Result<()> {
             capacity: (&args.capacity).into(),
             limits: args.capacity.read_limits(),
             summary_interval: Duration::from_secs(args.summary_interval),
+            pins: (!args.ephemeral).then_some(args.bpffs),
         },
         Outputs {
             events: events.clone(),
@@ -283,6 +316,29 @@ fn run(args: RunArgs, logs: &Sink) -> anyhow::Result<()> {
         );
     }
     result
+}
+
+fn detach(args: &DetachArgs) -> anyhow::Result<()> {
+    let removed = pin::remove(&args.bpffs, &args.interfaces)?;
+    let dir = args.bpffs.display();
+    if removed.links.is_empty() && !removed.everything {
+        println!("nothing pinned in {dir} to detach");
+    } else {
+        println!(
+            "detached: {}{}",
+            if removed.links.is_empty() {
+                "no links".to_owned()
+            } else {
+                removed.links.join(", ")
+            },
+            if removed.everything {
+                format!("; maps and pins in {dir} removed")
+            } else {
+                String::new()
+            }
+        );
+    }
+    Ok(())
 }
 
 fn validate(file: &Path, args: &CapacityArgs) -> anyhow::Result<()> {

@@ -1,13 +1,23 @@
 //! The `bpf(2)` calls aya 0.14 lacks, in one place: creating a standalone
-//! map-in-map (for the program barrier) and batched map updates.
+//! map-in-map (for the program barrier), batched map updates, and the
+//! agent's own pinned maps (created, pinned, opened and read without an
+//! object file).
 
 use std::{
+    ffi::CString,
     io,
-    os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+    os::{
+        fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    },
+    path::Path,
 };
 
 const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 
 pub const BPF_MAP_TYPE_ARRAY: u32 = 2;
@@ -83,6 +93,47 @@ pub unsafe fn map_update_batch(
     attr[3] = values as u64;
     attr[4] = u64::from(count) | (u64::from(map.as_raw_fd() as u32) << 32);
     bpf(BPF_MAP_UPDATE_BATCH, &mut attr).map(drop)
+}
+
+/// `BPF_MAP_LOOKUP_ELEM` of `key` into `value`.
+///
+/// # Safety
+/// `key` and `value` must point to the map's key and value sizes.
+pub unsafe fn map_lookup_elem(
+    map: BorrowedFd<'_>,
+    key: *const u8,
+    value: *mut u8,
+) -> io::Result<()> {
+    let mut attr = [0u64; 4];
+    attr[0] = u64::from(map.as_raw_fd() as u32);
+    attr[1] = key as u64;
+    attr[2] = value as u64;
+    bpf(BPF_MAP_LOOKUP_ELEM, &mut attr).map(drop)
+}
+
+/// `BPF_OBJ_PIN`: pins the object `fd` at `path` on bpffs.
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let path = c_path(path)?;
+    // union bpf_attr, BPF_OBJ_*: pathname u64, bpf_fd u32, file_flags u32.
+    let mut attr = [0u64; 3];
+    attr[0] = path.as_ptr() as u64;
+    attr[1] = u64::from(fd.as_raw_fd() as u32);
+    bpf(BPF_OBJ_PIN, &mut attr).map(drop)
+}
+
+/// `BPF_OBJ_GET`: opens the object pinned at `path`.
+pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let path = c_path(path)?;
+    let mut attr = [0u64; 3];
+    attr[0] = path.as_ptr() as u64;
+    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: the kernel returned a new file descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+fn c_path(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a path with a NUL byte"))
 }
 
 fn bpf<const N: usize>(cmd: libc::c_long, attr: &mut [u64; N]) -> io::Result<libc::c_long> {

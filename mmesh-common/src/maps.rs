@@ -31,6 +31,34 @@ pub mod names {
     pub const EVENTS: &str = "EVENTS";
 }
 
+/// Where the agent pins its datapath on bpffs, relative to its pin
+/// directory (`--bpffs`, default [`pins::DEFAULT_DIR`]): the maps under
+/// their [`names`], the links by interface, and two maps of the agent's own.
+pub mod pins {
+    /// The default pin directory.
+    pub const DEFAULT_DIR: &str = "/sys/fs/bpf/mmesh";
+    /// Subdirectory of the object's maps, each pinned under its symbol name.
+    pub const MAPS: &str = "maps";
+    /// Subdirectory of the links: `IFNAME:IFINDEX:receive` and
+    /// `IFNAME:IFINDEX:transmit` (bpffs refuses dots in names: those of the
+    /// interface name are written `%2e`).
+    pub const LINKS: &str = "links";
+    pub const RECEIVE: &str = "receive";
+    pub const TRANSMIT: &str = "transmit";
+    /// A one-entry array the agent keeps (no program reads it): the layout
+    /// version and the build identity of the object that made the pins.
+    pub const AGENT: &str = "mmesh_agent";
+    /// An array by account slot of a hash of the id of the account holding
+    /// it, so that a restarted agent gives every account its slot back (and
+    /// with it its counters and rate-limit state).
+    pub const SLOT_IDS: &str = "mmesh_slot_ids";
+}
+
+/// Version of the layout of the pinned maps (types, key and value sizes,
+/// meaning of the entries). Raise it with every change to a map shared with
+/// the kernel: an agent refuses pins of another layout version.
+pub const LAYOUT_VERSION: u32 = 1;
+
 /// Symbol names of the programs in the eBPF object. A program's name says
 /// its direction; the hook it sits on follows from the interface's role and
 /// device (`mmesh_agent::hook`).

@@ -628,8 +628,14 @@ pub fn agent_binary() -> PathBuf {
 /// it gets SIGTERM if the thread that spawns it exits.
 fn agent_command(ns: &NetNs, args: &[impl AsRef<std::ffi::OsStr>]) -> Command {
     let mut cmd = ns.command(agent_binary());
-    cmd.args(args)
-        .env("MMESH_LOG", "info")
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(AsRef::as_ref).collect();
+    cmd.args(&args);
+    // `run` without `--bpffs` is ephemeral, as it was before pinning: tests
+    // of a pinned datapath say where it goes (a [`PinDir`] of their own).
+    if args.first().is_some_and(|a| *a == "run") && !args.iter().any(|a| *a == "--bpffs") {
+        cmd.arg("--ephemeral");
+    }
+    cmd.env("MMESH_LOG", "info")
         .env("MMESH_LOG_FORMAT", "text")
         .env_remove("MMESH_POLICY")
         .stdin(Stdio::null())

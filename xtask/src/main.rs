@@ -33,8 +33,8 @@ enum Cmd {
         release: bool,
     },
     /// Build and run `mmesh-agent run` (as root) with the embedded default
-    /// policy on the default-route interface; arguments after `--` go to
-    /// `mmesh-agent run`.
+    /// policy on the default-route interface, `--ephemeral` (detached at
+    /// exit); arguments after `--` go to `mmesh-agent run`.
     Run {
         #[arg(long)]
         release: bool,
@@ -141,7 +141,8 @@ fn run_agent(agent: &Path, args: &[String]) -> anyhow::Result<()> {
         c.arg(agent);
         c
     };
-    cmd.arg("run").args(args);
+    // Trying it out: everything detached when it stops (no pins).
+    cmd.args(["run", "--ephemeral"]).args(args);
     status(&mut cmd)
 }
 

@@ -1,15 +1,24 @@
 //! Attaching the programs to interfaces, and detaching them.
 
-use std::os::{linux::net::SocketAddrExt as _, unix::net::UnixListener};
+use std::{
+    os::{linux::net::SocketAddrExt as _, unix::net::UnixListener},
+    path::{Path, PathBuf},
+};
 
 use aya::{
     programs::{
-        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode, tc, tc::SchedClassifierLinkId,
-        xdp::XdpLinkId,
+        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        tc,
+        tc::{SchedClassifierLink, SchedClassifierLinkId},
+        xdp::{XdpLink, XdpLinkId},
     },
     util::KernelVersion,
 };
-use mmesh_common::{Direction, maps::programs};
+use mmesh_common::{
+    Direction,
+    maps::{pins, programs},
+};
 use serde::Serialize;
 
 use super::{
@@ -35,6 +44,9 @@ pub struct Attachment {
     pub driver: String,
     /// How TC programs are attached: `tcx` or `clsact`.
     pub tc_mode: &'static str,
+    /// Whether the links were found pinned by an earlier agent and kept,
+    /// their programs replaced in place.
+    pub adopted: bool,
     #[serde(skip)]
     added_clsact: bool,
     #[serde(skip)]
@@ -66,6 +78,12 @@ impl Clone for AttachmentLinks {
 enum Link {
     Xdp(&'static str, XdpLinkId),
     Tc(&'static str, SchedClassifierLinkId),
+    /// A link pinned at `path`: it stays attached after the agent ends,
+    /// until the pin is removed.
+    Pinned {
+        link: FdLink,
+        path: PathBuf,
+    },
 }
 
 impl Datapath {
@@ -111,6 +129,12 @@ impl Datapath {
             }
         })?;
         let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+        if self.pins.is_some() && !tcx {
+            return Err(DatapathError::NoTcx);
+        }
+        if self.pins.is_some() {
+            return self.attach_pinned(spec, ifindex, hook, device.driver, claim, (rx, tx));
+        }
         // Before TCX (6.6) a TC program needs the clsact qdisc, which
         // holds both the ingress and the egress hook.
         let added_clsact = !tcx && add_clsact(&spec.name, tc_program(tx))?;
@@ -139,6 +163,7 @@ impl Datapath {
             receive: hook,
             driver: device.driver,
             tc_mode: if tcx { "tcx" } else { "clsact" },
+            adopted: false,
             added_clsact,
             links: AttachmentLinks {
                 receive: Some(rx_link),
@@ -147,6 +172,185 @@ impl Datapath {
             },
         });
         Ok(self.attachments.last().expect("just pushed"))
+    }
+
+    /// [`Datapath::attach`] with pins (TCX): each link is adopted from its
+    /// pin, its program replaced atomically, or made and pinned.
+    fn attach_pinned(
+        &mut self,
+        spec: &InterfaceSpec,
+        ifindex: u32,
+        hook: Hook,
+        driver: String,
+        claim: UnixListener,
+        (rx, tx): (Direction, Direction),
+    ) -> Result<&Attachment, DatapathError> {
+        let pins = self.pins.as_ref().expect("pinned");
+        let rx_path = pins.link_path(&spec.name, ifindex, pins::RECEIVE);
+        let tx_path = pins.link_path(&spec.name, ifindex, pins::TRANSMIT);
+        let rx_program = match hook {
+            Hook::Xdp => xdp_program(rx),
+            Hook::Tc => tc_program(rx),
+        };
+        let (rx_link, rx_adopted) = self.pinned_link(
+            rx_path,
+            rx_program,
+            hook,
+            TcAttachType::Ingress,
+            &spec.name,
+            ifindex,
+        )?;
+        let (tx_link, tx_adopted) = match self.pinned_link(
+            tx_path,
+            tc_program(tx),
+            Hook::Tc,
+            TcAttachType::Egress,
+            &spec.name,
+            ifindex,
+        ) {
+            Ok(link) => link,
+            Err(e) => {
+                if !rx_adopted {
+                    self.unlink(rx_link);
+                }
+                return Err(e);
+            }
+        };
+        self.attachments.push(Attachment {
+            name: spec.name.clone(),
+            ifindex,
+            role: spec.role,
+            receive: hook,
+            driver,
+            tc_mode: "tcx",
+            adopted: rx_adopted && tx_adopted,
+            added_clsact: false,
+            links: AttachmentLinks {
+                receive: Some(rx_link),
+                transmit: Some(tx_link),
+                claim: Some(claim),
+            },
+        });
+        Ok(self.attachments.last().expect("just pushed"))
+    }
+
+    /// The link pinned at `path`, adopted (its program replaced by
+    /// `program` with one `BPF_LINK_UPDATE`: packets see either program,
+    /// never none) or else made and pinned; true if adopted. A pinned link
+    /// that cannot take `program` (the hook changed) is replaced after the
+    /// new link is attached.
+    fn pinned_link(
+        &mut self,
+        path: PathBuf,
+        name: &'static str,
+        hook: Hook,
+        side: TcAttachType,
+        interface: &str,
+        ifindex: u32,
+    ) -> Result<(Link, bool), DatapathError> {
+        let mut old = None;
+        if path.exists() {
+            match self.adopt_link(&path, name, hook) {
+                Ok(link) => return Ok((Link::Pinned { link, path }, true)),
+                Err(err) => {
+                    tracing::warn!(path = %path.display(), %err, "cannot adopt the pinned link; replacing it");
+                    let mut aside = path.clone().into_os_string();
+                    aside.push(":old");
+                    std::fs::rename(&path, &aside).map_err(|e| pin_error(&path, e))?;
+                    old = Some(aside);
+                }
+            }
+        }
+        let link = match hook {
+            Hook::Xdp => self.attach_xdp(name, interface, ifindex)?,
+            Hook::Tc => self.attach_tc(name, interface, side)?,
+        };
+        let fd = self.take_fd_link(link, &path)?;
+        let pinned = fd.pin(&path).map_err(|e| pin_error(&path, e))?;
+        if let Some(old) = old {
+            let _ = std::fs::remove_file(old);
+        }
+        Ok((
+            Link::Pinned {
+                link: pinned.into(),
+                path,
+            },
+            false,
+        ))
+    }
+
+    /// Opens the link pinned at `path` and puts `name` in it.
+    fn adopt_link(
+        &mut self,
+        path: &Path,
+        name: &'static str,
+        hook: Hook,
+    ) -> Result<FdLink, DatapathError> {
+        let fd: FdLink = PinnedLink::from_pin(path)
+            .map_err(|e| pin_error(path, e))?
+            .into();
+        match hook {
+            Hook::Xdp => {
+                let xdp: &mut Xdp = program(&mut self.ebpf, name)?;
+                let link = XdpLink::try_from(fd).map_err(|e| pin_error(path, e))?;
+                let id = xdp.attach_to_link(link).map_err(|e| pin_error(path, e))?;
+                let link = xdp.take_link(id).map_err(|e| pin_error(path, e))?;
+                FdLink::try_from(link).map_err(|e| pin_error(path, e))
+            }
+            Hook::Tc => {
+                let tc: &mut SchedClassifier = program(&mut self.ebpf, name)?;
+                let link = SchedClassifierLink::try_from(fd).map_err(|e| pin_error(path, e))?;
+                let id = tc.attach_to_link(link).map_err(|e| pin_error(path, e))?;
+                let link = tc.take_link(id).map_err(|e| pin_error(path, e))?;
+                FdLink::try_from(link).map_err(|e| pin_error(path, e))
+            }
+        }
+    }
+
+    /// Takes a new link out of its program, as a file descriptor link to pin.
+    fn take_fd_link(&mut self, link: Link, path: &Path) -> Result<FdLink, DatapathError> {
+        match link {
+            Link::Xdp(name, id) => {
+                let xdp: &mut Xdp = program(&mut self.ebpf, name)?;
+                let link = xdp.take_link(id).map_err(|e| pin_error(path, e))?;
+                FdLink::try_from(link).map_err(|e| pin_error(path, e))
+            }
+            Link::Tc(name, id) => {
+                let tc: &mut SchedClassifier = program(&mut self.ebpf, name)?;
+                let link = tc.take_link(id).map_err(|e| pin_error(path, e))?;
+                FdLink::try_from(link).map_err(|e| pin_error(path, e))
+            }
+            Link::Pinned { link, .. } => Ok(link),
+        }
+    }
+
+    /// Removes the pinned links that no attachment of this agent holds:
+    /// interfaces no longer configured, or gone (or back under another
+    /// index). Returns the pins removed; each one detached its program.
+    pub fn prune_links(&mut self) -> Vec<String> {
+        let Some(pins) = &self.pins else {
+            return Vec::new();
+        };
+        let held: Vec<&PathBuf> = self
+            .attachments
+            .iter()
+            .flat_map(|a| [&a.links.receive, &a.links.transmit])
+            .filter_map(|l| match l {
+                Some(Link::Pinned { path, .. }) => Some(path),
+                _ => None,
+            })
+            .collect();
+        let mut removed = Vec::new();
+        for path in pins.link_pins() {
+            if !held.contains(&&path) && std::fs::remove_file(&path).is_ok() {
+                removed.push(
+                    path.file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                );
+            }
+        }
+        removed
     }
 
     fn attach_xdp(
@@ -215,6 +419,12 @@ impl Datapath {
                 if let Ok(classifier) = program::<SchedClassifier>(&mut self.ebpf, name) {
                     classifier.detach(link).ok();
                 }
+            }
+            Link::Pinned { link, path } => {
+                // Without its pin, the link ends when its last descriptor
+                // (this one) closes.
+                let _ = std::fs::remove_file(path);
+                drop(link);
             }
         }
     }
@@ -309,4 +519,11 @@ fn remove_clsact(name: &str) {
     let _ = std::process::Command::new("tc")
         .args(["qdisc", "del", "dev", name, "clsact"])
         .status();
+}
+
+fn pin_error(path: &Path, err: impl std::error::Error + Send + Sync + 'static) -> DatapathError {
+    DatapathError::Pin {
+        path: path.to_owned(),
+        source: std::io::Error::other(err),
+    }
 }

@@ -75,6 +75,35 @@ pub enum DatapathError {
     },
     #[error("interface {0} is attached twice; give each interface once")]
     DuplicateInterface(String),
+    #[error(
+        "cannot use {} as the bpffs pin directory: {source}; mount bpffs (`mount -t bpf bpf /sys/fs/bpf`), choose another --bpffs directory, or run with --ephemeral", dir.display()
+    )]
+    Bpffs {
+        dir: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "another mmesh-agent holds the pinned datapath in {}; stop it first (the datapath it pinned keeps enforcing), or give this one another --bpffs directory", dir.display()
+    )]
+    Locked { dir: std::path::PathBuf },
+    #[error(
+        "the datapath pinned in {} cannot be adopted: {what}; start an agent that matches it, or remove it with `mmesh-agent detach --bpffs {}` (enforcement stops until an agent starts again)", dir.display(), dir.display()
+    )]
+    PinnedMismatch {
+        dir: std::path::PathBuf,
+        what: String,
+    },
+    #[error("pinned object {}: {source}", path.display())]
+    Pin {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "a pinned datapath needs TCX links (Linux 6.6 or later) so that TC programs outlive the agent; on this kernel run with --ephemeral"
+    )]
+    NoTcx,
     #[error("cannot create the program barrier map-in-map: {0}")]
     Barrier(#[source] std::io::Error),
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, MapInfo, PerCpuArray, PerCpuHashMap},
     programs::{ProgramError, SchedClassifier, Xdp},
     util::KernelVersion,
 };
@@ -13,12 +13,12 @@ use mmesh_common::{
     Reason,
     maps::{
         AccountConfig, Config, Counter, CounterKey, FlowEntry, RateState, RuleValue, ScopedV4,
-        ScopedV6, names, programs,
+        ScopedV6, account_index, names, programs,
     },
     stride,
 };
 
-use super::{Datapath, DatapathError, error::is_permission};
+use super::{Datapath, DatapathError, error::is_permission, pin::Pins};
 use crate::{
     barrier::ProgramBarrier,
     compile::{Capacity, Compiled},
@@ -37,6 +37,28 @@ pub static BENCH_OBJECT: &[u8] =
 /// (5.12), `bpf_link` for XDP (5.9); 5.15 is the first LTS with all of them.
 pub const MIN_KERNEL: (u32, u32) = (5, 15);
 /// Typed handles of the maps, owned in one place.
+/// Every map of the object, all pinned in a pinned datapath.
+const ALL_MAPS: [&str; 18] = [
+    names::CONFIG,
+    names::HOSTS_V4,
+    names::HOSTS_V6,
+    names::PREFIXES_V4,
+    names::PREFIXES_V6,
+    names::ACCOUNTS,
+    names::RULES_V4,
+    names::RULES_V6,
+    names::ACCT_RULES_V4,
+    names::ACCT_RULES_V6,
+    names::STRIDE,
+    names::FLOW_CACHE,
+    names::RATE_STATE,
+    names::SAMPLER,
+    names::TOTALS,
+    names::ACCOUNT_COUNTERS,
+    names::STATS,
+    names::EVENTS,
+];
+
 pub(super) struct Maps {
     pub(super) config: Array<MapData, Config>,
     pub(super) hosts_v4: HashMap<MapData, ScopedV4, u32>,
@@ -61,35 +83,53 @@ pub(super) struct Maps {
 
 impl Datapath {
     /// Loads the object with maps sized by `capacity` and passes the
-    /// programs through the verifier. Nothing is attached yet.
+    /// programs through the verifier. Nothing is attached yet, and nothing
+    /// outlives the agent (`--ephemeral`).
     pub fn load(capacity: Capacity) -> Result<Self, DatapathError> {
+        Self::load_with(capacity, None)
+    }
+
+    /// As [`Datapath::load`], with the maps pinned in `pins`: the maps found
+    /// there are reused with their contents (the policy in force, counters,
+    /// rate-limit state), the generation and the slot epochs read back, and
+    /// [`Datapath::attach`] adopts the pinned links.
+    pub fn load_pinned(capacity: Capacity, pins: Pins) -> Result<Self, DatapathError> {
+        Self::load_with(capacity, Some(pins))
+    }
+
+    fn load_with(capacity: Capacity, pins: Option<Pins>) -> Result<Self, DatapathError> {
         if EBPF_OBJECT.is_empty() {
             return Err(DatapathError::NoObject);
         }
         check_kernel()?;
         raise_memlock();
-        let slots = capacity.accounts + 1;
+        let sizes = map_sizes(&capacity);
         let mut loader = EbpfLoader::new();
-        loader
-            .map_max_entries(names::HOSTS_V4, 2 * capacity.account_prefixes)
-            .map_max_entries(names::HOSTS_V6, 2 * capacity.account_prefixes)
-            .map_max_entries(names::PREFIXES_V4, 2 * capacity.account_prefixes)
-            .map_max_entries(names::PREFIXES_V6, 2 * capacity.account_prefixes)
-            .map_max_entries(names::ACCOUNTS, 2 * slots)
-            .map_max_entries(names::RULES_V4, 2 * capacity.list_prefixes)
-            .map_max_entries(names::RULES_V6, 2 * capacity.list_prefixes)
-            .map_max_entries(names::ACCT_RULES_V4, 2 * capacity.list_prefixes)
-            .map_max_entries(names::ACCT_RULES_V6, 2 * capacity.list_prefixes)
-            .map_max_entries(
-                names::STRIDE,
-                stride::CHUNK_BASE + 2 * capacity.stride_chunks,
-            )
-            .map_max_entries(names::FLOW_CACHE, capacity.flow_cache)
-            .map_max_entries(names::RATE_STATE, 2 * slots)
-            .map_max_entries(names::SAMPLER, slots * Reason::COUNT as u32)
-            .map_max_entries(names::ACCOUNT_COUNTERS, capacity.counters)
-            .map_max_entries(names::EVENTS, capacity.event_buffer);
+        for (name, entries) in sizes {
+            loader.map_max_entries(name, entries);
+        }
+        let paths: Vec<(&str, std::path::PathBuf)> = pins
+            .as_ref()
+            .map(|p| ALL_MAPS.iter().map(|n| (*n, p.map_path(n))).collect())
+            .unwrap_or_default();
+        if let Some(pins) = &pins {
+            check_pinned_sizes(pins, &sizes)?;
+            for (name, path) in &paths {
+                loader.map_pin_path(name, path.as_path());
+            }
+        }
         let mut ebpf = loader.load(EBPF_OBJECT).map_err(|e| {
+            if let Some(pins) = &pins
+                && matches!(
+                    e,
+                    aya::EbpfError::MapError(aya::maps::MapError::PinError { .. })
+                )
+            {
+                return DatapathError::Bpffs {
+                    dir: pins.dir().to_owned(),
+                    source: std::io::Error::other(e),
+                };
+            }
             if is_permission(&e) {
                 DatapathError::Permission {
                     doing: "creating BPF maps".to_owned(),
@@ -128,7 +168,7 @@ impl Datapath {
         };
         let events = Some(take(&mut ebpf, names::EVENTS)?);
         let empty = Arc::new(Compiled::default());
-        Ok(Self {
+        let mut dp = Self {
             ebpf,
             maps,
             events,
@@ -143,8 +183,88 @@ impl Datapath {
             barrier: ProgramBarrier::new().map_err(DatapathError::Barrier)?,
             quiesced: true,
             attachments: Vec::new(),
-        })
+            pins: None,
+        };
+        if let Some(pins) = pins {
+            if pins.adopted().is_some() {
+                dp.adopt_state()?;
+            }
+            pins.stamp()?;
+            dp.pins = Some(pins);
+        }
+        Ok(dp)
     }
+
+    /// Takes over the state of pinned maps that an earlier agent filled: the
+    /// active half and its generation, the slot epochs. Both halves are read
+    /// back from the kernel before their next write.
+    fn adopt_state(&mut self) -> Result<(), DatapathError> {
+        let config = self
+            .maps
+            .config
+            .get(&0, 0)
+            .map_err(|e| DatapathError::map(names::CONFIG, e))?;
+        self.generation = config.halves[config.active as usize].generation;
+        self.config = config;
+        self.epochs = (0..=self.capacity.accounts)
+            .map(|slot| {
+                self.maps
+                    .accounts
+                    .get(&account_index(slot, config.active), 0)
+                    .map(|a| a.epoch)
+                    .map_err(|e| DatapathError::map(names::ACCOUNTS, e))
+            })
+            .collect::<Result<_, _>>()?;
+        self.halves = [None, None];
+        // Programs of the earlier agent may have read the standby half.
+        self.quiesced = false;
+        Ok(())
+    }
+}
+
+/// `max_entries` of the maps whose size the capacities set.
+fn map_sizes(capacity: &Capacity) -> [(&'static str, u32); 15] {
+    let slots = capacity.accounts + 1;
+    [
+        (names::HOSTS_V4, 2 * capacity.account_prefixes),
+        (names::HOSTS_V6, 2 * capacity.account_prefixes),
+        (names::PREFIXES_V4, 2 * capacity.account_prefixes),
+        (names::PREFIXES_V6, 2 * capacity.account_prefixes),
+        (names::ACCOUNTS, 2 * slots),
+        (names::RULES_V4, 2 * capacity.list_prefixes),
+        (names::RULES_V6, 2 * capacity.list_prefixes),
+        (names::ACCT_RULES_V4, 2 * capacity.list_prefixes),
+        (names::ACCT_RULES_V6, 2 * capacity.list_prefixes),
+        (
+            names::STRIDE,
+            stride::CHUNK_BASE + 2 * capacity.stride_chunks,
+        ),
+        (names::FLOW_CACHE, capacity.flow_cache),
+        (names::RATE_STATE, 2 * slots),
+        (names::SAMPLER, slots * Reason::COUNT as u32),
+        (names::ACCOUNT_COUNTERS, capacity.counters),
+        (names::EVENTS, capacity.event_buffer),
+    ]
+}
+
+/// A pinned map of another size would be reused as it is by the loader:
+/// refuse it, naming the option.
+fn check_pinned_sizes(pins: &Pins, sizes: &[(&str, u32)]) -> Result<(), DatapathError> {
+    for &(name, entries) in sizes {
+        let path = pins.map_path(name);
+        if let Ok(info) = MapInfo::from_pin(&path)
+            && info.max_entries() != entries
+        {
+            return Err(DatapathError::PinnedMismatch {
+                dir: pins.dir().to_owned(),
+                what: format!(
+                    "map {name} was created with {} entries, this agent's capacity options ask for {entries}: start it with the options the pinned datapath was created with",
+                    info.max_entries()
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(

@@ -25,6 +25,7 @@
 mod attach;
 mod error;
 mod load;
+pub mod pin;
 mod read;
 mod write;
 
@@ -67,6 +68,8 @@ pub struct Datapath {
     /// No program has read the standby half since the last flip.
     quiesced: bool,
     attachments: Vec<Attachment>,
+    /// The pin directory; `None` when ephemeral.
+    pins: Option<pin::Pins>,
 }
 
 impl Datapath {
@@ -110,6 +113,12 @@ impl Datapath {
     /// A program, for tests that run it with `BPF_PROG_TEST_RUN`.
     pub fn program_mut(&mut self, name: &str) -> Option<&mut aya::programs::Program> {
         self.ebpf.program_mut(name)
+    }
+
+    /// The pin directory, unless ephemeral.
+    #[must_use]
+    pub const fn pins(&self) -> Option<&pin::Pins> {
+        self.pins.as_ref()
     }
 
     /// The global settings of the active half.

@@ -436,6 +436,25 @@ impl Datapath {
         self.generation = generation;
         self.epochs = epochs;
         self.quiesced = false;
+        if let Some(pins) = &self.pins {
+            // Which account holds which slot, for the next agent: after the
+            // flip, so that it describes the policy in force. Lost on a crash
+            // right here, a slot's account is taken for a new one next time
+            // (its counters and buckets start again), never for another.
+            let active = self.halves[new as usize].as_ref().expect("just written");
+            let (slots, ids): (Vec<u32>, Vec<u128>) = active
+                .new_slots
+                .iter()
+                .chain(&active.released)
+                .map(|slot| {
+                    let id = active
+                        .account_id(*slot)
+                        .map_or(0, crate::compile::account_key);
+                    (*slot, id)
+                })
+                .unzip();
+            pins.set_slot_ids(&slots, &ids)?;
+        }
         Ok(generation)
     }
 

@@ -1,0 +1,430 @@
+//! The pinned datapath: maps and links on bpffs, so that enforcement
+//! outlives the agent (SIGTERM, kill -9, a panic, an upgrade).
+//!
+//! Layout under the pin directory (`--bpffs`): `maps/NAME` for every map of
+//! the object, `links/IFNAME:IFINDEX:{receive,transmit}` for every link, and
+//! two arrays of the agent's own ([`pins::AGENT`]: layout version and build
+//! identity; [`pins::SLOT_IDS`]: which account holds which slot). bpffs holds
+//! no plain files, hence the arrays. The directory itself is the lock: one
+//! agent at a time holds `flock` on it.
+
+use std::{
+    collections::HashMap,
+    fs::File,
+    io,
+    os::fd::{AsFd as _, AsRawFd as _},
+    path::{Path, PathBuf},
+};
+
+use aya::maps::MapData;
+use mmesh_common::maps::{LAYOUT_VERSION, pins};
+
+use super::{DatapathError, load::EBPF_OBJECT};
+use crate::{batch, sys};
+
+/// `statfs` magic of bpffs.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// What [`pins::AGENT`] holds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct AgentRecord {
+    layout: u32,
+    _pad: u32,
+    build: u64,
+}
+
+// SAFETY: repr(C), explicit padding, plain integers.
+unsafe impl aya::Pod for AgentRecord {}
+
+/// The identity of this agent's eBPF object: a hash of its bytes.
+#[must_use]
+pub fn build_identity() -> u64 {
+    xxhash_rust::xxh3::xxh3_64(EBPF_OBJECT)
+}
+
+/// Makes `dir` a directory on bpffs: creates it, mounting bpffs first when
+/// the directory would not be on one (at `/sys/fs/bpf` when `dir` is below
+/// it, else on `dir` itself). Needs `CAP_SYS_ADMIN` when it mounts: the
+/// agent calls it before it drops its capabilities.
+pub fn prepare(dir: &Path) -> Result<(), DatapathError> {
+    let fail = |source: io::Error| DatapathError::Bpffs {
+        dir: dir.to_owned(),
+        source,
+    };
+    let mut existing = dir;
+    while !existing.exists() {
+        existing = existing.parent().unwrap_or(Path::new("/"));
+    }
+    if !is_bpffs(existing).map_err(fail)? {
+        let mount_at = if dir.starts_with("/sys/fs/bpf") && existing == Path::new("/sys/fs/bpf") {
+            PathBuf::from("/sys/fs/bpf")
+        } else {
+            std::fs::create_dir_all(dir).map_err(fail)?;
+            dir.to_owned()
+        };
+        mount_bpffs(&mount_at).map_err(fail)?;
+        tracing::info!(at = %mount_at.display(), "mounted bpffs");
+    }
+    for sub in [dir.to_owned(), dir.join(pins::MAPS), dir.join(pins::LINKS)] {
+        std::fs::create_dir_all(&sub).map_err(fail)?;
+    }
+    Ok(())
+}
+
+fn is_bpffs(path: &Path) -> io::Result<bool> {
+    let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str()))
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: a zeroed statfs filled in by the kernel.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid path and struct.
+    if unsafe { libc::statfs(c.as_ptr(), &raw mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_type as i64 == BPF_FS_MAGIC)
+}
+
+fn mount_bpffs(at: &Path) -> io::Result<()> {
+    let target = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(at.as_os_str()))
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: valid C strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Holds the lock of a pin directory for as long as it lives.
+fn lock(dir: &Path) -> Result<File, DatapathError> {
+    let file = File::open(dir).map_err(|source| DatapathError::Bpffs {
+        dir: dir.to_owned(),
+        source,
+    })?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(DatapathError::Locked {
+                dir: dir.to_owned(),
+            });
+        }
+        return Err(DatapathError::Bpffs {
+            dir: dir.to_owned(),
+            source: err,
+        });
+    }
+    Ok(file)
+}
+
+/// A locked pin directory, and the agent's own pinned arrays.
+#[derive(Debug)]
+pub struct Pins {
+    dir: PathBuf,
+    _lock: File,
+    agent: MapData,
+    slot_ids: MapData,
+    slots: u32,
+    /// The build identity of the agent that made the pins, when there were
+    /// pins to adopt.
+    adopted: Option<u64>,
+}
+
+impl Pins {
+    /// Locks `dir` (made ready by [`prepare`]) and opens or creates the
+    /// agent's arrays; `slots` is the number of account slots. Pins of
+    /// another layout version are refused.
+    pub fn open(dir: &Path, slots: u32) -> Result<Self, DatapathError> {
+        let lock = lock(dir)?;
+        let agent_path = dir.join(pins::AGENT);
+        let (agent, adopted) = if agent_path.exists() {
+            let agent = open_map(&agent_path)?;
+            let mut found = AgentRecord::default();
+            let key = 0u32;
+            // SAFETY: the array's key is a u32 and its value an AgentRecord
+            // (its value size is checked first).
+            let read = check_sizes(&agent, &agent_path, 4, size_of::<AgentRecord>(), 1).and_then(
+                |()| unsafe {
+                    sys::map_lookup_elem(
+                        agent.fd().as_fd(),
+                        std::ptr::from_ref(&key).cast(),
+                        std::ptr::from_mut(&mut found).cast(),
+                    )
+                    .map_err(|source| pin_error(&agent_path, source))
+                },
+            );
+            read?;
+            if found.layout != LAYOUT_VERSION {
+                return Err(DatapathError::PinnedMismatch {
+                    dir: dir.to_owned(),
+                    what: format!(
+                        "its maps have layout version {}, this agent uses version {LAYOUT_VERSION}",
+                        found.layout
+                    ),
+                });
+            }
+            (agent, Some(found.build))
+        } else {
+            (
+                create_map(&agent_path, 4, size_of::<AgentRecord>(), 1, b"mmesh_agent")?,
+                None,
+            )
+        };
+        let ids_path = dir.join(pins::SLOT_IDS);
+        let slot_ids = if ids_path.exists() {
+            let map = open_map(&ids_path)?;
+            check_sizes(&map, &ids_path, 4, 16, slots).map_err(|e| match e {
+                DatapathError::PinnedMismatch { what, .. } => DatapathError::PinnedMismatch {
+                    dir: dir.to_owned(),
+                    what: format!("{what} (--max-accounts {})", slots - 1),
+                },
+                e => e,
+            })?;
+            map
+        } else {
+            create_map(&ids_path, 4, 16, slots, b"mmesh_slot_ids")?
+        };
+        let pins = Self {
+            dir: dir.to_owned(),
+            _lock: lock,
+            agent,
+            slot_ids,
+            slots,
+            adopted,
+        };
+        Ok(pins)
+    }
+
+    /// Records this agent's layout version and build identity.
+    pub(super) fn stamp(&self) -> Result<(), DatapathError> {
+        let record = AgentRecord {
+            layout: LAYOUT_VERSION,
+            _pad: 0,
+            build: build_identity(),
+        };
+        batch::update(&self.agent, &[0u32], &[record])
+            .map_err(|source| pin_error(&self.dir.join(pins::AGENT), source))
+    }
+
+    #[must_use]
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The build identity of the agent whose pins were adopted; `None` when
+    /// the pins were new.
+    #[must_use]
+    pub const fn adopted(&self) -> Option<u64> {
+        self.adopted
+    }
+
+    pub(super) fn map_path(&self, name: &str) -> PathBuf {
+        self.dir.join(pins::MAPS).join(name)
+    }
+
+    pub(super) fn link_path(&self, interface: &str, ifindex: u32, side: &str) -> PathBuf {
+        self.dir
+            .join(pins::LINKS)
+            .join(format!("{}:{ifindex}:{side}", encode(interface)))
+    }
+
+    /// The pinned links.
+    pub(super) fn link_pins(&self) -> Vec<PathBuf> {
+        list(&self.dir.join(pins::LINKS))
+    }
+
+    /// Slot by account key ([`crate::compile::account_key`]) of the accounts
+    /// the pinned maps hold.
+    pub fn held_slots(&self) -> Result<HashMap<u128, u32>, DatapathError> {
+        let mut held = HashMap::new();
+        for slot in 1..self.slots {
+            let mut id = 0u128;
+            // SAFETY: u32 keys, 16-byte values (checked when opened).
+            unsafe {
+                sys::map_lookup_elem(
+                    self.slot_ids.fd().as_fd(),
+                    std::ptr::from_ref(&slot).cast(),
+                    std::ptr::from_mut(&mut id).cast(),
+                )
+            }
+            .map_err(|source| pin_error(&self.dir.join(pins::SLOT_IDS), source))?;
+            if id != 0 {
+                held.insert(id, slot);
+            }
+        }
+        Ok(held)
+    }
+
+    /// Records which account (key; 0: none) holds each of `slots`.
+    pub(super) fn set_slot_ids(&self, slots: &[u32], ids: &[u128]) -> Result<(), DatapathError> {
+        batch::update(&self.slot_ids, slots, ids)
+            .map_err(|source| pin_error(&self.dir.join(pins::SLOT_IDS), source))
+    }
+}
+
+/// An interface name as a bpffs file name: bpffs refuses dots (reserved),
+/// which interface names may hold (`eth0.100`); `%` and `.` are escaped.
+/// `:` separates the parts of a link pin's name (no interface name has one).
+fn encode(interface: &str) -> String {
+    interface.replace('%', "%25").replace('.', "%2e")
+}
+
+fn decode(name: &str) -> String {
+    name.replace("%2e", ".").replace("%25", "%")
+}
+
+/// The interface of a link pin's file name.
+fn pin_interface(name: &str) -> String {
+    decode(name.split(':').next().unwrap_or_default())
+}
+
+fn pin_error(path: &Path, source: io::Error) -> DatapathError {
+    DatapathError::Pin {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn open_map(path: &Path) -> Result<MapData, DatapathError> {
+    let fd = sys::obj_get(path).map_err(|source| pin_error(path, source))?;
+    MapData::from_fd(fd).map_err(|e| pin_error(path, io::Error::other(e)))
+}
+
+fn check_sizes(
+    map: &MapData,
+    path: &Path,
+    key: u32,
+    value: usize,
+    entries: u32,
+) -> Result<(), DatapathError> {
+    let info = map
+        .info()
+        .map_err(|e| pin_error(path, io::Error::other(e)))?;
+    if info.key_size() != key || info.value_size() as usize != value {
+        return Err(DatapathError::PinnedMismatch {
+            dir: path.to_owned(),
+            what: format!(
+                "{} has keys of {} and values of {} bytes, this agent expects {key} and {value}",
+                path.display(),
+                info.key_size(),
+                info.value_size()
+            ),
+        });
+    }
+    if info.max_entries() != entries {
+        return Err(DatapathError::PinnedMismatch {
+            dir: path.to_owned(),
+            what: format!(
+                "{} holds {} entries, this agent's options ask for {entries}",
+                path.display(),
+                info.max_entries()
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn create_map(
+    path: &Path,
+    key: u32,
+    value: usize,
+    entries: u32,
+    name: &[u8],
+) -> Result<MapData, DatapathError> {
+    let fd = sys::map_create(
+        sys::BPF_MAP_TYPE_ARRAY,
+        key,
+        value as u32,
+        entries,
+        None,
+        name,
+    )
+    .map_err(|source| pin_error(path, source))?;
+    sys::obj_pin(fd.as_fd(), path).map_err(|source| pin_error(path, source))?;
+    MapData::from_fd(fd).map_err(|e| pin_error(path, io::Error::other(e)))
+}
+
+fn list(dir: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|entries| entries.filter_map(Result::ok).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+/// What [`remove`] took away.
+#[derive(Debug, Default)]
+pub struct Removed {
+    /// Link pins removed (`IFNAME:IFINDEX:SIDE`): each one detached.
+    pub links: Vec<String>,
+    /// Whether the maps and the directory went too.
+    pub everything: bool,
+}
+
+/// `mmesh-agent detach`: removes the links of `interfaces` (all when
+/// empty), and with all of them the maps and the pin directory (unmounting
+/// it if it is a bpffs mount of its own). Refused while an agent holds the
+/// directory.
+pub fn remove(dir: &Path, interfaces: &[String]) -> Result<Removed, DatapathError> {
+    let mut removed = Removed::default();
+    if !dir.exists() {
+        return Ok(removed);
+    }
+    let held = lock(dir)?;
+    for path in list(&dir.join(pins::LINKS)) {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let interface = pin_interface(&name);
+        if interfaces.is_empty() || interfaces.contains(&interface) {
+            std::fs::remove_file(&path).map_err(|source| pin_error(&path, source))?;
+            removed.links.push(name);
+        }
+    }
+    if interfaces.is_empty() {
+        for sub in [pins::MAPS, pins::LINKS] {
+            let path = dir.join(sub);
+            if path.exists() {
+                std::fs::remove_dir_all(&path).map_err(|source| pin_error(&path, source))?;
+            }
+        }
+        for name in [pins::AGENT, pins::SLOT_IDS] {
+            let path = dir.join(name);
+            if path.exists() {
+                std::fs::remove_file(&path).map_err(|source| pin_error(&path, source))?;
+            }
+        }
+        drop(held);
+        if is_mount_point(dir) {
+            let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(dir.as_os_str()))
+                .map_err(|_| pin_error(dir, io::Error::from(io::ErrorKind::InvalidInput)))?;
+            // SAFETY: a valid path.
+            if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+                return Err(pin_error(dir, io::Error::last_os_error()));
+            }
+        }
+        std::fs::remove_dir(dir).map_err(|source| pin_error(dir, source))?;
+        removed.everything = true;
+    }
+    Ok(removed)
+}
+
+/// Whether `dir` is the root of a mount (another device than its parent).
+fn is_mount_point(dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let (Ok(own), Some(Ok(parent))) = (std::fs::metadata(dir), dir.parent().map(std::fs::metadata))
+    else {
+        return false;
+    };
+    own.dev() != parent.dev()
+}
