@@ -201,6 +201,96 @@ fn in_test_net(addr: IpAddr) -> bool {
 }
 
 // ---------------------------------------------------------------------------
+// Pinned datapaths
+
+/// Where [`PinDir`]s are mounted.
+const PIN_ROOT: &str = "/run/mmesh-tests";
+
+/// A bpffs of a test's own, for an agent with a pinned datapath:
+/// `/run/mmesh-tests/mmt-<pid>-<tag>`, mounted when created. When dropped
+/// (also when the test panics) every pin in it is removed, which detaches
+/// the links an agent left behind, and it is unmounted and deleted.
+///
+/// Not under `/sys/fs/bpf`: `ip netns exec` gives the agent a `/sys` of its
+/// own, in which a bpffs mounted there by the test would not be seen.
+#[derive(Debug)]
+pub struct PinDir {
+    root: PathBuf,
+}
+
+impl PinDir {
+    pub fn new(tag: &str) -> Self {
+        require_root();
+        remove_pin_leftovers();
+        let root = Path::new(PIN_ROOT).join(unique_name(tag));
+        std::fs::create_dir_all(&root)
+            .unwrap_or_else(|e| panic!("creating {}: {e}", root.display()));
+        let _ = run(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&root));
+        Self { root }
+    }
+
+    /// The pin directory for the agent's `--bpffs`: below the mount, as
+    /// `/sys/fs/bpf/mmesh` is below `/sys/fs/bpf`.
+    #[must_use]
+    pub fn dir(&self) -> PathBuf {
+        self.root.join("mmesh")
+    }
+
+    /// Every pinned object under [`PinDir::dir`], by relative path.
+    #[must_use]
+    pub fn pins(&self) -> Vec<String> {
+        fn walk(dir: &Path, base: &Path, out: &mut Vec<String>) {
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    walk(&path, base, out);
+                } else if let Ok(rel) = path.strip_prefix(base) {
+                    out.push(rel.display().to_string());
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.dir(), &self.dir(), &mut out);
+        out.sort();
+        out
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        remove_pin_dir(&self.root);
+    }
+}
+
+fn remove_pin_dir(root: &Path) {
+    // Unlinking a pin detaches what only the pin held.
+    let _ = std::fs::remove_dir_all(root.join("mmesh"));
+    let _ = Command::new("umount")
+        .arg("-l")
+        .arg(root)
+        .stdin(Stdio::null())
+        .status();
+    let _ = std::fs::remove_dir(root);
+}
+
+/// Removes the pin directories of test processes that no longer run.
+fn remove_pin_leftovers() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        for entry in std::fs::read_dir(PIN_ROOT).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = dead_owner(&name) {
+                eprintln!(
+                    "netns: removing pin directory {} left by dead test process {pid}",
+                    entry.path().display()
+                );
+                remove_pin_dir(&entry.path());
+            }
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------
 // Namespaces
 
 /// A named network namespace, deleted when dropped.
@@ -869,6 +959,16 @@ impl Agent {
                 io::Error::last_os_error()
             );
         }
+    }
+
+    /// kill -9: the agent gets no chance to clean up. Returns once it is
+    /// gone and its output is read.
+    pub fn kill(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("the agent is running");
+        let _ = child.kill();
+        let status = child.wait().expect("waiting for a killed agent");
+        self.join_readers();
+        status
     }
 
     /// Sends SIGHUP and returns the agent's answer: the next log line that

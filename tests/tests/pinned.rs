@@ -1,0 +1,279 @@
+//! End to end, a pinned datapath: enforcement that outlives the agent.
+//!
+//! Each test runs the real agent with `--bpffs` on a bpffs of its own
+//! ([`PinDir`], removed even when the test fails) on the host end of a veth
+//! pair, with a policy that blocks one remote prefix, and checks with real
+//! UDP traffic that blocked packets never arrive while agents come and go,
+//! and that only `mmesh-agent detach` stops enforcement.
+//!
+//! Needs root. One test at a time; each is bounded in packets and time.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::{Mutex, MutexGuard, PoisonError},
+    thread,
+    time::Duration,
+};
+
+use mmesh_tests::netns::{
+    Agent, HOST_IF, NetNs, Pace, PinDir, PolicyFile, Topology, UdpSink, run_agent_to_exit, send_udp,
+};
+
+const ALPHA: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 0, 10));
+const ORDINARY: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 0, 100));
+const BLOCKED: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 1, 1));
+const PORT: u16 = 5000;
+const SINK_IDLE: Duration = Duration::from_millis(300);
+
+/// Blocks `10.77.1.0/24`; one account.
+const BLOCKING: &str = "version: blocking
+global:
+  block:
+    - name: blk
+      cidrs: [10.77.1.0/24]
+accounts:
+  - id: alpha
+    prefixes: [10.77.0.10/32]
+";
+
+fn serial() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn topology(tag: &str) -> Topology {
+    let topo = Topology::new(tag);
+    topo.add_host_addrs(&[ALPHA]);
+    topo.add_remote_addrs(&[ORDINARY, BLOCKED]);
+    topo
+}
+
+fn pinned_agent(ns: &NetNs, policy: &PolicyFile, pins: &PinDir) -> Agent {
+    let args: Vec<String> = [
+        "run",
+        "--policy",
+        &policy.path().display().to_string(),
+        "--interface",
+        &format!("{HOST_IF}:uplink"),
+        "--summary-interval",
+        "1",
+        "--bpffs",
+        &pins.dir().display().to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
+    Agent::start_with_args(ns, &args)
+}
+
+/// Packets from `src` in the remote namespace to ALPHA that arrive.
+fn arrivals(topo: &Topology, src: IpAddr, packets: u64) -> u64 {
+    let sink = UdpSink::bind(&topo.host, SocketAddr::new(ALPHA, PORT));
+    let socket = topo.remote.udp_socket(SocketAddr::new(src, 0));
+    let _ = send_udp(
+        &socket,
+        sink.local_addr(),
+        Pace {
+            pps: 2000,
+            packets,
+            payload: 64,
+        },
+    );
+    sink.finish(SINK_IDLE).packets_from(src)
+}
+
+/// The count after `dropped: global_block ` in the agent's last line that
+/// has it.
+fn blocked_total(agent: &Agent) -> Option<u64> {
+    agent.logs().iter().rev().find_map(|l| {
+        let rest = l.split("dropped: global_block ").nth(1)?;
+        rest.split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    })
+}
+
+/// Allowed traffic at a steady pace and a blocked source flooding, while
+/// the agent is killed with SIGKILL and started again three times: no
+/// blocked packet arrives at any moment, no allowed packet is lost, and the
+/// counters go on from where they were (the last agent's totals count every
+/// blocked packet since the first start).
+#[test]
+fn kill_9_and_restart_three_times_keeps_enforcing_and_counting() {
+    let _serial = serial();
+    let pins = PinDir::new("cont");
+    let topo = topology("cont");
+    let policy = PolicyFile::new("cont", BLOCKING);
+    let mut agent = pinned_agent(&topo.host, &policy, &pins);
+
+    let sink = UdpSink::bind(&topo.host, SocketAddr::new(ALPHA, PORT));
+    let dst = sink.local_addr();
+    let allowed_socket = topo.remote.udp_socket(SocketAddr::new(ORDINARY, 0));
+    let blocked_socket = topo.remote.udp_socket(SocketAddr::new(BLOCKED, 0));
+    let duration = Duration::from_secs(8);
+    let (allowed, blocked) = thread::scope(|s| {
+        let allowed =
+            s.spawn(|| send_udp(&allowed_socket, dst, Pace::for_duration(500, duration, 64)));
+        let blocked =
+            s.spawn(|| send_udp(&blocked_socket, dst, Pace::for_duration(5000, duration, 64)));
+        for _ in 0..3 {
+            thread::sleep(Duration::from_millis(300));
+            let status = agent.kill();
+            assert!(!status.success(), "killed: {status}");
+            agent = pinned_agent(&topo.host, &policy, &pins);
+            let logs = agent.logs().join("\n");
+            assert!(
+                logs.contains("adopted (programs replaced in place)"),
+                "the restarted agent adopted the pinned links:\n{logs}"
+            );
+        }
+        (
+            allowed.join().expect("allowed sender"),
+            blocked.join().expect("blocked sender"),
+        )
+    });
+    let received = sink.finish(SINK_IDLE);
+    assert_eq!(
+        received.packets_from(BLOCKED),
+        0,
+        "no blocked packet arrived across three kill -9 and restarts ({} sent)",
+        blocked.packets
+    );
+    let lost = allowed.packets - received.packets_from(ORDINARY);
+    eprintln!(
+        "continuity: blocked sent {} (arrived {}), allowed sent {} (lost {lost})",
+        blocked.packets,
+        received.packets_from(BLOCKED),
+        allowed.packets
+    );
+    // Loose: the veth loses nothing on its own, and nothing here should
+    // either; a few packets of slack for a loaded machine.
+    assert!(
+        lost * 100 <= allowed.packets,
+        "allowed packets lost across the restarts: {lost} of {}",
+        allowed.packets
+    );
+    assert!(agent.stop().success(), "the last agent exits 0");
+    let counted = blocked_total(&agent).expect("the agent's totals at stop");
+    assert_eq!(
+        counted, blocked.packets,
+        "the last agent's totals count every blocked packet since the first start"
+    );
+    let logs = agent.logs().join("\n");
+    assert!(
+        logs.contains("enforcement stays") && logs.contains("mmesh-agent detach --bpffs"),
+        "the agent says at stop what stays and how to remove it:\n{logs}"
+    );
+}
+
+/// SIGTERM leaves the programs attached and enforcing; `mmesh-agent detach`
+/// removes links, programs and pins, and traffic flows unfiltered.
+#[test]
+fn sigterm_keeps_enforcing_and_detach_removes_everything() {
+    let _serial = serial();
+    let pins = PinDir::new("detach");
+    let topo = topology("detach");
+    let policy = PolicyFile::new("detach", BLOCKING);
+    let mut agent = pinned_agent(&topo.host, &policy, &pins);
+    let attached = [
+        ("tcx_ingress", "tc_inbound".to_owned()),
+        ("tcx_egress", "tc_outbound".to_owned()),
+    ];
+    assert_eq!(topo.host_programs(), attached);
+    assert!(agent.stop().success(), "exits 0 on SIGTERM");
+
+    assert_eq!(
+        topo.host_programs(),
+        attached,
+        "still attached after the agent stopped"
+    );
+    assert_eq!(arrivals(&topo, BLOCKED, 100), 0, "still blocking");
+    assert_eq!(arrivals(&topo, ORDINARY, 100), 100, "still passing");
+    let before = pins.pins();
+    assert!(
+        before.iter().any(|p| p.starts_with("links/")) && before.iter().any(|p| p == "maps/CONFIG"),
+        "links and maps are pinned: {before:?}"
+    );
+
+    let dir = pins.dir().display().to_string();
+    let out = run_agent_to_exit(
+        &topo.host,
+        &["detach", "--bpffs", &dir],
+        Duration::from_secs(20),
+    );
+    assert!(
+        out.status.success(),
+        "detach: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(topo.host_programs(), [], "no program attached after detach");
+    assert!(pins.pins().is_empty(), "no pin left: {:?}", pins.pins());
+    assert!(!pins.dir().exists(), "the pin directory is gone");
+    assert_eq!(
+        arrivals(&topo, BLOCKED, 100),
+        100,
+        "nothing filters after detach"
+    );
+}
+
+/// A second agent on the same pins is refused with a clear message, and so
+/// is `detach` while an agent runs; after kill -9, `detach` removes it all.
+#[test]
+fn second_agent_refused_and_detach_after_kill_9() {
+    let _serial = serial();
+    let pins = PinDir::new("lock");
+    let topo = topology("lock");
+    let policy = PolicyFile::new("lock", BLOCKING);
+    let mut agent = pinned_agent(&topo.host, &policy, &pins);
+    let dir = pins.dir().display().to_string();
+    let path = policy.path().display().to_string();
+    let out = run_agent_to_exit(
+        &topo.host,
+        &[
+            "run",
+            "--policy",
+            &path,
+            "--interface",
+            HOST_IF,
+            "--bpffs",
+            &dir,
+        ],
+        Duration::from_secs(20),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains(&format!(
+                "another mmesh-agent holds the pinned datapath in {dir}"
+            )),
+        "second agent: {}: {stderr}",
+        out.status
+    );
+    let out = run_agent_to_exit(
+        &topo.host,
+        &["detach", "--bpffs", &dir],
+        Duration::from_secs(20),
+    );
+    assert!(
+        !out.status.success(),
+        "detach is refused while an agent runs"
+    );
+    assert!(agent.is_running(), "the first agent runs on");
+    assert_eq!(arrivals(&topo, BLOCKED, 50), 0, "and enforces");
+
+    let _ = agent.kill();
+    assert_eq!(arrivals(&topo, BLOCKED, 50), 0, "enforcing after kill -9");
+    let out = run_agent_to_exit(
+        &topo.host,
+        &["detach", "--bpffs", &dir],
+        Duration::from_secs(20),
+    );
+    assert!(
+        out.status.success(),
+        "detach after kill -9: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(topo.host_programs(), [], "no program attached after detach");
+    assert!(pins.pins().is_empty(), "no pin left: {:?}", pins.pins());
+    assert_eq!(arrivals(&topo, BLOCKED, 50), 50, "nothing filters");
+}
