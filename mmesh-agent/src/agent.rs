@@ -33,7 +33,10 @@ use tokio::{
 
 use crate::{
     compile::{Capacity, Compiled, compile, compile_adopting},
-    datapath::{Datapath, Totals, pin::Pins},
+    datapath::{
+        Datapath, Totals,
+        pin::{Pins, build_identity},
+    },
     events::{self, Names},
     hook::ReceiveHook,
     interface::{self, InterfaceError, InterfaceSpec, Role},
@@ -154,6 +157,12 @@ fn start(opts: &RunOptions) -> anyhow::Result<Started> {
     let compiled = match dp.pins() {
         Some(pins) if pins.adopted().is_some() => {
             let held = pins.held_slots()?;
+            let (was, now) = (pins.adopted().unwrap_or_default(), build_identity());
+            if was != now {
+                tracing::info!(
+                    "upgrade: the pinned programs (build {was:016x}) are replaced in place by this agent's (build {now:016x}); the maps are kept"
+                );
+            }
             tracing::info!(
                 dir = %pins.dir().display(),
                 generation = dp.generation(),

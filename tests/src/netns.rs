@@ -219,6 +219,7 @@ pub struct PinDir {
 }
 
 impl PinDir {
+    #[must_use = "dropping it removes the pins and unmounts"]
     pub fn new(tag: &str) -> Self {
         require_root();
         remove_pin_leftovers();

@@ -277,3 +277,83 @@ fn second_agent_refused_and_detach_after_kill_9() {
     assert!(pins.pins().is_empty(), "no pin left: {:?}", pins.pins());
     assert_eq!(arrivals(&topo, BLOCKED, 50), 50, "nothing filters");
 }
+
+/// Rewrites the record the agent keeps in its pin directory (layout
+/// version, build identity), as an agent of another build or layout would
+/// have left it.
+fn rewrite_agent_record(pins: &PinDir, layout: Option<u32>, build: Option<u64>) {
+    use aya::maps::{Array, Map, MapData};
+    let data = MapData::from_pin(pins.dir().join("mmesh_agent")).expect("the agent's record");
+    let mut record: Array<MapData, [u8; 16]> =
+        Array::try_from(Map::Array(data)).expect("an array of 16-byte values");
+    let mut value = record.get(&0, 0).expect("reading the record");
+    if let Some(layout) = layout {
+        value[..4].copy_from_slice(&layout.to_ne_bytes());
+    }
+    if let Some(build) = build {
+        value[8..].copy_from_slice(&build.to_ne_bytes());
+    }
+    record.set(0, value, 0).expect("writing the record");
+}
+
+/// An agent of another build adopts the pinned datapath and replaces the
+/// programs in the links in place (traffic keeps being filtered); pins of
+/// another layout version, or made with other capacities, are refused with
+/// a message that names the difference and `detach`, and left as they are.
+#[test]
+fn upgrade_replaces_programs_in_place_and_other_layouts_are_refused() {
+    let _serial = serial();
+    let pins = PinDir::new("upgrade");
+    let topo = topology("upgrade");
+    let policy = PolicyFile::new("upgrade", BLOCKING);
+    let mut agent = pinned_agent(&topo.host, &policy, &pins);
+    assert!(agent.stop().success());
+
+    rewrite_agent_record(&pins, None, Some(0x1234));
+    let mut agent = pinned_agent(&topo.host, &policy, &pins);
+    let logs = agent.logs().join("\n");
+    assert!(
+        logs.contains(
+            "upgrade: the pinned programs (build 0000000000001234) are replaced in place"
+        ) && logs.contains("adopted (programs replaced in place)"),
+        "the new build adopts the links:\n{logs}"
+    );
+    assert_eq!(arrivals(&topo, BLOCKED, 50), 0, "still blocking");
+    assert!(agent.stop().success());
+
+    let dir = pins.dir().display().to_string();
+    let path = policy.path().display().to_string();
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "run",
+            "--policy",
+            &path,
+            "--interface",
+            HOST_IF,
+            "--bpffs",
+            &dir,
+        ];
+        args.extend_from_slice(extra);
+        let out = run_agent_to_exit(&topo.host, &args, Duration::from_secs(20));
+        assert!(!out.status.success(), "refused: {}", out.status);
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let stderr = run(&["--max-accounts", "5"]);
+    assert!(
+        stderr.contains("was created with")
+            && stderr.contains(&format!("mmesh-agent detach --bpffs {dir}")),
+        "other capacities: {stderr}"
+    );
+    rewrite_agent_record(&pins, Some(99), None);
+    let stderr = run(&[]);
+    assert!(
+        stderr.contains("layout version 99")
+            && stderr.contains(&format!("mmesh-agent detach --bpffs {dir}")),
+        "another layout: {stderr}"
+    );
+    assert_eq!(
+        arrivals(&topo, BLOCKED, 50),
+        0,
+        "the refused agents left the pinned datapath enforcing"
+    );
+}

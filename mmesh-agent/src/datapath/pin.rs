@@ -182,13 +182,21 @@ impl Pins {
         let ids_path = dir.join(pins::SLOT_IDS);
         let slot_ids = if ids_path.exists() {
             let map = open_map(&ids_path)?;
-            check_sizes(&map, &ids_path, 4, 16, slots).map_err(|e| match e {
-                DatapathError::PinnedMismatch { what, .. } => DatapathError::PinnedMismatch {
+            let entries = map
+                .info()
+                .map_err(|e| pin_error(&ids_path, io::Error::other(e)))?
+                .max_entries();
+            if entries != slots {
+                return Err(DatapathError::PinnedMismatch {
                     dir: dir.to_owned(),
-                    what: format!("{what} (--max-accounts {})", slots - 1),
-                },
-                e => e,
-            })?;
+                    what: format!(
+                        "it was created with --max-accounts {}, this agent runs with --max-accounts {}: start it with the options the pinned datapath was created with",
+                        entries.saturating_sub(1),
+                        slots - 1
+                    ),
+                });
+            }
+            check_sizes(&map, &ids_path, 4, 16, slots)?;
             map
         } else {
             create_map(&ids_path, 4, 16, slots, b"mmesh_slot_ids")?
