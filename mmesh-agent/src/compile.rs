@@ -1010,6 +1010,43 @@ mod tests {
         compile(&policy(yaml), None, &Capacity::default()).expect("compiles")
     }
 
+    /// An adopted datapath: accounts the pins name keep their slots (not
+    /// new: their state is kept), new ones take free slots, the others are
+    /// released; the next ordinary compile builds on the result.
+    #[test]
+    fn adopting_keeps_the_slots_the_pins_name() {
+        let p = policy(
+            "accounts:
+  - { id: a, prefixes: [10.0.0.1/32] }
+  - { id: b, prefixes: [10.0.0.2/32] }
+  - { id: new, prefixes: [10.0.0.3/32] }
+",
+        );
+        // An earlier agent had b in slot 3, a in slot 1, gone in slot 2.
+        let held: HashMap<u128, u32> = [
+            (account_key("b"), 3),
+            (account_key("a"), 1),
+            (account_key("gone"), 2),
+        ]
+        .into_iter()
+        .collect();
+        let c = compile_adopting(&p, &held, &Capacity::default()).expect("compiles");
+        assert_eq!(c.slot_of("a"), Some(1));
+        assert_eq!(c.slot_of("b"), Some(3));
+        assert_eq!(c.slot_of("new"), Some(2), "the lowest free slot");
+        assert_eq!(c.new_slots, [2]);
+        assert!(c.released.is_empty(), "slot 2 changed hands instead");
+        let held: HashMap<u128, u32> = [(account_key("gone"), 4), (account_key("a"), 1)]
+            .into_iter()
+            .collect();
+        let c = compile_adopting(&p, &held, &Capacity::default()).expect("compiles");
+        assert_eq!(c.released, [4]);
+        assert_eq!(c.slot_of("a"), Some(1));
+        let next = compile(&p, Some(&c), &Capacity::default()).expect("compiles");
+        assert!(next.new_slots.is_empty() && next.released.is_empty());
+        assert_eq!(next.slot_of("b"), c.slot_of("b"));
+    }
+
     fn global4(c: &Compiled, cidr: &str) -> Option<RuleValue> {
         let net: Ipv4Net = cidr.parse().unwrap();
         c.global
