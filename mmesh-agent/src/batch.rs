@@ -1,4 +1,4 @@
-//! `BPF_MAP_UPDATE_BATCH`: many entries of a map in one system call (hash
+//! `BPF_MAP_UPDATE_BATCH` and `BPF_MAP_LOOKUP_BATCH`: many entries of a map in one system call (hash
 //! and array maps since kernel 5.6, LPM tries since 5.13; the agent needs
 //! 5.15), where one call per entry would cost the first load of a
 //! hundred-thousand-account policy a good part of a second. aya 0.14 has no
@@ -29,4 +29,40 @@ pub fn update<K: Pod, V: Pod>(map: &MapData, keys: &[K], values: &[V]) -> io::Re
         }
     }
     Ok(())
+}
+
+/// Every entry of a hash map or an array (maps whose batch position is a
+/// 4-byte bucket index or key), in calls of [`CHUNK`] entries.
+pub fn lookup_all<K: Pod, V: Pod>(map: &MapData) -> io::Result<Vec<(K, V)>> {
+    let fd = map.fd().as_fd();
+    let mut out = Vec::new();
+    let mut keys: Vec<K> = Vec::with_capacity(CHUNK);
+    let mut values: Vec<V> = Vec::with_capacity(CHUNK);
+    let (mut at, mut next) = (0u32, 0u32);
+    let mut first = true;
+    loop {
+        // SAFETY: room for CHUNK keys and values of the map's sizes (aya
+        // checked them when the typed map was made); the position is a u32.
+        let (n, done) = unsafe {
+            sys::map_lookup_batch(
+                fd,
+                (!first).then_some(std::ptr::from_ref(&at).cast()),
+                std::ptr::from_mut(&mut next).cast(),
+                keys.as_mut_ptr().cast(),
+                values.as_mut_ptr().cast(),
+                CHUNK as u32,
+            )?
+        };
+        // SAFETY: the kernel wrote `n` (at most CHUNK) entries.
+        unsafe {
+            keys.set_len(n as usize);
+            values.set_len(n as usize);
+        }
+        out.extend(keys.drain(..).zip(values.drain(..)));
+        if done {
+            return Ok(out);
+        }
+        at = next;
+        first = false;
+    }
 }

@@ -18,6 +18,7 @@ const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 
 pub const BPF_MAP_TYPE_ARRAY: u32 = 2;
@@ -93,6 +94,40 @@ pub unsafe fn map_update_batch(
     attr[3] = values as u64;
     attr[4] = u64::from(count) | (u64::from(map.as_raw_fd() as u32) << 32);
     bpf(BPF_MAP_UPDATE_BATCH, &mut attr).map(drop)
+}
+
+/// `BPF_MAP_LOOKUP_BATCH`: up to `count` entries into `keys` and `values`,
+/// resuming after the position `in_batch` (`None`: from the start) and
+/// leaving the next position in `out_batch`. Returns the entries read, and
+/// whether the map has no more.
+///
+/// # Safety
+/// `keys` and `values` must have room for `count` keys and values of the
+/// map's sizes, and `in_batch`/`out_batch` for the map's position token (a
+/// key, or a 4-byte bucket index for hash maps).
+pub unsafe fn map_lookup_batch(
+    map: BorrowedFd<'_>,
+    in_batch: Option<*const u8>,
+    out_batch: *mut u8,
+    keys: *mut u8,
+    values: *mut u8,
+    count: u32,
+) -> io::Result<(u32, bool)> {
+    // union bpf_attr, BPF_MAP_*_BATCH: in_batch, out_batch, keys, values
+    // (u64 each), count u32, map_fd u32, elem_flags u64, flags u64.
+    let mut attr = [0u64; 7];
+    attr[0] = in_batch.map_or(0, |p| p as u64);
+    attr[1] = out_batch as u64;
+    attr[2] = keys as u64;
+    attr[3] = values as u64;
+    attr[4] = u64::from(count) | (u64::from(map.as_raw_fd() as u32) << 32);
+    match bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) {
+        // The kernel writes back how many it read, also with ENOENT (the
+        // last batch).
+        Ok(_) => Ok((attr[4] as u32, false)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok((attr[4] as u32, true)),
+        Err(e) => Err(e),
+    }
 }
 
 /// `BPF_MAP_LOOKUP_ELEM` of `key` into `value`.

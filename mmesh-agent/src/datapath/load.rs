@@ -206,15 +206,14 @@ impl Datapath {
             .map_err(|e| DatapathError::map(names::CONFIG, e))?;
         self.generation = config.halves[config.active as usize].generation;
         self.config = config;
+        let configs = self.maps.account_configs()?;
         self.epochs = (0..=self.capacity.accounts)
             .map(|slot| {
-                self.maps
-                    .accounts
-                    .get(&account_index(slot, config.active), 0)
-                    .map(|a| a.epoch)
-                    .map_err(|e| DatapathError::map(names::ACCOUNTS, e))
+                configs
+                    .get(account_index(slot, config.active) as usize)
+                    .map_or(0, |a| a.epoch)
             })
-            .collect::<Result<_, _>>()?;
+            .collect();
         self.halves = [None, None];
         // Programs of the earlier agent may have read the standby half.
         self.quiesced = false;

@@ -133,7 +133,6 @@ pub struct Pins {
     _lock: File,
     agent: MapData,
     slot_ids: MapData,
-    slots: u32,
     /// The build identity of the agent that made the pins, when there were
     /// pins to adopt.
     adopted: Option<u64>,
@@ -206,7 +205,6 @@ impl Pins {
             _lock: lock,
             agent,
             slot_ids,
-            slots,
             adopted,
         };
         Ok(pins)
@@ -253,23 +251,13 @@ impl Pins {
     /// Slot by account key ([`crate::compile::account_key`]) of the accounts
     /// the pinned maps hold.
     pub fn held_slots(&self) -> Result<HashMap<u128, u32>, DatapathError> {
-        let mut held = HashMap::new();
-        for slot in 1..self.slots {
-            let mut id = 0u128;
-            // SAFETY: u32 keys, 16-byte values (checked when opened).
-            unsafe {
-                sys::map_lookup_elem(
-                    self.slot_ids.fd().as_fd(),
-                    std::ptr::from_ref(&slot).cast(),
-                    std::ptr::from_mut(&mut id).cast(),
-                )
-            }
+        let ids = batch::lookup_all::<u32, u128>(&self.slot_ids)
             .map_err(|source| pin_error(&self.dir.join(pins::SLOT_IDS), source))?;
-            if id != 0 {
-                held.insert(id, slot);
-            }
-        }
-        Ok(held)
+        Ok(ids
+            .into_iter()
+            .filter(|(slot, id)| *slot != 0 && *id != 0)
+            .map(|(slot, id)| (id, slot))
+            .collect())
     }
 
     /// Records which account (key; 0: none) holds each of `slots`.

@@ -3,18 +3,19 @@
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use aya::maps::{HashMap, LpmTrie, MapData};
+use aya::maps::{HashMap, IterableMap as _, LpmTrie, MapData, MapError};
 use mmesh_common::{
     Direction, Reason, Verdict,
     maps::{
-        ACCOUNT_ACTIVE, Counter, NO_ACCOUNT, SCOPE_BITS, STATS_LEN, TOTALS_LEN, account_index,
-        flow_generation, flow_tag_parts, names, totals_index,
+        ACCOUNT_ACTIVE, AccountConfig, Counter, NO_ACCOUNT, SCOPE_BITS, STATS_LEN, TOTALS_LEN,
+        account_index, flow_generation, flow_tag_parts, names, totals_index,
     },
     stride,
 };
 
 use super::{Datapath, DatapathError, load::Maps};
 use crate::{
+    batch,
     compile::{AccountEntries, Compiled, GlobalEntries, PrefixKey},
     stride::Stride,
 };
@@ -88,16 +89,38 @@ impl Maps {
                 rule,
             ));
         }
+        let configs = self.account_configs()?;
         for slot in 1..=max_slot {
-            let config = self
-                .accounts
-                .get(&account_index(slot, half), 0)
-                .map_err(|e| DatapathError::map(names::ACCOUNTS, e))?;
+            let config = configs
+                .get(account_index(slot, half) as usize)
+                .copied()
+                .unwrap_or_default();
             if config.flags & ACCOUNT_ACTIVE != 0 {
                 accounts.entry(slot).or_default().config = config;
             }
         }
         Ok(accounts)
+    }
+
+    /// Every entry of `ACCOUNTS`, by index, in batches.
+    pub(super) fn account_configs(&self) -> Result<Vec<AccountConfig>, DatapathError> {
+        let entries =
+            batch::lookup_all::<u32, AccountConfig>(self.accounts.map()).map_err(|io_error| {
+                DatapathError::map(
+                    names::ACCOUNTS,
+                    MapError::SyscallError(aya::sys::SyscallError {
+                        call: "bpf_map_lookup_batch",
+                        io_error,
+                    }),
+                )
+            })?;
+        let mut out = vec![AccountConfig::default(); entries.len()];
+        for (index, config) in entries {
+            if let Some(slot) = out.get_mut(index as usize) {
+                *slot = config;
+            }
+        }
+        Ok(out)
     }
 
     /// The global lists in half `half`.
@@ -168,14 +191,21 @@ fn hash_entries<K: aya::Pod, V: aya::Pod>(
     half: u32,
     scope: impl Fn(&K) -> u32,
 ) -> Result<Vec<(K, V)>, DatapathError> {
-    let mut out = Vec::new();
-    for entry in map {
-        let (key, value) = entry.map_err(|e| DatapathError::map(name, e))?;
-        if in_half(scope(&key), half) {
-            out.push((key, value));
-        }
-    }
-    Ok(out)
+    // In batches: reading back 100,000 accounts' addresses one
+    // `get_next_key` and one lookup at a time took seconds.
+    let entries = batch::lookup_all::<K, V>(map.map()).map_err(|io_error| {
+        DatapathError::map(
+            name,
+            MapError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_map_lookup_batch",
+                io_error,
+            }),
+        )
+    })?;
+    Ok(entries
+        .into_iter()
+        .filter(|(k, _)| in_half(scope(k), half))
+        .collect())
 }
 
 /// The entries of an LPM trie whose keys (`scope` of them) are in half
