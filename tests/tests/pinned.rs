@@ -22,6 +22,7 @@ use mmesh_tests::netns::{
 const ALPHA: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 0, 10));
 const ORDINARY: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 0, 100));
 const BLOCKED: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 1, 1));
+const BLOCKED_LATER: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 2, 1));
 const PORT: u16 = 5000;
 const SINK_IDLE: Duration = Duration::from_millis(300);
 
@@ -44,7 +45,7 @@ fn serial() -> MutexGuard<'static, ()> {
 fn topology(tag: &str) -> Topology {
     let topo = Topology::new(tag);
     topo.add_host_addrs(&[ALPHA]);
-    topo.add_remote_addrs(&[ORDINARY, BLOCKED]);
+    topo.add_remote_addrs(&[ORDINARY, BLOCKED, BLOCKED_LATER]);
     topo
 }
 
@@ -356,4 +357,56 @@ fn upgrade_replaces_programs_in_place_and_other_layouts_are_refused() {
         0,
         "the refused agents left the pinned datapath enforcing"
     );
+}
+
+/// kill -9 while the agent applies a policy (SIGHUP), at several moments
+/// of the reload (the file settling, compiling, writing the maps, done):
+/// each time one policy or the other is in force, whole, and the next agent
+/// adopts what the kernel was left holding and brings it to its own policy.
+#[test]
+fn kill_9_during_a_policy_apply_leaves_a_state_the_next_agent_adopts() {
+    use std::fmt::Write as _;
+    let _serial = serial();
+    let pins = PinDir::new("midapply");
+    let topo = topology("midapply");
+    let policy = PolicyFile::new("midapply", BLOCKING);
+    let mut agent = pinned_agent(&topo.host, &policy, &pins);
+    // 10,000 accounts and another blocked prefix, as JSON.
+    let mut big = String::from(
+        r#"{"version": "big", "global": {"block": [{"name": "later", "cidrs": ["10.77.2.0/24"]}]}, "accounts": [{"id": "alpha", "prefixes": ["10.77.0.10/32"]}"#,
+    );
+    for i in 0..10_000u32 {
+        let _ = write!(
+            big,
+            r#", {{"id": "a{i}", "prefixes": ["10.100.{}.{}/32"], "limits": {{"outbound": {{"pps": "100k"}}}}}}"#,
+            i >> 8,
+            i & 255
+        );
+    }
+    big.push_str("]}");
+    let mut finished = 0;
+    for (round, delay) in [300u64, 800, 1500].into_iter().enumerate() {
+        // Alternately to the large policy and back.
+        let (text, blocked, lifted) = if round % 2 == 0 {
+            (big.as_str(), BLOCKED_LATER, BLOCKED)
+        } else {
+            (BLOCKING, BLOCKED, BLOCKED_LATER)
+        };
+        policy.write(text);
+        agent.signal(libc::SIGHUP);
+        thread::sleep(Duration::from_millis(delay));
+        let _ = agent.kill();
+        finished += usize::from(agent.log_position("policy reloaded", 0).is_some());
+        assert_eq!(
+            arrivals(&topo, blocked, 50) + arrivals(&topo, lifted, 50),
+            50,
+            "after kill -9 {delay} ms into a reload, one policy or the other is in force, whole"
+        );
+        agent = pinned_agent(&topo.host, &policy, &pins);
+        assert_eq!(arrivals(&topo, blocked, 50), 0, "the file's block holds");
+        assert_eq!(arrivals(&topo, lifted, 50), 50, "the other one is lifted");
+        assert_eq!(arrivals(&topo, ORDINARY, 50), 50, "ordinary traffic passes");
+    }
+    eprintln!("mid-apply: {finished} of 3 reloads had finished when the agent was killed");
+    assert!(agent.stop().success());
 }
