@@ -200,7 +200,12 @@ fn start(opts: &RunOptions) -> anyhow::Result<Started> {
         tracing::info!(
             dir = %pins.dir().display(),
             generation = dp.generation(),
-            "adopted, policy in force; pinned: enforcement continues if the agent stops"
+            "{}, policy in force; pinned: enforcement continues if the agent stops",
+            if pins.adopted().is_some() {
+                "adopted"
+            } else {
+                "pins made"
+            }
         );
     }
     Ok(Started {

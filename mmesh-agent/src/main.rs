@@ -238,7 +238,7 @@ fn main() -> ExitCode {
     // Mounting bpffs needs CAP_SYS_ADMIN, which is dropped next.
     let prepared = match &cli.command {
         Command::Run(args) if !args.ephemeral => pin::prepare(&args.bpffs),
-        _ => Ok(()),
+        _ => Ok(None),
     };
     // Before any thread exists: capability sets are per thread.
     let dropped = matches!(cli.command, Command::Run(_)).then(caps::drop_unneeded);
@@ -256,9 +256,12 @@ fn main() -> ExitCode {
         None => {}
     }
     let result = match cli.command {
-        Command::Run(args) => prepared
-            .map_err(anyhow::Error::from)
-            .and_then(|()| run(args, &logs)),
+        Command::Run(args) => prepared.map_err(anyhow::Error::from).and_then(|mounted| {
+            if let Some(at) = mounted {
+                tracing::info!(at = %at.display(), "mounted bpffs");
+            }
+            run(args, &logs)
+        }),
         Command::Detach(args) => detach(&args),
         Command::Policy(PolicyCommand::Validate { file, capacity }) => validate(&file, &capacity),
         Command::Policy(PolicyCommand::Show {

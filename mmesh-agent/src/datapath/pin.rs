@@ -46,8 +46,9 @@ pub fn build_identity() -> u64 {
 /// Makes `dir` a directory on bpffs: creates it, mounting bpffs first when
 /// the directory would not be on one (at `/sys/fs/bpf` when `dir` is below
 /// it, else on `dir` itself). Needs `CAP_SYS_ADMIN` when it mounts: the
-/// agent calls it before it drops its capabilities.
-pub fn prepare(dir: &Path) -> Result<(), DatapathError> {
+/// agent calls it before it drops its capabilities (and before logging
+/// starts: it returns where it mounted bpffs, if it did, for the log).
+pub fn prepare(dir: &Path) -> Result<Option<PathBuf>, DatapathError> {
     let fail = |source: io::Error| DatapathError::Bpffs {
         dir: dir.to_owned(),
         source,
@@ -56,6 +57,7 @@ pub fn prepare(dir: &Path) -> Result<(), DatapathError> {
     while !existing.exists() {
         existing = existing.parent().unwrap_or(Path::new("/"));
     }
+    let mut mounted = None;
     if !is_bpffs(existing).map_err(fail)? {
         let mount_at = if dir.starts_with("/sys/fs/bpf") && existing == Path::new("/sys/fs/bpf") {
             PathBuf::from("/sys/fs/bpf")
@@ -64,12 +66,12 @@ pub fn prepare(dir: &Path) -> Result<(), DatapathError> {
             dir.to_owned()
         };
         mount_bpffs(&mount_at).map_err(fail)?;
-        tracing::info!(at = %mount_at.display(), "mounted bpffs");
+        mounted = Some(mount_at);
     }
     for sub in [dir.to_owned(), dir.join(pins::MAPS), dir.join(pins::LINKS)] {
         std::fs::create_dir_all(&sub).map_err(fail)?;
     }
-    Ok(())
+    Ok(mounted)
 }
 
 fn is_bpffs(path: &Path) -> io::Result<bool> {
