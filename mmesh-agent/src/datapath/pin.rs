@@ -175,10 +175,11 @@ impl Pins {
             }
             (agent, Some(found.build))
         } else {
-            (
-                create_map(&agent_path, 4, size_of::<AgentRecord>(), 1, b"mmesh_agent")?,
-                None,
-            )
+            let agent = create_map(&agent_path, 4, size_of::<AgentRecord>(), 1, b"mmesh_agent")?;
+            // Stamped at once: a record of zeroes would read as another
+            // layout version to the next agent if this one died here.
+            write_record(&agent, &agent_path)?;
+            (agent, None)
         };
         let ids_path = dir.join(pins::SLOT_IDS);
         let slot_ids = if ids_path.exists() {
@@ -214,13 +215,7 @@ impl Pins {
 
     /// Records this agent's layout version and build identity.
     pub(super) fn stamp(&self) -> Result<(), DatapathError> {
-        let record = AgentRecord {
-            layout: LAYOUT_VERSION,
-            _pad: 0,
-            build: build_identity(),
-        };
-        batch::update(&self.agent, &[0u32], &[record])
-            .map_err(|source| pin_error(&self.dir.join(pins::AGENT), source))
+        write_record(&self.agent, &self.dir.join(pins::AGENT))
     }
 
     #[must_use]
@@ -283,6 +278,15 @@ fn decode(name: &str) -> String {
 /// The interface of a link pin's file name.
 fn pin_interface(name: &str) -> String {
     decode(name.split(':').next().unwrap_or_default())
+}
+
+fn write_record(agent: &MapData, path: &Path) -> Result<(), DatapathError> {
+    let record = AgentRecord {
+        layout: LAYOUT_VERSION,
+        _pad: 0,
+        build: build_identity(),
+    };
+    batch::update(agent, &[0u32], &[record]).map_err(|source| pin_error(path, source))
 }
 
 fn pin_error(path: &Path, source: io::Error) -> DatapathError {
