@@ -48,7 +48,7 @@ fn cidrs() {
 #[test]
 fn json_policies_are_read_and_checked_by_field_path() {
     let json = r#"{"global": {"block": [{"name": "x", "cidrs": ["10.0.0.0/8"]}]},
-                   "accounts": [{"id": "a", "prefixes": ["10.1.0.1"], "limits": {"inbound": {"pps": 1000}}}]}"#;
+                       "accounts": [{"id": "a", "prefixes": ["10.1.0.1"], "limits": {"inbound": {"pps": 1000}}}]}"#;
     let p = Policy::parse(json, "p.json", Path::new(".")).expect("valid JSON policy");
     assert_eq!(p.accounts[0].inbound.unwrap().pps.unwrap().rate, 1000);
     let bad = r#"{"accounts": [{"id": "a", "prefixes": ["10.1.0.1/24"]}]}"#;
@@ -62,7 +62,7 @@ fn json_policies_are_read_and_checked_by_field_path() {
     // Unknown fields are problems beside the others, named by path.
     let err = Policy::parse(
         r#"{"accounts": [{"id": "a", "colour": 1, "prefixes": ["10.0.0.1"],
-                          "limits": {"inbound": {"pps": "50kk"}}}]}"#,
+                              "limits": {"inbound": {"pps": "50kk"}}}]}"#,
         "p.json",
         Path::new("."),
     )
@@ -194,10 +194,10 @@ fn a_file_that_keeps_changing_is_refused() {
 fn removal_counts_what_a_new_policy_takes_away() {
     let old = Policy::parse(
         "global:\n  block: [{name: g, cidrs: [10.0.0.0/8, 192.0.2.0/24, '2001:db8::/32']}]\n\
-         accounts:\n\
-         - {id: a, prefixes: [10.1.0.1], block: [{name: x, cidrs: [198.51.100.0/24]}]}\n\
-         - {id: b, prefixes: [10.1.0.2]}\n\
-         - {id: c, prefixes: [10.1.0.3], block: [{name: y, cidrs: [203.0.113.0/24, 203.0.114.0/24]}]}\n",
+             accounts:\n\
+             - {id: a, prefixes: [10.1.0.1], block: [{name: x, cidrs: [198.51.100.0/24]}]}\n\
+             - {id: b, prefixes: [10.1.0.2]}\n\
+             - {id: c, prefixes: [10.1.0.3], block: [{name: y, cidrs: [203.0.113.0/24, 203.0.114.0/24]}]}\n",
         "old",
         Path::new("."),
     )
@@ -216,9 +216,9 @@ fn removal_counts_what_a_new_policy_takes_away() {
     // c leaves with its two entries; g loses one; a keeps its list.
     let new = Policy::parse(
         "global:\n  block: [{name: g, cidrs: [10.0.0.0/8, '2001:db8::/32', 172.16.0.0/12]}]\n\
-         accounts:\n\
-         - {id: a, prefixes: [10.1.0.9], block: [{name: x, cidrs: [198.51.100.0/24]}]}\n\
-         - {id: b, prefixes: [10.1.0.2]}\n",
+             accounts:\n\
+             - {id: a, prefixes: [10.1.0.9], block: [{name: x, cidrs: [198.51.100.0/24]}]}\n\
+             - {id: b, prefixes: [10.1.0.2]}\n",
         "new",
         Path::new("."),
     )
