@@ -6,7 +6,7 @@ use std::{collections::HashMap, sync::Arc};
 use super::{
     AccountEntries, Capacity, CompileError, Compiled, Counts, SlotTable, entries::compile_account,
 };
-use crate::policy::Account;
+use crate::policy::{Account, Fingerprint};
 
 /// The accounts of a compilation in the making.
 pub(super) struct Accounts {
@@ -87,7 +87,7 @@ pub(super) fn match_ends(new: &[Account], previous: &Compiled) -> Ends {
 /// The middle stretch of a policy, matched by id.
 pub(super) struct Middle {
     /// (slot, fingerprint) of its accounts, in order.
-    pub(super) order: Vec<(u32, u128)>,
+    pub(super) order: Vec<(u32, Fingerprint)>,
     pub(super) new_slots: Vec<u32>,
     pub(super) released: Vec<u32>,
 }
@@ -103,7 +103,7 @@ pub(super) fn match_middle(
     out: &mut Accounts,
     capacity: &Capacity,
 ) -> Result<Middle, CompileError> {
-    let mut leaving: HashMap<&str, (u32, u128)> = previous
+    let mut leaving: HashMap<&str, (u32, Fingerprint)> = previous
         .order
         .clone()
         .slice(positions)

@@ -27,7 +27,7 @@ use entries::{check_capacity, compile_account, compile_global, generation_flags,
 use incremental::{Accounts, Ends, Middle, match_ends, match_middle};
 
 use crate::{
-    policy::{Account, List, Policy},
+    policy::{Account, Fingerprint, List, Policy},
     stride::Stride,
 };
 
@@ -202,7 +202,7 @@ pub struct Compiled {
     /// (slot, fingerprint) of the policy's accounts in their order: what the
     /// next compile compares against. Persistent, so that a one-account
     /// change copies a path, not the whole list.
-    pub order: imbl::Vector<(u32, u128)>,
+    pub order: imbl::Vector<(u32, Fingerprint)>,
     /// Entry counts, kept up to date piece by piece.
     pub counts: Counts,
     /// This compilation's identity, and that of the one it was compiled

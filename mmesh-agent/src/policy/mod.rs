@@ -32,7 +32,9 @@ mod tests;
 mod validate;
 mod values;
 
-pub use model::{Account, Action, DirLimits, Global, List, ListKind, Mode, Policy, Rate};
+pub use model::{
+    Account, Action, DirLimits, Fingerprint, Global, List, ListKind, Mode, Policy, Rate,
+};
 use raw::{RawPolicy, Reading, ReadingGuard};
 pub use read::{FileError, ReadLimits};
 use read::{Reads, read_regular};

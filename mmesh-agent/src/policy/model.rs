@@ -1,5 +1,7 @@
 //! The validated policy: what validation produces and compilation reads.
 
+use std::hash::{Hash, Hasher};
+
 use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
@@ -100,26 +102,32 @@ pub struct Account {
     /// 2^-128 (XXH3 is not built against deliberate collisions; the policy
     /// is the operator's own).
     #[serde(skip)]
-    pub fingerprint: u128,
+    pub fingerprint: Fingerprint,
+}
+
+/// An account's fingerprint: XXH3-128 of the account's derived `Hash`, so
+/// that a field added to [`Account`] (or to anything it holds) is in the
+/// fingerprint without anyone listing it. A fingerprint that missed a field
+/// would let a changed account keep its old entries in the kernel, with no
+/// error anywhere.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Fingerprint(pub u128);
+
+/// Hashes nothing: the fingerprint is the one field of an account that is
+/// not part of its own fingerprint. (Equal fingerprints hash alike, as `Eq`
+/// requires.)
+impl Hash for Fingerprint {
+    fn hash<H: Hasher>(&self, _: &mut H) {}
 }
 
 impl Account {
-    /// Computes [`Account::fingerprint`] (XXH3-128 of every field).
+    /// Computes [`Account::fingerprint`]: XXH3-128 of every field but the
+    /// fingerprint itself.
     #[must_use]
-    pub fn fingerprint_of(&self) -> u128 {
-        use std::hash::Hash as _;
+    pub fn fingerprint_of(&self) -> Fingerprint {
         let mut h = xxhash_rust::xxh3::Xxh3::new();
-        (
-            &self.id,
-            self.mode,
-            &self.prefixes_v4,
-            &self.prefixes_v6,
-            &self.lists,
-            self.inbound,
-            self.outbound,
-        )
-            .hash(&mut h);
-        h.digest128()
+        self.hash(&mut h);
+        Fingerprint(h.digest128())
     }
 }
 

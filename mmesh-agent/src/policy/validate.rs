@@ -9,9 +9,9 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::{
     Account, Action, DEFAULT_BURST_MILLIS, DEFAULT_EVENTS_PER_SECOND, DirLimits, FastHash, FastMap,
-    Global, Issue, List, ListKind, MAX_BPS, MAX_BURST_SECONDS, MAX_EVENTS_PER_SECOND, MAX_PATH_LEN,
-    MAX_PPS, MAX_VERSION_LEN, MIN_BPS, MIN_DEFAULT_BPS_BURST, MIN_DEFAULT_PPS_BURST, Mode, Policy,
-    Rate,
+    Fingerprint, Global, Issue, List, ListKind, MAX_BPS, MAX_BURST_SECONDS, MAX_EVENTS_PER_SECOND,
+    MAX_PATH_LEN, MAX_PPS, MAX_VERSION_LEN, MIN_BPS, MIN_DEFAULT_BPS_BURST, MIN_DEFAULT_PPS_BURST,
+    Mode, Policy, Rate,
     raw::{
         At, Extra, Fields, RawAccount, RawAccounts, RawDefaults, RawDirLimits, RawGlobal,
         RawLimits, RawList, RawPolicy, Scalar,
@@ -378,7 +378,7 @@ impl Validator<'_> {
             lists,
             inbound,
             outbound,
-            fingerprint: 0,
+            fingerprint: Fingerprint::default(),
         };
         account.fingerprint = account.fingerprint_of();
         account
