@@ -8,8 +8,11 @@
 //!   in the order they were asked for, coalesced;
 //! - the link watcher thread wakes the enforcer when an interface appears
 //!   or disappears (rtnetlink), and every summary tick checks again;
-//! - events and log lines leave through [`Sink`]s: bounded queues in front
-//!   of writer threads that alone may block on a stalled pipe.
+//! - the event reader decodes each event once and publishes it to a
+//!   [`Fanout`]: every consumer (JSON lines on stdout today) has its own
+//!   bounded queue and its own thread, and alone loses what it cannot keep
+//!   up with; log lines leave through a [`Sink`](crate::sink::Sink), a bounded queue in front
+//!   of a writer thread that alone may block on a stalled pipe.
 
 use std::{
     fmt::Write as _,
@@ -35,12 +38,13 @@ use crate::{
     compile::{Capacity, Compiled, compile},
     datapath::{Datapath, Totals},
     events::{self, Names},
+    fanout::Fanout,
     hook::ReceiveHook,
     interface::{self, InterfaceError, InterfaceSpec, Role},
     memory,
     netlink::LinkWatch,
     policy::{Policy, ReadLimits, Removal},
-    sink::{Sink, SinkStats, escape_controls},
+    sink::{SinkStats, escape_controls},
 };
 
 /// Options of `mmesh-agent run`.
@@ -58,8 +62,9 @@ pub struct RunOptions {
 /// Where the agent's output goes.
 #[derive(Clone)]
 pub struct Outputs {
-    /// JSON event lines (stdout).
-    pub events: Sink,
+    /// Decoded events, for every consumer that subscribes (JSON lines on
+    /// stdout first).
+    pub events: Fanout,
     /// What happened to log lines (stderr), for the summary.
     pub logs: Arc<SinkStats>,
 }
@@ -389,9 +394,9 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
         .context("the event ring buffer was already taken")?;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let reader_names = names.clone();
-    let event_sink = out.events.clone();
+    let fanout = out.events.clone();
     let reader = tokio::spawn(async move {
-        events::read(ring, reader_names, &event_sink, async {
+        events::read(ring, reader_names, &fanout, async {
             let _ = stop_rx.await;
         })
         .await
@@ -544,9 +549,10 @@ impl Summary {
 }
 
 /// Output lost so far, and interface changes, for the summary.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct Losses {
-    events: u64,
+    /// Events lost by each consumer, by name.
+    events: Vec<(String, u64)>,
     logs: u64,
     links_lost: u64,
     reattached: u64,
@@ -555,7 +561,12 @@ struct Losses {
 impl Losses {
     fn read(out: &Outputs, links: &LinkStats) -> Self {
         Self {
-            events: out.events.stats().lost(),
+            events: out
+                .events
+                .consumers()
+                .iter()
+                .map(|c| (c.name().to_owned(), c.lost()))
+                .collect(),
             logs: out.logs.lost(),
             links_lost: links.lost.load(Ordering::Relaxed),
             reattached: links.reattached.load(Ordering::Relaxed),
@@ -564,9 +575,26 @@ impl Losses {
 
     fn since(&self, before: &Self) -> String {
         let mut s = String::new();
-        let events = self.events - before.events;
-        if events > 0 {
-            let _ = write!(s, "; events lost to a slow or closed stdout: {events}");
+        // Per consumer: a consumer subscribed since the last line counts
+        // from zero.
+        let events: Vec<String> = self
+            .events
+            .iter()
+            .filter_map(|(name, lost)| {
+                let was = before
+                    .events
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map_or(0, |&(_, l)| l);
+                (*lost > was).then(|| format!("{name} {}", lost - was))
+            })
+            .collect();
+        if !events.is_empty() {
+            let _ = write!(
+                s,
+                "; events lost to a slow or closed consumer: {}",
+                events.join(", ")
+            );
         }
         let logs = self.logs - before.logs;
         if logs > 0 {

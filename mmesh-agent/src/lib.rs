@@ -8,6 +8,7 @@ pub mod caps;
 pub mod compile;
 pub mod datapath;
 pub mod events;
+pub mod fanout;
 pub mod hook;
 pub mod interface;
 pub mod memory;

@@ -215,7 +215,7 @@ fn a_stalled_stdout_loses_events_and_nothing_else() {
         agent
             .logs()
             .iter()
-            .any(|l| l.contains("events lost to a slow or closed stdout"))
+            .any(|l| l.contains("events lost to a slow or closed consumer: stdout"))
     };
     for _ in 0..40 {
         assert_eq!(blocked_arrivals(&topo), [0, 0]);
