@@ -36,6 +36,7 @@ use tokio::{
 
 use crate::{
     compile::{Capacity, Compiled, compile},
+    counters::CounterReader,
     datapath::{Datapath, Totals},
     events::{self, Names},
     fanout::Fanout,
@@ -402,6 +403,7 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
         .await
     });
 
+    let mut summary = Summary::start(&dp, &interfaces)?;
     let dp: Shared = Arc::new(Mutex::new(dp));
     let links = Arc::new(LinkStats::default());
     let (commands, enforcer_done) = Enforcer {
@@ -422,11 +424,6 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
     // After a pause (SIGSTOP, a loaded machine) one summary, not a burst.
     ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
     ticker.tick().await;
-    let mut summary = Summary {
-        totals: lock(&dp).totals()?,
-        at: Instant::now(),
-        losses: Losses::default(),
-    };
     tracing::info!("running; SIGHUP reloads the policy, SIGINT or SIGTERM stops");
     loop {
         tokio::select! {
@@ -506,14 +503,36 @@ fn watch_links(commands: mpsc::Sender<Command>) {
 
 /// The last reading the summary line compares with.
 struct Summary {
+    /// Its own handles to the counter maps: reading them never waits for
+    /// the datapath's lock, which the enforcer holds while it applies a
+    /// policy.
+    counters: CounterReader,
     totals: Totals,
     at: Instant,
     losses: Losses,
+    /// The attachments as last seen.
+    attached: String,
 }
 
 impl Summary {
-    /// Logs one summary line, unless the enforcer is writing a large policy:
-    /// then this one is skipped, and the next one covers both intervals.
+    /// The first reading, with handles of its own to the counter maps.
+    fn start(dp: &Datapath, interfaces: &[InterfaceSpec]) -> anyhow::Result<Self> {
+        let (totals, stats) = dp
+            .counter_fds()
+            .context("duplicating the counter maps' fds")?;
+        let counters = CounterReader::from_fds(totals, stats)?;
+        Ok(Self {
+            totals: counters.totals()?,
+            counters,
+            at: Instant::now(),
+            losses: Losses::default(),
+            attached: attached_list(dp, interfaces),
+        })
+    }
+
+    /// Logs one summary line. What is attached belongs to the datapath:
+    /// while the enforcer is applying a policy, the line repeats the list as
+    /// last seen rather than wait.
     fn tick(
         &mut self,
         dp: &Shared,
@@ -521,30 +540,29 @@ impl Summary {
         links: &LinkStats,
         interfaces: &[InterfaceSpec],
     ) {
-        let Ok(dp) = dp.try_lock() else {
-            tracing::debug!("summary skipped: a policy is being applied");
-            return;
-        };
-        match dp.totals() {
-            Ok(now) => {
-                let at = Instant::now();
-                let losses = Losses::read(out, links);
-                // Rates over the time that really passed (a stopped or
-                // starved agent sees longer intervals than it asked for).
-                tracing::info!(
-                    "{}{}{}",
-                    summarize(&self.totals, &now, at - self.at),
-                    losses.since(&self.losses),
-                    attached_list(&dp, interfaces),
-                );
-                *self = Self {
-                    totals: now,
-                    at,
-                    losses,
-                };
+        let now = match self.counters.totals() {
+            Ok(now) => now,
+            Err(err) => {
+                tracing::warn!(%err, "reading counters");
+                return;
             }
-            Err(err) => tracing::warn!(%err, "reading counters"),
+        };
+        let at = Instant::now();
+        let losses = Losses::read(out, links);
+        if let Ok(dp) = dp.try_lock() {
+            self.attached = attached_list(&dp, interfaces);
         }
+        // Rates over the time that really passed (a stopped or starved
+        // agent sees longer intervals than it asked for).
+        tracing::info!(
+            "{}{}{}",
+            summarize(&self.totals, &now, at - self.at),
+            losses.since(&self.losses),
+            self.attached,
+        );
+        self.totals = now;
+        self.at = at;
+        self.losses = losses;
     }
 }
 

@@ -24,7 +24,11 @@
 
 use std::{
     collections::BTreeMap,
-    os::{linux::net::SocketAddrExt as _, unix::net::UnixListener},
+    os::{
+        fd::{AsFd as _, OwnedFd},
+        linux::net::SocketAddrExt as _,
+        unix::net::UnixListener,
+    },
     sync::Arc,
 };
 
@@ -1307,6 +1311,16 @@ impl Datapath {
             accounts: laid_out,
             ..Compiled::default()
         })
+    }
+
+    /// Duplicates of the fds of the `TOTALS` and `STATS` maps, for a
+    /// [`CounterReader`](crate::counters::CounterReader) that reads them
+    /// without this struct's lock.
+    pub fn counter_fds(&self) -> std::io::Result<(OwnedFd, OwnedFd)> {
+        Ok((
+            self.maps.totals.map().fd().as_fd().try_clone_to_owned()?,
+            self.maps.stats.map().fd().as_fd().try_clone_to_owned()?,
+        ))
     }
 
     /// Totals summed over CPUs.

@@ -228,6 +228,16 @@ fn a_stalled_stdout_loses_events_and_nothing_else() {
         Duration::from_secs(10),
         || lost(&agent),
     );
+    // The summary reads the counters through handles of its own (not the
+    // datapath's): they see the kernel's drops.
+    assert!(
+        agent
+            .logs()
+            .iter()
+            .any(|l| l.contains("seen ") && l.contains("dropped: global_block ")),
+        "a summary with the blocked packets:\n{}",
+        agent.logs().join("\n")
+    );
     policy.write(OPEN);
     let answer = agent.reload();
     assert!(answer.contains("policy reloaded"), "{answer}");
