@@ -82,10 +82,16 @@ fn run_args(policy: &PolicyFile, extra: &[&str]) -> Vec<String> {
     args
 }
 
-/// Ready when the XDP program sits on the interface (the loop starts right
-/// after): for agents whose stderr is not read.
+/// Ready when a receive and a transmit program sit on the interface (the
+/// loop starts right after): for agents whose stderr is not read.
 fn attached(topo: &Topology) -> impl Fn(&Agent) -> bool + '_ {
-    |_| topo.host_link_details().contains("prog/xdp")
+    |_| {
+        let programs = topo.host_programs();
+        programs
+            .iter()
+            .any(|(hook, _)| matches!(*hook, "xdp" | "tcx_ingress"))
+            && programs.iter().any(|(hook, _)| *hook == "tcx_egress")
+    }
 }
 
 /// Sends [`PACKETS`] datagrams from the blocked and from the ordinary
@@ -147,7 +153,7 @@ fn a_closed_stderr_loses_logs_and_nothing_else() {
         !agent.events().is_empty()
     });
     assert!(agent.is_running(), "the agent survived its closed stderr");
-    assert!(topo.host_link_details().contains("prog/xdp"));
+    assert!(attached(&topo)(&agent), "still attached");
     assert_stops_cleanly(&mut agent);
 }
 
@@ -275,7 +281,7 @@ fn an_interface_created_again_is_enforced_again() {
         || {
             agent.logs()[from..]
                 .iter()
-                .any(|l| l.contains(&format!("attached: {HOST_IF} (uplink)")))
+                .any(|l| l.contains(&format!("attached: {HOST_IF} (uplink, receive ")))
         },
     );
     assert_stops_cleanly(&mut agent);
