@@ -441,3 +441,52 @@ fn list_files_that_are_not_regular_files_are_refused_at_once() {
     }
     assert_stops_cleanly(&mut agent);
 }
+
+/// After SIGSTOP and SIGCONT the agent prints one summary, not a burst of
+/// the missed ones (before: a dozen lines at once, the first claiming a rate
+/// many times too high), and its rate is over the time that really passed.
+#[test]
+fn a_stopped_agent_resumes_with_one_summary() {
+    let _serial = serial();
+    let topo = topology("sigstop");
+    let policy = PolicyFile::new("sigstop", BLOCKING);
+    let mut agent = Agent::start(&topo.host, policy.path(), &[&format!("{HOST_IF}:uplink")]);
+    let summaries = |agent: &Agent, from: usize| {
+        agent.logs()[from..]
+            .iter()
+            .filter(|l| l.contains("seen "))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    agent.signal(libc::SIGSTOP);
+    // Three summary intervals missed.
+    std::thread::sleep(Duration::from_secs(3));
+    let from = agent.logs().len();
+    agent.signal(libc::SIGCONT);
+    wait_until("a summary after SIGCONT", Duration::from_secs(10), || {
+        !summaries(&agent, from).is_empty()
+    });
+    // The next one is due a whole interval later: within half of one, no
+    // second line may appear (a late one only makes this pass, never fail).
+    std::thread::sleep(Duration::from_millis(500));
+    let lines = summaries(&agent, from);
+    assert_eq!(
+        lines.len(),
+        1,
+        "one summary after the pause:\n{}",
+        lines.join("\n")
+    );
+    // And it goes on summarizing what it enforces.
+    let from = agent.logs().len();
+    assert_eq!(blocked_arrivals(&topo), [0, 0]);
+    wait_until(
+        "the summary of the traffic",
+        Duration::from_secs(10),
+        || {
+            summaries(&agent, from)
+                .iter()
+                .any(|l| l.contains("dropped: global_block"))
+        },
+    );
+    assert_stops_cleanly(&mut agent);
+}
