@@ -421,8 +421,9 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
     watch_links(commands.clone());
 
     let mut ticker = tokio::time::interval(opts.summary_interval);
-    // After a pause (SIGSTOP, a loaded machine) one summary, not a burst.
-    ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    // After a pause (SIGSTOP, a starved machine) one summary at once and the
+    // next a whole interval later, not a burst of the missed ones.
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     ticker.tick().await;
     tracing::info!("running; SIGHUP reloads the policy, SIGINT or SIGTERM stops");
     loop {
