@@ -50,7 +50,7 @@ impl Mode {
 /// A validated policy.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Policy {
-    /// Where it came from: a file path or [`DEFAULT_POLICY_NAME`].
+    /// Where it came from: a file path or [`DEFAULT_POLICY_NAME`](super::DEFAULT_POLICY_NAME).
     pub source: String,
     /// The `version` the file declares, if any.
     pub version: Option<String>,

@@ -39,7 +39,7 @@ pub struct ReadLimits {
 
 impl Default for ReadLimits {
     /// No bounds on counts and no settling pause: what
-    /// [`Policy::from_file`] uses (tests, benchmarks, tools).
+    /// [`Policy::from_file`](super::Policy::from_file) uses (tests, benchmarks, tools).
     fn default() -> Self {
         Self {
             max_bytes: DEFAULT_MAX_POLICY_BYTES,
