@@ -41,7 +41,9 @@ use read::{Reads, read_regular};
 pub use removal::Removal;
 use validate::Validator;
 pub use validate::default_burst;
-pub use values::{escape_control, parse_cidr, parse_quantity, quote};
+pub use values::{parse_cidr, parse_quantity, quote};
+
+use crate::sink::escape_controls;
 
 /// The validator's sets grow to hundreds of thousands of entries: hashed
 /// with foldhash, not `SipHash` (the policy is the operator's own).
@@ -199,7 +201,7 @@ impl Policy {
                 Err(FileError::Changed) => None,
                 Err(source) => {
                     return Err(PolicyError::Read {
-                        path: escape_control(&name).into_owned(),
+                        path: escape_controls(&name).into_owned(),
                         source,
                     });
                 }
@@ -212,7 +214,7 @@ impl Policy {
             }
         }
         Err(PolicyError::StillChanging {
-            path: escape_control(&name).into_owned(),
+            path: escape_controls(&name).into_owned(),
             attempts,
             settle: limits.settle,
         })
@@ -317,10 +319,10 @@ fn tidy(message: &str) -> String {
         }
         match line.char_indices().nth(LINE_CHARS) {
             Some((cut, _)) => {
-                out.push_str(&escape_control(&line[..cut]));
+                out.push_str(&escape_controls(&line[..cut]));
                 out.push('…');
             }
-            None => out.push_str(&escape_control(line)),
+            None => out.push_str(&escape_controls(line)),
         }
     }
     out

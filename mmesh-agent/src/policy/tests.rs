@@ -252,8 +252,8 @@ fn quotes_are_short_and_escaped() {
     let q = quote(&long);
     assert!(q.len() < 70 && q.ends_with("… (10000 characters)"), "{q}");
     assert_eq!(quote("a\nb\u{1b}[2J"), "\"a\\nb\\u{1b}[2J\"");
-    assert_eq!(escape_control("plain"), "plain");
-    assert_eq!(escape_control("r1\nINFO forged"), "r1\\nINFO forged");
+    assert_eq!(escape_controls("plain"), "plain");
+    assert_eq!(escape_controls("r1\nINFO forged"), "r1\\nINFO forged");
     // A deserializer's message about a megabyte-long line stays short.
     let text = format!("{{\"accounts\": \"{}\"}}", "y".repeat(1 << 20));
     let err = Policy::parse(&text, "t.json", Path::new("."))

@@ -17,11 +17,9 @@ use super::{
         RawLimits, RawList, RawPolicy, Scalar,
     },
     read::{FileError, ReadLimits, Reads, read_regular},
-    values::{
-        address_shaped, check_name, escape_control, parse_cidr, parse_quantity, quote, short,
-        suggest,
-    },
+    values::{address_shaped, check_name, parse_cidr, parse_quantity, quote, short, suggest},
 };
+use crate::sink::escape_controls;
 
 pub(super) struct Validator<'a> {
     pub(super) source: &'a str,
@@ -511,7 +509,7 @@ impl Validator<'_> {
             return;
         }
         let full: PathBuf = self.base_dir.join(file.text());
-        let shown = escape_control(&full.display().to_string()).into_owned();
+        let shown = escape_controls(&full.display().to_string()).into_owned();
         let left = self.limits.max_bytes.saturating_sub(self.reads.bytes);
         let text = match read_regular(&full, left) {
             Ok((text, stamp)) => {

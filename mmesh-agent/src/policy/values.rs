@@ -1,6 +1,6 @@
 //! Values: names, CIDRs and quantities, and quoting them in messages.
 
-use std::{borrow::Cow, net::IpAddr};
+use std::net::IpAddr;
 
 use ipnet::{IpNet, Ipv4Net};
 
@@ -151,24 +151,6 @@ pub(super) fn short(text: &str) -> String {
         Some(inner) => inner.to_owned(),
         None => q,
     }
-}
-
-/// `text` with its control characters escaped (`\n`, `\u{1b}`), for text
-/// logs: a value cannot start a forged log line or drive a terminal.
-#[must_use]
-pub fn escape_control(text: &str) -> Cow<'_, str> {
-    if !text.chars().any(char::is_control) {
-        return Cow::Borrowed(text);
-    }
-    let mut out = String::with_capacity(text.len() + 8);
-    for c in text.chars() {
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    Cow::Owned(out)
 }
 
 /// The field of `names` that `name` is probably a misspelling of: at most
