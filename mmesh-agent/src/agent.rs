@@ -8,8 +8,11 @@
 //!   in the order they were asked for, coalesced;
 //! - the link watcher thread wakes the enforcer when an interface appears
 //!   or disappears (rtnetlink), and every summary tick checks again;
-//! - events and log lines leave through [`Sink`]s: bounded queues in front
-//!   of writer threads that alone may block on a stalled pipe.
+//! - the event reader decodes each event once and publishes it to a
+//!   [`Fanout`]: every consumer (JSON lines on stdout today) has its own
+//!   bounded queue and its own thread, and alone loses what it cannot keep
+//!   up with; log lines leave through a [`Sink`](crate::sink::Sink), a bounded queue in front
+//!   of a writer thread that alone may block on a stalled pipe.
 
 use std::{
     fmt::Write as _,
@@ -33,17 +36,19 @@ use tokio::{
 
 use crate::{
     compile::{Capacity, Compiled, compile, compile_adopting},
+    counters::CounterReader,
     datapath::{
         Datapath, Totals,
         pin::{Pins, build_identity},
     },
     events::{self, Names},
+    fanout::Fanout,
     hook::ReceiveHook,
     interface::{self, InterfaceError, InterfaceSpec, Role},
     memory,
     netlink::LinkWatch,
     policy::{Policy, ReadLimits, Removal},
-    sink::{Sink, SinkStats, escape_controls},
+    sink::{SinkStats, escape_controls},
 };
 
 /// Options of `mmesh-agent run`.
@@ -65,8 +70,9 @@ pub struct RunOptions {
 /// Where the agent's output goes.
 #[derive(Clone)]
 pub struct Outputs {
-    /// JSON event lines (stdout).
-    pub events: Sink,
+    /// Decoded events, for every consumer that subscribes (JSON lines on
+    /// stdout first).
+    pub events: Fanout,
     /// What happened to log lines (stderr), for the summary.
     pub logs: Arc<SinkStats>,
 }
@@ -442,14 +448,15 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
         .context("the event ring buffer was already taken")?;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let reader_names = names.clone();
-    let event_sink = out.events.clone();
+    let fanout = out.events.clone();
     let reader = tokio::spawn(async move {
-        events::read(ring, reader_names, &event_sink, async {
+        events::read(ring, reader_names, &fanout, async {
             let _ = stop_rx.await;
         })
         .await
     });
 
+    let mut summary = Summary::start(&dp, &interfaces)?;
     let dp: Shared = Arc::new(Mutex::new(dp));
     let links = Arc::new(LinkStats::default());
     let (commands, enforcer_done) = Enforcer {
@@ -467,14 +474,10 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
     watch_links(commands.clone());
 
     let mut ticker = tokio::time::interval(opts.summary_interval);
-    // After a pause (SIGSTOP, a loaded machine) one summary, not a burst.
-    ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    // After a pause (SIGSTOP, a starved machine) one summary at once and the
+    // next a whole interval later, not a burst of the missed ones.
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     ticker.tick().await;
-    let mut summary = Summary {
-        totals: lock(&dp).totals()?,
-        at: Instant::now(),
-        losses: Losses::default(),
-    };
     tracing::info!("running; SIGHUP reloads the policy, SIGINT or SIGTERM stops");
     loop {
         tokio::select! {
@@ -491,8 +494,9 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
     let decoded = reader.await.context("event reader task")??;
     let _ = commands.send(Command::Stop);
     // A reload in progress finishes first (it is all-or-nothing); a very
-    // long one is not waited for: the process ends, and the kernel releases
-    // the links with it.
+    // long one is not waited for: the process ends (a pinned datapath keeps
+    // enforcing the policy in force; the links of an ephemeral one end with
+    // the process).
     if tokio::time::timeout(Duration::from_secs(10), enforcer_done)
         .await
         .is_err()
@@ -574,14 +578,36 @@ fn watch_links(commands: mpsc::Sender<Command>) {
 
 /// The last reading the summary line compares with.
 struct Summary {
+    /// Its own handles to the counter maps: reading them never waits for
+    /// the datapath's lock, which the enforcer holds while it applies a
+    /// policy.
+    counters: CounterReader,
     totals: Totals,
     at: Instant,
     losses: Losses,
+    /// The attachments as last seen.
+    attached: String,
 }
 
 impl Summary {
-    /// Logs one summary line, unless the enforcer is writing a large policy:
-    /// then this one is skipped, and the next one covers both intervals.
+    /// The first reading, with handles of its own to the counter maps.
+    fn start(dp: &Datapath, interfaces: &[InterfaceSpec]) -> anyhow::Result<Self> {
+        let (totals, stats) = dp
+            .counter_fds()
+            .context("duplicating the counter maps' fds")?;
+        let counters = CounterReader::from_fds(totals, stats)?;
+        Ok(Self {
+            totals: counters.totals()?,
+            counters,
+            at: Instant::now(),
+            losses: Losses::default(),
+            attached: attached_list(dp, interfaces),
+        })
+    }
+
+    /// Logs one summary line. What is attached belongs to the datapath:
+    /// while the enforcer is applying a policy, the line repeats the list as
+    /// last seen rather than wait.
     fn tick(
         &mut self,
         dp: &Shared,
@@ -589,37 +615,37 @@ impl Summary {
         links: &LinkStats,
         interfaces: &[InterfaceSpec],
     ) {
-        let Ok(dp) = dp.try_lock() else {
-            tracing::debug!("summary skipped: a policy is being applied");
-            return;
-        };
-        match dp.totals() {
-            Ok(now) => {
-                let at = Instant::now();
-                let losses = Losses::read(out, links);
-                // Rates over the time that really passed (a stopped or
-                // starved agent sees longer intervals than it asked for).
-                tracing::info!(
-                    "{}{}{}",
-                    summarize(&self.totals, &now, at - self.at),
-                    losses.since(&self.losses),
-                    attached_list(&dp, interfaces),
-                );
-                *self = Self {
-                    totals: now,
-                    at,
-                    losses,
-                };
+        let now = match self.counters.totals() {
+            Ok(now) => now,
+            Err(err) => {
+                tracing::warn!(%err, "reading counters");
+                return;
             }
-            Err(err) => tracing::warn!(%err, "reading counters"),
+        };
+        let at = Instant::now();
+        let losses = Losses::read(out, links);
+        if let Ok(dp) = dp.try_lock() {
+            self.attached = attached_list(&dp, interfaces);
         }
+        // Rates over the time that really passed (a stopped or starved
+        // agent sees longer intervals than it asked for).
+        tracing::info!(
+            "{}{}{}",
+            summarize(&self.totals, &now, at - self.at),
+            losses.since(&self.losses),
+            self.attached,
+        );
+        self.totals = now;
+        self.at = at;
+        self.losses = losses;
     }
 }
 
 /// Output lost so far, and interface changes, for the summary.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct Losses {
-    events: u64,
+    /// Events lost by each consumer, by name.
+    events: Vec<(String, u64)>,
     logs: u64,
     links_lost: u64,
     reattached: u64,
@@ -628,7 +654,12 @@ struct Losses {
 impl Losses {
     fn read(out: &Outputs, links: &LinkStats) -> Self {
         Self {
-            events: out.events.stats().lost(),
+            events: out
+                .events
+                .consumers()
+                .iter()
+                .map(|c| (c.name().to_owned(), c.lost()))
+                .collect(),
             logs: out.logs.lost(),
             links_lost: links.lost.load(Ordering::Relaxed),
             reattached: links.reattached.load(Ordering::Relaxed),
@@ -637,9 +668,26 @@ impl Losses {
 
     fn since(&self, before: &Self) -> String {
         let mut s = String::new();
-        let events = self.events - before.events;
-        if events > 0 {
-            let _ = write!(s, "; events lost to a slow or closed stdout: {events}");
+        // Per consumer: a consumer subscribed since the last line counts
+        // from zero.
+        let events: Vec<String> = self
+            .events
+            .iter()
+            .filter_map(|(name, lost)| {
+                let was = before
+                    .events
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map_or(0, |&(_, l)| l);
+                (*lost > was).then(|| format!("{name} {}", lost - was))
+            })
+            .collect();
+        if !events.is_empty() {
+            let _ = write!(
+                s,
+                "; events lost to a slow or closed consumer: {}",
+                events.join(", ")
+            );
         }
         let logs = self.logs - before.logs;
         if logs > 0 {

@@ -1,4 +1,5 @@
-//! Decoding the events of the ring buffer into JSON lines.
+//! Decoding the events of the ring buffer, for the consumers of a
+//! [`Fanout`].
 
 use std::{
     collections::BTreeMap,
@@ -16,7 +17,10 @@ use mmesh_common::{
 use serde::Serialize;
 use tokio::io::unix::AsyncFd;
 
-use crate::{compile::Compiled, sink::Sink};
+use crate::{
+    compile::Compiled,
+    fanout::{Batch, Fanout},
+};
 
 /// The compiled policies of the last few generations, where events find
 /// their account ids and list names: an event decoded just after a policy
@@ -200,66 +204,70 @@ pub fn decode(bytes: &[u8], names: &Names, clock: &Clock) -> Option<EventRecord>
     })
 }
 
-/// Events handed to the output sink at once, at most: a chunk is the unit a
-/// stalled reader loses, and bounds what one queue slot holds.
-const CHUNK_EVENTS: u64 = 256;
+/// Events published at once, at most: a batch is the unit a stalled
+/// consumer loses, and bounds what one slot of a consumer's queue holds.
+const BATCH_EVENTS: usize = 256;
 
-/// Reads the ring buffer until `stop` resolves, handing every event as a
-/// JSON line to `out` in chunks of whole lines. Returns how many events were
-/// decoded. `out` never blocks: a stalled or closed stdout loses events
-/// (counted by the sink), and enforcement and the summary go on.
+/// Reads the ring buffer until `stop` resolves, decoding every event once
+/// and publishing it to `out`'s consumers in batches; then closes `out`.
+/// Returns how many events were decoded. Publishing never blocks: a stalled
+/// consumer loses events (counted against it), and the reader, the other
+/// consumers, enforcement and the summary go on.
 pub async fn read(
     ring: RingBuf<MapData>,
     names: Names,
-    out: &Sink,
+    out: &Fanout,
     stop: impl Future<Output = ()>,
 ) -> std::io::Result<u64> {
     let clock = Clock::now();
     // SAFETY: the ring buffer owns its map fd, which stays open and the same
     // for as long as the AsyncFd owns the ring buffer.
-    let mut fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
-        .map_err(std::io::Error::from)?;
+    let fd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
+    let mut fd = match fd {
+        Ok(fd) => fd,
+        Err(err) => {
+            out.close();
+            return Err(std::io::Error::from(err));
+        }
+    };
     let mut count = 0u64;
     tokio::pin!(stop);
-    loop {
+    let result = loop {
         tokio::select! {
-            () = &mut stop => break,
+            () = &mut stop => break Ok(()),
             guard = fd.readable_mut() => {
-                let mut guard = guard?;
+                let mut guard = match guard {
+                    Ok(guard) => guard,
+                    Err(err) => break Err(err),
+                };
                 count += drain_to(guard.get_inner_mut(), &names, &clock, out);
                 guard.clear_ready();
             }
         }
-    }
+    };
     count += drain_to(fd.get_mut(), &names, &clock, out);
-    Ok(count)
+    out.close();
+    result.map(|()| count)
 }
 
-/// Decodes every event waiting in `ring` into chunks of JSON lines for
-/// `out`; returns how many events it decoded.
-fn drain_to(ring: &mut RingBuf<MapData>, names: &Names, clock: &Clock, out: &Sink) -> u64 {
+/// Decodes every event waiting in `ring` and publishes them to `out` in
+/// batches; returns how many events it decoded.
+fn drain_to(ring: &mut RingBuf<MapData>, names: &Names, clock: &Clock, out: &Fanout) -> u64 {
     let mut count = 0;
-    let mut chunk = Vec::with_capacity(64 * 1024);
-    let mut in_chunk = 0;
+    let mut batch = Vec::with_capacity(BATCH_EVENTS);
     while let Some(item) = ring.next() {
         if let Some(record) = decode(&item, names, clock) {
             count += 1;
-            if serde_json::to_writer(&mut chunk, &record).is_ok() {
-                chunk.push(b'\n');
-                in_chunk += 1;
-            }
-            if in_chunk == CHUNK_EVENTS {
-                out.send(
-                    std::mem::replace(&mut chunk, Vec::with_capacity(64 * 1024)),
-                    in_chunk,
-                );
-                in_chunk = 0;
+            batch.push(record);
+            if batch.len() == BATCH_EVENTS {
+                out.publish(&Batch::from(std::mem::replace(
+                    &mut batch,
+                    Vec::with_capacity(BATCH_EVENTS),
+                )));
             }
         }
     }
-    if in_chunk > 0 {
-        out.send(chunk, in_chunk);
-    }
+    out.publish(&Batch::from(batch));
     count
 }
 

@@ -12,6 +12,7 @@ use mmesh_agent::{
     caps,
     compile::{Capacity, compile},
     datapath::pin,
+    fanout::{Fanout, JsonLines},
     hook::ReceiveHook,
     interface::InterfaceSpec,
     policy::{DEFAULT_MAX_POLICY_BYTES, Policy, ReadLimits},
@@ -207,7 +208,7 @@ enum ShowFormat {
 /// Log lines queued for stderr at most; beyond that they are dropped and
 /// counted (a stalled stderr must not stop the agent).
 const LOG_QUEUE: usize = 4096;
-/// Chunks of event lines queued for stdout at most (256 events each).
+/// Batches of events queued for stdout at most (256 events each).
 const EVENT_QUEUE: usize = 64;
 
 /// Logs go through a [`Sink`] to stderr: a full pipe or a closed stderr loses
@@ -289,7 +290,13 @@ fn main() -> ExitCode {
 }
 
 fn run(args: RunArgs, logs: &Sink) -> anyhow::Result<()> {
-    let events = Sink::spawn("mmesh-events", std::io::stdout(), EVENT_QUEUE)?;
+    let events = Fanout::default();
+    let stdout = JsonLines::spawn(
+        "mmesh-events",
+        events.subscribe("stdout", EVENT_QUEUE),
+        std::io::stdout(),
+    )?;
+    let stdout_stats = stdout.stats();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -312,10 +319,13 @@ fn run(args: RunArgs, logs: &Sink) -> anyhow::Result<()> {
     // A start-up interrupted by a signal leaves its blocking task behind:
     // do not wait for it; the links it made end with the process.
     runtime.shutdown_timeout(Duration::from_secs(1));
-    if !events.flush(Duration::from_secs(2)) {
+    // The reader closed the fanout when it stopped (and if it never
+    // started, nothing was queued): the writer ends once the queue is out.
+    events.close();
+    if !stdout.finish(Duration::from_secs(2)) {
         tracing::warn!(
             "stdout is not being read: events still queued at exit are lost ({} lost in all)",
-            events.stats().lost()
+            stdout_stats.lost()
         );
     }
     result

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::{
     compile::{Capacity, Compiled, PrefixKey},
-    policy::{Account, Action, DirLimits, Mode, Policy},
+    policy::{Account, Action, DirLimits, Fingerprint, Mode, Policy},
 };
 
 #[derive(Debug, Serialize)]
@@ -115,7 +115,7 @@ pub fn effective(policy: &Policy, compiled: &Compiled, capacity: &Capacity) -> E
             .accounts
             .iter()
             .zip(compiled.order.iter())
-            .map(|(a, (slot, _)): (&Account, &(u32, u128))| {
+            .map(|(a, (slot, _)): (&Account, &(u32, Fingerprint))| {
                 let entries = compiled
                     .account(*slot)
                     .expect("every account of the policy is compiled");

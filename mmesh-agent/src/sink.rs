@@ -1,6 +1,6 @@
 //! Output that can neither block nor crash the agent.
 //!
-//! A [`Sink`] hands finished chunks (a log line, a batch of event lines) to a
+//! A [`Sink`] hands finished chunks (log lines) to a
 //! dedicated writer thread through a bounded queue. The thread alone may
 //! block on a full pipe; the agent only ever does a `try_send`, and what does
 //! not fit is dropped and counted. Write errors (a closed stderr, a reader

@@ -4,7 +4,7 @@
 use std::{
     net::IpAddr,
     path::Path,
-    sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard},
+    sync::{Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard},
     time::{Duration, Instant},
 };
 
@@ -14,6 +14,7 @@ use aya::{
 };
 use mmesh_agent::{
     compile::{Capacity, compile},
+    counters::CounterReader,
     datapath::Datapath,
     policy::Policy,
 };
@@ -1189,6 +1190,40 @@ fn events_lost_to_a_full_ring_are_counted(rx: Rx) {
         got + lost,
         300,
         "every event is either delivered or counted as lost"
+    );
+}
+
+/// The summary's own handles to the counter maps (duplicates of their fds)
+/// read what the datapath counts while the datapath itself is locked, as the
+/// enforcer keeps it while it applies a policy.
+#[test]
+fn a_second_handle_reads_the_counters_while_the_datapath_is_locked() {
+    let h = Harness::new(POLICY);
+    let (totals, stats) =
+        h.dp.counter_fds()
+            .expect("duplicating the counter maps' fds");
+    let reader = CounterReader::from_fds(totals, stats).expect("opening the counter maps");
+    let h = Mutex::new(h);
+    let mut locked = h.lock().unwrap();
+    assert_eq!(
+        locked.run_n(
+            Rx::Xdp.inbound(),
+            &udp(ip(BLOCKED4), ip(ALPHA4), 5555, 53, 16),
+            5
+        ),
+        Verdict::Drop
+    );
+    let seen = std::thread::scope(|s| {
+        s.spawn(|| reader.totals().expect("reading the counters"))
+            .join()
+            .expect("the reading thread")
+    });
+    assert_eq!(seen, locked.dp.totals().expect("reading totals"));
+    assert_eq!(
+        seen.counters
+            .get(&(Reason::GlobalBlock, Verdict::Drop, Direction::Inbound))
+            .map(|c| c.packets),
+        Some(5)
     );
 }
 

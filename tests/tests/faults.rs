@@ -82,10 +82,16 @@ fn run_args(policy: &PolicyFile, extra: &[&str]) -> Vec<String> {
     args
 }
 
-/// Ready when the XDP program sits on the interface (the loop starts right
-/// after): for agents whose stderr is not read.
+/// Ready when a receive and a transmit program sit on the interface (the
+/// loop starts right after): for agents whose stderr is not read.
 fn attached(topo: &Topology) -> impl Fn(&Agent) -> bool + '_ {
-    |_| topo.host_link_details().contains("prog/xdp")
+    |_| {
+        let programs = topo.host_programs();
+        programs
+            .iter()
+            .any(|(hook, _)| matches!(*hook, "xdp" | "tcx_ingress"))
+            && programs.iter().any(|(hook, _)| *hook == "tcx_egress")
+    }
 }
 
 /// Sends [`PACKETS`] datagrams from the blocked and from the ordinary
@@ -147,7 +153,7 @@ fn a_closed_stderr_loses_logs_and_nothing_else() {
         !agent.events().is_empty()
     });
     assert!(agent.is_running(), "the agent survived its closed stderr");
-    assert!(topo.host_link_details().contains("prog/xdp"));
+    assert!(attached(&topo)(&agent), "still attached");
     assert_stops_cleanly(&mut agent);
 }
 
@@ -215,7 +221,7 @@ fn a_stalled_stdout_loses_events_and_nothing_else() {
         agent
             .logs()
             .iter()
-            .any(|l| l.contains("events lost to a slow or closed stdout"))
+            .any(|l| l.contains("events lost to a slow or closed consumer: stdout"))
     };
     for _ in 0..40 {
         assert_eq!(blocked_arrivals(&topo), [0, 0]);
@@ -227,6 +233,16 @@ fn a_stalled_stdout_loses_events_and_nothing_else() {
         "a summary that counts the events lost to stdout",
         Duration::from_secs(10),
         || lost(&agent),
+    );
+    // The summary reads the counters through handles of its own (not the
+    // datapath's): they see the kernel's drops.
+    assert!(
+        agent
+            .logs()
+            .iter()
+            .any(|l| l.contains("seen ") && l.contains("dropped: global_block ")),
+        "a summary with the blocked packets:\n{}",
+        agent.logs().join("\n")
     );
     policy.write(OPEN);
     let answer = agent.reload();
@@ -275,7 +291,7 @@ fn an_interface_created_again_is_enforced_again() {
         || {
             agent.logs()[from..]
                 .iter()
-                .any(|l| l.contains(&format!("attached: {HOST_IF} (uplink)")))
+                .any(|l| l.contains(&format!("attached: {HOST_IF} (uplink, receive ")))
         },
     );
     assert_stops_cleanly(&mut agent);
@@ -434,5 +450,54 @@ fn list_files_that_are_not_regular_files_are_refused_at_once() {
         );
         assert_eq!(blocked_arrivals(&topo), [0, 0], "the running policy stays");
     }
+    assert_stops_cleanly(&mut agent);
+}
+
+/// After SIGSTOP and SIGCONT the agent prints one summary, not a burst of
+/// the missed ones (before: a dozen lines at once, the first claiming a rate
+/// many times too high), and its rate is over the time that really passed.
+#[test]
+fn a_stopped_agent_resumes_with_one_summary() {
+    let _serial = serial();
+    let topo = topology("sigstop");
+    let policy = PolicyFile::new("sigstop", BLOCKING);
+    let mut agent = Agent::start(&topo.host, policy.path(), &[&format!("{HOST_IF}:uplink")]);
+    let summaries = |agent: &Agent, from: usize| {
+        agent.logs()[from..]
+            .iter()
+            .filter(|l| l.contains("seen "))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    agent.signal(libc::SIGSTOP);
+    // Three summary intervals missed.
+    std::thread::sleep(Duration::from_secs(3));
+    let from = agent.logs().len();
+    agent.signal(libc::SIGCONT);
+    wait_until("a summary after SIGCONT", Duration::from_secs(10), || {
+        !summaries(&agent, from).is_empty()
+    });
+    // The next one is due a whole interval later: within half of one, no
+    // second line may appear (a late one only makes this pass, never fail).
+    std::thread::sleep(Duration::from_millis(500));
+    let lines = summaries(&agent, from);
+    assert_eq!(
+        lines.len(),
+        1,
+        "one summary after the pause:\n{}",
+        lines.join("\n")
+    );
+    // And it goes on summarizing what it enforces.
+    let from = agent.logs().len();
+    assert_eq!(blocked_arrivals(&topo), [0, 0]);
+    wait_until(
+        "the summary of the traffic",
+        Duration::from_secs(10),
+        || {
+            summaries(&agent, from)
+                .iter()
+                .any(|l| l.contains("dropped: global_block"))
+        },
+    );
     assert_stops_cleanly(&mut agent);
 }

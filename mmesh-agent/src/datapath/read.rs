@@ -1,7 +1,11 @@
 //! Reading the kernel's state: counters and totals, and what a policy half
 //! holds.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    os::fd::{AsFd as _, OwnedFd},
+    sync::Arc,
+};
 
 use aya::maps::{HashMap, IterableMap as _, LpmTrie, MapData, MapError};
 use mmesh_common::{
@@ -245,6 +249,16 @@ impl Datapath {
             accounts: laid_out,
             ..Compiled::default()
         })
+    }
+
+    /// Duplicates of the fds of the `TOTALS` and `STATS` maps, for a
+    /// [`CounterReader`](crate::counters::CounterReader) that reads them
+    /// without this struct's lock.
+    pub fn counter_fds(&self) -> std::io::Result<(OwnedFd, OwnedFd)> {
+        Ok((
+            self.maps.totals.map().fd().as_fd().try_clone_to_owned()?,
+            self.maps.stats.map().fd().as_fd().try_clone_to_owned()?,
+        ))
     }
 
     /// Totals summed over CPUs.

@@ -11,9 +11,11 @@
 //! them through the sampler up to 16 M events/s.
 //!
 //! The reader is a thread pinned to the second CPU doing what the agent's
-//! `events::read` does: wait for the ring buffer to be readable, then drain
-//! it with `mmesh_agent::events::drain` (decode, `serde_json`) into a 64 KiB
-//! `BufWriter` flushed once per drained batch, here to `/dev/null`. The
+//! `events::read` and its stdout consumer do together: wait for the ring
+//! buffer to be readable, then drain it with `mmesh_agent::events::drain`
+//! (decode, `serde_json`) into a 64 KiB `BufWriter` flushed once per drained
+//! batch, here to `/dev/null`. (The agent decodes on the reader and formats
+//! JSON on the stdout consumer's thread; the CPU here is both.) The
 //! agent waits through tokio's `AsyncFd`
 //! (epoll); this thread waits in `poll(2)` on the same fd, because the
 //! benchmark crate does not depend on tokio. Its CPU time is read from the

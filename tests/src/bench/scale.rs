@@ -15,7 +15,9 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::{Ipv4Net, Ipv6Net};
-use mmesh_agent::policy::{Account, Action, DirLimits, Global, List, ListKind, Mode, Policy, Rate};
+use mmesh_agent::policy::{
+    Account, Action, DirLimits, Fingerprint, Global, List, ListKind, Mode, Policy, Rate,
+};
 
 /// Sizes of the policy (reduced in quick mode).
 #[derive(Clone, Copy, Debug)]
@@ -202,7 +204,7 @@ pub fn policy(scale: Scale) -> Policy {
             lists,
             inbound: Some(unlimited()),
             outbound: Some(unlimited()),
-            fingerprint: 0,
+            fingerprint: Fingerprint::default(),
         });
     }
     accounts.push(Account {
@@ -217,7 +219,7 @@ pub fn policy(scale: Scale) -> Policy {
             action: Action::Drop,
         }),
         outbound: None,
-        fingerprint: 0,
+        fingerprint: Fingerprint::default(),
     });
     for account in &mut accounts {
         account.fingerprint = account.fingerprint_of();

@@ -1,0 +1,704 @@
+//! Validation of the raw schema into a [`Policy`], collecting every problem.
+
+use std::{
+    collections::HashSet,
+    path::{Path, PathBuf},
+};
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+use super::{
+    Account, Action, DEFAULT_BURST_MILLIS, DEFAULT_EVENTS_PER_SECOND, DirLimits, FastHash, FastMap,
+    Fingerprint, Global, Issue, List, ListKind, MAX_BPS, MAX_BURST_SECONDS, MAX_EVENTS_PER_SECOND,
+    MAX_PATH_LEN, MAX_PPS, MAX_VERSION_LEN, MIN_BPS, MIN_DEFAULT_BPS_BURST, MIN_DEFAULT_PPS_BURST,
+    Mode, Policy, Rate,
+    raw::{
+        At, Extra, Fields, RawAccount, RawAccounts, RawDefaults, RawDirLimits, RawGlobal,
+        RawLimits, RawList, RawPolicy, Scalar,
+    },
+    read::{FileError, ReadLimits, Reads, read_regular},
+    values::{address_shaped, check_name, parse_cidr, parse_quantity, quote, short, suggest},
+};
+use crate::sink::escape_controls;
+
+pub(super) struct Validator<'a> {
+    pub(super) source: &'a str,
+    pub(super) base_dir: &'a Path,
+    pub(super) limits: &'a ReadLimits,
+    pub(super) reads: &'a mut Reads,
+    pub(super) issues: Vec<Issue>,
+}
+
+/// `defaults.limits`, validated once for all the accounts that use them
+/// (with the actions as written: each account applies its mode).
+pub(super) type DefaultLimits = (Option<DirLimits>, Option<DirLimits>);
+
+impl Validator<'_> {
+    pub(super) fn at<T>(&self, at: &At<T>) -> String {
+        if at.line == 0 {
+            self.source.to_owned()
+        } else {
+            format!("{}:{}:{}", self.source, at.line, at.column)
+        }
+    }
+
+    pub(super) fn issue(
+        &mut self,
+        location: String,
+        path: impl Into<String>,
+        message: impl Into<String>,
+    ) {
+        self.issues.push(Issue {
+            location,
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    /// Reports the keys of a raw struct at `path` that are not its fields.
+    pub(super) fn extra<F: Fields>(&mut self, extra: &[Extra], path: &str) {
+        for e in extra {
+            let name = &e.key.value;
+            let field = if path.is_empty() {
+                short(name)
+            } else {
+                format!("{path}.{}", short(name))
+            };
+            let message = if e.repeated {
+                format!("field {} is given twice: give it once", quote(name))
+            } else {
+                let fields = F::NAMES.join(", ");
+                match suggest(name, F::NAMES) {
+                    Some(near) => format!(
+                        "unknown field {}: did you mean `{near}`? (the fields here: {fields})",
+                        quote(name)
+                    ),
+                    None => format!(
+                        "unknown field {}: remove it (the fields here: {fields})",
+                        quote(name)
+                    ),
+                }
+            };
+            let at = self.at(&e.key);
+            self.issue(at, field, message);
+        }
+    }
+
+    /// One of `words`, or a problem at `path()` naming them (the path is
+    /// made only then: the field is in every account).
+    pub(super) fn word<T: Copy>(
+        &mut self,
+        raw: Option<&At<Scalar>>,
+        path: impl FnOnce() -> String,
+        words: &[(&str, T)],
+    ) -> Option<T> {
+        let raw = raw?;
+        if let Some((_, value)) = words.iter().find(|(w, _)| *w == raw.text()) {
+            return Some(*value);
+        }
+        let expected: Vec<&str> = words.iter().map(|(w, _)| *w).collect();
+        let at = self.at(raw);
+        self.issue(
+            at,
+            path(),
+            format!(
+                "{} is not one of: {}",
+                quote(raw.text()),
+                expected.join(", ")
+            ),
+        );
+        None
+    }
+
+    pub(super) fn mode(
+        &mut self,
+        raw: Option<&At<Scalar>>,
+        path: impl FnOnce() -> String,
+    ) -> Option<Mode> {
+        self.word(raw, path, Mode::WORDS)
+    }
+
+    pub(super) fn action(
+        &mut self,
+        raw: Option<&At<Scalar>>,
+        path: impl FnOnce() -> String,
+    ) -> Option<Action> {
+        self.word(raw, path, Action::WORDS)
+    }
+
+    pub(super) fn policy(&mut self, raw: RawPolicy) -> Policy {
+        self.extra::<RawPolicy>(raw.extra.as_slice(), "");
+        let version = raw.version.and_then(|v| self.version(&v));
+        let global = self.global(raw.global.unwrap_or_default());
+        let defaults = raw.defaults.unwrap_or_default();
+        self.extra::<RawDefaults>(defaults.extra.as_slice(), "defaults");
+        let default_mode = self
+            .mode(defaults.mode.as_ref(), || "defaults.mode".to_owned())
+            .unwrap_or_default();
+        let default_limits = defaults
+            .limits
+            .as_ref()
+            .map(|l| self.limits(l, "defaults.limits", Mode::Enforce));
+        let raw_accounts = raw.accounts.unwrap_or_default();
+        self.account_count(&raw_accounts);
+        let n = raw_accounts.kept.len();
+        let mut seen_ids: FastMap<String, usize> =
+            FastMap::with_capacity_and_hasher(n, FastHash::default());
+        // The index in `accounts` of the account owning each prefix.
+        let mut owners: FastMap<IpNet, usize> =
+            FastMap::with_capacity_and_hasher(2 * n, FastHash::default());
+        let mut accounts: Vec<Account> = Vec::with_capacity(n);
+        for (i, acc) in raw_accounts.kept.into_iter().enumerate() {
+            let path = format!("accounts[{i}]");
+            let id_at = acc
+                .id
+                .as_ref()
+                .map_or_else(|| self.source.to_owned(), |id| self.at(id));
+            if let Some(id) = &acc.id
+                && let Some(first) = seen_ids.insert(id.text().to_owned(), i)
+            {
+                self.issue(
+                    id_at.clone(),
+                    format!("{path}.id"),
+                    format!(
+                        "account id {} is already used by accounts[{first}]; ids must be unique",
+                        quote(id.text())
+                    ),
+                );
+            }
+            let account = self.account(acc, &path, default_mode, default_limits);
+            for net in account
+                .prefixes_v4
+                .iter()
+                .map(|n| IpNet::V4(*n))
+                .chain(account.prefixes_v6.iter().map(|n| IpNet::V6(*n)))
+            {
+                if let Some(&other) = owners.get(&net) {
+                    let other = &accounts[other].id;
+                    if *other != account.id {
+                        self.issue(
+                            id_at.clone(),
+                            format!("{path}.prefixes"),
+                            format!("prefix {net} is also owned by account {}; an address belongs to one account (nested prefixes are allowed, the most specific wins)", quote(other)),
+                        );
+                    }
+                } else {
+                    owners.insert(net, accounts.len());
+                }
+            }
+            accounts.push(account);
+        }
+        self.prefix_count(&accounts, raw_accounts.total > n);
+        Policy {
+            source: self.source.to_owned(),
+            version,
+            global,
+            accounts,
+        }
+    }
+
+    pub(super) fn version(&mut self, raw: &At<Scalar>) -> Option<String> {
+        let text = raw.text();
+        let problem = if text.chars().count() > MAX_VERSION_LEN {
+            format!(
+                "{} is longer than {MAX_VERSION_LEN} characters: a version is logged at every reload, keep it short",
+                quote(text)
+            )
+        } else if text.chars().any(char::is_control) {
+            format!(
+                "{} contains control characters: a version is logged, use printable text",
+                quote(text)
+            )
+        } else {
+            return Some(text.to_owned());
+        };
+        let at = self.at(raw);
+        self.issue(at, "version", problem);
+        None
+    }
+
+    /// Refuses more accounts than `--max-accounts` (those past it were
+    /// only counted).
+    pub(super) fn account_count(&mut self, raw: &RawAccounts) {
+        if let Some(max) = self.limits.max_accounts
+            && raw.total > max as usize
+        {
+            let kept = raw.kept.len();
+            let total = raw.total;
+            self.issue(
+                self.source.to_owned(),
+                "accounts",
+                format!(
+                    "{total} accounts, more than --max-accounts {max} holds: raise --max-accounts to {total} or more (only the first {kept} were checked)"
+                ),
+            );
+        }
+    }
+
+    /// Refuses more account prefixes of a family than
+    /// `--max-account-prefixes`; `cut`: accounts were left unread.
+    pub(super) fn prefix_count(&mut self, accounts: &[Account], cut: bool) {
+        let Some(max) = self.limits.max_account_prefixes else {
+            return;
+        };
+        let v4: usize = accounts.iter().map(|a| a.prefixes_v4.len()).sum();
+        let v6: usize = accounts.iter().map(|a| a.prefixes_v6.len()).sum();
+        for (n, family) in [(v4, "IPv4"), (v6, "IPv6")] {
+            if n <= max as usize {
+                continue;
+            }
+            let message = if cut {
+                format!(
+                    "more {family} account prefixes than --max-account-prefixes {max} holds ({n} in the first {} accounts; the others were not checked): raise --max-account-prefixes",
+                    accounts.len()
+                )
+            } else {
+                format!(
+                    "{n} {family} account prefixes, more than --max-account-prefixes {max} holds: raise --max-account-prefixes to {n} or more"
+                )
+            };
+            self.issue(self.source.to_owned(), "accounts[].prefixes", message);
+        }
+    }
+
+    pub(super) fn global(&mut self, raw: RawGlobal) -> Global {
+        self.extra::<RawGlobal>(raw.extra.as_slice(), "global");
+        let mode = self
+            .mode(raw.mode.as_ref(), || "global.mode".to_owned())
+            .unwrap_or_default();
+        let malformed = self
+            .action(raw.malformed.as_ref(), || "global.malformed".to_owned())
+            .unwrap_or(Action::Drop);
+        let events_per_second = match raw.events_per_second {
+            Some(eps) => {
+                let at = self.at(&eps);
+                self.integer(
+                    eps.text(),
+                    at,
+                    "global.events_per_second",
+                    0,
+                    MAX_EVENTS_PER_SECOND,
+                )
+                .map_or(DEFAULT_EVENTS_PER_SECOND, |n| n as u32)
+            }
+            None => DEFAULT_EVENTS_PER_SECOND,
+        };
+        let lists = self.lists(
+            raw.block.unwrap_or_default(),
+            raw.allow.unwrap_or_default(),
+            "global",
+            mode,
+        );
+        Global {
+            mode,
+            malformed,
+            events_per_second,
+            lists,
+        }
+    }
+
+    pub(super) fn account(
+        &mut self,
+        raw: RawAccount,
+        path: &str,
+        default_mode: Mode,
+        default_limits: Option<DefaultLimits>,
+    ) -> Account {
+        self.extra::<RawAccount>(raw.extra.as_slice(), path);
+        let (id, id_at) = if let Some(id) = &raw.id {
+            let at = self.at(id);
+            if let Err(msg) = check_name(id.text()) {
+                self.issue(
+                    at.clone(),
+                    format!("{path}.id"),
+                    format!("account id {} {msg}", quote(id.text())),
+                );
+            }
+            (id.text().to_owned(), at)
+        } else {
+            self.issue(
+                self.source.to_owned(),
+                format!("{path}.id"),
+                "the account has no id: give it one (letters, digits and - _ . : / @)",
+            );
+            (String::new(), self.source.to_owned())
+        };
+        let raw_prefixes = raw.prefixes.unwrap_or_default();
+        if raw_prefixes.is_empty() {
+            self.issue(id_at.clone(), format!("{path}.prefixes"), format!("account {} has no prefixes: list the addresses it owns on this host (e.g. 10.1.2.3/32)", quote(&id)));
+        }
+        let mut prefixes_v4 = Vec::new();
+        let mut prefixes_v6 = Vec::new();
+        let mut seen = HashSet::new();
+        for (j, p) in raw_prefixes.iter().enumerate() {
+            let at = self.at(p);
+            match parse_cidr(p.text()) {
+                Ok(net) => {
+                    if !seen.insert(net) {
+                        self.issue(
+                            at,
+                            format!("{path}.prefixes[{j}]"),
+                            format!("prefix {net} is listed twice"),
+                        );
+                        continue;
+                    }
+                    match net {
+                        IpNet::V4(n) => prefixes_v4.push(n),
+                        IpNet::V6(n) => prefixes_v6.push(n),
+                    }
+                }
+                Err(msg) => self.issue(at, format!("{path}.prefixes[{j}]"), msg),
+            }
+        }
+        let mode = self
+            .mode(raw.mode.as_ref(), || format!("{path}.mode"))
+            .unwrap_or(default_mode);
+        let lists = self.lists(
+            raw.block.unwrap_or_default(),
+            raw.allow.unwrap_or_default(),
+            path,
+            mode,
+        );
+        let (inbound, outbound) = if let Some(l) = &raw.limits {
+            self.limits(l, &format!("{path}.limits"), mode)
+        } else {
+            let in_mode = |d: DirLimits| DirLimits {
+                action: mode.apply(d.action),
+                ..d
+            };
+            default_limits.map_or((None, None), |(i, o)| (i.map(in_mode), o.map(in_mode)))
+        };
+        let mut account = Account {
+            id,
+            mode,
+            prefixes_v4,
+            prefixes_v6,
+            lists,
+            inbound,
+            outbound,
+            fingerprint: Fingerprint::default(),
+        };
+        account.fingerprint = account.fingerprint_of();
+        account
+    }
+
+    pub(super) fn limits(&mut self, raw: &RawLimits, path: &str, mode: Mode) -> DefaultLimits {
+        self.extra::<RawLimits>(raw.extra.as_slice(), path);
+        (
+            raw.inbound
+                .as_ref()
+                .and_then(|d| self.dir_limits(d, &format!("{path}.inbound"), mode)),
+            raw.outbound
+                .as_ref()
+                .and_then(|d| self.dir_limits(d, &format!("{path}.outbound"), mode)),
+        )
+    }
+
+    pub(super) fn lists(
+        &mut self,
+        block: Vec<RawList>,
+        allow: Vec<RawList>,
+        scope: &str,
+        mode: Mode,
+    ) -> Vec<List> {
+        let mut names = HashSet::new();
+        let mut out = Vec::new();
+        for (field, raws) in [("block", block), ("allow", allow)] {
+            for (i, raw) in raws.into_iter().enumerate() {
+                let path = format!("{scope}.{field}[{i}]");
+                self.extra::<RawList>(raw.extra.as_slice(), &path);
+                let name = match &raw.name {
+                    Some(n) => {
+                        if let Err(msg) = check_name(n.text()) {
+                            let at = self.at(n);
+                            self.issue(
+                                at,
+                                format!("{path}.name"),
+                                format!("list name {} {msg}", quote(n.text())),
+                            );
+                        }
+                        n.text().to_owned()
+                    }
+                    None => format!("{scope}.{field}[{i}]"),
+                };
+                if !names.insert(name.clone()) {
+                    let at = raw
+                        .name
+                        .as_ref()
+                        .map_or_else(|| self.source.to_owned(), |n| self.at(n));
+                    self.issue(
+                        at,
+                        format!("{path}.name"),
+                        format!("list name {} is used twice in {scope}", quote(&name)),
+                    );
+                }
+                let kind = if field == "block" {
+                    let action = self
+                        .action(raw.action.as_ref(), || format!("{path}.action"))
+                        .unwrap_or(Action::Drop);
+                    ListKind::Block(mode.apply(action))
+                } else {
+                    if let Some(a) = &raw.action {
+                        let at = self.at(a);
+                        self.issue(at, format!("{path}.action"), "allow lists take no action: they exempt addresses from the block lists of the same scope");
+                    }
+                    ListKind::Allow
+                };
+                let cidrs = raw.cidrs.unwrap_or_default();
+                if cidrs.is_empty() && raw.file.is_none() {
+                    let at = raw
+                        .name
+                        .as_ref()
+                        .map_or_else(|| self.source.to_owned(), |n| self.at(n));
+                    self.issue(
+                        at,
+                        path.clone(),
+                        "the list is empty: give `cidrs`, a `file`, or both",
+                    );
+                }
+                let mut v4 = Vec::new();
+                let mut v6 = Vec::new();
+                for (j, c) in cidrs.iter().enumerate() {
+                    match parse_cidr(c.text()) {
+                        Ok(IpNet::V4(n)) => v4.push(n),
+                        Ok(IpNet::V6(n)) => v6.push(n),
+                        Err(msg) => {
+                            let at = self.at(c);
+                            self.issue(at, format!("{path}.cidrs[{j}]"), msg);
+                        }
+                    }
+                }
+                if let Some(file) = &raw.file {
+                    self.list_file(file, &format!("{path}.file"), &mut v4, &mut v6);
+                }
+                v4.sort_unstable();
+                v4.dedup();
+                v6.sort_unstable();
+                v6.dedup();
+                out.push(List { name, kind, v4, v6 });
+            }
+        }
+        out
+    }
+
+    pub(super) fn list_file(
+        &mut self,
+        file: &At<Scalar>,
+        path: &str,
+        v4: &mut Vec<Ipv4Net>,
+        v6: &mut Vec<Ipv6Net>,
+    ) {
+        let at = self.at(file);
+        if !self.limits.list_files {
+            self.issue(
+                at,
+                path,
+                "this policy cannot name local files (a policy from a control plane must not make the agent read them): give the prefixes in `cidrs`",
+            );
+            return;
+        }
+        if file.text().len() > MAX_PATH_LEN {
+            self.issue(
+                at,
+                path,
+                format!(
+                    "the path {} is longer than {MAX_PATH_LEN} bytes",
+                    quote(file.text())
+                ),
+            );
+            return;
+        }
+        let full: PathBuf = self.base_dir.join(file.text());
+        let shown = escape_controls(&full.display().to_string()).into_owned();
+        let left = self.limits.max_bytes.saturating_sub(self.reads.bytes);
+        let text = match read_regular(&full, left) {
+            Ok((text, stamp)) => {
+                self.reads.bytes += text.len() as u64;
+                self.reads.files.push((full.clone(), stamp));
+                text
+            }
+            Err(err) => {
+                let err = match err {
+                    FileError::TooLarge { .. } => FileError::TooLarge {
+                        left,
+                        limit: self.limits.max_bytes,
+                    },
+                    FileError::Changed => {
+                        self.reads.changed = true;
+                        FileError::Changed
+                    }
+                    other => other,
+                };
+                self.issue(at, path, format!("cannot read list file {shown}: {err}"));
+                return;
+            }
+        };
+        let mut bad = 0usize;
+        for (n, line) in text.lines().enumerate() {
+            let entry = line.split('#').next().unwrap_or("").trim();
+            if entry.is_empty() {
+                continue;
+            }
+            match parse_cidr(entry) {
+                Ok(IpNet::V4(net)) => v4.push(net),
+                Ok(IpNet::V6(net)) => v6.push(net),
+                Err(msg) => {
+                    bad += 1;
+                    // Report the first few of a broken feed, not a million lines.
+                    if bad <= 10 {
+                        // A line is quoted only if it could be a mistyped
+                        // address: a `file:` naming a secret must not print it.
+                        let msg = if address_shaped(entry) {
+                            msg
+                        } else {
+                            "not an IP address or CIDR prefix (expected e.g. 10.0.0.0/8 or 2001:db8::/32; the line is not quoted: it does not look like an address)".to_owned()
+                        };
+                        self.issue(format!("{shown}:{}", n + 1), path, msg);
+                    }
+                }
+            }
+        }
+        if bad > 10 {
+            self.issue(
+                shown,
+                path,
+                format!("{} more bad lines not shown", bad - 10),
+            );
+        }
+    }
+
+    pub(super) fn dir_limits(
+        &mut self,
+        raw: &RawDirLimits,
+        path: &str,
+        mode: Mode,
+    ) -> Option<DirLimits> {
+        self.extra::<RawDirLimits>(raw.extra.as_slice(), path);
+        let pps = raw.pps.as_ref().and_then(|r| {
+            self.rate(
+                r,
+                raw.pps_burst.as_ref(),
+                &format!("{path}.pps"),
+                (1, MAX_PPS),
+                (1, MIN_DEFAULT_PPS_BURST),
+            )
+        });
+        let bps = raw.bps.as_ref().and_then(|r| {
+            self.rate(
+                r,
+                raw.bps_burst.as_ref(),
+                &format!("{path}.bps"),
+                (MIN_BPS, MAX_BPS),
+                (8, MIN_DEFAULT_BPS_BURST),
+            )
+        });
+        for (burst, rate, name) in [
+            (&raw.pps_burst, &raw.pps, "pps"),
+            (&raw.bps_burst, &raw.bps, "bps"),
+        ] {
+            if let (Some(b), None) = (burst, rate) {
+                let at = self.at(b);
+                self.issue(
+                    at,
+                    format!("{path}.{name}_burst"),
+                    format!("{name}_burst without {name}: a burst needs a rate"),
+                );
+            }
+        }
+        let action = self
+            .action(raw.action.as_ref(), || format!("{path}.action"))
+            .unwrap_or(Action::Drop);
+        if pps.is_none() && bps.is_none() {
+            return None;
+        }
+        Some(DirLimits {
+            pps,
+            bps,
+            action: mode.apply(action),
+        })
+    }
+
+    /// A rate within `range` at `path` and its burst (at `path`_burst), at
+    /// least `min_burst` and at most an hour of the rate; by default
+    /// [`DEFAULT_BURST_MILLIS`] of the rate, at least `default_floor`.
+    pub(super) fn rate(
+        &mut self,
+        rate: &At<Scalar>,
+        burst: Option<&At<Scalar>>,
+        path: &str,
+        (min, max): (u64, u64),
+        (min_burst, default_floor): (u64, u64),
+    ) -> Option<Rate> {
+        let rate = self.quantity(rate, path, min, max)?;
+        let burst = match burst {
+            Some(b) => self.quantity(
+                b,
+                &format!("{path}_burst"),
+                min_burst,
+                rate.saturating_mul(MAX_BURST_SECONDS),
+            )?,
+            None => default_burst(rate, default_floor),
+        };
+        Some(Rate { rate, burst })
+    }
+
+    pub(super) fn quantity(
+        &mut self,
+        raw: &At<Scalar>,
+        path: &str,
+        min: u64,
+        max: u64,
+    ) -> Option<u64> {
+        let at = self.at(raw);
+        match parse_quantity(raw.text()) {
+            Ok(n) if (min..=max).contains(&n) => Some(n),
+            Ok(n) => {
+                self.issue(
+                    at,
+                    path,
+                    format!(
+                        "{} = {n} is out of range: it must be between {min} and {max}",
+                        quote(raw.text())
+                    ),
+                );
+                None
+            }
+            Err(msg) => {
+                self.issue(at, path, msg);
+                None
+            }
+        }
+    }
+
+    pub(super) fn integer(
+        &mut self,
+        text: &str,
+        at: String,
+        path: &str,
+        min: u64,
+        max: u64,
+    ) -> Option<u64> {
+        match text.trim().parse::<u64>() {
+            Ok(n) if (min..=max).contains(&n) => Some(n),
+            _ => {
+                self.issue(
+                    at,
+                    path,
+                    format!(
+                        "{} is not a whole number between {min} and {max}",
+                        quote(text)
+                    ),
+                );
+                None
+            }
+        }
+    }
+}
+
+/// The burst of a rate that was given none: [`DEFAULT_BURST_MILLIS`] of
+/// it, at least `floor`.
+#[must_use]
+pub fn default_burst(rate: u64, floor: u64) -> u64 {
+    let burst = u128::from(rate) * u128::from(DEFAULT_BURST_MILLIS) / 1000;
+    u64::try_from(burst).unwrap_or(u64::MAX).max(floor)
+}
