@@ -197,6 +197,27 @@ fn sigterm_keeps_enforcing_and_detach_removes_everything() {
     );
 
     let dir = pins.dir().display().to_string();
+    // One interface: its links go, the maps stay.
+    let out = run_agent_to_exit(
+        &topo.host,
+        &["detach", "--bpffs", &dir, "--interface", HOST_IF],
+        Duration::from_secs(20),
+    );
+    assert!(
+        out.status.success(),
+        "detach -i: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        topo.host_programs(),
+        [],
+        "no program attached after detach -i"
+    );
+    let left = pins.pins();
+    assert!(
+        !left.iter().any(|p| p.starts_with("links/")) && left.iter().any(|p| p == "maps/CONFIG"),
+        "the maps stay after detach -i: {left:?}"
+    );
     let out = run_agent_to_exit(
         &topo.host,
         &["detach", "--bpffs", &dir],
@@ -207,7 +228,6 @@ fn sigterm_keeps_enforcing_and_detach_removes_everything() {
         "detach: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(topo.host_programs(), [], "no program attached after detach");
     assert!(pins.pins().is_empty(), "no pin left: {:?}", pins.pins());
     assert!(!pins.dir().exists(), "the pin directory is gone");
     assert_eq!(
