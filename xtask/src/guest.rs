@@ -329,11 +329,21 @@ fn run_guest(vng_bin: &Path, kernel: &Path, script: &Path) -> anyhow::Result<()>
         .env("PATH", path)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
+        // Piped too, not inherited: with our stderr a file, what vng and
+        // QEMU write to it left it truncated and full of blanks.
+        .stderr(Stdio::piped())
         .spawn()
         .context("starting vng")?;
     let stdout = child.stdout.take().context("vng's stdout")?;
+    let stderr = child.stderr.take().context("vng's stderr")?;
+    let errors = std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("{line}");
+        }
+    });
     // The guest's output goes on to ours as it comes; a watchdog thread
-    // kills vng at the deadline (its pid, which is ours to end).
+    // kills vng (its pid, which is ours to end) at the deadline, or at once
+    // if this function returns early with an error.
     let pid = child.id();
     let (done, watchdog) = std::sync::mpsc::channel::<()>();
     let guard = std::thread::spawn(move || {
@@ -349,6 +359,7 @@ fn run_guest(vng_bin: &Path, kernel: &Path, script: &Path) -> anyhow::Result<()>
     let exit = child.wait().context("waiting for vng")?;
     let _ = done.send(());
     let _ = guard.join();
+    let _ = errors.join();
     if !exit.success() {
         bail!("the tests in the 6.1 guest failed ({exit})");
     }
