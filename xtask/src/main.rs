@@ -57,9 +57,10 @@ enum Cmd {
     /// then `bench --quick` into target/bench-quick. Arguments after `--` go
     /// to `cargo test` (and skip the quick benchmarks).
     ///
-    /// With `--kernel 6.1`, instead: the kernel tests and a short end-to-end
-    /// test inside a Linux 6.1 guest (QEMU, virtme-ng), installing what that
-    /// needs (Debian packages, virtme-ng in a virtualenv) when it is missing.
+    /// With `--kernel 6.1`, instead: a selection of the kernel tests and a
+    /// short end-to-end test inside a Linux 6.1 guest (QEMU, virtme-ng),
+    /// installing what that needs (Debian packages, virtme-ng in a
+    /// virtualenv) when it is missing.
     Test {
         /// Skip clippy and the format check.
         #[arg(long)]
