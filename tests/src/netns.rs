@@ -64,6 +64,16 @@ const NAME_PREFIX: &str = "mmt";
 
 /// How long the agent may take to load, attach and say it is running.
 pub const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// [`AGENT_READY_TIMEOUT`], unless `$MMESH_AGENT_READY_TIMEOUT` gives
+/// seconds: the Linux 6.1 guest of `cargo xtask test --kernel 6.1` emulates
+/// its CPU, and the verifier alone takes minutes there.
+fn agent_ready_timeout() -> Duration {
+    std::env::var("MMESH_AGENT_READY_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map_or(AGENT_READY_TIMEOUT, Duration::from_secs)
+}
+
 /// How long the agent may take to exit after SIGTERM.
 pub const AGENT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -913,7 +923,8 @@ impl Agent {
             readers,
             stalled,
         };
-        let deadline = Instant::now() + AGENT_READY_TIMEOUT;
+        let timeout = agent_ready_timeout();
+        let deadline = Instant::now() + timeout;
         loop {
             if ready(&agent) {
                 return agent;
@@ -934,7 +945,7 @@ impl Agent {
                 let logs = agent.logs().join("\n");
                 drop(agent);
                 panic!(
-                    "mmesh-agent {} did not report {AGENT_READY_LINE:?} within {AGENT_READY_TIMEOUT:?}; stderr:\n{logs}",
+                    "mmesh-agent {} did not report {AGENT_READY_LINE:?} within {timeout:?}; stderr:\n{logs}",
                     args.join(" ")
                 );
             }

@@ -1,5 +1,6 @@
 //! `cargo xtask`: setup, build, run and test mmesh.
 
+mod guest;
 mod setup;
 
 use std::{
@@ -55,10 +56,18 @@ enum Cmd {
     /// (`BPF_PROG_TEST_RUN`), end-to-end tests in network namespaces (root),
     /// then `bench --quick` into target/bench-quick. Arguments after `--` go
     /// to `cargo test` (and skip the quick benchmarks).
+    ///
+    /// With `--kernel 6.1`, instead: a selection of the kernel tests and a
+    /// short end-to-end test inside a Linux 6.1 guest (QEMU, virtme-ng),
+    /// installing what that needs (Debian packages, virtme-ng in a
+    /// virtualenv) when it is missing.
     Test {
         /// Skip clippy and the format check.
         #[arg(long)]
         no_lint: bool,
+        /// Run the tests in a guest with this kernel instead of on the host.
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(guest::KERNELS))]
+        kernel: Option<String>,
         #[arg(last = true)]
         args: Vec<String>,
     },
@@ -86,9 +95,27 @@ fn main() -> anyhow::Result<()> {
             }
             bench(true, &args)
         }
-        Cmd::Test { no_lint, args } => {
+        Cmd::Test {
+            no_lint,
+            kernel,
+            args,
+        } => {
             setup::ensure(false)?;
-            test(no_lint, &args)
+            match kernel {
+                Some(_) => {
+                    if !args.is_empty() {
+                        bail!("--kernel runs a fixed selection of tests: no arguments after `--`");
+                    }
+                    if !is_root() {
+                        bail!(
+                            "the guest stage installs Debian packages and its tests load eBPF programs: run it as root"
+                        );
+                    }
+                    let agent = build(false)?;
+                    guest::test(&std::fs::canonicalize(&agent)?)
+                }
+                None => test(no_lint, &args),
+            }
         }
     }
 }
@@ -110,7 +137,8 @@ pub fn status(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn cargo() -> Command {
+#[must_use]
+pub fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 

@@ -1,0 +1,182 @@
+//! A short end-to-end run that means the same on every kernel: the real
+//! agent attaches to a veth (TCX links from Linux 6.6, the clsact qdisc
+//! before), a block list drops, a bit-rate limit admits its burst and no
+//! more, and stopping detaches everything it added. It runs on the host with
+//! the rest of the suite and, through `cargo xtask test --kernel 6.1`,
+//! inside a 6.1 guest, where the clsact path is the one taken.
+//!
+//! Nothing here depends on timing: the rate limit is 16 bit/s, so no pause
+//! of a slow (emulated) machine refills a frame's worth of tokens.
+//!
+//! Needs root.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::{Mutex, PoisonError},
+    time::Duration,
+};
+
+use mmesh_tests::netns::{
+    Agent, HOST_IF, NetNs, Pace, PolicyFile, Topology, UdpSink, run, send_udp,
+};
+
+const ALPHA: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 0, 10));
+const ORDINARY: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 0, 100));
+const BLOCKED: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 1, 1));
+const PORT: u16 = 5000;
+const PACKETS: u64 = 20;
+/// UDP payload of a 1000-byte frame (Ethernet, IPv4 and UDP headers: 42).
+const PAYLOAD: usize = 1000 - 42;
+/// A sink is done once nothing arrived for this long after the sender.
+const SINK_IDLE: Duration = Duration::from_millis(500);
+
+/// alpha may send 16 bit/s with a burst of 16 kbit (2000 bytes): two
+/// 1000-byte frames, then one more every 500 s.
+const POLICY: &str = "
+global:
+  events_per_second: 100000
+  block:
+    - name: blocked
+      cidrs: [10.77.1.0/24]
+accounts:
+  - id: alpha
+    prefixes: [10.77.0.10/32]
+    limits:
+      outbound: { bps: 16, bps_burst: 16k }
+";
+
+/// One test at a time: both use the same interface names.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Whether the running kernel has TCX (Linux 6.6 and later).
+fn kernel_has_tcx() -> bool {
+    let release =
+        std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("reading the kernel release");
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) >= (6, 6)
+}
+
+/// `tc ARGS` in `ns`.
+fn tc(ns: &NetNs, args: &[&str]) -> String {
+    run(ns.command("tc").args(args))
+}
+
+fn has_clsact(ns: &NetNs) -> bool {
+    tc(ns, &["qdisc", "show", "dev", HOST_IF]).contains("clsact")
+}
+
+/// The names of the programs attached to [`HOST_IF`] on TC: from the TCX
+/// lists, or from the clsact filters before TCX.
+fn tc_programs(topo: &Topology) -> Vec<String> {
+    if kernel_has_tcx() {
+        return topo
+            .host_programs()
+            .into_iter()
+            .filter(|(hook, _)| hook.starts_with("tcx"))
+            .map(|(_, name)| name)
+            .collect();
+    }
+    if !has_clsact(&topo.host) {
+        return Vec::new();
+    }
+    ["ingress", "egress"]
+        .iter()
+        .flat_map(|side| {
+            tc(&topo.host, &["filter", "show", "dev", HOST_IF, side])
+                .split_whitespace()
+                .filter(|w| w.starts_with("tc_"))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Sends [`PACKETS`] 1000-byte datagrams from `src` in `from` to `dst` in
+/// `to`; returns how many arrived.
+fn arrivals(from: &NetNs, src: IpAddr, to: &NetNs, dst: IpAddr) -> u64 {
+    let sink = UdpSink::bind(to, SocketAddr::new(dst, PORT));
+    let socket = from.udp_socket(SocketAddr::new(src, 0));
+    let sent = send_udp(
+        &socket,
+        sink.local_addr(),
+        Pace {
+            pps: 1000,
+            packets: PACKETS,
+            payload: PAYLOAD,
+        },
+    );
+    assert_eq!(sent.packets, PACKETS, "every datagram was sent");
+    sink.finish(SINK_IDLE).packets_from(src)
+}
+
+fn topology(tag: &str) -> Topology {
+    let topo = Topology::new(tag);
+    topo.add_host_addrs(&[ALPHA]);
+    topo.add_remote_addrs(&[ORDINARY, BLOCKED]);
+    topo
+}
+
+/// The agent as an uplink on [`HOST_IF`]: attach, block, limit, detach.
+fn attach_block_limit_detach(topo: &Topology, clsact_before: bool) {
+    let policy = PolicyFile::new("smoke", POLICY);
+    let mut agent = Agent::start(&topo.host, policy.path(), &[&format!("{HOST_IF}:uplink")]);
+    let tcx = kernel_has_tcx();
+    let mode = if tcx { "tc=\"tcx\"" } else { "tc=\"clsact\"" };
+    assert!(
+        agent
+            .logs()
+            .iter()
+            .any(|l| l.contains("attached") && l.contains(mode)),
+        "the agent attaches with {mode}:\n{}",
+        agent.logs().join("\n")
+    );
+    assert_eq!(
+        tc_programs(topo),
+        ["tc_inbound", "tc_outbound"],
+        "the receive program on TC ingress (a veth), the transmit program on egress"
+    );
+
+    // The block list, inbound; ordinary traffic passes.
+    assert_eq!(arrivals(&topo.remote, BLOCKED, &topo.host, ALPHA), 0);
+    assert_eq!(arrivals(&topo.remote, ORDINARY, &topo.host, ALPHA), PACKETS);
+    // The bit-rate limit, outbound: the 2000-byte burst holds two frames.
+    assert_eq!(arrivals(&topo.host, ALPHA, &topo.remote, ORDINARY), 2);
+
+    let status = agent.stop();
+    assert!(status.success(), "the agent exits 0 on SIGTERM: {status}");
+    assert!(
+        tc_programs(topo).is_empty(),
+        "no program attached after the agent stopped"
+    );
+    assert_eq!(
+        has_clsact(&topo.host),
+        clsact_before,
+        "the clsact qdisc is there after the agent stopped exactly when it was there before"
+    );
+    assert_eq!(
+        arrivals(&topo.remote, BLOCKED, &topo.host, ALPHA),
+        PACKETS,
+        "nothing is blocked once the agent stopped"
+    );
+}
+
+#[test]
+fn attach_block_limit_detach_on_a_bare_device() {
+    let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    let topo = topology("smk1");
+    attach_block_limit_detach(&topo, false);
+}
+
+/// Before TCX the agent shares a clsact qdisc someone else added, and
+/// leaves it where it was; with TCX it does not touch it.
+#[test]
+fn a_clsact_qdisc_that_was_there_stays() {
+    let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    let topo = topology("smk2");
+    tc(&topo.host, &["qdisc", "add", "dev", HOST_IF, "clsact"]);
+    attach_block_limit_detach(&topo, true);
+}
