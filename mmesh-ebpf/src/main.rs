@@ -146,7 +146,11 @@ fn tc_verdict(ctx: &TcContext, direction: Direction) -> i32 {
         data: ctx.data(),
         data_end: ctx.data_end(),
         len,
-        segs: segs.max(1),
+        // The kernel keeps gso_segs in a u16, but `__sk_buff` hands it over
+        // as a u32 the verifier knows nothing about: the mask tells it the
+        // bound, and cuts the instructions it walks on 6.18 from ~145k to
+        // ~43k (the arithmetic of `wire_bytes` no longer forks its states).
+        segs: (segs & 0xffff).max(1),
         ifindex,
     };
     // Fail open, as in `xdp_verdict`. Passing is TC_ACT_UNSPEC so that
