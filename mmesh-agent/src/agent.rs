@@ -238,7 +238,8 @@ fn has_errno(err: &(dyn std::error::Error + 'static), errno: i32) -> bool {
 }
 
 /// The datapath, shared between the enforcer (which changes it) and the
-/// summary (which reads counters when the enforcer is not writing).
+/// summary (which reads the attachment list when the enforcer is not
+/// writing; counters it reads through handles of its own).
 type Shared = Arc<Mutex<Datapath>>;
 
 fn lock(dp: &Shared) -> MutexGuard<'_, Datapath> {
@@ -382,6 +383,16 @@ impl Enforcer {
                     continue;
                 }
                 (Err(InterfaceError::Unknown(_)), None) => continue,
+                (Err(err @ InterfaceError::Unreadable { .. }), Some(_)) => {
+                    // Fail closed: a failed query says nothing about the
+                    // interface, so what is attached stays attached.
+                    let text = err.to_string();
+                    if self.last_error.get(&spec.name) != Some(&text) {
+                        tracing::warn!(interface = %spec.name, "{text}; keeping the attachment");
+                        self.last_error.insert(spec.name.clone(), text);
+                    }
+                    continue;
+                }
                 (_, Some(ifindex)) => {
                     dp.detach(&spec.name);
                     self.links.lost.fetch_add(1, Ordering::Relaxed);
