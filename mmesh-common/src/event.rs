@@ -32,7 +32,11 @@ pub struct Event {
     pub flags: u8,
     pub sport: u16,
     pub dport: u16,
-    pub _pad: [u8; 6],
+    /// Padding, as two integers: a zeroed byte array here becomes a call
+    /// to a byte-by-byte `memset` in the BPF object, which the verifier
+    /// walks again in every state it explores.
+    pub _pad16: u16,
+    pub _pad32: u32,
     pub src: [u8; 16],
     pub dst: [u8; 16],
 }

@@ -166,15 +166,16 @@ fn emit(
         flags: pkt.flags,
         sport: pkt.sport,
         dport: pkt.dport,
-        _pad: [0; 6],
+        _pad16: 0,
+        _pad32: 0,
         src: [0; 16],
         dst: [0; 16],
     };
     match pkt.addrs {
         Some(Addrs::V4 { src, dst }) => {
             event.family = 4;
-            event.src[..4].copy_from_slice(&src);
-            event.dst[..4].copy_from_slice(&dst);
+            event.src = crate::flow::widen(src);
+            event.dst = crate::flow::widen(dst);
         }
         Some(Addrs::V6 { src, dst }) => {
             event.family = 6;
