@@ -11,7 +11,7 @@ use std::os::fd::OwnedFd;
 use aya::maps::{Map, MapData, MapError, PerCpuArray};
 use mmesh_common::{
     Direction, Reason, Verdict,
-    maps::{Counter, STATS_LEN, names, totals_index},
+    maps::{Counter, STATS_LEN, TOTALS_LEN, names, totals_index},
 };
 
 use crate::datapath::Totals;
@@ -67,45 +67,45 @@ impl CounterReader {
     /// The totals and health counters, summed over CPUs (what
     /// `Datapath::totals` reads, through these handles).
     pub fn totals(&self) -> Result<Totals, CounterError> {
-        let mut out = Totals::default();
-        for reason in Reason::ALL {
-            for verdict in Verdict::ALL {
-                for direction in Direction::ALL {
-                    let index = totals_index(reason as u8, verdict as u8, direction as u8);
-                    let values =
-                        self.totals
-                            .get(&index, 0)
-                            .map_err(|source| CounterError::Read {
-                                map: names::TOTALS,
-                                source,
-                            })?;
-                    let sum = values.iter().fold(Counter::default(), |a, c| Counter {
-                        packets: a.packets + c.packets,
-                        bytes: a.bytes + c.bytes,
-                    });
-                    if sum.packets > 0 {
-                        out.counters.insert((reason, verdict, direction), sum);
-                    }
+        read_totals(&self.totals, &self.stats)
+            .map_err(|(map, source)| CounterError::Read { map, source })
+    }
+}
+
+/// The totals and health counters of a `TOTALS` and a `STATS` map, summed
+/// over CPUs; on failure, the map that could not be read. Shared by
+/// [`CounterReader::totals`] and `Datapath::totals`.
+pub(crate) fn read_totals(
+    totals: &PerCpuArray<MapData, Counter>,
+    stats: &PerCpuArray<MapData, u64>,
+) -> Result<Totals, (&'static str, MapError)> {
+    let mut out = Totals::default();
+    for reason in Reason::ALL {
+        for verdict in Verdict::ALL {
+            for direction in Direction::ALL {
+                let index = totals_index(reason as u8, verdict as u8, direction as u8);
+                debug_assert!(index < TOTALS_LEN);
+                let values = totals.get(&index, 0).map_err(|e| (names::TOTALS, e))?;
+                let sum = values.iter().fold(Counter::default(), |a, c| Counter {
+                    packets: a.packets + c.packets,
+                    bytes: a.bytes + c.bytes,
+                });
+                if sum.packets > 0 {
+                    out.counters.insert((reason, verdict, direction), sum);
                 }
             }
         }
-        let mut stats = [0u64; STATS_LEN as usize];
-        for (i, stat) in stats.iter_mut().enumerate() {
-            let values = self
-                .stats
-                .get(&(i as u32), 0)
-                .map_err(|source| CounterError::Read {
-                    map: names::STATS,
-                    source,
-                })?;
-            *stat = values.iter().sum();
-        }
-        [
-            out.events_lost,
-            out.counters_full,
-            out.rate_contended,
-            out.pull_failed,
-        ] = stats;
-        Ok(out)
     }
+    let mut sums = [0u64; STATS_LEN as usize];
+    for (i, stat) in sums.iter_mut().enumerate() {
+        let values = stats.get(&(i as u32), 0).map_err(|e| (names::STATS, e))?;
+        *stat = values.iter().sum();
+    }
+    [
+        out.events_lost,
+        out.counters_full,
+        out.rate_contended,
+        out.pull_failed,
+    ] = sums;
+    Ok(out)
 }

@@ -11,8 +11,8 @@ use aya::maps::{HashMap, IterableMap as _, LpmTrie, MapData, MapError};
 use mmesh_common::{
     Direction, Reason, Verdict,
     maps::{
-        ACCOUNT_ACTIVE, AccountConfig, Counter, NO_ACCOUNT, SCOPE_BITS, STATS_LEN, TOTALS_LEN,
-        account_index, flow_generation, flow_tag_parts, names, totals_index,
+        ACCOUNT_ACTIVE, AccountConfig, Counter, NO_ACCOUNT, SCOPE_BITS, account_index,
+        flow_generation, flow_tag_parts, names,
     },
     stride,
 };
@@ -263,43 +263,8 @@ impl Datapath {
 
     /// Totals summed over CPUs.
     pub fn totals(&self) -> Result<Totals, DatapathError> {
-        let mut out = Totals::default();
-        for reason in Reason::ALL {
-            for verdict in Verdict::ALL {
-                for direction in Direction::ALL {
-                    let index = totals_index(reason as u8, verdict as u8, direction as u8);
-                    debug_assert!(index < TOTALS_LEN);
-                    let values = self
-                        .maps
-                        .totals
-                        .get(&index, 0)
-                        .map_err(|e| DatapathError::map(names::TOTALS, e))?;
-                    let sum = values.iter().fold(Counter::default(), |a, c| Counter {
-                        packets: a.packets + c.packets,
-                        bytes: a.bytes + c.bytes,
-                    });
-                    if sum.packets > 0 {
-                        out.counters.insert((reason, verdict, direction), sum);
-                    }
-                }
-            }
-        }
-        let mut stats = [0u64; STATS_LEN as usize];
-        for (i, stat) in stats.iter_mut().enumerate() {
-            let values = self
-                .maps
-                .stats
-                .get(&(i as u32), 0)
-                .map_err(|e| DatapathError::map(names::STATS, e))?;
-            *stat = values.iter().sum();
-        }
-        [
-            out.events_lost,
-            out.counters_full,
-            out.rate_contended,
-            out.pull_failed,
-        ] = stats;
-        Ok(out)
+        crate::counters::read_totals(&self.maps.totals, &self.maps.stats)
+            .map_err(|(map, e)| DatapathError::map(map, e))
     }
 
     /// Counters of one account slot, summed over CPUs.
