@@ -242,10 +242,10 @@ mod tests {
     use std::{
         io,
         net::{IpAddr, Ipv4Addr},
-        sync::Condvar,
     };
 
     use super::*;
+    use crate::sink::test_writers::Stalled;
 
     fn batch(first: u64, n: u64) -> Batch {
         (first..first + n)
@@ -269,31 +269,6 @@ mod tests {
                 bytes: 60,
             })
             .collect()
-    }
-
-    /// A writer that blocks until released, like a pipe nobody reads.
-    #[derive(Clone, Default)]
-    struct Stalled(Arc<(Mutex<bool>, Condvar)>);
-
-    impl Stalled {
-        fn release(&self) {
-            *self.0.0.lock().unwrap() = true;
-            self.0.1.notify_all();
-        }
-    }
-
-    impl Write for Stalled {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            let mut open = self.0.0.lock().unwrap();
-            while !*open {
-                open = self.0.1.wait(open).unwrap();
-            }
-            Ok(buf.len())
-        }
-
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
     }
 
     /// A writer into shared memory.

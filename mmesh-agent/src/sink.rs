@@ -199,21 +199,21 @@ pub fn escape_controls(s: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// Writers that misbehave like the other end of a pipe, for the tests of
+/// the output paths (here and in `fanout`).
 #[cfg(test)]
-mod tests {
+pub(crate) mod test_writers {
     use std::{
-        io,
-        sync::{Condvar, Mutex},
+        io::{self, Write},
+        sync::{Arc, Condvar, Mutex},
     };
-
-    use super::*;
 
     /// A writer that blocks until released, like a pipe nobody reads.
     #[derive(Clone, Default)]
-    struct Stalled(Arc<(Mutex<bool>, Condvar)>);
+    pub(crate) struct Stalled(Arc<(Mutex<bool>, Condvar)>);
 
     impl Stalled {
-        fn release(&self) {
+        pub(crate) fn release(&self) {
             *self.0.0.lock().unwrap() = true;
             self.0.1.notify_all();
         }
@@ -232,6 +232,13 @@ mod tests {
             Ok(())
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use super::{test_writers::Stalled, *};
 
     struct Closed;
 
