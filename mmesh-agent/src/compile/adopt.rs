@@ -31,14 +31,7 @@ pub fn compile_adopting<S: std::hash::BuildHasher>(
     held: &HashMap<u128, u32, S>,
     capacity: &Capacity,
 ) -> Result<Compiled, CompileError> {
-    if policy.accounts.len() > capacity.accounts as usize {
-        return Err(CompileError::OverCapacity {
-            what: "accounts",
-            needed: policy.accounts.len(),
-            capacity: capacity.accounts,
-            flag: "--max-accounts",
-        });
-    }
+    super::accounts_fit(policy, capacity)?;
     let global = Arc::new(compile_global(&policy.global.lists, capacity)?);
     let usable = |slot: u32| (1..=capacity.accounts).contains(&slot);
     let mut out = Accounts {

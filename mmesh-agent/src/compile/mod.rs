@@ -307,6 +307,19 @@ impl Compiled {
     }
 }
 
+/// Refuses a policy with more accounts than the maps hold.
+pub(super) fn accounts_fit(policy: &Policy, capacity: &Capacity) -> Result<(), CompileError> {
+    if policy.accounts.len() > capacity.accounts as usize {
+        return Err(CompileError::OverCapacity {
+            what: "accounts",
+            needed: policy.accounts.len(),
+            capacity: capacity.accounts,
+            flag: "--max-accounts",
+        });
+    }
+    Ok(())
+}
+
 /// Compiles `policy`. With the `previous` compiled policy, accounts keep
 /// their slots, and every piece whose source is unchanged is reused as it
 /// is (the same `Arc`), which is what lets the datapath skip it.
@@ -321,14 +334,7 @@ pub fn compile(
     previous: Option<&Compiled>,
     capacity: &Capacity,
 ) -> Result<Compiled, CompileError> {
-    if policy.accounts.len() > capacity.accounts as usize {
-        return Err(CompileError::OverCapacity {
-            what: "accounts",
-            needed: policy.accounts.len(),
-            capacity: capacity.accounts,
-            flag: "--max-accounts",
-        });
-    }
+    accounts_fit(policy, capacity)?;
     // (An empty `Compiled` allocates the empty stride tables: only when needed.)
     let empty;
     let previous = if let Some(previous) = previous {
