@@ -39,6 +39,7 @@ use crate::{
     counters::CounterReader,
     datapath::{
         Datapath, Totals,
+        error::is_errno,
         pin::{Pins, build_identity},
     },
     events::{self, Names},
@@ -152,7 +153,7 @@ fn start(opts: &RunOptions) -> anyhow::Result<Started> {
         None => Datapath::load(opts.capacity),
     };
     let mut dp = loaded.map_err(|err| {
-        if has_errno(&err, libc::ENOMEM) {
+        if is_errno(&err, libc::ENOMEM) {
             anyhow::anyhow!(
                 "{err}: the kernel refused memory for the maps; lower the largest --max-* option (`mmesh-agent policy show` prints what the maps hold)"
             )
@@ -220,21 +221,6 @@ fn start(opts: &RunOptions) -> anyhow::Result<Started> {
         interfaces,
         policy,
     })
-}
-
-/// Whether an `errno` is anywhere in the chain of `err`.
-fn has_errno(err: &(dyn std::error::Error + 'static), errno: i32) -> bool {
-    let mut cur = Some(err);
-    while let Some(e) = cur {
-        if e.downcast_ref::<std::io::Error>()
-            .and_then(std::io::Error::raw_os_error)
-            == Some(errno)
-        {
-            return true;
-        }
-        cur = e.source();
-    }
-    false
 }
 
 /// The datapath, shared between the enforcer (which changes it) and the

@@ -144,7 +144,7 @@ pub(super) fn is_permission(err: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-pub(super) fn is_errno(err: &(dyn std::error::Error + 'static), errno: i32) -> bool {
+pub(crate) fn is_errno(err: &(dyn std::error::Error + 'static), errno: i32) -> bool {
     let mut cur = Some(err);
     while let Some(e) = cur {
         if let Some(io) = e.downcast_ref::<std::io::Error>()

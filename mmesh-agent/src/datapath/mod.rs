@@ -23,7 +23,7 @@
 //! back from the kernel before its next use.
 
 mod attach;
-mod error;
+pub(crate) mod error;
 mod load;
 pub mod pin;
 mod read;
