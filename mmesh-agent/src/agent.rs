@@ -237,13 +237,55 @@ fn lock(dp: &Shared) -> MutexGuard<'_, Datapath> {
 }
 
 /// What the enforcer is asked to do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Command {
+#[derive(Debug)]
+pub enum Command {
     /// Re-read the policy file and apply it (SIGHUP).
     Reload,
+    /// Apply a validated policy from another source, and answer.
+    Apply(Box<Change>),
     /// Bring the attachments in line with the configured interfaces.
     Reconcile,
     Stop,
+}
+
+/// A validated policy for the enforcer, and where its answer goes.
+#[derive(Debug)]
+pub struct Change {
+    pub policy: Policy,
+    /// Names the source in log lines, e.g. "control plane".
+    pub source: &'static str,
+    pub reply: oneshot::Sender<Outcome>,
+}
+
+/// The enforcer's answer to a policy.
+#[derive(Debug)]
+pub enum Outcome {
+    /// In force: its generation, and the time from the enforcer taking it
+    /// up to the flip.
+    Applied { generation: u64, took: Duration },
+    /// Refused; `generation` stays in force.
+    Rejected { generation: u64, reason: String },
+}
+
+/// Where policies from other sources than the file go: the enforcer, which
+/// answers each with an [`Outcome`].
+#[derive(Clone, Debug)]
+pub struct Enforcement(mpsc::Sender<Command>);
+
+impl Enforcement {
+    /// Hands `policy` to the enforcer and waits for its answer (`None`: the
+    /// agent is stopping).
+    pub async fn apply(&self, policy: Policy, source: &'static str) -> Option<Outcome> {
+        let (reply, answer) = oneshot::channel();
+        self.0
+            .send(Command::Apply(Box::new(Change {
+                policy,
+                source,
+                reply,
+            })))
+            .ok()?;
+        answer.await.ok()
+    }
 }
 
 /// Counters of the interfaces, for the summary.
@@ -268,7 +310,12 @@ struct Enforcer {
     /// Per interface, the last attach error logged (logged again only when
     /// it changes, not at every tick).
     last_error: std::collections::HashMap<String, String>,
+    /// A control plane's policy is in force: the file is no longer read.
+    remote: bool,
 }
+
+/// The source name of policies from the control plane.
+pub const CONTROL_PLANE: &str = "control plane";
 
 impl Enforcer {
     /// Starts the enforcer thread; returns where to send it commands and
@@ -291,42 +338,71 @@ impl Enforcer {
     /// reconciliation stand for any number of requests.
     fn run(mut self, rx: &mpsc::Receiver<Command>) {
         while let Ok(first) = rx.recv() {
-            let mut pending = vec![first];
-            pending.extend(rx.try_iter());
-            if pending.contains(&Command::Stop) {
-                return;
+            let (mut reload, mut reconcile) = (false, false);
+            for command in std::iter::once(first).chain(rx.try_iter()) {
+                match command {
+                    Command::Stop => return,
+                    Command::Reload => reload = true,
+                    Command::Reconcile => reconcile = true,
+                    // Each answered, in the order they came.
+                    Command::Apply(change) => {
+                        let Change {
+                            policy,
+                            source,
+                            reply,
+                        } = *change;
+                        let _ = reply.send(self.apply(policy, source));
+                    }
+                }
             }
-            if pending.contains(&Command::Reload) {
+            if reload {
                 self.reload();
             }
-            if pending.contains(&Command::Reconcile) {
+            if reconcile {
                 self.reconcile();
             }
         }
     }
 
+    /// Re-reads the policy file and applies it (SIGHUP).
     fn reload(&mut self) {
         let Some(path) = &self.policy else {
             tracing::info!("SIGHUP: running the embedded default policy, nothing to reload");
             return;
         };
+        if self.remote {
+            tracing::info!(
+                "SIGHUP: the control plane's policy is in force; the policy file is only read before it has sent one"
+            );
+            return;
+        }
+        match Policy::from_file_with(path, &self.limits) {
+            Ok(policy) => {
+                self.apply(policy, "SIGHUP");
+            }
+            Err(err) => tracing::error!(
+                generation = lock(&self.dp).generation(),
+                "SIGHUP: policy rejected, the running policy stays in force: {}",
+                escape_controls(&err.to_string())
+            ),
+        }
+    }
+
+    /// Compiles `policy` against the one in force and applies it; logs and
+    /// answers the outcome. `source` names where it came from.
+    fn apply(&mut self, policy: Policy, source: &'static str) -> Outcome {
+        let started = Instant::now();
         let (active, capacity) = {
             let dp = lock(&self.dp);
             (dp.active().cloned(), *dp.capacity())
         };
-        // Read, validate and compile without the lock: the summary goes on.
-        let prepared = Policy::from_file_with(path, &self.limits)
-            .map_err(anyhow::Error::from)
-            .and_then(|policy| {
-                let compiled = compile_for(active.as_deref(), &capacity, &policy)?;
-                Ok((policy, compiled))
-            });
-        let result = prepared.and_then(|(policy, compiled)| {
+        // Compile without the lock: the summary goes on.
+        let result = compile_for(active.as_deref(), &capacity, &policy).and_then(|compiled| {
             let summary = describe(&policy, &compiled);
             let removal = Removal::between(&self.running, &policy);
             if removal.removes_most() {
                 tracing::warn!(
-                    "SIGHUP: the new policy {removal}; applying it, but if that is not intended, restore the file (replace policy files by rename, never write them in place)"
+                    "{source}: the new policy {removal}; applying it, but if that is not intended, restore the previous one (replace policy files by rename, never write them in place)"
                 );
             }
             let mut dp = lock(&self.dp);
@@ -336,18 +412,30 @@ impl Enforcer {
                 // In force already; the standby half is repaired next time.
                 tracing::warn!(%err, "could not bring the standby copy of the policy up to date");
             }
-            self.running = policy;
             Ok((generation, summary))
         });
         match result {
             Ok((generation, summary)) => {
-                tracing::info!(generation, "SIGHUP: policy reloaded: {summary}");
+                let took = started.elapsed();
+                tracing::info!(
+                    generation,
+                    took_ms = took.as_secs_f64() * 1e3,
+                    "{source}: policy in force: {summary}"
+                );
+                self.remote |= source == CONTROL_PLANE;
+                self.running = policy;
+                Outcome::Applied { generation, took }
             }
-            Err(err) => tracing::error!(
-                generation = lock(&self.dp).generation(),
-                "SIGHUP: policy rejected, the running policy stays in force: {}",
-                escape_controls(&format!("{err:#}"))
-            ),
+            Err(err) => {
+                let generation = lock(&self.dp).generation();
+                let reason = format!("{err:#}");
+                tracing::error!(
+                    generation,
+                    "{source}: policy rejected, the running policy stays in force: {}",
+                    escape_controls(&reason)
+                );
+                Outcome::Rejected { generation, reason }
+            }
         }
     }
 
@@ -466,6 +554,7 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
         receive_hook: opts.receive_hook,
         links: links.clone(),
         last_error: std::collections::HashMap::new(),
+        remote: false,
     }
     .spawn()?;
     watch_links(commands.clone());
