@@ -36,6 +36,12 @@ use tokio::{
 
 use crate::{
     compile::{Capacity, Compiled, compile, compile_adopting},
+    control::{
+        client::{self, Client, HostFacts, StatusFn},
+        convert,
+        held::Held,
+        proto, reports,
+    },
     counters::CounterReader,
     datapath::{
         Datapath, Totals,
@@ -66,6 +72,8 @@ pub struct RunOptions {
     /// `datapath::pin::prepare`; `None`: ephemeral, everything detached at
     /// exit.
     pub pins: Option<PathBuf>,
+    /// The control plane to take policy from, if any.
+    pub control: Option<client::Options>,
 }
 
 /// Where the agent's output goes.
@@ -117,12 +125,53 @@ struct Started {
     names: Names,
     interfaces: Vec<InterfaceSpec>,
     policy: Policy,
+    /// The control-plane policy in force: the last-known-good one.
+    held: Option<Held>,
+}
+
+/// The policy to start with: with a control plane, its last-known-good
+/// policy when one is stored and valid; else the file, or the embedded
+/// default.
+fn first_policy(opts: &RunOptions) -> anyhow::Result<(Policy, Option<Held>)> {
+    if let Some(store) = opts.control.as_ref().and_then(|c| c.store.as_ref()) {
+        match store.load(opts.limits.max_bytes) {
+            Ok(Some(lkg)) => {
+                let name = format!(
+                    "last-known-good version {} ({})",
+                    escape_controls(&lkg.version),
+                    store.path().display()
+                );
+                let held = Held::snapshot(lkg.version, lkg.policy.unwrap_or_default());
+                match convert::validate(&held.message(), &held.version, &name, &opts.limits) {
+                    Ok(policy) => {
+                        tracing::info!(
+                            version = %escape_controls(&held.version),
+                            "starting with the last-known-good policy from the control plane, until it answers"
+                        );
+                        return Ok((policy, Some(held)));
+                    }
+                    Err(err) => {
+                        tracing::warn!(
+                            "{}; starting without it",
+                            escape_controls(&err.to_string())
+                        );
+                    }
+                }
+            }
+            Ok(None) => tracing::info!(
+                path = %store.path().display(),
+                "no last-known-good policy stored yet"
+            ),
+            Err(err) => tracing::warn!("{err}; starting without it"),
+        }
+    }
+    Ok((load_policy(opts.policy.as_ref(), &opts.limits)?, None))
 }
 
 /// Everything before the loop: blocking work (files, the verifier, map
 /// writes), run off the async threads so that signals are watched meanwhile.
 fn start(opts: &RunOptions) -> anyhow::Result<Started> {
-    let policy = load_policy(opts.policy.as_ref(), &opts.limits)?;
+    let (policy, held) = first_policy(opts)?;
     let interfaces = if opts.interfaces.is_empty() {
         let name = interface::default_route()?;
         tracing::info!(interface = %name, "no --interface given: attaching to the default-route interface as uplink");
@@ -220,6 +269,7 @@ fn start(opts: &RunOptions) -> anyhow::Result<Started> {
         names,
         interfaces,
         policy,
+        held,
     })
 }
 
@@ -516,6 +566,7 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
         names,
         interfaces,
         policy,
+        held,
     } = tokio::select! {
         started = startup => started.context("the start-up task")??,
         _ = interrupt.recv() => {
@@ -542,11 +593,16 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
     });
 
     let mut summary = Summary::start(&dp, &interfaces)?;
+    let control = match &opts.control {
+        Some(c) => Some((c.clone(), ControlParts::new(&dp, &out)?)),
+        None => None,
+    };
     let dp: Shared = Arc::new(Mutex::new(dp));
     let links = Arc::new(LinkStats::default());
+    let remote = held.is_some();
     let (commands, enforcer_done) = Enforcer {
         dp: dp.clone(),
-        names,
+        names: names.clone(),
         policy: opts.policy.clone(),
         limits: opts.limits.clone(),
         running: policy,
@@ -554,10 +610,18 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
         receive_hook: opts.receive_hook,
         links: links.clone(),
         last_error: std::collections::HashMap::new(),
-        remote: false,
+        remote,
     }
     .spawn()?;
     watch_links(commands.clone());
+    let client = control.map(|(options, parts)| {
+        let enforcement = Enforcement(commands.clone());
+        tokio::spawn(
+            parts
+                .client(options, enforcement, held, names, (&dp, &out))
+                .run(),
+        )
+    });
 
     let mut ticker = tokio::time::interval(opts.summary_interval);
     // After a pause (SIGSTOP, a starved machine) one summary at once and the
@@ -576,6 +640,9 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
             }
         }
     }
+    if let Some(client) = client {
+        client.abort();
+    }
     let _ = stop_tx.send(());
     let decoded = reader.await.context("event reader task")??;
     let _ = commands.send(Command::Stop);
@@ -592,7 +659,12 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let dp = lock(&dp);
+    log_stopped(&dp, decoded)
+}
+
+/// The last line: what stays enforcing, and the totals.
+fn log_stopped(dp: &Shared, decoded: u64) -> anyhow::Result<()> {
+    let dp = lock(dp);
     let totals = dp.totals()?;
     let attached: Vec<String> = dp
         .attachments()
@@ -888,6 +960,129 @@ pub fn summarize(before: &Totals, after: &Totals, interval: Duration) -> String 
         );
     }
     line
+}
+
+/// What the control-plane client needs from the running agent, made before
+/// the datapath goes behind its lock.
+struct ControlParts {
+    /// Handles of its own to the counter maps, for Status.
+    counters: CounterReader,
+    reports: reports::Shared,
+    facts: HostFacts,
+}
+
+/// Event batches queued for the violation reports at most.
+const REPORT_QUEUE: usize = 64;
+
+impl ControlParts {
+    fn new(dp: &Datapath, out: &Outputs) -> anyhow::Result<Self> {
+        let (totals, stats) = dp
+            .counter_fds()
+            .context("duplicating the counter maps' fds")?;
+        let counters = CounterReader::from_fds(totals, stats)?;
+        let (reports, _) = reports::spawn(out.events.subscribe("control-plane", REPORT_QUEUE))
+            .context("starting the violation-report thread")?;
+        let capacity = dp.capacity();
+        let mut features: Vec<String> = dp
+            .attachments()
+            .iter()
+            .map(|a| a.tc_mode.to_string())
+            .collect();
+        features.sort();
+        features.dedup();
+        features.push(
+            if dp.pins().is_some() {
+                "pinned"
+            } else {
+                "ephemeral"
+            }
+            .into(),
+        );
+        Ok(Self {
+            counters,
+            reports,
+            facts: HostFacts {
+                kernel: kernel_release(),
+                features,
+                capacity: proto::Capacity {
+                    accounts: capacity.accounts,
+                    account_prefixes: capacity.account_prefixes,
+                    list_prefixes: capacity.list_prefixes,
+                },
+            },
+        })
+    }
+
+    /// The client, with a Status made from read-only handles: the counter
+    /// maps, the compiled policies by generation, the fan-out's losses, and
+    /// the attachments when the enforcer is not applying a policy.
+    fn client(
+        self,
+        options: client::Options,
+        enforcement: Enforcement,
+        held: Option<Held>,
+        names: Names,
+        (dp, out): (&Shared, &Outputs),
+    ) -> Client {
+        let generation = lock(dp).generation();
+        let (dp, out) = (dp.clone(), out.clone());
+        let counters = self.counters;
+        let status: StatusFn = Arc::new(move |version: &str, generation: u64| {
+            let mut s = proto::Status {
+                policy_version: version.to_owned(),
+                generation,
+                ..proto::Status::default()
+            };
+            if let Ok(t) = counters.totals() {
+                for ((_, verdict, _), c) in &t.counters {
+                    s.packets += c.packets;
+                    match verdict {
+                        Verdict::Drop => s.dropped += c.packets,
+                        Verdict::Monitor => s.monitored += c.packets,
+                        Verdict::Pass => {}
+                    }
+                }
+                s.events_lost_ring = t.events_lost;
+            }
+            if let Some(compiled) = names.get(generation) {
+                let c = compiled.counts();
+                s.accounts = c.accounts as u32;
+                s.account_prefixes = (c.account_prefixes_v4 + c.account_prefixes_v6) as u32;
+                s.list_prefixes = (c.list_prefixes_v4 + c.list_prefixes_v6) as u32;
+            }
+            s.events_lost_queues = out.events.consumers().iter().map(|c| c.lost()).sum();
+            if let Ok(dp) = dp.try_lock() {
+                s.attached = dp
+                    .attachments()
+                    .iter()
+                    .map(|a| format!("{}:{}:{}", a.name, a.role, a.receive))
+                    .collect();
+            }
+            s
+        });
+        Client::new(
+            options,
+            enforcement,
+            self.facts,
+            (held, generation),
+            self.reports,
+            status,
+        )
+    }
+}
+
+/// `uname -r`.
+fn kernel_release() -> String {
+    // SAFETY: a zeroed utsname, filled in by the kernel.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: `u` is a valid, writable utsname.
+    if unsafe { libc::uname(&raw mut u) } != 0 {
+        return String::new();
+    }
+    // SAFETY: the kernel NUL-terminates `release`.
+    unsafe { std::ffi::CStr::from_ptr(u.release.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 #[cfg(test)]

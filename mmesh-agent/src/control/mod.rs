@@ -9,6 +9,7 @@ pub mod proto {
     tonic::include_proto!("mmesh.v1");
 }
 
+pub mod client;
 pub mod convert;
 pub mod held;
 pub mod reports;
