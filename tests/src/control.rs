@@ -5,7 +5,10 @@
 
 use std::{
     net::{SocketAddr, TcpListener},
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -30,6 +33,8 @@ struct State {
     /// The current stream's way down, and its number.
     current: Mutex<Option<(usize, Down)>>,
     streams: Mutex<usize>,
+    /// No heartbeats on the current stream (else one every 300 ms).
+    silent: AtomicBool,
 }
 
 struct Service(Arc<State>);
@@ -96,6 +101,25 @@ impl ScriptedControlPlane {
             .expect("a runtime for the control plane");
         let state = Arc::new(State::default());
         let (shutdown, stop) = oneshot::channel::<()>();
+        let beating = state.clone();
+        runtime.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(300));
+            loop {
+                tick.tick().await;
+                let tx = beating
+                    .current
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .as_ref()
+                    .map(|(_, tx)| tx.clone());
+                if let Some(tx) = tx
+                    && !beating.silent.load(Ordering::Relaxed)
+                {
+                    let beat = Body::Heartbeat(proto::Heartbeat { unix_ms: 0 });
+                    let _ = tx.try_send(Ok(ControlMessage { body: Some(beat) }));
+                }
+            }
+        });
         let service =
             PolicyStreamServer::new(Service(state.clone())).max_decoding_message_size(64 << 20);
         runtime.spawn(async move {
@@ -148,6 +172,12 @@ impl ScriptedControlPlane {
         self.runtime
             .block_on(tx.send(Ok(ControlMessage { body: Some(body) })))
             .expect("the stream is open");
+    }
+
+    /// Stops (or resumes) heartbeats: a control plane that hangs without
+    /// closing its stream.
+    pub fn set_silent(&self, silent: bool) {
+        self.state.silent.store(silent, Ordering::Relaxed);
     }
 
     /// Ends the current stream from the control plane's side.

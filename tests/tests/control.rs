@@ -278,7 +278,8 @@ fn snapshots_and_deltas_are_acked_enforced_or_nacked_with_reasons() {
 /// The last Acked policy is kept on disk: an agent started while the
 /// control plane is down enforces it at once, says hello with its version
 /// when the control plane comes back (which then has nothing to send), and
-/// dials again, with the same version, when the stream is dropped.
+/// dials again, with the same version, when the stream is dropped or when
+/// the control plane stops sending heartbeats.
 #[test]
 fn last_known_good_is_enforced_while_the_control_plane_is_down_and_resumed() {
     let _serial = serial();
@@ -324,7 +325,19 @@ fn last_known_good_is_enforced_while_the_control_plane_is_down_and_resumed() {
         "v1",
         "the agent dials again after a drop"
     );
-    assert!(cp.streams() >= 2);
+    let streams = cp.streams();
+    assert!(streams >= 2);
+    let seen = cp.received().len();
+    cp.set_silent(true);
+    assert_eq!(
+        hello_version(&cp, seen),
+        "v1",
+        "the agent dials again after silence"
+    );
+    assert!(cp.streams() > streams);
+    mmesh_tests::netns::wait_until("the silence to be logged", ANSWER, || {
+        agent.log_position("nothing received for", 0).is_some()
+    });
     assert!(
         !cp.received()
             .iter()
