@@ -60,7 +60,11 @@ fn document(message: &proto::Policy, version: &str) -> String {
         let mut first = true;
         w.field(&mut first, "mode", g.mode.as_ref());
         w.field(&mut first, "malformed", g.malformed.as_ref());
-        w.field(&mut first, "events_per_second", g.events_per_second.as_ref());
+        w.field(
+            &mut first,
+            "events_per_second",
+            g.events_per_second.as_ref(),
+        );
         w.lists(&mut first, &g.block, &g.allow);
         w.0.push('}');
     }
@@ -194,7 +198,7 @@ pub fn to_message(policy: &Policy) -> proto::Policy {
             allow,
         }),
         defaults: None,
-        accounts: policy.accounts.iter().map(account_message).collect(),
+        accounts: policy.accounts.iter().map(|a| account_message(a)).collect(),
     }
 }
 
@@ -322,8 +326,9 @@ mod tests {
 
 #[cfg(test)]
 mod timing {
-    use super::*;
     use std::time::Instant;
+
+    use super::*;
 
     #[test]
     #[ignore = "timing by hand"]
@@ -333,16 +338,29 @@ mod timing {
             let a = std::net::Ipv4Addr::from((10 << 24) + i * 16);
             accounts.push(proto::Account {
                 id: format!("acct-{i}"),
-                prefixes: vec![a.to_string(), format!("fd00::{:x}:{:x}/128", i >> 16, i & 0xffff)],
+                prefixes: vec![
+                    a.to_string(),
+                    format!("fd00::{:x}:{:x}/128", i >> 16, i & 0xffff),
+                ],
                 mode: Some("enforce".into()),
                 limits: Some(proto::Limits {
-                    inbound: Some(proto::DirLimits { pps: Some("100000".into()), pps_burst: Some("50000".into()), bps: Some("1000000000".into()), bps_burst: Some("500000000".into()), action: Some("drop".into()) }),
+                    inbound: Some(proto::DirLimits {
+                        pps: Some("100000".into()),
+                        pps_burst: Some("50000".into()),
+                        bps: Some("1000000000".into()),
+                        bps_burst: Some("500000000".into()),
+                        action: Some("drop".into()),
+                    }),
                     outbound: None,
                 }),
                 ..proto::Account::default()
             });
         }
-        let message = proto::Policy { global: None, defaults: None, accounts };
+        let message = proto::Policy {
+            global: None,
+            defaults: None,
+            accounts,
+        };
         let t = Instant::now();
         let held = super::super::held::Held::snapshot("v1".into(), message.clone());
         eprintln!("held {:?}", t.elapsed());
@@ -357,10 +375,28 @@ mod timing {
         let p = Policy::parse_with(&text, "x", Path::new("/"), &ReadLimits::default()).unwrap();
         eprintln!("parse+validate {:?}", t.elapsed());
         let t = Instant::now();
-        let c = crate::compile::compile(&p, None, &crate::compile::Capacity { accounts: 200_000, account_prefixes: 200_000, ..Default::default() }).unwrap();
+        let c = crate::compile::compile(
+            &p,
+            None,
+            &crate::compile::Capacity {
+                accounts: 200_000,
+                account_prefixes: 200_000,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         eprintln!("compile {:?}", t.elapsed());
         let t = Instant::now();
-        let c2 = crate::compile::compile(&p, Some(&c), &crate::compile::Capacity { accounts: 200_000, account_prefixes: 200_000, ..Default::default() }).unwrap();
+        let c2 = crate::compile::compile(
+            &p,
+            Some(&c),
+            &crate::compile::Capacity {
+                accounts: 200_000,
+                account_prefixes: 200_000,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         eprintln!("compile incremental {:?}", t.elapsed());
         drop(c2);
     }
