@@ -6,6 +6,8 @@
 //! - the *enforcer* thread alone changes the datapath: policy reloads (read,
 //!   validate, compile off the lock, then apply) and interface re-attachment,
 //!   in the order they were asked for, coalesced;
+//! - the policy watcher thread ([`crate::watch`]) asks the enforcer for a
+//!   reload when the policy's files change, as SIGHUP does;
 //! - the link watcher thread wakes the enforcer when an interface appears
 //!   or disappears (rtnetlink), and every summary tick checks again;
 //! - the event reader decodes each event once and publishes it to a
@@ -48,14 +50,16 @@ use crate::{
     interface::{self, InterfaceError, InterfaceSpec, Role},
     memory,
     netlink::LinkWatch,
-    policy::{Policy, ReadLimits, Removal},
+    policy::{Policy, ReadLimits, Removal, Source},
     sink::{SinkStats, escape_controls},
+    watch,
 };
 
 /// Options of `mmesh-agent run`.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
-    pub policy: Option<PathBuf>,
+    /// `--policy FILE` or `--policy-dir DIR`; `None`: the embedded default.
+    pub policy: Option<Source>,
     pub interfaces: Vec<InterfaceSpec>,
     pub receive_hook: ReceiveHook,
     pub capacity: Capacity,
@@ -78,13 +82,14 @@ pub struct Outputs {
     pub logs: Arc<SinkStats>,
 }
 
-/// Reads and validates the policy file, or the embedded default.
+/// Reads and validates the policy file or directory, or the embedded
+/// default.
 pub fn load_policy(
-    path: Option<&PathBuf>,
+    source: Option<&Source>,
     limits: &ReadLimits,
 ) -> Result<Policy, crate::policy::PolicyError> {
-    match path {
-        Some(p) => Policy::from_file_with(p, limits),
+    match source {
+        Some(source) => source.read(limits),
         None => Policy::embedded_default(),
     }
 }
@@ -239,11 +244,29 @@ fn lock(dp: &Shared) -> MutexGuard<'_, Datapath> {
 /// What the enforcer is asked to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Command {
-    /// Re-read the policy file and apply it (SIGHUP).
-    Reload,
+    /// Re-read the policy and apply it if it changed.
+    Reload(Trigger),
     /// Bring the attachments in line with the configured interfaces.
     Reconcile,
     Stop,
+}
+
+/// What asked for a reload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Trigger {
+    /// The policy's files changed ([`crate::watch`]).
+    Watch,
+    /// SIGHUP: answered in the log also when nothing changed.
+    Signal,
+}
+
+impl Trigger {
+    const fn label(self) -> &'static str {
+        match self {
+            Self::Watch => "policy files changed",
+            Self::Signal => "SIGHUP",
+        }
+    }
 }
 
 /// Counters of the interfaces, for the summary.
@@ -258,10 +281,14 @@ struct LinkStats {
 struct Enforcer {
     dp: Shared,
     names: Names,
-    policy: Option<PathBuf>,
+    policy: Option<Source>,
     limits: ReadLimits,
-    /// The policy in force, to tell what a new one takes away.
+    /// The policy in force, to tell what a new one takes away, and whether
+    /// a reload changes anything at all.
     running: Policy,
+    /// Why the last reload the watcher asked for was refused: the same
+    /// refusal is not logged again at every event in the directory.
+    last_refusal: Option<String>,
     interfaces: Vec<InterfaceSpec>,
     receive_hook: ReceiveHook,
     links: Arc<LinkStats>,
@@ -296,8 +323,16 @@ impl Enforcer {
             if pending.contains(&Command::Stop) {
                 return;
             }
-            if pending.contains(&Command::Reload) {
-                self.reload();
+            // SIGHUP wins: it is answered in the log whatever happens.
+            let reload = pending
+                .iter()
+                .filter_map(|c| match c {
+                    Command::Reload(trigger) => Some(*trigger),
+                    _ => None,
+                })
+                .max();
+            if let Some(trigger) = reload {
+                self.reload(trigger);
             }
             if pending.contains(&Command::Reconcile) {
                 self.reconcile();
@@ -305,9 +340,10 @@ impl Enforcer {
         }
     }
 
-    fn reload(&mut self) {
-        let Some(path) = &self.policy else {
-            tracing::info!("SIGHUP: running the embedded default policy, nothing to reload");
+    fn reload(&mut self, trigger: Trigger) {
+        let label = trigger.label();
+        let Some(source) = &self.policy else {
+            tracing::info!("{label}: running the embedded default policy, nothing to reload");
             return;
         };
         let (active, capacity) = {
@@ -315,18 +351,32 @@ impl Enforcer {
             (dp.active().cloned(), *dp.capacity())
         };
         // Read, validate and compile without the lock: the summary goes on.
-        let prepared = Policy::from_file_with(path, &self.limits)
-            .map_err(anyhow::Error::from)
-            .and_then(|policy| {
-                let compiled = compile_for(active.as_deref(), &capacity, &policy)?;
-                Ok((policy, compiled))
-            });
+        let prepared = match source.read(&self.limits) {
+            // Nothing to apply (the datapath would flip to a copy of itself):
+            // an event that changed nothing, or a file saved as it was.
+            Ok(policy) if policy == self.running => {
+                self.last_refusal = None;
+                let generation = lock(&self.dp).generation();
+                if trigger == Trigger::Signal {
+                    tracing::info!(
+                        generation,
+                        "SIGHUP: policy reloaded: unchanged, nothing to apply"
+                    );
+                } else {
+                    tracing::debug!(generation, "{label}: the policy is unchanged");
+                }
+                return;
+            }
+            Ok(policy) => compile_for(active.as_deref(), &capacity, &policy)
+                .map(|compiled| (policy, compiled)),
+            Err(err) => Err(err.into()),
+        };
         let result = prepared.and_then(|(policy, compiled)| {
             let summary = describe(&policy, &compiled);
             let removal = Removal::between(&self.running, &policy);
             if removal.removes_most() {
                 tracing::warn!(
-                    "SIGHUP: the new policy {removal}; applying it, but if that is not intended, restore the file (replace policy files by rename, never write them in place)"
+                    "{label}: the new policy {removal}; applying it, but if that is not intended, restore the file (replace policy files by rename, never write them in place)"
                 );
             }
             let mut dp = lock(&self.dp);
@@ -341,13 +391,22 @@ impl Enforcer {
         });
         match result {
             Ok((generation, summary)) => {
-                tracing::info!(generation, "SIGHUP: policy reloaded: {summary}");
+                self.last_refusal = None;
+                tracing::info!(generation, "{label}: policy reloaded: {summary}");
             }
-            Err(err) => tracing::error!(
-                generation = lock(&self.dp).generation(),
-                "SIGHUP: policy rejected, the running policy stays in force: {}",
-                escape_controls(&format!("{err:#}"))
-            ),
+            Err(err) => {
+                let text = escape_controls(&format!("{err:#}")).into_owned();
+                let generation = lock(&self.dp).generation();
+                if trigger == Trigger::Watch && self.last_refusal.as_ref() == Some(&text) {
+                    tracing::debug!(generation, "{label}: policy still rejected, as before");
+                    return;
+                }
+                tracing::error!(
+                    generation,
+                    "{label}: policy rejected, the running policy stays in force: {text}"
+                );
+                self.last_refusal = Some(text);
+            }
         }
     }
 
@@ -462,6 +521,7 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
         policy: opts.policy.clone(),
         limits: opts.limits.clone(),
         running: policy,
+        last_refusal: None,
         interfaces: interfaces.clone(),
         receive_hook: opts.receive_hook,
         links: links.clone(),
@@ -469,6 +529,9 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
     }
     .spawn()?;
     watch_links(commands.clone());
+    if let Some(source) = &opts.policy {
+        watch_policy(source, commands.clone());
+    }
 
     let mut ticker = tokio::time::interval(opts.summary_interval);
     // After a pause (SIGSTOP, a starved machine) one summary at once and the
@@ -478,7 +541,7 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
     tracing::info!("running; SIGHUP reloads the policy, SIGINT or SIGTERM stops");
     loop {
         tokio::select! {
-            _ = hangup.recv() => { let _ = commands.send(Command::Reload); }
+            _ = hangup.recv() => { let _ = commands.send(Command::Reload(Trigger::Signal)); }
             _ = interrupt.recv() => { tracing::info!("SIGINT: stopping"); break; }
             _ = terminate.recv() => { tracing::info!("SIGTERM: stopping"); break; }
             _ = ticker.tick() => {
@@ -570,6 +633,18 @@ fn watch_links(commands: mpsc::Sender<Command>) {
         });
     if let Err(err) = spawned {
         tracing::warn!(%err, "cannot start the interface watcher");
+    }
+}
+
+/// Starts the thread that asks the enforcer for a reload when the policy's
+/// files change. Without it, SIGHUP still reloads.
+fn watch_policy(source: &Source, commands: mpsc::Sender<Command>) {
+    let shown = escape_controls(&source.path().display().to_string()).into_owned();
+    match watch::spawn(source.clone(), move || {
+        commands.send(Command::Reload(Trigger::Watch)).is_ok()
+    }) {
+        Ok(()) => tracing::info!(policy = %shown, "watching the policy for changes"),
+        Err(err) => tracing::warn!(policy = %shown, "{err}; the policy is reloaded on SIGHUP only"),
     }
 }
 

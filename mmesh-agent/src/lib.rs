@@ -19,3 +19,4 @@ pub mod show;
 pub mod sink;
 pub mod stride;
 pub mod sys;
+pub mod watch;

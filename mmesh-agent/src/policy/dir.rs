@@ -21,7 +21,7 @@
 //! - One `--max-policy-bytes` budget holds for all the files and the list
 //!   files they name.
 //! - A directory with no policy file is refused (the running policy stays):
-//!   a ConfigMap mounted empty, or a directory emptied by mistake, does not
+//!   a `ConfigMap` mounted empty, or a directory emptied by mistake, does not
 //!   lift every rule.
 
 use std::{
@@ -197,13 +197,8 @@ fn merge(source: &str, reads: Vec<(&Path, FileRead)>, issues: &mut Vec<Issue>) -
     let mut lists = Vec::new();
     // Each name, id and prefix with the file (and account) it came from.
     let mut list_names: FastMap<String, String> = FastMap::default();
-    let total = reads.iter().map(|(_, r)| r.policy.accounts.len()).sum();
-    let mut ids: FastMap<String, String> =
-        FastMap::with_capacity_and_hasher(total, FastHash::default());
-    let mut owners: FastMap<IpNet, usize> =
-        FastMap::with_capacity_and_hasher(total, FastHash::default());
-    let mut accounts: Vec<Account> = Vec::with_capacity(total);
-    let mut account_files: Vec<usize> = Vec::with_capacity(total);
+    let mut accounts =
+        Accounts::with_capacity(reads.iter().map(|(_, r)| r.policy.accounts.len()).sum());
     let names: Vec<String> = reads
         .iter()
         .map(|(p, _)| escape_controls(&p.display().to_string()).into_owned())
@@ -264,42 +259,7 @@ fn merge(source: &str, reads: Vec<(&Path, FileRead)>, issues: &mut Vec<Issue>) -
             list_names.insert(list.name.clone(), file.clone());
             lists.push(list);
         }
-        for (i, account) in policy.accounts.into_iter().enumerate() {
-            if let Some(other) = ids.get(&account.id) {
-                issues.push(Issue {
-                    location: file.clone(),
-                    path: format!("accounts[{i}].id"),
-                    message: format!(
-                        "account id {} is also used in {other}: ids must be unique across the files of the directory",
-                        quote(&account.id)
-                    ),
-                });
-                continue;
-            }
-            for net in account
-                .prefixes_v4
-                .iter()
-                .map(|n| IpNet::V4(*n))
-                .chain(account.prefixes_v6.iter().map(|n| IpNet::V6(*n)))
-            {
-                if let Some(&owner) = owners.get(&net) {
-                    issues.push(Issue {
-                        location: file.clone(),
-                        path: format!("accounts[{i}].prefixes"),
-                        message: format!(
-                            "prefix {net} is also owned by account {} in {}; an address belongs to one account",
-                            quote(&accounts[owner].id),
-                            names[account_files[owner]]
-                        ),
-                    });
-                } else {
-                    owners.insert(net, accounts.len());
-                }
-            }
-            ids.insert(account.id.clone(), file.clone());
-            accounts.push(account);
-            account_files.push(index);
-        }
+        accounts.add(policy.accounts, index, &names, issues);
     }
     let mode = mode.get().unwrap_or_default();
     // Each file's lists were validated under its own (unset) mode.
@@ -317,7 +277,77 @@ fn merge(source: &str, reads: Vec<(&Path, FileRead)>, issues: &mut Vec<Issue>) -
             events_per_second: events.get().unwrap_or(DEFAULT_EVENTS_PER_SECOND),
             lists,
         },
-        accounts,
+        accounts: accounts.all,
+    }
+}
+
+/// The accounts of the files merged so far.
+struct Accounts {
+    all: Vec<Account>,
+    /// The index of the file of each account.
+    files: Vec<usize>,
+    /// The index in `all` of each id and of the owner of each prefix.
+    ids: FastMap<String, usize>,
+    owners: FastMap<IpNet, usize>,
+}
+
+impl Accounts {
+    fn with_capacity(n: usize) -> Self {
+        Self {
+            all: Vec::with_capacity(n),
+            files: Vec::with_capacity(n),
+            ids: FastMap::with_capacity_and_hasher(n, FastHash::default()),
+            owners: FastMap::with_capacity_and_hasher(n, FastHash::default()),
+        }
+    }
+
+    /// Adds the accounts of file `file` (of `names`); an id or a prefix
+    /// taken by an earlier file is a problem naming it.
+    fn add(
+        &mut self,
+        accounts: Vec<Account>,
+        file: usize,
+        names: &[String],
+        issues: &mut Vec<Issue>,
+    ) {
+        let here = &names[file];
+        for (i, account) in accounts.into_iter().enumerate() {
+            if let Some(&other) = self.ids.get(&account.id) {
+                issues.push(Issue {
+                    location: here.clone(),
+                    path: format!("accounts[{i}].id"),
+                    message: format!(
+                        "account id {} is also used in {}: ids must be unique across the files of the directory",
+                        quote(&account.id),
+                        names[self.files[other]]
+                    ),
+                });
+                continue;
+            }
+            for net in account
+                .prefixes_v4
+                .iter()
+                .map(|n| IpNet::V4(*n))
+                .chain(account.prefixes_v6.iter().map(|n| IpNet::V6(*n)))
+            {
+                if let Some(&owner) = self.owners.get(&net) {
+                    issues.push(Issue {
+                        location: here.clone(),
+                        path: format!("accounts[{i}].prefixes"),
+                        message: format!(
+                            "prefix {net} is also owned by account {} in {}; an address belongs to one account",
+                            quote(&self.all[owner].id),
+                            names[self.files[owner]]
+                        ),
+                    });
+                } else {
+                    self.owners.insert(net, self.all.len());
+                }
+            }
+            self.ids.insert(account.id.clone(), self.all.len());
+            self.all.push(account);
+            self.files.push(file);
+        }
     }
 }
 

@@ -33,7 +33,7 @@ mod tests;
 mod validate;
 mod values;
 
-pub use dir::Source;
+pub use dir::{Source, is_policy_file};
 pub use model::{
     Account, Action, DirLimits, Fingerprint, Global, List, ListKind, Mode, Policy, Rate,
 };
@@ -358,6 +358,10 @@ struct FileRead {
 /// Which of the settings a `--policy-dir` merges a file gave itself (the
 /// validated policy cannot tell a default from a value written out).
 #[derive(Clone, Copy, Debug, Default)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "one independent yes/no per field of the schema, not a state"
+)]
 struct Settings {
     mode: bool,
     malformed: bool,
