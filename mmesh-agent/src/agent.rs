@@ -60,6 +60,8 @@ use crate::{
 pub struct RunOptions {
     /// `--policy FILE` or `--policy-dir DIR`; `None`: the embedded default.
     pub policy: Option<Source>,
+    /// Whether changes of the policy's files are applied (else SIGHUP only).
+    pub watch: bool,
     pub interfaces: Vec<InterfaceSpec>,
     pub receive_hook: ReceiveHook,
     pub capacity: Capacity,
@@ -298,10 +300,9 @@ struct Enforcer {
 }
 
 impl Enforcer {
-    /// Starts the enforcer thread; returns where to send it commands and
-    /// what resolves when it has stopped.
-    fn spawn(self) -> anyhow::Result<(mpsc::Sender<Command>, oneshot::Receiver<()>)> {
-        let (commands, rx) = mpsc::channel::<Command>();
+    /// Starts the enforcer thread on the commands of `rx`; returns what
+    /// resolves when it has stopped.
+    fn spawn(self, rx: mpsc::Receiver<Command>) -> anyhow::Result<oneshot::Receiver<()>> {
         let (done_tx, done) = oneshot::channel::<()>();
         thread::Builder::new()
             .name("mmesh-enforcer".into())
@@ -310,7 +311,7 @@ impl Enforcer {
                 let _ = done_tx.send(());
             })
             .context("starting the enforcer thread")?;
-        Ok((commands, done))
+        Ok(done)
     }
 
     /// Runs commands until `Stop` or until every sender is gone. Commands
@@ -480,6 +481,10 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
     let mut terminate =
         signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
 
+    // The enforcer's commands queue up from here: the policy is watched
+    // before start-up reads it, so that no change made meanwhile is lost.
+    let (commands, queued) = mpsc::channel::<Command>();
+    watch_policy(&opts, commands.clone());
     let start_opts = opts.clone();
     let startup = tokio::task::spawn_blocking(move || start(&start_opts));
     let Started {
@@ -515,7 +520,7 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
     let mut summary = Summary::start(&dp, &interfaces)?;
     let dp: Shared = Arc::new(Mutex::new(dp));
     let links = Arc::new(LinkStats::default());
-    let (commands, enforcer_done) = Enforcer {
+    let enforcer_done = Enforcer {
         dp: dp.clone(),
         names,
         policy: opts.policy.clone(),
@@ -527,11 +532,8 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
         links: links.clone(),
         last_error: std::collections::HashMap::new(),
     }
-    .spawn()?;
+    .spawn(queued)?;
     watch_links(commands.clone());
-    if let Some(source) = &opts.policy {
-        watch_policy(source, commands.clone());
-    }
 
     let mut ticker = tokio::time::interval(opts.summary_interval);
     // After a pause (SIGSTOP, a starved machine) one summary at once and the
@@ -636,9 +638,12 @@ fn watch_links(commands: mpsc::Sender<Command>) {
     }
 }
 
-/// Starts the thread that asks the enforcer for a reload when the policy's
-/// files change. Without it, SIGHUP still reloads.
-fn watch_policy(source: &Source, commands: mpsc::Sender<Command>) {
+/// Unless told not to, starts the thread that asks the enforcer for a
+/// reload when the policy's files change. Without it, SIGHUP still reloads.
+fn watch_policy(opts: &RunOptions, commands: mpsc::Sender<Command>) {
+    let Some(source) = opts.policy.as_ref().filter(|_| opts.watch) else {
+        return;
+    };
     let shown = escape_controls(&source.path().display().to_string()).into_owned();
     match watch::spawn(source.clone(), move || {
         commands.send(Command::Reload(Trigger::Watch)).is_ok()

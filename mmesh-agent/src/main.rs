@@ -78,6 +78,10 @@ struct RunArgs {
         conflicts_with = "policy"
     )]
     policy_dir: Option<PathBuf>,
+    /// Do not watch the policy file or directory: apply changes on SIGHUP
+    /// only.
+    #[arg(long, env = "MMESH_NO_WATCH")]
+    no_watch: bool,
     /// Interface to attach, with its role: NAME, NAME:uplink or
     /// NAME:workload. Repeat for several. Default: the interface of the
     /// default route, as uplink.
@@ -319,6 +323,7 @@ fn run(args: RunArgs, logs: &Sink) -> anyhow::Result<()> {
                 .policy
                 .map(Source::File)
                 .or(args.policy_dir.map(Source::Dir)),
+            watch: !args.no_watch,
             interfaces: args.interfaces,
             receive_hook: args.receive_hook,
             capacity: (&args.capacity).into(),

@@ -58,9 +58,9 @@ pub enum WatchError {
     Thread(#[source] std::io::Error),
 }
 
-/// Starts the thread that watches `source` and calls `changed` once per
-/// batch of changes, and once at the start (for changes made while the
-/// agent was starting), until `changed` returns false.
+/// Watches `source` (the watches are in place when this returns) and calls
+/// `changed`, from a thread of its own, once per batch of changes until it
+/// returns false.
 pub fn spawn(
     source: Source,
     mut changed: impl FnMut() -> bool + Send + 'static,
@@ -75,20 +75,17 @@ pub fn spawn(
         let _ = tx.try_send(event);
     })
     .map_err(WatchError::Start)?;
+    let mut watches = Watches {
+        watcher: inotify,
+        source,
+        watched: Vec::new(),
+        failed: Vec::new(),
+        names: Vec::new(),
+    };
+    watches.sync();
     thread::Builder::new()
         .name("mmesh-watch".into())
         .spawn(move || {
-            let mut watches = Watches {
-                watcher: inotify,
-                source,
-                watched: Vec::new(),
-                failed: Vec::new(),
-                names: Vec::new(),
-            };
-            watches.sync();
-            if !changed() {
-                return;
-            }
             while watches.next_batch(&rx) {
                 watches.sync();
                 if !changed() {

@@ -710,6 +710,9 @@ fn agent_args(file: &PolicyFile, cap: &Capacity) -> Vec<String> {
         "mmb0:uplink",
         "--summary-interval",
         "3600",
+        // What is measured is the SIGHUP path alone; a watcher would read
+        // the changed file a second time.
+        "--no-watch",
     ]
     .iter()
     .map(|s| (*s).to_owned())
