@@ -371,3 +371,66 @@ fn a_policy_dir_merges_its_files_and_follows_configmap_updates() {
     let status = agent.stop();
     assert!(status.success(), "the agent exited with {status}");
 }
+
+#[test]
+fn a_policy_file_in_a_configmap_or_linked_from_elsewhere_is_followed() {
+    let _serial = serial();
+    let topo = topology("watch-link");
+
+    // `--policy` naming one key of a mounted ConfigMap.
+    let mut map = ConfigMap::new("watch-key", &[("policy.yaml", OPEN)]);
+    let key = map.dir.join("policy.yaml").display().to_string();
+    let mut agent = start(&topo, &["--policy", &key]);
+    assert_eq!(
+        arrivals_pair(&topo, [BLOCKED4, BLOCKED6]),
+        [PACKETS, PACKETS]
+    );
+    let from = agent.logs().len();
+    map.update(&[("policy.yaml", BLOCKING)]);
+    let line = wait_for_line(&agent, APPLIED, from);
+    assert!(line.contains("(version blocking)"), "{line}");
+    assert_eq!(arrivals_pair(&topo, [BLOCKED4, BLOCKED6]), [0, 0]);
+    let status = agent.stop();
+    assert!(status.success(), "the agent exited with {status}");
+
+    // `--policy` naming a link to a file in another directory: that
+    // directory is watched too, and after the link is pointed at a third
+    // one, the third.
+    let real = PolicyFile::new("watch-real", OPEN);
+    let other = PolicyFile::new(
+        "watch-other",
+        &BLOCKING.replace("version: blocking", "version: other"),
+    );
+    let links = PolicyFile::new("watch-links", OPEN);
+    let current = links.path().with_file_name("current.yaml");
+    symlink(real.path(), &current).expect("linking the policy");
+    let mut agent = start(&topo, &["--policy", &current.display().to_string()]);
+    assert_eq!(
+        arrivals_pair(&topo, [BLOCKED4, BLOCKED6]),
+        [PACKETS, PACKETS]
+    );
+
+    let from = agent.logs().len();
+    real.write(BLOCKING);
+    let line = wait_for_line(&agent, APPLIED, from);
+    assert!(line.contains("(version blocking)"), "{line}");
+    assert_eq!(arrivals_pair(&topo, [BLOCKED4, BLOCKED6]), [0, 0]);
+
+    let from = agent.logs().len();
+    let aside = current.with_file_name("current.yaml.new");
+    symlink(other.path(), &aside).expect("linking the other policy");
+    std::fs::rename(&aside, &current).expect("swapping the link");
+    let line = wait_for_line(&agent, APPLIED, from);
+    assert!(line.contains("(version other)"), "{line}");
+
+    let from = agent.logs().len();
+    other.write(OPEN);
+    let line = wait_for_line(&agent, APPLIED, from);
+    assert!(line.contains("(version open)"), "{line}");
+    assert_eq!(
+        arrivals_pair(&topo, [BLOCKED4, BLOCKED6]),
+        [PACKETS, PACKETS]
+    );
+    let status = agent.stop();
+    assert!(status.success(), "the agent exited with {status}");
+}
