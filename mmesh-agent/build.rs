@@ -1,11 +1,15 @@
 //! Builds the eBPF object (mmesh-ebpf) with the nightly toolchain and
 //! bpf-linker, through aya-build. `AYA_BUILD_SKIP=1` skips it, so that
 //! `cargo check` and `cargo clippy` work on a machine without bpf-linker.
+//!
+//! Also compiles the control-plane contract (`proto/`) with protox, so that
+//! no `protoc` is needed.
 
 use anyhow::{Context as _, anyhow};
 use aya_build::{Package, Toolchain};
 
 fn main() -> anyhow::Result<()> {
+    proto()?;
     let cargo_metadata::Metadata { packages, .. } = cargo_metadata::MetadataCommand::new()
         .no_deps()
         .exec()
@@ -35,5 +39,17 @@ fn main() -> anyhow::Result<()> {
             std::fs::write(&object, [])?;
         }
     }
+    Ok(())
+}
+
+/// Generates the messages and the client and server of `proto/mmesh/v1`.
+fn proto() -> anyhow::Result<()> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto");
+    let file = dir.join("mmesh/v1/control.proto");
+    println!("cargo:rerun-if-changed={}", file.display());
+    let descriptors = protox::compile([&file], [&dir]).context("compiling proto/")?;
+    tonic_prost_build::configure()
+        .compile_fds(descriptors)
+        .context("generating code for proto/")?;
     Ok(())
 }

@@ -6,6 +6,7 @@ pub mod barrier;
 pub mod batch;
 pub mod caps;
 pub mod compile;
+pub mod control;
 pub mod counters;
 pub mod datapath;
 pub mod events;

@@ -1,6 +1,8 @@
 //! Helpers for the tests of mmesh against the real kernel.
 //!
 //! - [`bench`]: the benchmark harness (`cargo xtask bench`).
+//! - [`control`]: a scripted control plane (a real gRPC server) for the
+//!   agent's control-plane tests.
 //! - [`packets`]: crafted frames for `BPF_PROG_TEST_RUN`.
 //! - [`netns`]: network namespaces, veth pairs and the agent process for
 //!   end-to-end tests, each removed by a guard when the test ends, also when
@@ -11,6 +13,7 @@
 //!   namespace received (offloads and wire accounting).
 
 pub mod bench;
+pub mod control;
 pub mod netns;
 pub mod packets;
 pub mod tcp;

@@ -1004,7 +1004,7 @@ impl Agent {
     }
 
     /// Sends SIGHUP and returns the agent's answer: the next log line that
-    /// says "policy reloaded" or "policy rejected" (panics after 10 s).
+    /// says "policy in force" or "policy rejected" (panics after 10 s).
     #[must_use = "the answer says whether the policy was reloaded or rejected"]
     pub fn reload(&self) -> String {
         let from = self.logs().len();
@@ -1016,7 +1016,7 @@ impl Agent {
             || {
                 answer = self.logs()[from..]
                     .iter()
-                    .find(|l| l.contains("policy reloaded") || l.contains("policy rejected"))
+                    .find(|l| l.contains("policy in force") || l.contains("policy rejected"))
                     .cloned();
                 answer.is_some()
             },

@@ -38,7 +38,7 @@ const PACKETS: u64 = 50;
 const ANSWER: Duration = Duration::from_secs(15);
 
 /// The log line of an applied change, and of a refused one.
-const APPLIED: &str = "policy files changed: policy reloaded";
+const APPLIED: &str = "policy files changed: policy in force";
 const REFUSED: &str = "policy files changed: policy rejected";
 
 const BLOCKING: &str = "version: blocking
