@@ -220,7 +220,7 @@ fn a_watched_file_is_applied_on_change_and_a_bad_edit_is_ignored() {
     // SIGHUP still answers, and applies nothing either.
     let answer = agent.reload();
     assert!(
-        answer.contains("unchanged, nothing to apply") && generation(&answer) == 2,
+        answer.contains("unchanged: nothing to apply") && generation(&answer) == 2,
         "{answer}"
     );
 
