@@ -6,6 +6,8 @@
 //! - the *enforcer* thread alone changes the datapath: policy reloads (read,
 //!   validate, compile off the lock, then apply) and interface re-attachment,
 //!   in the order they were asked for, coalesced;
+//! - the policy watcher thread ([`crate::watch`]) asks the enforcer for a
+//!   reload when the policy's files change, as SIGHUP does;
 //! - the link watcher thread wakes the enforcer when an interface appears
 //!   or disappears (rtnetlink), and every summary tick checks again;
 //! - the event reader decodes each event once and publishes it to a
@@ -54,14 +56,18 @@ use crate::{
     interface::{self, InterfaceError, InterfaceSpec, Role},
     memory,
     netlink::LinkWatch,
-    policy::{Policy, ReadLimits, Removal},
+    policy::{Policy, ReadLimits, Removal, Source},
     sink::{SinkStats, escape_controls},
+    watch,
 };
 
 /// Options of `mmesh-agent run`.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
-    pub policy: Option<PathBuf>,
+    /// `--policy FILE` or `--policy-dir DIR`; `None`: the embedded default.
+    pub policy: Option<Source>,
+    /// Whether changes of the policy's files are applied (else SIGHUP only).
+    pub watch: bool,
     pub interfaces: Vec<InterfaceSpec>,
     pub receive_hook: ReceiveHook,
     pub capacity: Capacity,
@@ -86,13 +92,14 @@ pub struct Outputs {
     pub logs: Arc<SinkStats>,
 }
 
-/// Reads and validates the policy file, or the embedded default.
+/// Reads and validates the policy file or directory, or the embedded
+/// default.
 pub fn load_policy(
-    path: Option<&PathBuf>,
+    source: Option<&Source>,
     limits: &ReadLimits,
 ) -> Result<Policy, crate::policy::PolicyError> {
-    match path {
-        Some(p) => Policy::from_file_with(p, limits),
+    match source {
+        Some(source) => source.read(limits),
         None => Policy::embedded_default(),
     }
 }
@@ -289,13 +296,31 @@ fn lock(dp: &Shared) -> MutexGuard<'_, Datapath> {
 /// What the enforcer is asked to do.
 #[derive(Debug)]
 pub enum Command {
-    /// Re-read the policy file and apply it (SIGHUP).
-    Reload,
+    /// Re-read the policy file or directory and apply it if it changed.
+    Reload(Trigger),
     /// Apply a validated policy from another source, and answer.
     Apply(Box<Change>),
     /// Bring the attachments in line with the configured interfaces.
     Reconcile,
     Stop,
+}
+
+/// What asked for a reload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Trigger {
+    /// The policy's files changed ([`crate::watch`]).
+    Watch,
+    /// SIGHUP: answered in the log also when nothing changed.
+    Signal,
+}
+
+impl Trigger {
+    const fn label(self) -> &'static str {
+        match self {
+            Self::Watch => "policy files changed",
+            Self::Signal => "SIGHUP",
+        }
+    }
 }
 
 /// A validated policy for the enforcer, and where its answer goes.
@@ -350,10 +375,14 @@ struct LinkStats {
 struct Enforcer {
     dp: Shared,
     names: Names,
-    policy: Option<PathBuf>,
+    policy: Option<Source>,
     limits: ReadLimits,
-    /// The policy in force, to tell what a new one takes away.
+    /// The policy in force, to tell what a new one takes away, and whether
+    /// a reload changes anything at all.
     running: Policy,
+    /// Why the last read of the policy files failed: the same refusal is
+    /// not logged again at every event the watcher sees.
+    last_refusal: Option<String>,
     interfaces: Vec<InterfaceSpec>,
     receive_hook: ReceiveHook,
     links: Arc<LinkStats>,
@@ -368,10 +397,9 @@ struct Enforcer {
 pub const CONTROL_PLANE: &str = "control plane";
 
 impl Enforcer {
-    /// Starts the enforcer thread; returns where to send it commands and
-    /// what resolves when it has stopped.
-    fn spawn(self) -> anyhow::Result<(mpsc::Sender<Command>, oneshot::Receiver<()>)> {
-        let (commands, rx) = mpsc::channel::<Command>();
+    /// Starts the enforcer thread on the commands of `rx`; returns what
+    /// resolves when it has stopped.
+    fn spawn(self, rx: mpsc::Receiver<Command>) -> anyhow::Result<oneshot::Receiver<()>> {
         let (done_tx, done) = oneshot::channel::<()>();
         thread::Builder::new()
             .name("mmesh-enforcer".into())
@@ -380,7 +408,7 @@ impl Enforcer {
                 let _ = done_tx.send(());
             })
             .context("starting the enforcer thread")?;
-        Ok((commands, done))
+        Ok(done)
     }
 
     /// Runs commands until `Stop` or until every sender is gone. Commands
@@ -388,11 +416,12 @@ impl Enforcer {
     /// reconciliation stand for any number of requests.
     fn run(mut self, rx: &mpsc::Receiver<Command>) {
         while let Ok(first) = rx.recv() {
-            let (mut reload, mut reconcile) = (false, false);
+            let (mut reload, mut reconcile) = (None, false);
             for command in std::iter::once(first).chain(rx.try_iter()) {
                 match command {
                     Command::Stop => return,
-                    Command::Reload => reload = true,
+                    // SIGHUP wins: it is answered in the log whatever happens.
+                    Command::Reload(trigger) => reload = reload.max(Some(trigger)),
                     Command::Reconcile => reconcile = true,
                     // Each answered, in the order they came.
                     Command::Apply(change) => {
@@ -405,8 +434,8 @@ impl Enforcer {
                     }
                 }
             }
-            if reload {
-                self.reload();
+            if let Some(trigger) = reload {
+                self.reload(trigger);
             }
             if reconcile {
                 self.reconcile();
@@ -414,27 +443,57 @@ impl Enforcer {
         }
     }
 
-    /// Re-reads the policy file and applies it (SIGHUP).
-    fn reload(&mut self) {
-        let Some(path) = &self.policy else {
-            tracing::info!("SIGHUP: running the embedded default policy, nothing to reload");
+    /// Re-reads the policy file or directory and applies it if it changed
+    /// (SIGHUP, or the watcher).
+    fn reload(&mut self, trigger: Trigger) {
+        let label = trigger.label();
+        let Some(source) = &self.policy else {
+            tracing::info!("{label}: running the embedded default policy, nothing to reload");
             return;
         };
         if self.remote {
-            tracing::info!(
-                "SIGHUP: the control plane's policy is in force; the policy file is only read before it has sent one"
-            );
+            if trigger == Trigger::Signal {
+                tracing::info!(
+                    "SIGHUP: the control plane's policy is in force; the policy file is only read before it has sent one"
+                );
+            } else {
+                tracing::debug!("{label}: the control plane's policy is in force; not read");
+            }
             return;
         }
-        match Policy::from_file_with(path, &self.limits) {
-            Ok(policy) => {
-                self.apply(policy, "SIGHUP");
+        // Read and validated without the lock: the summary goes on.
+        match source.read(&self.limits) {
+            // Nothing to apply (the datapath would flip to a copy of itself):
+            // an event that changed nothing, or a file saved as it was.
+            Ok(policy) if policy == self.running => {
+                self.last_refusal = None;
+                let generation = lock(&self.dp).generation();
+                if trigger == Trigger::Signal {
+                    tracing::info!(
+                        generation,
+                        "SIGHUP: policy in force, unchanged: nothing to apply"
+                    );
+                } else {
+                    tracing::debug!(generation, "{label}: the policy is unchanged");
+                }
             }
-            Err(err) => tracing::error!(
-                generation = lock(&self.dp).generation(),
-                "SIGHUP: policy rejected, the running policy stays in force: {}",
-                escape_controls(&err.to_string())
-            ),
+            Ok(policy) => {
+                self.last_refusal = None;
+                self.apply(policy, label);
+            }
+            Err(err) => {
+                let text = escape_controls(&err.to_string()).into_owned();
+                let generation = lock(&self.dp).generation();
+                if trigger == Trigger::Watch && self.last_refusal.as_ref() == Some(&text) {
+                    tracing::debug!(generation, "{label}: policy still rejected, as before");
+                    return;
+                }
+                tracing::error!(
+                    generation,
+                    "{label}: policy rejected, the running policy stays in force: {text}"
+                );
+                self.last_refusal = Some(text);
+            }
         }
     }
 
@@ -559,6 +618,10 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
     let mut terminate =
         signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
 
+    // The enforcer's commands queue up from here: the policy is watched
+    // before start-up reads it, so that no change made meanwhile is lost.
+    let (commands, queued) = mpsc::channel::<Command>();
+    watch_policy(&opts, commands.clone());
     let start_opts = opts.clone();
     let startup = tokio::task::spawn_blocking(move || start(&start_opts));
     let Started {
@@ -599,20 +662,20 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
     };
     let dp: Shared = Arc::new(Mutex::new(dp));
     let links = Arc::new(LinkStats::default());
-    let remote = held.is_some();
-    let (commands, enforcer_done) = Enforcer {
+    let enforcer_done = Enforcer {
         dp: dp.clone(),
         names: names.clone(),
         policy: opts.policy.clone(),
         limits: opts.limits.clone(),
         running: policy,
+        last_refusal: None,
         interfaces: interfaces.clone(),
         receive_hook: opts.receive_hook,
         links: links.clone(),
         last_error: std::collections::HashMap::new(),
-        remote,
+        remote: held.is_some(),
     }
-    .spawn()?;
+    .spawn(queued)?;
     watch_links(commands.clone());
     let client = control.map(|(options, parts)| {
         let enforcement = Enforcement(commands.clone());
@@ -631,7 +694,7 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
     tracing::info!("running; SIGHUP reloads the policy, SIGINT or SIGTERM stops");
     loop {
         tokio::select! {
-            _ = hangup.recv() => { let _ = commands.send(Command::Reload); }
+            _ = hangup.recv() => { let _ = commands.send(Command::Reload(Trigger::Signal)); }
             _ = interrupt.recv() => { tracing::info!("SIGINT: stopping"); break; }
             _ = terminate.recv() => { tracing::info!("SIGTERM: stopping"); break; }
             _ = ticker.tick() => {
@@ -731,6 +794,21 @@ fn watch_links(commands: mpsc::Sender<Command>) {
         });
     if let Err(err) = spawned {
         tracing::warn!(%err, "cannot start the interface watcher");
+    }
+}
+
+/// Unless told not to, starts the thread that asks the enforcer for a
+/// reload when the policy's files change. Without it, SIGHUP still reloads.
+fn watch_policy(opts: &RunOptions, commands: mpsc::Sender<Command>) {
+    let Some(source) = opts.policy.as_ref().filter(|_| opts.watch) else {
+        return;
+    };
+    let shown = escape_controls(&source.path().display().to_string()).into_owned();
+    match watch::spawn(source.clone(), move || {
+        commands.send(Command::Reload(Trigger::Watch)).is_ok()
+    }) {
+        Ok(()) => tracing::info!(policy = %shown, "watching the policy for changes"),
+        Err(err) => tracing::warn!(policy = %shown, "{err}; the policy is reloaded on SIGHUP only"),
     }
 }
 

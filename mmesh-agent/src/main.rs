@@ -16,7 +16,7 @@ use mmesh_agent::{
     fanout::{Fanout, JsonLines},
     hook::ReceiveHook,
     interface::InterfaceSpec,
-    policy::{DEFAULT_MAX_POLICY_BYTES, Policy, ReadLimits},
+    policy::{DEFAULT_MAX_POLICY_BYTES, ReadLimits, Source},
     show,
     sink::{LogWriter, Sink, escape_controls},
 };
@@ -51,7 +51,8 @@ enum LogFormat {
 enum Command {
     /// Load and attach the datapath, enforce the policy, report events (JSON
     /// lines on stdout) and a summary (stderr) until SIGINT or SIGTERM.
-    /// SIGHUP reloads the policy file.
+    /// The policy file or directory is watched: a change is applied when
+    /// it is valid, and SIGHUP reloads it too.
     Run(Box<RunArgs>),
     /// Remove the pinned datapath: links (enforcement stops), programs, maps
     /// and pins. The only way a pinned datapath stops enforcing; refused
@@ -64,9 +65,24 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct RunArgs {
-    /// Policy file (YAML). Without it the embedded default policy runs.
+    /// Policy file (YAML or JSON), watched for changes. Without it (or
+    /// --policy-dir) the embedded default policy runs.
     #[arg(long, short, env = "MMESH_POLICY")]
     policy: Option<PathBuf>,
+    /// Directory of policy files (*.yaml, *.yml, *.json), merged into one
+    /// policy and watched for changes (a mounted Kubernetes config map, for
+    /// example).
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "MMESH_POLICY_DIR",
+        conflicts_with = "policy"
+    )]
+    policy_dir: Option<PathBuf>,
+    /// Do not watch the policy file or directory: apply changes on SIGHUP
+    /// only.
+    #[arg(long, env = "MMESH_NO_WATCH")]
+    no_watch: bool,
     /// Interface to attach, with its role: NAME, NAME:uplink or
     /// NAME:workload. Repeat for several. Default: the interface of the
     /// default route, as uplink.
@@ -292,15 +308,15 @@ fn parse_ring_size(s: &str) -> Result<u32, String> {
 
 #[derive(Debug, Subcommand)]
 enum PolicyCommand {
-    /// Validate a policy file: prints every problem and exits non-zero if
-    /// there is any.
+    /// Validate a policy file, or a directory read as --policy-dir: prints
+    /// every problem and exits non-zero if there is any.
     Validate {
         file: PathBuf,
         #[command(flatten)]
         capacity: CapacityArgs,
     },
-    /// Print the compiled, effective policy of a file (default: the embedded
-    /// default policy).
+    /// Print the compiled, effective policy of a file or directory
+    /// (default: the embedded default policy).
     Show {
         file: Option<PathBuf>,
         #[arg(long, value_enum, default_value_t = ShowFormat::Yaml)]
@@ -416,7 +432,11 @@ fn run(args: RunArgs, logs: &Sink) -> anyhow::Result<()> {
         .build()?;
     let result = runtime.block_on(agent::run(
         RunOptions {
-            policy: args.policy,
+            policy: args
+                .policy
+                .map(Source::File)
+                .or(args.policy_dir.map(Source::Dir)),
+            watch: !args.no_watch,
             interfaces: args.interfaces,
             receive_hook: args.receive_hook,
             capacity: (&args.capacity).into(),
@@ -470,7 +490,7 @@ fn detach(args: &DetachArgs) -> anyhow::Result<()> {
 
 fn validate(file: &Path, args: &CapacityArgs) -> anyhow::Result<()> {
     let capacity = Capacity::from(args);
-    let policy = Policy::from_file_with(file, &args.read_limits())?;
+    let policy = Source::of_path(file).read(&args.read_limits())?;
     let compiled = compile(&policy, None, &capacity)?;
     println!(
         "{}: valid: {} accounts, {} list prefixes",
@@ -483,7 +503,8 @@ fn validate(file: &Path, args: &CapacityArgs) -> anyhow::Result<()> {
 
 fn show(file: Option<&PathBuf>, format: ShowFormat, args: &CapacityArgs) -> anyhow::Result<()> {
     let capacity = &Capacity::from(args);
-    let policy = agent::load_policy(file, &args.read_limits())?;
+    let source = file.map(|f| Source::of_path(f));
+    let policy = agent::load_policy(source.as_ref(), &args.read_limits())?;
     let compiled = compile(&policy, None, capacity)?;
     let view = show::effective(&policy, &compiled, capacity);
     match format {
