@@ -27,6 +27,7 @@
 use std::{
     ffi::OsStr,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -283,7 +284,7 @@ fn merge(source: &str, reads: Vec<(&Path, FileRead)>, issues: &mut Vec<Issue>) -
 
 /// The accounts of the files merged so far.
 struct Accounts {
-    all: Vec<Account>,
+    all: Vec<Arc<Account>>,
     /// The index of the file of each account.
     files: Vec<usize>,
     /// The index in `all` of each id and of the owner of each prefix.
@@ -305,7 +306,7 @@ impl Accounts {
     /// taken by an earlier file is a problem naming it.
     fn add(
         &mut self,
-        accounts: Vec<Account>,
+        accounts: Vec<Arc<Account>>,
         file: usize,
         names: &[String],
         issues: &mut Vec<Issue>,

@@ -69,6 +69,10 @@ fn figure(
 }
 
 /// Runs the group into `report`.
+#[expect(
+    clippy::too_many_lines,
+    reason = "set-up, then each round's figures in the order of the report"
+)]
 pub fn run(opts: &Options, report: &mut Report) {
     let accounts: u32 = if opts.quick { 2_000 } else { 100_000 };
     let text = policy_text(accounts, 0, Format::Json);
