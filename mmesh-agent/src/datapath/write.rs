@@ -425,6 +425,12 @@ impl Datapath {
         self.quiesce()?;
         self.reset_slots(&compiled.new_slots)?;
         self.write_half(new, compiled, generation, &epochs)?;
+        if let Some(pins) = &self.pins {
+            // Before the flip, so that the record is never behind a
+            // generation packets have seen (a recreated CONFIG starts from
+            // it).
+            pins.stamp(generation)?;
+        }
         // The flip: one CONFIG write whose only changed word is `active`.
         let mut flipped = self.config;
         flipped.active = new;
