@@ -74,7 +74,7 @@ const CHANGES: [&str; 3] = [
 /// The two spellings of the benchmark policy: the same policy, so that the
 /// parsers can be compared (the agent tells them apart by the first byte).
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Format {
+pub(super) enum Format {
     Yaml,
     Json,
 }
@@ -90,7 +90,7 @@ impl Format {
 
 /// The policy file with `accounts` accounts and the first `changes` of
 /// [`CHANGES`] made, in `format`.
-fn policy_text(accounts: u32, changes: usize, format: Format) -> String {
+pub(super) fn policy_text(accounts: u32, changes: usize, format: Format) -> String {
     let touched = changed_account(accounts);
     let mut global: Vec<String> = scale::global_v4(1_000)
         .iter()
@@ -251,7 +251,7 @@ fn changed_account(accounts: u32) -> u32 {
     accounts / 2 / 100 * 100
 }
 
-fn capacity(accounts: u32) -> Capacity {
+pub(super) fn capacity(accounts: u32) -> Capacity {
     Capacity {
         accounts: accounts + 16,
         // Per family: a host address and a prefix per account.
@@ -569,7 +569,7 @@ fn grace_period(report: &mut Report) {
 
 /// The agent binary to measure: `$MMESH_AGENT_BIN`, else the release build,
 /// else (quick mode only) the debug build. `None` if there is none.
-fn agent_binary(quick: bool) -> Option<PathBuf> {
+pub(super) fn agent_binary(quick: bool) -> Option<PathBuf> {
     if let Some(bin) = std::env::var_os("MMESH_AGENT_BIN") {
         return Some(PathBuf::from(bin)).filter(|b| b.is_file());
     }
@@ -793,7 +793,7 @@ fn agent_round(
 }
 
 /// Puts `MMESH_AGENT_BIN` back as it was, also on panic.
-struct Restore(Option<std::ffi::OsString>);
+pub(super) struct Restore(pub(super) Option<std::ffi::OsString>);
 
 impl Drop for Restore {
     fn drop(&mut self) {
