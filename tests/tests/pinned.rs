@@ -50,7 +50,11 @@ fn topology(tag: &str) -> Topology {
 }
 
 fn pinned_agent(ns: &NetNs, policy: &PolicyFile, pins: &PinDir) -> Agent {
-    let args: Vec<String> = [
+    pinned_agent_with(ns, policy, pins, &[])
+}
+
+fn pinned_agent_with(ns: &NetNs, policy: &PolicyFile, pins: &PinDir, extra: &[&str]) -> Agent {
+    let mut args: Vec<String> = [
         "run",
         "--policy",
         &policy.path().display().to_string(),
@@ -63,6 +67,7 @@ fn pinned_agent(ns: &NetNs, policy: &PolicyFile, pins: &PinDir) -> Agent {
     ]
     .map(String::from)
     .to_vec();
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
     Agent::start_with_args(ns, &args)
 }
 
@@ -332,7 +337,8 @@ fn rewrite_map_layout(pins: &PinDir, map: &str, version: u32) {
 }
 
 /// An agent of another build adopts the pinned datapath and replaces the
-/// programs in the links in place (traffic keeps being filtered). What it
+/// programs in the links in place (traffic keeps being filtered); another
+/// capacity of one map recreates that map. What it
 /// cannot adopt is refused with a message that names the difference and
 /// `detach`, and left as it is: other capacities of the account slots
 /// (`--max-accounts`), another pin format, a pinned map it does not know,
@@ -356,6 +362,18 @@ fn upgrade_replaces_programs_in_place_and_what_cannot_be_adopted_is_refused() {
         ) && logs.contains("adopted (programs replaced in place)")
             && !logs.contains(" recreated ("),
         "the new build adopts the links and every map:\n{logs}"
+    );
+    assert_eq!(arrivals(&topo, BLOCKED, 50), 0, "still blocking");
+    assert!(agent.stop().success());
+
+    // Another capacity of a map other than the account slots: that map
+    // (and CONFIG) recreated, the rest adopted.
+    let mut agent = pinned_agent_with(&topo.host, &policy, &pins, &["--max-counters", "70000"]);
+    let logs = agent.logs().join("\n");
+    assert!(
+        logs.contains("map ACCT_COUNTERS recreated (65536 entries, this agent's capacity options ask for 70000): the per-account counters restart from zero")
+            && logs.contains("adopted, policy in force"),
+        "another --max-counters recreates ACCT_COUNTERS:\n{logs}"
     );
     assert_eq!(arrivals(&topo, BLOCKED, 50), 0, "still blocking");
     assert!(agent.stop().success());
@@ -662,5 +680,67 @@ fn a_rate_limit_holds_across_restarts() {
         sent.packets,
         sent.span
     );
+    assert!(agent.stop().success());
+}
+
+/// `BLOCKING` with the other prefix blocked instead.
+const BLOCKING_LATER: &str = "version: blocking-later
+global:
+  block:
+    - name: blk
+      cidrs: [10.77.2.0/24]
+accounts:
+  - id: alpha
+    prefixes: [10.77.0.10/32]
+";
+
+/// An agent that adopts pins holding another policy puts its own in force,
+/// whole, in both halves: an agent that finished syncing its standby half
+/// records so, and the next one reads back only the active half and takes
+/// it for both; if that were wrong, entries of the old policy would linger
+/// in the standby half and come back with the next reload.
+#[test]
+fn a_restart_with_another_policy_puts_it_in_force_in_both_halves() {
+    let _serial = serial();
+    let pins = PinDir::new("other");
+    let topo = topology("other");
+    let policy = PolicyFile::new("other", BLOCKING);
+    let mut agent = pinned_agent(&topo.host, &policy, &pins);
+    assert_eq!(arrivals(&topo, BLOCKED, 50), 0, "the first policy blocks");
+    let _ = agent.kill();
+
+    policy.write(BLOCKING_LATER);
+    let agent = pinned_agent(&topo.host, &policy, &pins);
+    for round in 0..2 {
+        assert_eq!(
+            arrivals(&topo, BLOCKED_LATER, 50),
+            0,
+            "round {round}: the new policy's block holds"
+        );
+        assert_eq!(
+            arrivals(&topo, BLOCKED, 50),
+            50,
+            "round {round}: the old policy's block is gone"
+        );
+        assert_eq!(arrivals(&topo, ORDINARY, 50), 50, "ordinary traffic passes");
+        // Twice through both halves: to the first policy and back.
+        policy.write(BLOCKING);
+        let answer = agent.reload();
+        assert!(answer.contains("policy reloaded"), "{answer}");
+        assert_eq!(
+            arrivals(&topo, BLOCKED, 50),
+            0,
+            "round {round}: back to the first"
+        );
+        assert_eq!(
+            arrivals(&topo, BLOCKED_LATER, 50),
+            50,
+            "round {round}: lifted"
+        );
+        policy.write(BLOCKING_LATER);
+        let answer = agent.reload();
+        assert!(answer.contains("policy reloaded"), "{answer}");
+    }
+    let mut agent = agent;
     assert!(agent.stop().success());
 }

@@ -165,9 +165,11 @@ impl Datapath {
         if let Some(pins) = pins {
             if pins.adopted().is_some() {
                 let fresh: Vec<&str> = fresh.iter().map(|(name, _)| *name).collect();
-                dp.adopt_state(pins.generation_floor(), &fresh)?;
+                dp.adopt_state(pins.generation_floor(), &fresh, pins.standby_synced_at())?;
             }
-            pins.stamp(dp.generation)?;
+            // Whether the halves are copies is known again after this
+            // agent's first sync of the standby half.
+            pins.stamp(dp.generation, false)?;
             dp.pins = Some(pins);
         }
         Ok(dp)
@@ -176,9 +178,16 @@ impl Datapath {
     /// Takes over the state of pinned maps that an earlier agent filled: the
     /// active half and its generation (never below `floor`, the highest
     /// generation the agent record holds), the slot epochs. Both halves are
-    /// read back from the kernel before their next write. `fresh`: the maps
-    /// created empty instead of reused.
-    fn adopt_state(&mut self, floor: u64, fresh: &[&str]) -> Result<(), DatapathError> {
+    /// read back from the kernel before their next write, or only the
+    /// active one when the earlier agent recorded that the standby half is
+    /// its copy (`synced`: at that generation). `fresh`: the maps created
+    /// empty instead of reused.
+    fn adopt_state(
+        &mut self,
+        floor: u64,
+        fresh: &[&str],
+        synced: Option<u64>,
+    ) -> Result<(), DatapathError> {
         let config = self
             .maps
             .config
@@ -207,7 +216,15 @@ impl Datapath {
                 })
                 .collect()
         };
-        self.halves = [None, None];
+        let active = config.halves[config.active as usize].generation;
+        self.halves = if fresh.is_empty() && synced == Some(active) {
+            // Reading a half back is most of an adoption (the tries are
+            // read one entry at a time): one read serves both.
+            let held = Arc::new(self.read_half(config.active)?);
+            [Some(held.clone()), Some(held)]
+        } else {
+            [None, None]
+        };
         // Programs of the earlier agent may have read the standby half.
         self.quiesced = false;
         Ok(())

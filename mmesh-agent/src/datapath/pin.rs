@@ -32,7 +32,11 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 struct AgentRecord {
     /// [`pins::FORMAT`].
     format: u32,
-    _pad: u32,
+    /// 1: the standby half holds the same policy as the active one, of
+    /// `generation` (written once `sync_standby` finished, cleared before
+    /// every apply writes into the standby half): an adopting agent then
+    /// reads only the active half back.
+    standby: u32,
     build: u64,
     /// The highest policy generation ever written (before it was flipped
     /// in): a recreated `CONFIG` starts from it, so that no generation that
@@ -223,7 +227,7 @@ impl Pins {
             )?;
             // Stamped at once: a record of zeroes would read as another
             // pin format to the next agent if this one died here.
-            write_record(&agent, &agent_path, 0)?;
+            write_record(&agent, &agent_path, 0, false)?;
             (agent, None)
         };
         let layouts = if layouts_path.exists() {
@@ -278,10 +282,16 @@ impl Pins {
         Ok(pins)
     }
 
-    /// Records this agent's pin format and build identity, and `generation`
-    /// as the highest generation written so far.
-    pub(super) fn stamp(&self, generation: u64) -> Result<(), DatapathError> {
-        write_record(&self.agent, &self.dir.join(pins::AGENT), generation)
+    /// Records this agent's pin format and build identity, `generation` as
+    /// the highest generation written so far, and whether the standby half
+    /// holds the same policy as the active one (of `generation`).
+    pub(super) fn stamp(&self, generation: u64, standby_synced: bool) -> Result<(), DatapathError> {
+        write_record(
+            &self.agent,
+            &self.dir.join(pins::AGENT),
+            generation,
+            standby_synced,
+        )
     }
 
     #[must_use]
@@ -299,6 +309,14 @@ impl Pins {
     /// The highest generation the adopted pins record (0 when new).
     pub(super) fn generation_floor(&self) -> u64 {
         self.adopted.map_or(0, |r| r.generation)
+    }
+
+    /// The generation whose policy both halves of the adopted maps hold,
+    /// when the agent that made them recorded so.
+    pub(super) fn standby_synced_at(&self) -> Option<u64> {
+        self.adopted
+            .filter(|r| r.standby == 1)
+            .map(|r| r.generation)
     }
 
     pub(super) fn map_path(&self, name: &str) -> PathBuf {
@@ -465,10 +483,15 @@ fn create_layouts(path: &Path) -> Result<MapData, DatapathError> {
     )
 }
 
-fn write_record(agent: &MapData, path: &Path, generation: u64) -> Result<(), DatapathError> {
+fn write_record(
+    agent: &MapData,
+    path: &Path,
+    generation: u64,
+    standby_synced: bool,
+) -> Result<(), DatapathError> {
     let record = AgentRecord {
         format: pins::FORMAT,
-        _pad: 0,
+        standby: u32::from(standby_synced),
         build: build_identity(),
         generation,
     };
