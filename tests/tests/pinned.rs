@@ -476,14 +476,48 @@ fn beta_burst(topo: &Topology) -> u64 {
     sink.finish(SINK_IDLE).packets_from(ORDINARY)
 }
 
+/// Kills `agent`, records another layout version for `map`, and starts a
+/// new agent in its place, which must recreate `map` and exactly `recreated_too` (in the
+/// order of the maps) and log `reset` for `map`.
+fn upgrade_with_layout(
+    topo: &Topology,
+    policy: &PolicyFile,
+    pins: &PinDir,
+    agent: &mut Agent,
+    map: &str,
+    recreated_too: &[&str],
+    reset: &str,
+) {
+    let _ = agent.kill();
+    rewrite_map_layout(pins, map, 99);
+    *agent = pinned_agent(&topo.host, policy, pins);
+    let logs = agent.logs().join("\n");
+    let recreated: Vec<&str> = logs
+        .lines()
+        .filter_map(|l| l.split("map ").nth(1)?.split_once(" recreated ("))
+        .map(|(name, _)| name)
+        .collect();
+    assert_eq!(
+        recreated, recreated_too,
+        "{map} recreated, and only what goes with it:\n{logs}"
+    );
+    assert!(
+        logs.contains(&format!(
+            "map {map} recreated (layout version 99, this agent's is 1): {reset}"
+        )) && logs.contains("adopted (programs replaced in place)"),
+        "the log names the map, why and what is reset:\n{logs}"
+    );
+}
+
 /// Upgrades by agents whose layout of one map differs (the version
 /// recorded for it is not theirs), while allowed traffic flows and a
-/// blocked source floods: first a policy map (`RULES_V4`, the global
-/// lists), then a state map (`RATE_STATE`, the rate-limit buckets). Each
-/// agent recreates that map (and `CONFIG`, see the README) and nothing
-/// else: no blocked packet arrives at any moment, no allowed packet is
-/// lost, the totals count every blocked packet since the first start, and
-/// the only state reset is the one the README names: after the second
+/// blocked source floods: a policy map (`RULES_V4`, the global lists),
+/// `CONFIG` itself, then a state map (`RATE_STATE`, the rate-limit
+/// buckets). Each agent recreates that map and what goes with it (see the
+/// README: `CONFIG` with any map, every halved map with `CONFIG`) and
+/// nothing else: no blocked packet arrives at any moment, no allowed packet
+/// is lost, the totals count every blocked packet since the first start,
+/// and the only state reset is the one the README names: after the last
 /// upgrade, an account whose burst was used up has a full burst again.
 #[test]
 fn upgrade_recreating_one_map_keeps_enforcing_and_resets_only_its_state() {
@@ -503,36 +537,47 @@ fn upgrade_recreating_one_map_keeps_enforcing_and_resets_only_its_state() {
     let dst = sink.local_addr();
     let allowed_socket = topo.remote.udp_socket(SocketAddr::new(ORDINARY, 0));
     let blocked_socket = topo.remote.udp_socket(SocketAddr::new(BLOCKED, 0));
-    let duration = Duration::from_secs(5);
+    let duration = Duration::from_secs(7);
     let (allowed, blocked) = thread::scope(|s| {
         let allowed =
             s.spawn(|| send_udp(&allowed_socket, dst, Pace::for_duration(500, duration, 64)));
         let blocked =
             s.spawn(|| send_udp(&blocked_socket, dst, Pace::for_duration(5000, duration, 64)));
-        for (map, reset) in [
-            ("RULES_V4", "refilled from the policy"),
-            ("RATE_STATE", "rate-limit buckets reset"),
+        let halved = [
+            "HOSTS_V4",
+            "HOSTS_V6",
+            "PREFIXES_V4",
+            "PREFIXES_V6",
+            "ACCOUNTS",
+            "RULES_V4",
+            "RULES_V6",
+            "ACCT_RULES_V4",
+            "ACCT_RULES_V6",
+            "STRIDE",
+        ];
+        let with_config: Vec<&str> = std::iter::once("CONFIG").chain(halved).collect();
+        for (map, recreated_too, reset) in [
+            (
+                "RULES_V4",
+                vec!["CONFIG", "RULES_V4"],
+                "refilled from the policy",
+            ),
+            ("CONFIG", with_config, "nothing is lost"),
+            (
+                "RATE_STATE",
+                vec!["CONFIG", "RATE_STATE"],
+                "rate-limit buckets reset",
+            ),
         ] {
             thread::sleep(Duration::from_millis(300));
-            let _ = agent.kill();
-            rewrite_map_layout(&pins, map, 99);
-            agent = pinned_agent(&topo.host, &policy, &pins);
-            let logs = agent.logs().join("\n");
-            let recreated: Vec<&str> = logs
-                .lines()
-                .filter_map(|l| l.split("map ").nth(1)?.split_once(" recreated ("))
-                .map(|(name, _)| name)
-                .collect();
-            assert_eq!(
-                recreated,
-                ["CONFIG", map],
-                "only {map} (and CONFIG with it) recreated:\n{logs}"
-            );
-            assert!(
-                logs.contains(&format!(
-                    "map {map} recreated (layout version 99, this agent's is 1): {reset}"
-                )) && logs.contains("adopted (programs replaced in place)"),
-                "the log names the map, why and what is reset:\n{logs}"
+            upgrade_with_layout(
+                &topo,
+                &policy,
+                &pins,
+                &mut agent,
+                map,
+                &recreated_too,
+                reset,
             );
         }
         (

@@ -99,9 +99,9 @@ impl Datapath {
         } else {
             Vec::new()
         };
-        let (fresh, replace) = match &pins {
+        let planned = match &pins {
             Some(pins) => plan_maps(pins, &shapes, &mut loader)?,
-            None => (Vec::new(), Vec::new()),
+            None => Planned::default(),
         };
         let mut ebpf = loader
             .load(EBPF_OBJECT)
@@ -115,11 +115,11 @@ impl Datapath {
             prog.load().map_err(|e| load_error(name, e))?;
         }
         if let Some(pins) = &pins {
-            pin_in_place(&ebpf, pins, &replace)?;
+            pin_in_place(&ebpf, pins, &planned.replace)?;
             // Only now: a version recorded for a map not yet replaced would
             // let the next agent reuse the old one as if it were new.
             pins.record_layouts(&shapes)?;
-            for (name, why) in &fresh {
+            for (name, why) in &planned.fresh {
                 tracing::warn!("map {name} recreated ({why}): {}", resets(name));
             }
         }
@@ -164,7 +164,22 @@ impl Datapath {
         };
         if let Some(pins) = pins {
             if pins.adopted().is_some() {
-                let fresh: Vec<&str> = fresh.iter().map(|(name, _)| *name).collect();
+                if let Some(old) = planned.config {
+                    dp.maps
+                        .config
+                        .set(0, old, 0)
+                        .map_err(|e| DatapathError::map(names::CONFIG, e))?;
+                }
+                // The policy maps that start empty (CONFIG copied is not).
+                let fresh: Vec<&str> = planned
+                    .fresh
+                    .iter()
+                    .map(|(name, _)| *name)
+                    .filter(|name| {
+                        HALVED.contains(name)
+                            || (*name == names::CONFIG && planned.config.is_none())
+                    })
+                    .collect();
                 dp.adopt_state(pins.generation_floor(), &fresh, pins.standby_synced_at())?;
             }
             // Whether the halves are copies is known again after this
@@ -180,8 +195,8 @@ impl Datapath {
     /// generation the agent record holds), the slot epochs. Both halves are
     /// read back from the kernel before their next write, or only the
     /// active one when the earlier agent recorded that the standby half is
-    /// its copy (`synced`: at that generation). `fresh`: the maps created
-    /// empty instead of reused.
+    /// its copy (`synced`: at that generation). `fresh`: the policy maps
+    /// created empty instead of reused.
     fn adopt_state(
         &mut self,
         floor: u64,
@@ -194,7 +209,8 @@ impl Datapath {
             .get(&0, 0)
             .map_err(|e| DatapathError::map(names::CONFIG, e))?;
         self.generation = config.halves[config.active as usize].generation.max(floor);
-        // A recreated CONFIG is zeroes; a recreated FLOW_CACHE may be of
+        // A recreated CONFIG is a copy of the old one, or zeroes (and then
+        // every halved map is new too); a recreated FLOW_CACHE may be of
         // another size (and then CONFIG was recreated with it).
         self.config = Config {
             flow_mask: self.capacity.flow_cache - 1,
@@ -252,9 +268,32 @@ fn object_error(e: aya::EbpfError, pins: Option<&Pins>) -> DatapathError {
     }
 }
 
-/// Maps created fresh although there were pins to adopt, with the reason;
-/// and those of them to pin in place of a pinned map.
-type Fresh = (Vec<(&'static str, String)>, Vec<&'static str>);
+/// The maps that hold policy in two halves, which `CONFIG.active` picks.
+const HALVED: [&str; 10] = [
+    names::HOSTS_V4,
+    names::HOSTS_V6,
+    names::PREFIXES_V4,
+    names::PREFIXES_V6,
+    names::ACCOUNTS,
+    names::RULES_V4,
+    names::RULES_V6,
+    names::ACCT_RULES_V4,
+    names::ACCT_RULES_V6,
+    names::STRIDE,
+];
+
+/// What [`plan_maps`] decided.
+#[derive(Default)]
+struct Planned {
+    /// Maps created fresh although there were pins to adopt, with the
+    /// reason.
+    fresh: Vec<(&'static str, String)>,
+    /// Those of them to pin in place of a pinned map.
+    replace: Vec<&'static str>,
+    /// The old `CONFIG`'s value, when `CONFIG` is recreated only along with
+    /// other maps: the new one starts as its copy.
+    config: Option<Config>,
+}
 
 /// Tells the loader which pinned maps to reuse or create pinned; the maps
 /// to recreate it creates unpinned, for [`pin_in_place`].
@@ -262,40 +301,65 @@ fn plan_maps(
     pins: &Pins,
     shapes: &[MapShape],
     loader: &mut EbpfLoader<'_>,
-) -> Result<Fresh, DatapathError> {
-    let mut fresh = Vec::new();
-    let mut replace = Vec::new();
+) -> Result<Planned, DatapathError> {
+    let mut planned = Planned::default();
     let mut plans = pins.plan(shapes)?;
     let adopting = pins.adopted().is_some();
-    if adopting
-        && plans.iter().any(|p| *p != MapPlan::Reuse)
-        && let Some(config) = shapes.iter().position(|s| s.name == names::CONFIG)
-        && plans[config] == MapPlan::Reuse
+    let position = |name: &str| shapes.iter().position(|s| s.name == name);
+    if let Some(config) = position(names::CONFIG)
+        && adopting
     {
-        // The running programs must not see the first flip of this agent:
-        // it would send them to a half of the maps they share with it while
-        // they still read their own copy of a recreated map. With a CONFIG
-        // of their own they keep one consistent policy until the links get
-        // the new programs.
-        plans[config] = MapPlan::Recreate {
-            why: "with the other recreated maps, so that the running programs keep a consistent policy until they are replaced".to_owned(),
-        };
+        if plans[config] == MapPlan::Reuse && plans.iter().any(|p| *p != MapPlan::Reuse) {
+            // The running programs must not see the first flip of this
+            // agent: it would send them to a half of the maps they share
+            // with it while they still read their own copy of a recreated
+            // map. With a CONFIG of their own they keep one consistent
+            // policy until the links get the new programs. The new CONFIG
+            // starts as a copy, so that this agent writes into the half the
+            // old programs do not read.
+            let old = MapData::from_pin(pins.map_path(names::CONFIG))
+                .map_err(|e| DatapathError::map(names::CONFIG, e))
+                .and_then(|data| {
+                    Array::<MapData, Config>::try_from(aya::maps::Map::Array(data))
+                        .and_then(|a| a.get(&0, 0))
+                        .map_err(|e| DatapathError::map(names::CONFIG, e))
+                })?;
+            planned.config = Some(old);
+            plans[config] = MapPlan::Recreate {
+                why: "with the other recreated maps, so that the running programs keep a consistent policy until they are replaced".to_owned(),
+            };
+        } else if plans[config] != MapPlan::Reuse {
+            // Which half the running programs read is not known (CONFIG of
+            // another layout, or gone): the halved maps go with it, and the
+            // running programs keep theirs whole.
+            for name in HALVED {
+                if let Some(i) = position(name)
+                    && plans[i] == MapPlan::Reuse
+                {
+                    plans[i] = MapPlan::Recreate {
+                        why: "with CONFIG, whose halves it follows".to_owned(),
+                    };
+                }
+            }
+        }
     }
     for (shape, plan) in shapes.iter().zip(plans) {
         match plan {
             MapPlan::Create if adopting => {
-                fresh.push((shape.name, "it was not pinned".to_owned()));
+                planned
+                    .fresh
+                    .push((shape.name, "it was not pinned".to_owned()));
             }
             MapPlan::Recreate { why } => {
-                fresh.push((shape.name, why));
-                replace.push(shape.name);
+                planned.fresh.push((shape.name, why));
+                planned.replace.push(shape.name);
                 continue;
             }
             MapPlan::Reuse | MapPlan::Create => {}
         }
         loader.map_pin_path(shape.name, pins.map_path(shape.name));
     }
-    Ok((fresh, replace))
+    Ok(planned)
 }
 
 /// Pins the recreated maps in place of the old ones, once the programs
