@@ -244,6 +244,17 @@ fn one_round(
     let args = agent_args(file, &pins, accounts);
     let (agent, cold) = start(topo, &args);
     let (agent, adopt, restarted) = restart(topo, agent, &args, || {});
+    // Where an adoption's time goes, by the log's timestamps.
+    for line in agent.logs().iter().filter(|l| {
+        ["adopting the pinned", "generation=", "adopted ("]
+            .iter()
+            .any(|k| l.contains(k))
+    }) {
+        eprintln!(
+            "bench: restart: adopt log: {}",
+            line.get(..140).unwrap_or(line)
+        );
+    }
     let (mut agent, upgrade, upgraded) = restart(topo, agent, &args, || {
         rewrite_map_layout(&pins, "RATE_STATE", u32::MAX);
     });
