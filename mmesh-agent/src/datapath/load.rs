@@ -115,13 +115,7 @@ impl Datapath {
             prog.load().map_err(|e| load_error(name, e))?;
         }
         if let Some(pins) = &pins {
-            pin_in_place(&ebpf, pins, &planned.replace)?;
-            // Only now: a version recorded for a map not yet replaced would
-            // let the next agent reuse the old one as if it were new.
-            pins.record_layouts(&shapes)?;
-            for (name, why) in &planned.fresh {
-                tracing::warn!("map {name} recreated ({why}): {}", resets(name));
-            }
+            install(&mut ebpf, pins, &planned, &shapes)?;
         }
         let maps = Maps {
             config: take(&mut ebpf, names::CONFIG)?,
@@ -164,12 +158,6 @@ impl Datapath {
         };
         if let Some(pins) = pins {
             if pins.adopted().is_some() {
-                if let Some(old) = planned.config {
-                    dp.maps
-                        .config
-                        .set(0, old, 0)
-                        .map_err(|e| DatapathError::map(names::CONFIG, e))?;
-                }
                 // The policy maps that start empty (CONFIG copied is not).
                 let fresh: Vec<&str> = planned
                     .fresh
@@ -360,6 +348,38 @@ fn plan_maps(
         loader.map_pin_path(shape.name, pins.map_path(shape.name));
     }
     Ok(planned)
+}
+
+/// Once the programs passed the verifier: the new `CONFIG` made a copy of
+/// the old one if so planned, the recreated maps pinned in place, the
+/// layouts recorded, and what was reset logged.
+fn install(
+    ebpf: &mut Ebpf,
+    pins: &Pins,
+    planned: &Planned,
+    shapes: &[MapShape],
+) -> Result<(), DatapathError> {
+    if let Some(old) = planned.config {
+        // Before it is pinned: a CONFIG of zeroes under this agent's layout
+        // would tell the next agent that half 0 is the active one.
+        let map = ebpf
+            .map_mut(names::CONFIG)
+            .ok_or_else(|| DatapathError::Missing {
+                what: "map",
+                name: names::CONFIG.to_owned(),
+            })?;
+        Array::<&mut MapData, Config>::try_from(map)
+            .and_then(|mut config| config.set(0, old, 0))
+            .map_err(|e| DatapathError::map(names::CONFIG, e))?;
+    }
+    pin_in_place(ebpf, pins, &planned.replace)?;
+    // Only now: a version recorded for a map not yet replaced would let the
+    // next agent reuse the old one as if it were new.
+    pins.record_layouts(shapes)?;
+    for (name, why) in &planned.fresh {
+        tracing::warn!("map {name} recreated ({why}): {}", resets(name));
+    }
+    Ok(())
 }
 
 /// Pins the recreated maps in place of the old ones, once the programs
