@@ -6,8 +6,8 @@
 //! three maps of the agent's own ([`pins::AGENT`]: pin format, build
 //! identity and the highest generation written; [`pins::SLOT_IDS`]: which
 //! account holds which slot; [`pins::LAYOUTS`]: the layout version of each
-//! pinned map). bpffs holds no plain files, hence the maps. The directory itself is the lock: one
-//! agent at a time holds `flock` on it.
+//! pinned map). bpffs holds no plain files, hence the maps. The directory
+//! itself is the lock: one agent at a time holds `flock` on it.
 
 use std::{
     collections::HashMap,
@@ -44,7 +44,7 @@ struct AgentRecord {
     generation: u64,
 }
 
-// SAFETY: repr(C), explicit padding, plain integers.
+// SAFETY: repr(C), plain integers, no padding.
 unsafe impl aya::Pod for AgentRecord {}
 
 /// Key of [`pins::LAYOUTS`]: a map name, zero-padded.
@@ -174,7 +174,7 @@ fn lock(dir: &Path) -> Result<File, DatapathError> {
     Ok(file)
 }
 
-/// A locked pin directory, and the agent's own pinned arrays.
+/// A locked pin directory, and the agent's own pinned maps.
 #[derive(Debug)]
 pub struct Pins {
     dir: PathBuf,
@@ -189,7 +189,7 @@ pub struct Pins {
 
 impl Pins {
     /// Locks `dir` (made ready by [`prepare`]) and opens or creates the
-    /// agent's arrays; `slots` is the number of account slots. A pin
+    /// agent's own maps; `slots` is the number of account slots. A pin
     /// directory of another format, or made with another `--max-accounts`,
     /// is refused.
     pub fn open(dir: &Path, slots: u32) -> Result<Self, DatapathError> {
