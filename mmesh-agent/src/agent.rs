@@ -218,7 +218,7 @@ fn start(opts: &RunOptions) -> anyhow::Result<Started> {
             let (was, now) = (pins.adopted().unwrap_or_default(), build_identity());
             if was != now {
                 tracing::info!(
-                    "upgrade: the pinned programs (build {was:016x}) are replaced in place by this agent's (build {now:016x}); the maps are kept"
+                    "upgrade: the pinned programs (build {was:016x}) are replaced in place by this agent's (build {now:016x}); the maps are kept unless logged as recreated"
                 );
             }
             tracing::info!(
@@ -236,8 +236,6 @@ fn start(opts: &RunOptions) -> anyhow::Result<Started> {
     // Named before the flip, so that the first events already find them.
     names.insert(dp.generation() + 1, compiled.clone());
     let generation = dp.apply(compiled).context("applying the policy")?;
-    dp.sync_standby()
-        .context("writing the standby copy of the policy")?;
     tracing::info!(generation, "policy {summary}");
     for spec in &interfaces {
         let a = dp.attach(spec, opts.receive_hook)?;
@@ -248,6 +246,11 @@ fn start(opts: &RunOptions) -> anyhow::Result<Started> {
         };
         tracing::info!(interface = %a.name, ifindex = a.ifindex, role = %a.role, receive = %a.receive, driver = %a.driver, tc = a.tc_mode, "{what}");
     }
+    // After the links have the new programs: on an upgrade that recreated
+    // maps, the programs replaced there still read the old half of the maps
+    // they share with the new ones until then.
+    dp.sync_standby()
+        .context("writing the standby copy of the policy")?;
     for pin in dp.prune_links() {
         tracing::info!(
             pin,
