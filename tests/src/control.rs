@@ -6,7 +6,7 @@
 use std::{
     net::{SocketAddr, TcpListener},
     sync::{
-        Arc, Mutex, PoisonError,
+        Arc, Condvar, Mutex, PoisonError,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
@@ -30,6 +30,8 @@ struct State {
     /// Every message from every stream, in arrival order, with the number
     /// of the stream it came on (from 1).
     received: Mutex<Vec<(usize, AgentMessage)>>,
+    /// Signalled at every message received.
+    arrived: Condvar,
     /// The current stream's way down, and its number.
     current: Mutex<Option<(usize, Down)>>,
     streams: Mutex<usize>,
@@ -71,6 +73,7 @@ impl PolicyStream for Service {
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .push((number, message));
+                state.arrived.notify_all();
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -210,8 +213,12 @@ impl ScriptedControlPlane {
         matches: impl Fn(&Up) -> bool,
     ) -> (usize, Up) {
         let deadline = Instant::now() + timeout;
+        let mut received = self
+            .state
+            .received
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         loop {
-            let received = self.received();
             if let Some((i, body)) =
                 received
                     .iter()
@@ -226,15 +233,23 @@ impl ScriptedControlPlane {
             {
                 return (i, body);
             }
+            let now = Instant::now();
             assert!(
-                Instant::now() < deadline,
+                now < deadline,
                 "no {what} from the agent within {timeout:?}; received: {:?}",
                 received
                     .iter()
                     .map(|(n, m)| format!("stream {n}: {}", describe(m)))
                     .collect::<Vec<_>>()
             );
-            std::thread::sleep(Duration::from_millis(50));
+            // Woken by every message: send-to-answer times are measured
+            // with this.
+            received = self
+                .state
+                .arrived
+                .wait_timeout(received, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
         }
     }
 

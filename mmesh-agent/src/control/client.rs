@@ -396,6 +396,11 @@ impl Client {
         received: Instant,
         tx: &mpsc::Sender<proto::AgentMessage>,
     ) -> Result<(), ClientError> {
+        tracing::debug!(
+            version,
+            ms = received.elapsed().as_secs_f64() * 1e3,
+            "control plane: validated"
+        );
         let next = match validated {
             Ok(next) => next,
             Err(Refusal::Base { held, base }) => {

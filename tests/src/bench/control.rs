@@ -130,7 +130,8 @@ pub fn run(opts: &Options, report: &mut Report) {
         cp.wait_for("hello", 0, Duration::from_mins(1), |b| {
             matches!(b, Up::Hello(_))
         });
-        let (answer, snapshot) = timed(|| cp.push_snapshot("v0", message.clone()));
+        let copy = message.clone();
+        let (answer, snapshot) = timed(|| cp.push_snapshot("v0", copy));
         let Up::Ack(ack) = answer else {
             panic!(
                 "the agent refused the benchmark snapshot: {answer:?}; {:?}",
@@ -161,6 +162,15 @@ pub fn run(opts: &Options, report: &mut Report) {
                 (took, ack.apply_micros)
             })
             .collect();
+        if std::env::var_os("MMESH_BENCH_LOGS").is_some() {
+            for line in agent
+                .logs()
+                .iter()
+                .filter(|l| l.contains("control plane") || l.contains("took_ms"))
+            {
+                eprintln!("agent: {line}");
+            }
+        }
         drop(agent);
         deltas.sort();
         let (delta, delta_micros) = deltas[deltas.len() / 2];
