@@ -1,6 +1,6 @@
 //! The map entries of the global lists and of one account.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use mmesh_common::{
     Verdict,
@@ -81,7 +81,7 @@ pub(super) fn compile_global(
 }
 
 pub(super) fn compile_account(
-    account: &Account,
+    account: &Arc<Account>,
     slot: u32,
 ) -> Result<AccountEntries, CompileError> {
     if account.lists.len() > MAX_ACCOUNT_LISTS {
@@ -93,7 +93,7 @@ pub(super) fn compile_account(
         });
     }
     let mut out = AccountEntries {
-        source: Some(account.clone()),
+        source: Some(Arc::clone(account)),
         ..AccountEntries::default()
     };
     for net in &account.prefixes_v4 {

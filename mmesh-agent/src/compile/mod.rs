@@ -168,7 +168,7 @@ pub struct GlobalEntries {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AccountEntries {
     /// What it was compiled from; `None` when read back from the kernel.
-    pub source: Option<Account>,
+    pub source: Option<Arc<Account>>,
     /// The settings, `epoch` left to the datapath.
     pub config: AccountConfig,
     pub hosts_v4: Vec<[u8; 4]>,

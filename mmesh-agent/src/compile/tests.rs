@@ -532,7 +532,7 @@ mod fingerprint {
     /// What the kernel would get for `account` in slot 1 (without the copy
     /// of the source, which is the account itself).
     fn entries(account: &Account) -> Result<super::AccountEntries, String> {
-        compile_account(account, 1)
+        compile_account(&std::sync::Arc::new(account.clone()), 1)
             .map(|mut e| {
                 e.source = None;
                 e
