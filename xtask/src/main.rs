@@ -250,14 +250,26 @@ fn test(no_lint: bool, args: &[String]) -> anyhow::Result<()> {
         )?;
     }
     let agent = build(false)?;
-    eprintln!("xtask: tests (host, BPF_PROG_TEST_RUN, network namespaces)");
+    // The control-plane tests (tests/tests/controlplane.rs) run the binary.
+    status(cargo().args([
+        "build",
+        "--package",
+        "mmesh-controlplane",
+        "--bin",
+        "mmesh-controlplane",
+    ]))?;
+    let controlplane = Path::new("target/debug/mmesh-controlplane");
+    eprintln!("xtask: tests (host, BPF_PROG_TEST_RUN, network namespaces, control plane)");
     let agent =
         std::fs::canonicalize(&agent).with_context(|| format!("finding {}", agent.display()))?;
+    let controlplane = std::fs::canonicalize(controlplane)
+        .with_context(|| format!("finding {}", controlplane.display()))?;
     status(
         cargo()
             .args(["test", "--workspace", "--exclude", "mmesh-ebpf"])
             .args(args)
-            .env("MMESH_AGENT_BIN", agent),
+            .env("MMESH_AGENT_BIN", agent)
+            .env("MMESH_CONTROLPLANE_BIN", controlplane),
     )?;
     if args.is_empty() {
         // So that the harness cannot rot: every scenario once, briefly; the
