@@ -4,6 +4,7 @@
 //! report (docs/control-plane.md).
 
 pub mod catalog;
+pub mod etcd;
 pub mod events;
 pub mod folder;
 pub mod server;

@@ -8,7 +8,12 @@ use mmesh_agent::{
     control::proto::policy_stream_server::PolicyStreamServer,
     policy::{DEFAULT_MAX_POLICY_BYTES, ReadLimits},
 };
-use mmesh_controlplane::{catalog::Catalog, events, folder, server::Service};
+use mmesh_controlplane::{
+    catalog::Catalog,
+    etcd::{self, Etcd, Mirror},
+    events, folder,
+    server::Service,
+};
 use serde_json::json;
 use tokio::sync::watch;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
@@ -90,13 +95,28 @@ async fn main() -> anyhow::Result<()> {
     };
 
     let (catalog_tx, catalog_rx) = watch::channel(Arc::new(Catalog::default()));
-    // Kept for the life of the server: the watch ends with it.
-    let _source = if let Some(dir) = &args.policies {
+    // Kept for the life of the server: the folder's watch ends with it.
+    let _watcher = if let Some(dir) = &args.policies {
         let initial = folder::load(dir, &limits, &Catalog::default())?;
         folder::publish(&catalog_tx, initial);
-        folder::watch(dir.clone(), limits, catalog_tx)?
+        Some(folder::watch(dir.clone(), limits, catalog_tx)?)
+    } else if let Some(url) = &args.etcd {
+        let client = Etcd::new(url)?;
+        let mut prefix = args.etcd_prefix.clone();
+        if !prefix.ends_with('/') {
+            prefix.push('/');
+        }
+        tracing::info!("policies from etcd at {url}, keys {prefix}*");
+        tokio::spawn(etcd::serve(
+            client,
+            prefix,
+            Mirror::new()?,
+            limits,
+            catalog_tx,
+        ));
+        None
     } else {
-        bail!("--etcd is not supported yet");
+        bail!("give --policies DIR or --etcd URL");
     };
 
     let listener = tokio::net::TcpListener::bind(args.listen)

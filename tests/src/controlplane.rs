@@ -374,3 +374,90 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// A real etcd (Debian's `etcd-server`) on loopback ports of its own, with
+/// a data directory of its own; killed and removed when dropped.
+pub struct EtcdServer {
+    child: Child,
+    _data: TempDir,
+    /// Its client URL, `http://127.0.0.1:PORT`.
+    pub url: String,
+}
+
+impl EtcdServer {
+    /// Starts etcd and waits until it answers.
+    #[must_use]
+    pub fn start() -> Self {
+        let binary = which_etcd();
+        let data = TempDir::new("etcd");
+        let client = free_port();
+        let peer = free_port();
+        let url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let child = Command::new(binary)
+            .arg("--name=test")
+            .arg(format!("--data-dir={}", data.path().join("data").display()))
+            .arg(format!("--listen-client-urls={url}"))
+            .arg(format!("--advertise-client-urls={url}"))
+            .arg(format!("--listen-peer-urls={peer_url}"))
+            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+            .arg(format!("--initial-cluster=test={peer_url}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting etcd");
+        let server = Self {
+            child,
+            _data: data,
+            url,
+        };
+        let client = server.client();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while let Err(e) = rt.block_on(client.range("/")) {
+            assert!(
+                Instant::now() < deadline,
+                "etcd did not answer within 30 s: {e}"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        server
+    }
+
+    /// A client of it.
+    #[must_use]
+    pub fn client(&self) -> mmesh_controlplane::etcd::Etcd {
+        mmesh_controlplane::etcd::Etcd::new(&self.url).expect("a valid URL")
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The etcd binary; panics with what to install when there is none.
+fn which_etcd() -> PathBuf {
+    ["/usr/bin/etcd", "/usr/local/bin/etcd"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .expect(
+            "no etcd binary: install Debian's etcd-server package (apt-get install etcd-server)",
+        )
+}
+
+/// A loopback port nobody listens on now (the kernel's pick; another
+/// process could take it before it is used, which a test would show).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}

@@ -7,7 +7,9 @@ use std::{path::Path, time::Duration};
 use mmesh_agent::control::proto::{self, agent_message::Body as Up, control_message::Body as Down};
 use mmesh_tests::{
     certs::TestCa,
-    controlplane::{ClientTls, ControlPlane, FakeAgent, TempDir, channel, hello, version_nonce},
+    controlplane::{
+        ClientTls, ControlPlane, EtcdServer, FakeAgent, TempDir, channel, hello, version_nonce,
+    },
 };
 use serde_json::Value;
 
@@ -458,4 +460,70 @@ fn mutual_tls_refuses_clients_without_a_certificate_of_the_pinned_ca() {
         .collect();
     assert_eq!(connected.len(), 1, "{connected:?}");
     assert_eq!(connected[0]["node"], "web-1");
+}
+
+#[test]
+fn two_replicas_on_one_etcd_serve_the_same_version() {
+    let etcd = EtcdServer::start();
+    let client = etcd.client();
+    let rt = runtime();
+    let put = |key: &str, value: &str| {
+        rt.block_on(client.put(&format!("/mmesh/policies/{key}"), value.as_bytes()))
+            .expect("etcd put");
+    };
+    put("shared/blocked.txt", "192.0.2.0/24\n");
+    put("nodes/web-1.yaml", &node_policy("1k"));
+    put("default.yaml", DEFAULT_POLICY);
+    let args = ["--etcd", etcd.url.as_str(), "--plaintext"];
+    let mut replicas = [ControlPlane::start(&args), ControlPlane::start(&args)];
+    let versions: Vec<String> = replicas
+        .iter_mut()
+        .map(|cp| announced(cp, 0, "nodes/web-1.yaml"))
+        .collect();
+    assert_eq!(versions[0], versions[1]);
+
+    // An agent on each replica gets the same version, shared list included.
+    let mut agents: Vec<FakeAgent> = replicas
+        .iter()
+        .map(|cp| {
+            rt.block_on(async {
+                let ch = channel(cp.addr, &plain()).await.expect("connecting");
+                FakeAgent::connect(ch, hello("web-1", ""))
+                    .await
+                    .expect("a session")
+            })
+        })
+        .collect();
+    for agent in &mut agents {
+        let first = rt.block_on(agent.next_policy(WAIT));
+        rt.block_on(agent.ack(&first, 1));
+        let snap = snapshot(first);
+        assert_eq!(snap.version, versions[0]);
+        let global = snap.policy.and_then(|p| p.global).expect("global section");
+        assert_eq!(global.block[0].cidrs, ["192.0.2.0/24"]);
+    }
+
+    // A changed key: the same delta from both.
+    put("nodes/web-1.yaml", &node_policy("4k"));
+    let deltas: Vec<proto::Delta> = agents
+        .iter_mut()
+        .map(|agent| delta(rt.block_on(agent.next_policy(WAIT))))
+        .collect();
+    assert_eq!(deltas[0].version, deltas[1].version);
+    assert_ne!(deltas[0].version, versions[0]);
+    for d in &deltas {
+        assert_eq!(d.base_version, versions[0]);
+        assert_eq!(ids(&d.upsert_accounts), ["b"]);
+    }
+
+    // An invalid value is refused by both, which keep serving the last
+    // good version.
+    let marks: Vec<usize> = replicas.iter().map(ControlPlane::mark).collect();
+    put("nodes/web-1.yaml", &node_policy("lots"));
+    for (cp, mark) in replicas.iter_mut().zip(marks) {
+        let line = cp.wait_after(mark, "the invalid key's line", WAIT, |l| {
+            l["event"] == "policy_invalid" && l["file"] == "nodes/web-1.yaml"
+        });
+        assert_eq!(line["serving"], deltas[0].version.as_str());
+    }
 }
