@@ -155,6 +155,27 @@ fn build(release: bool) -> anyhow::Result<PathBuf> {
         .join("mmesh-agent"))
 }
 
+/// The control-plane tests run a real etcd: Debian's `etcd-server`,
+/// installed when missing (the test suite runs as root).
+fn ensure_etcd() -> anyhow::Result<()> {
+    if guest::is_installed("etcd-server") {
+        return Ok(());
+    }
+    eprintln!("xtask: installing etcd-server (the control-plane tests run a real etcd)");
+    status(Command::new("apt-get").args(["update", "-q"]))?;
+    status(
+        Command::new("apt-get")
+            .args([
+                "install",
+                "-y",
+                "-q",
+                "--no-install-recommends",
+                "etcd-server",
+            ])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
 fn is_root() -> bool {
     // SAFETY: no preconditions.
     unsafe { libc::geteuid() == 0 }
@@ -249,6 +270,7 @@ fn test(no_lint: bool, args: &[String]) -> anyhow::Result<()> {
                 ),
         )?;
     }
+    ensure_etcd()?;
     let agent = build(false)?;
     // The control-plane tests (tests/tests/controlplane.rs) run the binary.
     status(cargo().args([
