@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use mmesh_agent::{
     control::{convert, proto},
-    policy::Policy,
+    policy::{MAX_VERSION_LEN, Policy},
 };
 use prost::Message as _;
 
@@ -31,7 +31,12 @@ impl Desired {
         let hash = xxhash_rust::xxh3::xxh3_64(&message.encode_to_vec());
         let short = format!("{:012x}", hash >> 16);
         let version = match policy.version.as_deref() {
-            Some(v) if !v.is_empty() => format!("{v}-{short}"),
+            Some(v) if !v.is_empty() => {
+                // The agent validates the version as a file's (at most
+                // MAX_VERSION_LEN characters): the hash must fit beside it.
+                let head: String = v.chars().take(MAX_VERSION_LEN - short.len() - 1).collect();
+                format!("{head}-{short}")
+            }
             _ => short,
         };
         Self {
@@ -149,6 +154,13 @@ accounts:
         assert!(other.version.starts_with("v1-"));
         let unversioned = desired(&BASE.replace("version: v1", ""));
         assert_eq!(unversioned.version.len(), 12, "{}", unversioned.version);
+        let long = desired(&BASE.replace("v1", &"é".repeat(MAX_VERSION_LEN)));
+        assert_eq!(
+            long.version.chars().count(),
+            MAX_VERSION_LEN,
+            "{}",
+            long.version
+        );
     }
 
     #[test]
