@@ -8,3 +8,4 @@ pub mod etcd;
 pub mod events;
 pub mod folder;
 pub mod server;
+pub mod status;

@@ -13,6 +13,7 @@ use mmesh_controlplane::{
     etcd::{self, Etcd, Mirror},
     events, folder,
     server::Service,
+    status::Registry,
 };
 use serde_json::json;
 use tokio::sync::watch;
@@ -66,6 +67,10 @@ struct Args {
     /// Serve without TLS (loopback tests, a mesh that encrypts already).
     #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "client_ca"])]
     plaintext: bool,
+    /// Keep the status of every node (what was sent, applied, refused and
+    /// why) in this JSON file, replaced atomically after changes.
+    #[arg(long, value_name = "FILE")]
+    status_file: Option<PathBuf>,
     /// Bytes read for one policy: the policy file and its list files.
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_POLICY_BYTES)]
     max_policy_bytes: u64,
@@ -124,7 +129,11 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let service = Service::new(catalog_rx, heartbeat, shutdown_rx);
+    let registry = Arc::new(Registry::default());
+    if let Some(path) = &args.status_file {
+        tokio::spawn(Arc::clone(&registry).write_to(path.clone()));
+    }
+    let service = Service::new(catalog_rx, heartbeat, shutdown_rx, registry);
     let mut server = Server::builder();
     if let Some(tls) = tls {
         server = server.tls_config(tls).context("TLS configuration")?;

@@ -26,6 +26,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::{
     catalog::{self, Catalog, Desired},
     events,
+    status::Registry,
 };
 
 /// Messages queued for one agent: a Snapshot or Delta at a time, and
@@ -42,6 +43,7 @@ pub struct Service {
     /// Changes (to `true`, or by the sender going away) when the control
     /// plane stops: every session ends, so the server can.
     shutdown: watch::Receiver<bool>,
+    registry: Arc<Registry>,
 }
 
 impl Service {
@@ -50,11 +52,13 @@ impl Service {
         catalog: watch::Receiver<Arc<Catalog>>,
         heartbeat: Duration,
         shutdown: watch::Receiver<bool>,
+        registry: Arc<Registry>,
     ) -> Self {
         Self {
             catalog,
             heartbeat,
             shutdown,
+            registry,
         }
     }
 }
@@ -82,6 +86,7 @@ impl PolicyStream for Service {
             refused: None,
             force_snapshot: false,
             nonces: 0,
+            registry: Arc::clone(&self.registry),
         };
         tokio::spawn(session.run(inbound, peer, self.shutdown.clone()));
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -129,6 +134,7 @@ struct Session {
     /// The agent asked for a Snapshot (its base did not match a Delta).
     force_snapshot: bool,
     nonces: u64,
+    registry: Arc<Registry>,
 }
 
 impl Session {
@@ -150,6 +156,16 @@ impl Session {
             }
         };
         tracing::info!("{}: disconnected: {end}", self.node);
+        if !self.node.is_empty() {
+            self.registry.update(&self.node, |n| {
+                let open = n.get("streams").and_then(Value::as_u64).unwrap_or(1);
+                n.insert("streams".into(), json!(open.saturating_sub(1)));
+                n.insert(
+                    "disconnected".into(),
+                    json!({ "unix_ms": unix_ms(), "reason": end.to_string() }),
+                );
+            });
+        }
         events::emit(
             "disconnected",
             json!({ "node": self.node, "reason": end.to_string() }),
@@ -187,6 +203,20 @@ impl Session {
             hello.agent_version,
             self.held_version
         );
+        self.registry.update(&self.node, |n| {
+            let open = n.get("streams").and_then(Value::as_u64).unwrap_or(0);
+            n.insert("streams".into(), json!(open + 1));
+            n.insert(
+                "connected".into(),
+                json!({
+                    "unix_ms": unix_ms(),
+                    "peer": peer.map(|p| p.to_string()),
+                    "agent_version": hello.agent_version,
+                    "policy_version": self.held_version,
+                }),
+            );
+            n.insert("enforced".into(), json!(self.held_version));
+        });
         events::emit(
             "connected",
             json!({
@@ -283,6 +313,19 @@ impl Session {
                 "apply_micros": ack.apply_micros,
             }),
         );
+        self.registry.update(&self.node, |n| {
+            n.insert("enforced".into(), json!(ack.version));
+            n.insert(
+                "acked".into(),
+                json!({
+                    "version": ack.version,
+                    "generation": ack.generation,
+                    "apply_micros": ack.apply_micros,
+                    "unix_ms": unix_ms(),
+                }),
+            );
+            n.insert("last_reply".into(), json!("ack"));
+        });
         let Some(sent) = self.in_flight.take_if(|f| f.nonce == ack.nonce) else {
             tracing::warn!(
                 "{}: an Ack with nonce {:?}, which is not the one in flight: ignored",
@@ -313,6 +356,25 @@ impl Session {
                 .collect::<Vec<_>>()
                 .join("; ")
         );
+        let problems: Vec<Value> = nack
+            .problems
+            .iter()
+            .map(|p| json!({ "path": p.path, "message": p.message }))
+            .collect();
+        self.registry.update(&self.node, |n| {
+            n.insert("enforced".into(), json!(nack.enforced_version));
+            n.insert(
+                "nacked".into(),
+                json!({
+                    "version": nack.version,
+                    "enforced_version": nack.enforced_version,
+                    "snapshot_required": nack.snapshot_required,
+                    "problems": problems,
+                    "unix_ms": unix_ms(),
+                }),
+            );
+            n.insert("last_reply".into(), json!("nack"));
+        });
         events::emit(
             "nack",
             json!({
@@ -322,9 +384,7 @@ impl Session {
                 "enforced_version": nack.enforced_version,
                 "generation": nack.generation,
                 "snapshot_required": nack.snapshot_required,
-                "problems": nack.problems.iter()
-                    .map(|p| json!({ "path": p.path, "message": p.message }))
-                    .collect::<Vec<_>>(),
+                "problems": problems,
             }),
         );
         let Some(sent) = self.in_flight.take_if(|f| f.nonce == nack.nonce) else {
@@ -414,6 +474,9 @@ impl Session {
         if let (Value::Object(line), Value::Object(fields)) = (&mut line, fields) {
             line.extend(fields);
         }
+        self.registry.update(&self.node, |n| {
+            n.insert("sent".into(), line.clone());
+        });
         events::emit("sent", line);
         self.in_flight = Some(InFlight {
             nonce,

@@ -266,7 +266,16 @@ fn an_invalid_file_is_logged_and_the_previous_version_still_served() {
 #[test]
 fn nacks_are_recorded_and_a_nack_asking_for_a_snapshot_gets_one() {
     let dir = folder();
-    let mut cp = start(dir.path(), &["--plaintext"]);
+    let out = TempDir::new("cp-status");
+    let status_file = out.path().join("status.json");
+    let mut cp = start(
+        dir.path(),
+        &[
+            "--plaintext",
+            "--status-file",
+            status_file.to_str().expect("UTF-8 path"),
+        ],
+    );
     let rt = runtime();
     let mut agent = rt.block_on(async {
         let ch = channel(cp.addr, &plain()).await.expect("connecting");
@@ -316,6 +325,18 @@ fn nacks_are_recorded_and_a_nack_asking_for_a_snapshot_gets_one() {
         ]
     );
 
+    let status = wait_status(&status_file, "the nack in the status file", |s| {
+        s["web-1"]["last_reply"] == "nack"
+    });
+    let recorded = &status["web-1"]["nacked"];
+    assert_eq!(recorded["version"], refused_version.as_str());
+    assert_eq!(
+        recorded["problems"][0]["path"],
+        "accounts[1].limits.outbound.pps"
+    );
+    assert_eq!(recorded["problems"][1]["message"], "3 accounts, capacity 2");
+    assert_eq!(status["web-1"]["streams"], 1);
+
     // The refused version is not sent again: the next message is the
     // changed policy, whole (the agent holds no version this stream sent).
     dir.write("nodes/web-1.yaml", &node_policy("7k"));
@@ -323,6 +344,11 @@ fn nacks_are_recorded_and_a_nack_asking_for_a_snapshot_gets_one() {
     let snap = snapshot(next.clone());
     assert_ne!(snap.version, refused_version);
     rt.block_on(agent.ack(&next, 1));
+    let status = wait_status(&status_file, "the ack in the status file", |s| {
+        s["web-1"]["last_reply"] == "ack"
+    });
+    assert_eq!(status["web-1"]["acked"]["version"], snap.version.as_str());
+    assert_eq!(status["web-1"]["enforced"], snap.version.as_str());
 
     // A delta the agent cannot apply to what it holds: it asks for a
     // snapshot and gets one, of the same version.
@@ -342,6 +368,24 @@ fn nacks_are_recorded_and_a_nack_asking_for_a_snapshot_gets_one() {
     let again = snapshot(rt.block_on(agent.next_policy(WAIT)));
     assert_eq!(again.version, d.version);
     assert_ne!(again.nonce, d.nonce);
+}
+
+/// The status file's content once `pred` holds for it.
+fn wait_status(path: &Path, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let status = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|text| serde_json::from_str::<Value>(&text).ok());
+        match status {
+            Some(status) if pred(&status) => return status,
+            other => assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}: {other:?}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
