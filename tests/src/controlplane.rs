@@ -146,22 +146,28 @@ impl ControlPlane {
         pred: impl Fn(&Value) -> bool,
     ) -> Value {
         let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(line) = self
-                .lines
+        let find = || {
+            self.lines
                 .lock()
                 .expect("lines")
                 .get(mark..)
                 .unwrap_or_default()
                 .iter()
                 .find(|l| pred(l))
-            {
-                return line.clone();
+                .cloned()
+        };
+        loop {
+            if let Some(line) = find() {
+                return line;
             }
             let exited = self.child.try_wait().expect("polling the control plane");
             if Instant::now() > deadline || exited.is_some() {
-                // The last lines may still be in the pipe.
-                thread::sleep(Duration::from_millis(100));
+                // The last lines of an exited process may still be in the
+                // pipe: one more look.
+                thread::sleep(Duration::from_millis(200));
+                if let Some(line) = find() {
+                    return line;
+                }
                 panic!(
                     "{} waiting for {what}{}\nstdout:\n{}\nstderr:\n{}",
                     if exited.is_some() {
@@ -177,6 +183,24 @@ impl ControlPlane {
                         .join("\n"),
                     self.log.lock().expect("log").join("\n")
                 );
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Sends SIGTERM and waits up to `timeout` for the process to exit;
+    /// its exit status, or `None` if it did not exit in time.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("a pid");
+        // SAFETY: kill(2) on our own child, which has not been waited for.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("polling the control plane") {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
             }
             thread::sleep(Duration::from_millis(10));
         }

@@ -421,6 +421,33 @@ fn a_silent_agent_is_disconnected_after_three_heartbeats() {
 }
 
 #[test]
+fn sigterm_ends_every_stream_and_exits() {
+    let dir = folder();
+    let mut cp = start(dir.path(), &["--plaintext"]);
+    let rt = runtime();
+    let mut agent = rt.block_on(async {
+        let ch = channel(cp.addr, &plain()).await.expect("connecting");
+        FakeAgent::connect(ch, hello("web-1", ""))
+            .await
+            .expect("a session")
+    });
+    let _ = rt.block_on(agent.next_policy(WAIT));
+    let status = cp.terminate(WAIT).expect("the control plane exits");
+    assert!(status.success(), "{status}");
+    let gone = cp.wait_for("the disconnection", WAIT, |l| l["event"] == "disconnected");
+    assert_eq!(gone["reason"], "the control plane is shutting down");
+    let end = rt.block_on(async {
+        loop {
+            match agent.next(WAIT).await {
+                Ok(Down::Heartbeat(_)) => {}
+                other => break other,
+            }
+        }
+    });
+    assert!(end.is_err(), "{end:?}");
+}
+
+#[test]
 fn without_tls_or_plaintext_it_refuses_to_start() {
     let dir = folder();
     let out = std::process::Command::new(mmesh_tests::controlplane::controlplane_binary())
