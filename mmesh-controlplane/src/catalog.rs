@@ -1,7 +1,10 @@
 //! The desired state: which policy each node should enforce, with the
 //! version it is known by, and the delta between two policies.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::{BTreeMap, VecDeque},
+    sync::{Arc, Mutex},
+};
 
 use mmesh_agent::{
     control::{convert, proto},
@@ -117,6 +120,41 @@ pub fn delta(base: &Desired, target: &Desired) -> proto::Delta {
     }
 }
 
+/// Deltas recently computed: when a policy changes, every stream of the
+/// nodes it serves needs the same Delta (against the same base), which is
+/// computed once.
+#[derive(Debug, Default)]
+pub struct DeltaCache {
+    recent: Mutex<VecDeque<(String, String, Arc<proto::Delta>)>>,
+}
+
+/// Base-target pairs kept: a change, and a few nodes that lag behind.
+const CACHED_DELTAS: usize = 16;
+
+impl DeltaCache {
+    /// The Delta from `base` to `target` (versions name contents).
+    pub fn get(&self, base: &Desired, target: &Desired) -> Arc<proto::Delta> {
+        // Computed under the lock: the streams that wait for it would
+        // otherwise all compute it too.
+        let mut recent = self
+            .recent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, _, d)) = recent
+            .iter()
+            .find(|(b, t, _)| *b == base.version && *t == target.version)
+        {
+            return Arc::clone(d);
+        }
+        let d = Arc::new(delta(base, target));
+        if recent.len() == CACHED_DELTAS {
+            recent.pop_front();
+        }
+        recent.push_back((base.version.clone(), target.version.clone(), Arc::clone(&d)));
+        d
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -180,6 +218,21 @@ accounts:
         assert_eq!(d.defaults, None);
         assert_eq!(d.base_version, base.version);
         assert_eq!(d.version, target.version);
+    }
+
+    #[test]
+    fn a_delta_is_computed_once_for_every_stream() {
+        let cache = DeltaCache::default();
+        let base = desired(BASE);
+        let target = desired(&BASE.replace("1k", "2k"));
+        let first = cache.get(&base, &target);
+        assert!(Arc::ptr_eq(
+            &first,
+            &cache.get(&base, &desired(&BASE.replace("1k", "2k")))
+        ));
+        let back = cache.get(&target, &base);
+        assert!(!Arc::ptr_eq(&first, &back));
+        assert_eq!(back.base_version, target.version);
     }
 
     #[test]

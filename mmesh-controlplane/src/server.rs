@@ -24,7 +24,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
-    catalog::{self, Catalog, Desired},
+    catalog::{Catalog, DeltaCache, Desired},
     events,
     status::Registry,
 };
@@ -44,6 +44,7 @@ pub struct Service {
     /// plane stops: every session ends, so the server can.
     shutdown: watch::Receiver<bool>,
     registry: Arc<Registry>,
+    deltas: Arc<DeltaCache>,
 }
 
 impl Service {
@@ -59,6 +60,7 @@ impl Service {
             heartbeat,
             shutdown,
             registry,
+            deltas: Arc::default(),
         }
     }
 }
@@ -87,6 +89,7 @@ impl PolicyStream for Service {
             force_snapshot: false,
             nonces: 0,
             registry: Arc::clone(&self.registry),
+            deltas: Arc::clone(&self.deltas),
         };
         tokio::spawn(session.run(inbound, peer, self.shutdown.clone()));
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -135,6 +138,7 @@ struct Session {
     force_snapshot: bool,
     nonces: u64,
     registry: Arc<Registry>,
+    deltas: Arc<DeltaCache>,
 }
 
 impl Session {
@@ -440,7 +444,7 @@ impl Session {
             .as_ref()
             .filter(|_| self.accepts_delta && !self.force_snapshot);
         let (body, fields) = if let Some(base) = base {
-            let mut delta = catalog::delta(base, &desired);
+            let mut delta = proto::Delta::clone(&self.deltas.get(base, &desired));
             delta.nonce.clone_from(&nonce);
             let fields = json!({
                 "kind": "delta",
