@@ -345,7 +345,7 @@ impl Mirror {
             }
             std::fs::write(&path, value).map_err(mirror)?;
         }
-        let catalog = folder::load(&dir, limits, previous);
+        let catalog = folder::load(&dir, Some(prefix), limits, previous);
         // The previous generation is no longer read.
         let _ = std::fs::remove_dir_all(self.root.join((self.generation - 1).to_string()));
         Ok(catalog?)

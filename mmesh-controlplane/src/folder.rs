@@ -102,8 +102,14 @@ fn policy_files(dir: &Path) -> Result<(Option<String>, BTreeMap<String, String>)
 
 /// Reads every policy of `dir`. A policy that does not validate is logged
 /// (and reported as a `policy_invalid` line) and its previous version, from
-/// `previous`, is still served.
-pub fn load(dir: &Path, limits: &ReadLimits, previous: &Catalog) -> Result<Catalog, FolderError> {
+/// `previous`, is still served. `shown_as` names `dir` in those messages
+/// (etcd's key prefix for its mirror folder), with a trailing `/`.
+pub fn load(
+    dir: &Path,
+    shown_as: Option<&str>,
+    limits: &ReadLimits,
+    previous: &Catalog,
+) -> Result<Catalog, FolderError> {
     let (default_file, node_files) = policy_files(dir)?;
     let read = |file: &str, before: Option<&Arc<Desired>>| -> Option<Arc<Desired>> {
         match Policy::from_file_with(&dir.join(file), limits) {
@@ -131,13 +137,17 @@ pub fn load(dir: &Path, limits: &ReadLimits, previous: &Catalog) -> Result<Catal
             }
             Err(e) => {
                 let serving = before.map(|d| d.version.as_str());
+                let mut error = e.to_string();
+                if let Some(name) = shown_as {
+                    error = error.replace(&format!("{}/", dir.display()), name);
+                }
                 tracing::error!(
-                    "{file} rejected, still serving {}: {e}",
+                    "{file} rejected, still serving {}: {error}",
                     serving.unwrap_or("nothing of its own")
                 );
                 events::emit(
                     "policy_invalid",
-                    json!({ "file": file, "error": e.to_string(), "serving": serving }),
+                    json!({ "file": file, "error": error, "serving": serving }),
                 );
                 before.cloned()
             }
@@ -228,7 +238,7 @@ pub fn watch(
                 let first = Instant::now();
                 while first.elapsed() < MAX_DEBOUNCE && changes.recv_timeout(DEBOUNCE).is_ok() {}
                 let previous = Arc::clone(&tx.borrow());
-                match load(&dir, &limits, &previous) {
+                match load(&dir, None, &limits, &previous) {
                     Ok(next) => publish(&tx, next),
                     Err(e) => tracing::error!("{e}; still serving what was read before"),
                 }

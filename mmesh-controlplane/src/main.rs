@@ -102,7 +102,7 @@ async fn main() -> anyhow::Result<()> {
     let (catalog_tx, catalog_rx) = watch::channel(Arc::new(Catalog::default()));
     // Kept for the life of the server: the folder's watch ends with it.
     let _watcher = if let Some(dir) = &args.policies {
-        let initial = folder::load(dir, &limits, &Catalog::default())?;
+        let initial = folder::load(dir, None, &limits, &Catalog::default())?;
         folder::publish(&catalog_tx, initial);
         Some(folder::watch(dir.clone(), limits, catalog_tx)?)
     } else if let Some(url) = &args.etcd {

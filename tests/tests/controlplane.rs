@@ -596,5 +596,10 @@ fn two_replicas_on_one_etcd_serve_the_same_version() {
             l["event"] == "policy_invalid" && l["file"] == "nodes/web-1.yaml"
         });
         assert_eq!(line["serving"], deltas[0].version.as_str());
+        let error = line["error"].as_str().expect("an error");
+        assert!(
+            error.contains("/mmesh/policies/nodes/web-1.yaml:"),
+            "the key is named: {error}"
+        );
     }
 }
