@@ -389,6 +389,106 @@ fn wait_status(path: &Path, what: &str, pred: impl Fn(&Value) -> bool) -> Value 
 }
 
 #[test]
+fn an_agent_without_deltas_gets_snapshots_and_a_removed_node_file_falls_back_to_the_default() {
+    let dir = folder();
+    let mut cp = start(dir.path(), &["--plaintext"]);
+    let default_version = announced(&mut cp, 0, "default.yaml");
+    let rt = runtime();
+    let mut agent = rt.block_on(async {
+        let ch = channel(cp.addr, &plain()).await.expect("connecting");
+        let mut old = hello("web-1", "");
+        old.accepts.clear();
+        FakeAgent::connect(ch, old).await.expect("a session")
+    });
+    let first = rt.block_on(agent.next_policy(WAIT));
+    rt.block_on(agent.ack(&first, 1));
+
+    let mark = cp.mark();
+    dir.write("nodes/web-1.yaml", &node_policy("6k"));
+    let changed = announced(&mut cp, mark, "nodes/web-1.yaml");
+    let next = rt.block_on(agent.next_policy(WAIT));
+    rt.block_on(agent.ack(&next, 2));
+    assert_eq!(
+        snapshot(next).version,
+        changed,
+        "a whole snapshot, not a delta"
+    );
+
+    let mark = cp.mark();
+    std::fs::remove_file(dir.path().join("nodes/web-1.yaml")).expect("removing the node's file");
+    cp.wait_after(mark, "the removal", WAIT, |l| {
+        l["event"] == "policy_removed" && l["file"] == "nodes/web-1.yaml"
+    });
+    let fallback = snapshot(rt.block_on(agent.next_policy(WAIT)));
+    assert_eq!(fallback.version, default_version);
+    assert_eq!(ids(&fallback.policy.expect("policy").accounts), ["z"]);
+}
+
+#[test]
+fn reports_and_status_from_agents_are_printed() {
+    let dir = folder();
+    let mut cp = start(dir.path(), &["--plaintext"]);
+    let rt = runtime();
+    let mut agent = rt.block_on(async {
+        let ch = channel(cp.addr, &plain()).await.expect("connecting");
+        FakeAgent::connect(ch, hello("web-1", ""))
+            .await
+            .expect("a session")
+    });
+    let first = rt.block_on(agent.next_policy(WAIT));
+    let (version, _) = version_nonce(&first);
+    rt.block_on(agent.ack(&first, 4));
+    rt.block_on(agent.send(Up::Reports(proto::Reports {
+        violations: vec![proto::Violation {
+            account: "b".into(),
+            reason: "rate_pps".into(),
+            verdict: "drop".into(),
+            direction: "outbound".into(),
+            remote_prefix: "198.51.100.7/32".into(),
+            events: 12,
+            first_unix_ms: 1_000,
+            last_unix_ms: 2_000,
+        }],
+        coarsened: 3,
+        dropped: 1,
+    })));
+    rt.block_on(agent.send(Up::Status(proto::Status {
+        policy_version: version.clone(),
+        generation: 4,
+        packets: 1_000,
+        dropped: 12,
+        attached: vec!["eth0:uplink:xdp".into()],
+        ..proto::Status::default()
+    })));
+    let report = cp.wait_for("the report line", WAIT, |l| l["event"] == "report");
+    assert_eq!(report["node"], "web-1");
+    assert_eq!(report["coarsened"], 3);
+    assert_eq!(report["dropped"], 1);
+    let v = &report["violations"][0];
+    assert_eq!(
+        (&v["account"], &v["reason"], &v["verdict"], &v["direction"]),
+        (
+            &"b".into(),
+            &"rate_pps".into(),
+            &"drop".into(),
+            &"outbound".into()
+        )
+    );
+    assert_eq!(
+        (&v["remote_prefix"], &v["events"]),
+        (&"198.51.100.7/32".into(), &12.into())
+    );
+    let status = cp.wait_for("the status line", WAIT, |l| l["event"] == "status");
+    assert_eq!(status["node"], "web-1");
+    assert_eq!(status["policy_version"], version.as_str());
+    assert_eq!(
+        (&status["packets"], &status["dropped"]),
+        (&1_000.into(), &12.into())
+    );
+    assert_eq!(status["attached"][0], "eth0:uplink:xdp");
+}
+
+#[test]
 fn a_silent_agent_is_disconnected_after_three_heartbeats() {
     let dir = folder();
     let mut cp = start(dir.path(), &["--plaintext", "--heartbeat", "0.2"]);
