@@ -268,6 +268,9 @@ pub fn hello(node: &str, policy_version: &str) -> proto::Hello {
     }
 }
 
+/// The largest message a [`FakeAgent`] takes.
+pub const MAX_MESSAGE: usize = 256 << 20;
+
 /// An agent played by a test: opens the stream with a Hello and then sends
 /// and receives what the test says.
 pub struct FakeAgent {
@@ -284,7 +287,10 @@ impl FakeAgent {
         })
         .await
         .expect("the request stream is open");
+        // A Snapshot of 100,000 accounts is about 10 MB: past tonic's
+        // default 4 MiB limit on received messages.
         let response = PolicyStreamClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE)
             .session(ReceiverStream::new(rx))
             .await?;
         Ok(Self {

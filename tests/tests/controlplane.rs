@@ -489,6 +489,45 @@ fn reports_and_status_from_agents_are_printed() {
 }
 
 #[test]
+fn a_snapshot_past_the_customary_4_mib_grpc_limit_is_sent_whole() {
+    const ACCOUNTS: u32 = 100_000;
+    let dir = TempDir::new("cp-big");
+    let accounts: Vec<String> = (0..ACCOUNTS)
+        .map(|i| {
+            format!(
+                r#"{{"id":"acct-{i}","prefixes":["10.{}.{}.{}"],"limits":{{"outbound":{{"pps":"1k"}}}}}}"#,
+                i >> 16,
+                (i >> 8) & 0xff,
+                i & 0xff
+            )
+        })
+        .collect();
+    dir.write(
+        "default.json",
+        &format!(r#"{{"version":"big","accounts":[{}]}}"#, accounts.join(",")),
+    );
+    let mut cp = start(dir.path(), &["--plaintext"]);
+    let version = announced(&mut cp, 0, "default.json");
+    let rt = runtime();
+    let mut agent = rt.block_on(async {
+        let ch = channel(cp.addr, &plain()).await.expect("connecting");
+        FakeAgent::connect(ch, hello("any", ""))
+            .await
+            .expect("a session")
+    });
+    let snap = snapshot(rt.block_on(agent.next_policy(WAIT)));
+    assert_eq!(snap.version, version);
+    let policy = snap.policy.expect("policy");
+    let size = prost::Message::encoded_len(&policy);
+    assert!(size > 4 << 20, "{size} bytes");
+    assert_eq!(policy.accounts.len(), ACCOUNTS as usize);
+    assert_eq!(
+        policy.accounts[ACCOUNTS as usize - 1].prefixes,
+        ["10.1.134.159/32"]
+    );
+}
+
+#[test]
 fn a_silent_agent_is_disconnected_after_three_heartbeats() {
     let dir = folder();
     let mut cp = start(dir.path(), &["--plaintext", "--heartbeat", "0.2"]);
