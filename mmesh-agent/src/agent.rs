@@ -6,6 +6,8 @@
 //! - the *enforcer* thread alone changes the datapath: policy reloads (read,
 //!   validate, compile off the lock, then apply) and interface re-attachment,
 //!   in the order they were asked for, coalesced;
+//! - the policy watcher thread ([`crate::watch`]) asks the enforcer for a
+//!   reload when the policy's files change, as SIGHUP does;
 //! - the link watcher thread wakes the enforcer when an interface appears
 //!   or disappears (rtnetlink), and every summary tick checks again;
 //! - the event reader decodes each event once and publishes it to a
@@ -36,6 +38,12 @@ use tokio::{
 
 use crate::{
     compile::{Capacity, Compiled, compile, compile_adopting},
+    control::{
+        client::{self, Client, HostFacts, StatusFn},
+        convert,
+        held::Held,
+        proto, reports,
+    },
     counters::CounterReader,
     datapath::{
         Datapath, Totals,
@@ -48,14 +56,18 @@ use crate::{
     interface::{self, InterfaceError, InterfaceSpec, Role},
     memory,
     netlink::LinkWatch,
-    policy::{Policy, ReadLimits, Removal},
+    policy::{Policy, ReadLimits, Removal, Source},
     sink::{SinkStats, escape_controls},
+    watch,
 };
 
 /// Options of `mmesh-agent run`.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
-    pub policy: Option<PathBuf>,
+    /// `--policy FILE` or `--policy-dir DIR`; `None`: the embedded default.
+    pub policy: Option<Source>,
+    /// Whether changes of the policy's files are applied (else SIGHUP only).
+    pub watch: bool,
     pub interfaces: Vec<InterfaceSpec>,
     pub receive_hook: ReceiveHook,
     pub capacity: Capacity,
@@ -66,6 +78,8 @@ pub struct RunOptions {
     /// `datapath::pin::prepare`; `None`: ephemeral, everything detached at
     /// exit.
     pub pins: Option<PathBuf>,
+    /// The control plane to take policy from, if any.
+    pub control: Option<client::Options>,
 }
 
 /// Where the agent's output goes.
@@ -78,13 +92,14 @@ pub struct Outputs {
     pub logs: Arc<SinkStats>,
 }
 
-/// Reads and validates the policy file, or the embedded default.
+/// Reads and validates the policy file or directory, or the embedded
+/// default.
 pub fn load_policy(
-    path: Option<&PathBuf>,
+    source: Option<&Source>,
     limits: &ReadLimits,
 ) -> Result<Policy, crate::policy::PolicyError> {
-    match path {
-        Some(p) => Policy::from_file_with(p, limits),
+    match source {
+        Some(source) => source.read(limits),
         None => Policy::embedded_default(),
     }
 }
@@ -117,12 +132,53 @@ struct Started {
     names: Names,
     interfaces: Vec<InterfaceSpec>,
     policy: Policy,
+    /// The control-plane policy in force: the last-known-good one.
+    held: Option<Held>,
+}
+
+/// The policy to start with: with a control plane, its last-known-good
+/// policy when one is stored and valid; else the file, or the embedded
+/// default.
+fn first_policy(opts: &RunOptions) -> anyhow::Result<(Policy, Option<Held>)> {
+    if let Some(store) = opts.control.as_ref().and_then(|c| c.store.as_ref()) {
+        match store.load(opts.limits.max_bytes) {
+            Ok(Some(lkg)) => {
+                let name = format!(
+                    "last-known-good version {} ({})",
+                    escape_controls(&lkg.version),
+                    store.path().display()
+                );
+                let held = Held::snapshot(lkg.version, lkg.policy.unwrap_or_default());
+                match convert::validate(&held.message(), &held.version, &name, &opts.limits) {
+                    Ok(policy) => {
+                        tracing::info!(
+                            version = %escape_controls(&held.version),
+                            "starting with the last-known-good policy from the control plane, until it answers"
+                        );
+                        return Ok((policy, Some(held)));
+                    }
+                    Err(err) => {
+                        tracing::warn!(
+                            "{}; starting without it",
+                            escape_controls(&err.to_string())
+                        );
+                    }
+                }
+            }
+            Ok(None) => tracing::info!(
+                path = %store.path().display(),
+                "no last-known-good policy stored yet"
+            ),
+            Err(err) => tracing::warn!("{err}; starting without it"),
+        }
+    }
+    Ok((load_policy(opts.policy.as_ref(), &opts.limits)?, None))
 }
 
 /// Everything before the loop: blocking work (files, the verifier, map
 /// writes), run off the async threads so that signals are watched meanwhile.
 fn start(opts: &RunOptions) -> anyhow::Result<Started> {
-    let policy = load_policy(opts.policy.as_ref(), &opts.limits)?;
+    let (policy, held) = first_policy(opts)?;
     let interfaces = if opts.interfaces.is_empty() {
         let name = interface::default_route()?;
         tracing::info!(interface = %name, "no --interface given: attaching to the default-route interface as uplink");
@@ -220,6 +276,7 @@ fn start(opts: &RunOptions) -> anyhow::Result<Started> {
         names,
         interfaces,
         policy,
+        held,
     })
 }
 
@@ -237,13 +294,73 @@ fn lock(dp: &Shared) -> MutexGuard<'_, Datapath> {
 }
 
 /// What the enforcer is asked to do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Command {
-    /// Re-read the policy file and apply it (SIGHUP).
-    Reload,
+#[derive(Debug)]
+pub enum Command {
+    /// Re-read the policy file or directory and apply it if it changed.
+    Reload(Trigger),
+    /// Apply a validated policy from another source, and answer.
+    Apply(Box<Change>),
     /// Bring the attachments in line with the configured interfaces.
     Reconcile,
     Stop,
+}
+
+/// What asked for a reload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Trigger {
+    /// The policy's files changed ([`crate::watch`]).
+    Watch,
+    /// SIGHUP: answered in the log also when nothing changed.
+    Signal,
+}
+
+impl Trigger {
+    const fn label(self) -> &'static str {
+        match self {
+            Self::Watch => "policy files changed",
+            Self::Signal => "SIGHUP",
+        }
+    }
+}
+
+/// A validated policy for the enforcer, and where its answer goes.
+#[derive(Debug)]
+pub struct Change {
+    pub policy: Policy,
+    /// Names the source in log lines, e.g. "control plane".
+    pub source: &'static str,
+    pub reply: oneshot::Sender<Outcome>,
+}
+
+/// The enforcer's answer to a policy.
+#[derive(Debug)]
+pub enum Outcome {
+    /// In force: its generation, and the time from the enforcer taking it
+    /// up to the flip.
+    Applied { generation: u64, took: Duration },
+    /// Refused; `generation` stays in force.
+    Rejected { generation: u64, reason: String },
+}
+
+/// Where policies from other sources than the file go: the enforcer, which
+/// answers each with an [`Outcome`].
+#[derive(Clone, Debug)]
+pub struct Enforcement(mpsc::Sender<Command>);
+
+impl Enforcement {
+    /// Hands `policy` to the enforcer and waits for its answer (`None`: the
+    /// agent is stopping).
+    pub async fn apply(&self, policy: Policy, source: &'static str) -> Option<Outcome> {
+        let (reply, answer) = oneshot::channel();
+        self.0
+            .send(Command::Apply(Box::new(Change {
+                policy,
+                source,
+                reply,
+            })))
+            .ok()?;
+        answer.await.ok()
+    }
 }
 
 /// Counters of the interfaces, for the summary.
@@ -258,23 +375,31 @@ struct LinkStats {
 struct Enforcer {
     dp: Shared,
     names: Names,
-    policy: Option<PathBuf>,
+    policy: Option<Source>,
     limits: ReadLimits,
-    /// The policy in force, to tell what a new one takes away.
+    /// The policy in force, to tell what a new one takes away, and whether
+    /// a reload changes anything at all.
     running: Policy,
+    /// Why the last read of the policy files failed: the same refusal is
+    /// not logged again at every event the watcher sees.
+    last_refusal: Option<String>,
     interfaces: Vec<InterfaceSpec>,
     receive_hook: ReceiveHook,
     links: Arc<LinkStats>,
     /// Per interface, the last attach error logged (logged again only when
     /// it changes, not at every tick).
     last_error: std::collections::HashMap<String, String>,
+    /// A control plane's policy is in force: the file is no longer read.
+    remote: bool,
 }
 
+/// The source name of policies from the control plane.
+pub const CONTROL_PLANE: &str = "control plane";
+
 impl Enforcer {
-    /// Starts the enforcer thread; returns where to send it commands and
-    /// what resolves when it has stopped.
-    fn spawn(self) -> anyhow::Result<(mpsc::Sender<Command>, oneshot::Receiver<()>)> {
-        let (commands, rx) = mpsc::channel::<Command>();
+    /// Starts the enforcer thread on the commands of `rx`; returns what
+    /// resolves when it has stopped.
+    fn spawn(self, rx: mpsc::Receiver<Command>) -> anyhow::Result<oneshot::Receiver<()>> {
         let (done_tx, done) = oneshot::channel::<()>();
         thread::Builder::new()
             .name("mmesh-enforcer".into())
@@ -283,7 +408,7 @@ impl Enforcer {
                 let _ = done_tx.send(());
             })
             .context("starting the enforcer thread")?;
-        Ok((commands, done))
+        Ok(done)
     }
 
     /// Runs commands until `Stop` or until every sender is gone. Commands
@@ -291,42 +416,102 @@ impl Enforcer {
     /// reconciliation stand for any number of requests.
     fn run(mut self, rx: &mpsc::Receiver<Command>) {
         while let Ok(first) = rx.recv() {
-            let mut pending = vec![first];
-            pending.extend(rx.try_iter());
-            if pending.contains(&Command::Stop) {
-                return;
+            let (mut reload, mut reconcile) = (None, false);
+            for command in std::iter::once(first).chain(rx.try_iter()) {
+                match command {
+                    Command::Stop => return,
+                    // SIGHUP wins: it is answered in the log whatever happens.
+                    Command::Reload(trigger) => reload = reload.max(Some(trigger)),
+                    Command::Reconcile => reconcile = true,
+                    // Each answered, in the order they came.
+                    Command::Apply(change) => {
+                        let Change {
+                            policy,
+                            source,
+                            reply,
+                        } = *change;
+                        let _ = reply.send(self.apply(policy, source));
+                    }
+                }
             }
-            if pending.contains(&Command::Reload) {
-                self.reload();
+            if let Some(trigger) = reload {
+                self.reload(trigger);
             }
-            if pending.contains(&Command::Reconcile) {
+            if reconcile {
                 self.reconcile();
             }
         }
     }
 
-    fn reload(&mut self) {
-        let Some(path) = &self.policy else {
-            tracing::info!("SIGHUP: running the embedded default policy, nothing to reload");
+    /// Re-reads the policy file or directory and applies it if it changed
+    /// (SIGHUP, or the watcher).
+    fn reload(&mut self, trigger: Trigger) {
+        let label = trigger.label();
+        let Some(source) = &self.policy else {
+            tracing::info!("{label}: running the embedded default policy, nothing to reload");
             return;
         };
+        if self.remote {
+            if trigger == Trigger::Signal {
+                tracing::info!(
+                    "SIGHUP: the control plane's policy is in force; the policy file is only read before it has sent one"
+                );
+            } else {
+                tracing::debug!("{label}: the control plane's policy is in force; not read");
+            }
+            return;
+        }
+        // Read and validated without the lock: the summary goes on.
+        match source.read(&self.limits) {
+            // Nothing to apply (the datapath would flip to a copy of itself):
+            // an event that changed nothing, or a file saved as it was.
+            Ok(policy) if policy == self.running => {
+                self.last_refusal = None;
+                let generation = lock(&self.dp).generation();
+                if trigger == Trigger::Signal {
+                    tracing::info!(
+                        generation,
+                        "SIGHUP: policy in force, unchanged: nothing to apply"
+                    );
+                } else {
+                    tracing::debug!(generation, "{label}: the policy is unchanged");
+                }
+            }
+            Ok(policy) => {
+                self.last_refusal = None;
+                self.apply(policy, label);
+            }
+            Err(err) => {
+                let text = escape_controls(&err.to_string()).into_owned();
+                let generation = lock(&self.dp).generation();
+                if trigger == Trigger::Watch && self.last_refusal.as_ref() == Some(&text) {
+                    tracing::debug!(generation, "{label}: policy still rejected, as before");
+                    return;
+                }
+                tracing::error!(
+                    generation,
+                    "{label}: policy rejected, the running policy stays in force: {text}"
+                );
+                self.last_refusal = Some(text);
+            }
+        }
+    }
+
+    /// Compiles `policy` against the one in force and applies it; logs and
+    /// answers the outcome. `source` names where it came from.
+    fn apply(&mut self, policy: Policy, source: &'static str) -> Outcome {
+        let started = Instant::now();
         let (active, capacity) = {
             let dp = lock(&self.dp);
             (dp.active().cloned(), *dp.capacity())
         };
-        // Read, validate and compile without the lock: the summary goes on.
-        let prepared = Policy::from_file_with(path, &self.limits)
-            .map_err(anyhow::Error::from)
-            .and_then(|policy| {
-                let compiled = compile_for(active.as_deref(), &capacity, &policy)?;
-                Ok((policy, compiled))
-            });
-        let result = prepared.and_then(|(policy, compiled)| {
+        // Compile without the lock: the summary goes on.
+        let result = compile_for(active.as_deref(), &capacity, &policy).and_then(|compiled| {
             let summary = describe(&policy, &compiled);
             let removal = Removal::between(&self.running, &policy);
             if removal.removes_most() {
                 tracing::warn!(
-                    "SIGHUP: the new policy {removal}; applying it, but if that is not intended, restore the file (replace policy files by rename, never write them in place)"
+                    "{source}: the new policy {removal}; applying it, but if that is not intended, restore the previous one (replace policy files by rename, never write them in place)"
                 );
             }
             let mut dp = lock(&self.dp);
@@ -336,18 +521,30 @@ impl Enforcer {
                 // In force already; the standby half is repaired next time.
                 tracing::warn!(%err, "could not bring the standby copy of the policy up to date");
             }
-            self.running = policy;
             Ok((generation, summary))
         });
         match result {
             Ok((generation, summary)) => {
-                tracing::info!(generation, "SIGHUP: policy reloaded: {summary}");
+                let took = started.elapsed();
+                tracing::info!(
+                    generation,
+                    took_ms = took.as_secs_f64() * 1e3,
+                    "{source}: policy in force: {summary}"
+                );
+                self.remote |= source == CONTROL_PLANE;
+                self.running = policy;
+                Outcome::Applied { generation, took }
             }
-            Err(err) => tracing::error!(
-                generation = lock(&self.dp).generation(),
-                "SIGHUP: policy rejected, the running policy stays in force: {}",
-                escape_controls(&format!("{err:#}"))
-            ),
+            Err(err) => {
+                let generation = lock(&self.dp).generation();
+                let reason = format!("{err:#}");
+                tracing::error!(
+                    generation,
+                    "{source}: policy rejected, the running policy stays in force: {}",
+                    escape_controls(&reason)
+                );
+                Outcome::Rejected { generation, reason }
+            }
         }
     }
 
@@ -421,6 +618,10 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
     let mut terminate =
         signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
 
+    // The enforcer's commands queue up from here: the policy is watched
+    // before start-up reads it, so that no change made meanwhile is lost.
+    let (commands, queued) = mpsc::channel::<Command>();
+    watch_policy(&opts, commands.clone());
     let start_opts = opts.clone();
     let startup = tokio::task::spawn_blocking(move || start(&start_opts));
     let Started {
@@ -428,6 +629,7 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
         names,
         interfaces,
         policy,
+        held,
     } = tokio::select! {
         started = startup => started.context("the start-up task")??,
         _ = interrupt.recv() => {
@@ -454,21 +656,35 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
     });
 
     let mut summary = Summary::start(&dp, &interfaces)?;
+    let control = match &opts.control {
+        Some(c) => Some((c.clone(), ControlParts::new(&dp, &out)?)),
+        None => None,
+    };
     let dp: Shared = Arc::new(Mutex::new(dp));
     let links = Arc::new(LinkStats::default());
-    let (commands, enforcer_done) = Enforcer {
+    let enforcer_done = Enforcer {
         dp: dp.clone(),
-        names,
+        names: names.clone(),
         policy: opts.policy.clone(),
         limits: opts.limits.clone(),
         running: policy,
+        last_refusal: None,
         interfaces: interfaces.clone(),
         receive_hook: opts.receive_hook,
         links: links.clone(),
         last_error: std::collections::HashMap::new(),
+        remote: held.is_some(),
     }
-    .spawn()?;
+    .spawn(queued)?;
     watch_links(commands.clone());
+    let client = control.map(|(options, parts)| {
+        let enforcement = Enforcement(commands.clone());
+        tokio::spawn(
+            parts
+                .client(options, enforcement, held, names, (&dp, &out))
+                .run(),
+        )
+    });
 
     let mut ticker = tokio::time::interval(opts.summary_interval);
     // After a pause (SIGSTOP, a starved machine) one summary at once and the
@@ -478,7 +694,7 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
     tracing::info!("running; SIGHUP reloads the policy, SIGINT or SIGTERM stops");
     loop {
         tokio::select! {
-            _ = hangup.recv() => { let _ = commands.send(Command::Reload); }
+            _ = hangup.recv() => { let _ = commands.send(Command::Reload(Trigger::Signal)); }
             _ = interrupt.recv() => { tracing::info!("SIGINT: stopping"); break; }
             _ = terminate.recv() => { tracing::info!("SIGTERM: stopping"); break; }
             _ = ticker.tick() => {
@@ -486,6 +702,9 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
                 summary.tick(&dp, &out, &links, &interfaces);
             }
         }
+    }
+    if let Some(client) = client {
+        client.abort();
     }
     let _ = stop_tx.send(());
     let decoded = reader.await.context("event reader task")??;
@@ -503,7 +722,12 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let dp = lock(&dp);
+    log_stopped(&dp, decoded)
+}
+
+/// The last line: what stays enforcing, and the totals.
+fn log_stopped(dp: &Shared, decoded: u64) -> anyhow::Result<()> {
+    let dp = lock(dp);
     let totals = dp.totals()?;
     let attached: Vec<String> = dp
         .attachments()
@@ -570,6 +794,21 @@ fn watch_links(commands: mpsc::Sender<Command>) {
         });
     if let Err(err) = spawned {
         tracing::warn!(%err, "cannot start the interface watcher");
+    }
+}
+
+/// Unless told not to, starts the thread that asks the enforcer for a
+/// reload when the policy's files change. Without it, SIGHUP still reloads.
+fn watch_policy(opts: &RunOptions, commands: mpsc::Sender<Command>) {
+    let Some(source) = opts.policy.as_ref().filter(|_| opts.watch) else {
+        return;
+    };
+    let shown = escape_controls(&source.path().display().to_string()).into_owned();
+    match watch::spawn(source.clone(), move || {
+        commands.send(Command::Reload(Trigger::Watch)).is_ok()
+    }) {
+        Ok(()) => tracing::info!(policy = %shown, "watching the policy for changes"),
+        Err(err) => tracing::warn!(policy = %shown, "{err}; the policy is reloaded on SIGHUP only"),
     }
 }
 
@@ -799,6 +1038,129 @@ pub fn summarize(before: &Totals, after: &Totals, interval: Duration) -> String 
         );
     }
     line
+}
+
+/// What the control-plane client needs from the running agent, made before
+/// the datapath goes behind its lock.
+struct ControlParts {
+    /// Handles of its own to the counter maps, for Status.
+    counters: CounterReader,
+    reports: reports::Shared,
+    facts: HostFacts,
+}
+
+/// Event batches queued for the violation reports at most.
+const REPORT_QUEUE: usize = 64;
+
+impl ControlParts {
+    fn new(dp: &Datapath, out: &Outputs) -> anyhow::Result<Self> {
+        let (totals, stats) = dp
+            .counter_fds()
+            .context("duplicating the counter maps' fds")?;
+        let counters = CounterReader::from_fds(totals, stats)?;
+        let (reports, _) = reports::spawn(out.events.subscribe("control-plane", REPORT_QUEUE))
+            .context("starting the violation-report thread")?;
+        let capacity = dp.capacity();
+        let mut features: Vec<String> = dp
+            .attachments()
+            .iter()
+            .map(|a| a.tc_mode.to_string())
+            .collect();
+        features.sort();
+        features.dedup();
+        features.push(
+            if dp.pins().is_some() {
+                "pinned"
+            } else {
+                "ephemeral"
+            }
+            .into(),
+        );
+        Ok(Self {
+            counters,
+            reports,
+            facts: HostFacts {
+                kernel: kernel_release(),
+                features,
+                capacity: proto::Capacity {
+                    accounts: capacity.accounts,
+                    account_prefixes: capacity.account_prefixes,
+                    list_prefixes: capacity.list_prefixes,
+                },
+            },
+        })
+    }
+
+    /// The client, with a Status made from read-only handles: the counter
+    /// maps, the compiled policies by generation, the fan-out's losses, and
+    /// the attachments when the enforcer is not applying a policy.
+    fn client(
+        self,
+        options: client::Options,
+        enforcement: Enforcement,
+        held: Option<Held>,
+        names: Names,
+        (dp, out): (&Shared, &Outputs),
+    ) -> Client {
+        let generation = lock(dp).generation();
+        let (dp, out) = (dp.clone(), out.clone());
+        let counters = self.counters;
+        let status: StatusFn = Arc::new(move |version: &str, generation: u64| {
+            let mut s = proto::Status {
+                policy_version: version.to_owned(),
+                generation,
+                ..proto::Status::default()
+            };
+            if let Ok(t) = counters.totals() {
+                for ((_, verdict, _), c) in &t.counters {
+                    s.packets += c.packets;
+                    match verdict {
+                        Verdict::Drop => s.dropped += c.packets,
+                        Verdict::Monitor => s.monitored += c.packets,
+                        Verdict::Pass => {}
+                    }
+                }
+                s.events_lost_ring = t.events_lost;
+            }
+            if let Some(compiled) = names.get(generation) {
+                let c = compiled.counts();
+                s.accounts = c.accounts as u32;
+                s.account_prefixes = (c.account_prefixes_v4 + c.account_prefixes_v6) as u32;
+                s.list_prefixes = (c.list_prefixes_v4 + c.list_prefixes_v6) as u32;
+            }
+            s.events_lost_queues = out.events.consumers().iter().map(|c| c.lost()).sum();
+            if let Ok(dp) = dp.try_lock() {
+                s.attached = dp
+                    .attachments()
+                    .iter()
+                    .map(|a| format!("{}:{}:{}", a.name, a.role, a.receive))
+                    .collect();
+            }
+            s
+        });
+        Client::new(
+            options,
+            enforcement,
+            self.facts,
+            (held, generation),
+            self.reports,
+            status,
+        )
+    }
+}
+
+/// `uname -r`.
+fn kernel_release() -> String {
+    // SAFETY: a zeroed utsname, filled in by the kernel.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: `u` is a valid, writable utsname.
+    if unsafe { libc::uname(&raw mut u) } != 0 {
+        return String::new();
+    }
+    // SAFETY: the kernel NUL-terminates `release`.
+    unsafe { std::ffi::CStr::from_ptr(u.release.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 #[cfg(test)]

@@ -20,3 +20,4 @@ pub mod show;
 pub mod sink;
 pub mod stride;
 pub mod sys;
+pub mod watch;

@@ -11,11 +11,12 @@ use mmesh_agent::{
     agent::{self, Outputs, RunOptions},
     caps,
     compile::{Capacity, compile},
+    control::{client, store::Store},
     datapath::pin,
     fanout::{Fanout, JsonLines},
     hook::ReceiveHook,
     interface::InterfaceSpec,
-    policy::{DEFAULT_MAX_POLICY_BYTES, Policy, ReadLimits},
+    policy::{DEFAULT_MAX_POLICY_BYTES, ReadLimits, Source},
     show,
     sink::{LogWriter, Sink, escape_controls},
 };
@@ -50,8 +51,9 @@ enum LogFormat {
 enum Command {
     /// Load and attach the datapath, enforce the policy, report events (JSON
     /// lines on stdout) and a summary (stderr) until SIGINT or SIGTERM.
-    /// SIGHUP reloads the policy file.
-    Run(RunArgs),
+    /// The policy file or directory is watched: a change is applied when
+    /// it is valid, and SIGHUP reloads it too.
+    Run(Box<RunArgs>),
     /// Remove the pinned datapath: links (enforcement stops), programs, maps
     /// and pins. The only way a pinned datapath stops enforcing; refused
     /// while an agent runs on it.
@@ -63,9 +65,24 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct RunArgs {
-    /// Policy file (YAML). Without it the embedded default policy runs.
+    /// Policy file (YAML or JSON), watched for changes. Without it (or
+    /// --policy-dir) the embedded default policy runs.
     #[arg(long, short, env = "MMESH_POLICY")]
     policy: Option<PathBuf>,
+    /// Directory of policy files (*.yaml, *.yml, *.json), merged into one
+    /// policy and watched for changes (a mounted Kubernetes config map, for
+    /// example).
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "MMESH_POLICY_DIR",
+        conflicts_with = "policy"
+    )]
+    policy_dir: Option<PathBuf>,
+    /// Do not watch the policy file or directory: apply changes on SIGHUP
+    /// only.
+    #[arg(long, env = "MMESH_NO_WATCH")]
+    no_watch: bool,
     /// Interface to attach, with its role: NAME, NAME:uplink or
     /// NAME:workload. Repeat for several. Default: the interface of the
     /// default route, as uplink.
@@ -89,6 +106,116 @@ struct RunArgs {
     ephemeral: bool,
     #[command(flatten)]
     capacity: CapacityArgs,
+    #[command(flatten)]
+    control: ControlArgs,
+}
+
+/// Where policy comes from when a control plane serves it.
+#[derive(Debug, Args)]
+struct ControlArgs {
+    /// Take policy from this control plane (`https://HOST:PORT`; `http://`
+    /// only with --control-plane-plaintext). The agent dials out and keeps
+    /// one stream; --policy is then only the first policy, when no
+    /// last-known-good one is stored.
+    #[arg(long, value_name = "URL", env = "MMESH_CONTROL_PLANE")]
+    control_plane: Option<String>,
+    /// The CA certificate (PEM) that signed the control plane's: the only
+    /// one trusted.
+    #[arg(long, value_name = "FILE", env = "MMESH_CONTROL_PLANE_CA")]
+    control_plane_ca: Option<PathBuf>,
+    /// This agent's certificate (PEM), for mutual TLS; with --control-plane-key.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "MMESH_CONTROL_PLANE_CERT",
+        requires = "control_plane_key"
+    )]
+    control_plane_cert: Option<PathBuf>,
+    /// This agent's private key (PEM), for mutual TLS.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "MMESH_CONTROL_PLANE_KEY",
+        requires = "control_plane_cert"
+    )]
+    control_plane_key: Option<PathBuf>,
+    /// The name the control plane's certificate must carry, when it is not
+    /// the URL's host.
+    #[arg(long, value_name = "NAME")]
+    control_plane_server_name: Option<String>,
+    /// Talk to the control plane without TLS (an `http://` URL): policy and
+    /// reports travel in clear and unauthenticated.
+    #[arg(long)]
+    control_plane_plaintext: bool,
+    /// This host's name towards the control plane.
+    #[arg(long, value_name = "NAME", env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// Where the last policy the control plane sent and the agent applied is
+    /// kept, and applied at start before the control plane answers.
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/var/lib/mmesh",
+        env = "MMESH_STATE_DIR"
+    )]
+    state_dir: PathBuf,
+    /// Seconds between heartbeats on the stream; three without a message
+    /// from the control plane end the stream (it is dialled again).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
+    heartbeat: u64,
+    /// Seconds between violation reports to the control plane.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    report_interval: u64,
+    /// Seconds between status messages to the control plane.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    status_interval: u64,
+}
+
+impl ControlArgs {
+    /// The client's options, or why these arguments do not make some.
+    fn options(&self, limits: &ReadLimits) -> anyhow::Result<Option<client::Options>> {
+        let Some(url) = &self.control_plane else {
+            return Ok(None);
+        };
+        let tls = match (url.split_once("://").map(|(scheme, _)| scheme), self.control_plane_plaintext) {
+            (Some("http"), true) => None,
+            (Some("http"), false) => anyhow::bail!(
+                "--control-plane {url} has no TLS: use an https:// URL with --control-plane-ca, or add --control-plane-plaintext to send policy and reports in clear"
+            ),
+            (Some("https"), true) => anyhow::bail!(
+                "--control-plane-plaintext with an https:// URL: drop one of them"
+            ),
+            (Some("https"), false) => Some(client::Tls {
+                ca: self.control_plane_ca.clone().ok_or_else(|| anyhow::anyhow!(
+                    "--control-plane {url} needs --control-plane-ca FILE: the CA that signed the control plane's certificate (the only one trusted)"
+                ))?,
+                identity: self.control_plane_cert.clone().zip(self.control_plane_key.clone()),
+                domain: self.control_plane_server_name.clone(),
+            }),
+            _ => anyhow::bail!(
+                "--control-plane {url}: expected https://HOST:PORT (or http://HOST:PORT with --control-plane-plaintext)"
+            ),
+        };
+        let node = match &self.node_name {
+            Some(n) if !n.is_empty() => n.clone(),
+            _ => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .ok()
+                .filter(|h| !h.is_empty())
+                .ok_or_else(|| anyhow::anyhow!("cannot tell this host's name: give --node-name"))?,
+        };
+        Ok(Some(client::Options {
+            url: url.clone(),
+            tls,
+            node,
+            heartbeat: Duration::from_secs(self.heartbeat),
+            report_interval: Duration::from_secs(self.report_interval),
+            status_interval: Duration::from_secs(self.status_interval),
+            backoff: (Duration::from_millis(500), Duration::from_secs(30)),
+            limits: limits.clone(),
+            store: Some(Store::new(&self.state_dir)),
+        }))
+    }
 }
 
 #[derive(Debug, Args)]
@@ -181,15 +308,15 @@ fn parse_ring_size(s: &str) -> Result<u32, String> {
 
 #[derive(Debug, Subcommand)]
 enum PolicyCommand {
-    /// Validate a policy file: prints every problem and exits non-zero if
-    /// there is any.
+    /// Validate a policy file, or a directory read as --policy-dir: prints
+    /// every problem and exits non-zero if there is any.
     Validate {
         file: PathBuf,
         #[command(flatten)]
         capacity: CapacityArgs,
     },
-    /// Print the compiled, effective policy of a file (default: the embedded
-    /// default policy).
+    /// Print the compiled, effective policy of a file or directory
+    /// (default: the embedded default policy).
     Show {
         file: Option<PathBuf>,
         #[arg(long, value_enum, default_value_t = ShowFormat::Yaml)]
@@ -261,7 +388,7 @@ fn main() -> ExitCode {
             if let Some(at) = mounted {
                 tracing::info!(at = %at.display(), "mounted bpffs");
             }
-            run(args, &logs)
+            run(*args, &logs)
         }),
         Command::Detach(args) => detach(&args),
         Command::Policy(PolicyCommand::Validate { file, capacity }) => validate(&file, &capacity),
@@ -297,19 +424,26 @@ fn run(args: RunArgs, logs: &Sink) -> anyhow::Result<()> {
         std::io::stdout(),
     )?;
     let stdout_stats = stdout.stats();
+    let limits = args.capacity.read_limits();
+    let control = args.control.options(&limits)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     let result = runtime.block_on(agent::run(
         RunOptions {
-            policy: args.policy,
+            policy: args
+                .policy
+                .map(Source::File)
+                .or(args.policy_dir.map(Source::Dir)),
+            watch: !args.no_watch,
             interfaces: args.interfaces,
             receive_hook: args.receive_hook,
             capacity: (&args.capacity).into(),
-            limits: args.capacity.read_limits(),
+            limits,
             summary_interval: Duration::from_secs(args.summary_interval),
             pins: (!args.ephemeral).then_some(args.bpffs),
+            control,
         },
         Outputs {
             events: events.clone(),
@@ -356,7 +490,7 @@ fn detach(args: &DetachArgs) -> anyhow::Result<()> {
 
 fn validate(file: &Path, args: &CapacityArgs) -> anyhow::Result<()> {
     let capacity = Capacity::from(args);
-    let policy = Policy::from_file_with(file, &args.read_limits())?;
+    let policy = Source::of_path(file).read(&args.read_limits())?;
     let compiled = compile(&policy, None, &capacity)?;
     println!(
         "{}: valid: {} accounts, {} list prefixes",
@@ -369,7 +503,8 @@ fn validate(file: &Path, args: &CapacityArgs) -> anyhow::Result<()> {
 
 fn show(file: Option<&PathBuf>, format: ShowFormat, args: &CapacityArgs) -> anyhow::Result<()> {
     let capacity = &Capacity::from(args);
-    let policy = agent::load_policy(file, &args.read_limits())?;
+    let source = file.map(|f| Source::of_path(f));
+    let policy = agent::load_policy(source.as_ref(), &args.read_limits())?;
     let compiled = compile(&policy, None, capacity)?;
     let view = show::effective(&policy, &compiled, capacity);
     match format {

@@ -1,6 +1,9 @@
 //! `mmesh-agent policy show`: the compiled, effective policy.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
+};
 
 use ipnet::IpNet;
 use mmesh_common::{
@@ -115,7 +118,7 @@ pub fn effective(policy: &Policy, compiled: &Compiled, capacity: &Capacity) -> E
             .accounts
             .iter()
             .zip(compiled.order.iter())
-            .map(|(a, (slot, _)): (&Account, &(u32, Fingerprint))| {
+            .map(|(a, (slot, _)): (&Arc<Account>, &(u32, Fingerprint))| {
                 let entries = compiled
                     .account(*slot)
                     .expect("every account of the policy is compiled");

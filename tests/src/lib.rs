@@ -2,6 +2,8 @@
 //!
 //! - [`bench`]: the benchmark harness (`cargo xtask bench`).
 //! - [`certs`]: a test CA and the certificates it signs (TLS, mutual TLS).
+//! - [`control`]: a scripted control plane (a real gRPC server) for the
+//!   agent's control-plane tests.
 //! - [`controlplane`]: the reference control plane as a process, and an
 //!   agent played by the test over the real protocol.
 //! - [`packets`]: crafted frames for `BPF_PROG_TEST_RUN`.
@@ -15,6 +17,7 @@
 
 pub mod bench;
 pub mod certs;
+pub mod control;
 pub mod controlplane;
 pub mod netns;
 pub mod packets;

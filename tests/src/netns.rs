@@ -875,8 +875,28 @@ impl Agent {
         streams: Streams,
         ready: impl Fn(&Self) -> bool,
     ) -> Self {
+        Self::start_command(agent_command(ns, args), args, streams, ready)
+    }
+
+    /// Starts the agent binary with `args` in `ns`, its log filtered by
+    /// `filter` (`MMESH_LOG`, e.g. `info,mmesh_agent::agent=debug`), and
+    /// waits until it is running.
+    pub fn start_with_log(ns: &NetNs, args: &[String], filter: &str) -> Self {
+        let mut cmd = agent_command(ns, args);
+        cmd.env("MMESH_LOG", filter);
+        Self::start_command(cmd, args, Streams::Read, |agent| {
+            agent.log_position(AGENT_READY_LINE, 0).is_some()
+        })
+    }
+
+    fn start_command(
+        mut cmd: Command,
+        args: &[String],
+        streams: Streams,
+        ready: impl Fn(&Self) -> bool,
+    ) -> Self {
         let bin = agent_binary();
-        let mut child = agent_command(ns, args)
+        let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
         let pid = child.id();
@@ -984,7 +1004,7 @@ impl Agent {
     }
 
     /// Sends SIGHUP and returns the agent's answer: the next log line that
-    /// says "policy reloaded" or "policy rejected" (panics after 10 s).
+    /// says "policy in force" or "policy rejected" (panics after 10 s).
     #[must_use = "the answer says whether the policy was reloaded or rejected"]
     pub fn reload(&self) -> String {
         let from = self.logs().len();
@@ -996,7 +1016,7 @@ impl Agent {
             || {
                 answer = self.logs()[from..]
                     .iter()
-                    .find(|l| l.contains("policy reloaded") || l.contains("policy rejected"))
+                    .find(|l| l.contains("policy in force") || l.contains("policy rejected"))
                     .cloned();
                 answer.is_some()
             },

@@ -1210,7 +1210,7 @@ accounts:
 {BETA}"
     ));
     let answer = s.agent.reload();
-    assert!(answer.contains("policy reloaded"), "{answer}");
+    assert!(answer.contains("policy in force"), "{answer}");
     let from = s.agent.events().len();
     assert_eq!(
         blocked_arrivals(&s),
@@ -1221,7 +1221,7 @@ accounts:
     // And blocked again.
     s.policy.write(&block_policy());
     let answer = s.agent.reload();
-    assert!(answer.contains("policy reloaded"), "{answer}");
+    assert!(answer.contains("policy in force"), "{answer}");
     assert_eq!(blocked_arrivals(&s), [0, 0], "generation 3 blocks again");
     assert_drop_events(&s, from, 3);
 }

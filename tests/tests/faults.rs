@@ -246,7 +246,7 @@ fn a_stalled_stdout_loses_events_and_nothing_else() {
     );
     policy.write(OPEN);
     let answer = agent.reload();
-    assert!(answer.contains("policy reloaded"), "{answer}");
+    assert!(answer.contains("policy in force"), "{answer}");
     assert_eq!(blocked_arrivals(&topo), [PACKETS, PACKETS]);
     let from = agent.logs().len();
     wait_until("two more summaries", Duration::from_secs(10), || {
@@ -332,7 +332,7 @@ fn sighup_during_start_up_is_a_reload_after_it() {
         });
     assert!(sent.into_inner(), "SIGHUP was sent during start-up");
     wait_until("the reload after start-up", Duration::from_secs(30), || {
-        agent.log_position("SIGHUP: policy reloaded", 0).is_some()
+        agent.log_position("SIGHUP: policy in force", 0).is_some()
     });
     assert!(agent.is_running());
     assert_eq!(blocked_arrivals(&topo), [0, 0]);
@@ -377,7 +377,7 @@ fn the_agent_keeps_three_capabilities() {
     }
     // And it still works with them: reloads, enforcement.
     policy.write(OPEN);
-    assert!(agent.reload().contains("policy reloaded"));
+    assert!(agent.reload().contains("policy in force"));
     assert_eq!(blocked_arrivals(&topo), [PACKETS, PACKETS]);
     assert_stops_cleanly(&mut agent);
 }

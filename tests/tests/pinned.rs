@@ -416,7 +416,7 @@ fn kill_9_during_a_policy_apply_leaves_a_state_the_next_agent_adopts() {
         agent.signal(libc::SIGHUP);
         thread::sleep(Duration::from_millis(delay));
         let _ = agent.kill();
-        finished += usize::from(agent.log_position("policy reloaded", 0).is_some());
+        finished += usize::from(agent.log_position("policy in force", 0).is_some());
         assert_eq!(
             arrivals(&topo, blocked, 50) + arrivals(&topo, lifted, 50),
             50,

@@ -46,7 +46,7 @@ pub(super) struct Ends {
 /// Matches `new` with the previous policy's accounts by position from both
 /// ends: a position matches while the fingerprints are equal, or the ids are
 /// (a changed account).
-pub(super) fn match_ends(new: &[Account], previous: &Compiled) -> Ends {
+pub(super) fn match_ends(new: &[Arc<Account>], previous: &Compiled) -> Ends {
     let (n, m) = (new.len(), previous.order.len());
     let mut changed = Vec::new();
     let same_id =
@@ -96,7 +96,7 @@ pub(super) struct Middle {
 /// `positions` by id: accounts that stay keep their slot (and their entries
 /// if unchanged); the others leave or arrive.
 pub(super) fn match_middle(
-    new: &[Account],
+    new: &[Arc<Account>],
     previous: &Compiled,
     positions: std::ops::Range<usize>,
     slots: &mut SlotTable,

@@ -8,8 +8,6 @@
 
 use std::path::Path;
 
-use serde_json::{Map, Value, json};
-
 use super::proto;
 use crate::policy::{
     Account, Action, DirLimits, List, ListKind, Mode, Policy, PolicyError, ReadLimits,
@@ -24,7 +22,7 @@ pub fn validate(
     source_name: &str,
     limits: &ReadLimits,
 ) -> Result<Policy, PolicyError> {
-    let text = document(message, version).to_string();
+    let text = document(message, version);
     // No list file can be named (the message has no `file` field), so the
     // base directory is never used; `/nonexistent` says so if it were.
     Policy::parse_with(&text, source_name, Path::new("/nonexistent"), limits)
@@ -50,84 +48,135 @@ pub fn problems(err: &PolicyError) -> Vec<proto::Problem> {
     }
 }
 
-/// The document a policy file holding `message` would be.
-fn document(message: &proto::Policy, version: &str) -> Value {
-    let mut doc = Map::new();
-    doc.insert("version".into(), Value::String(version.to_owned()));
+/// The text of the JSON document a policy file holding `message` would be,
+/// written straight out (a `serde_json::Value` tree of 100,000 accounts
+/// took longer to build and print than validating it).
+fn document(message: &proto::Policy, version: &str) -> String {
+    let mut w = Json(String::with_capacity(64 + message.accounts.len() * 256));
+    w.0.push_str("{\"version\":");
+    w.string(version);
     if let Some(g) = &message.global {
-        doc.insert("global".into(), global(g));
+        w.0.push_str(",\"global\":{");
+        let mut first = true;
+        w.field(&mut first, "mode", g.mode.as_ref());
+        w.field(&mut first, "malformed", g.malformed.as_ref());
+        w.field(
+            &mut first,
+            "events_per_second",
+            g.events_per_second.as_ref(),
+        );
+        w.lists(&mut first, &g.block, &g.allow);
+        w.0.push('}');
     }
     if let Some(d) = &message.defaults {
-        let mut m = Map::new();
-        put(&mut m, "mode", d.mode.as_ref());
+        w.0.push_str(",\"defaults\":{");
+        let mut first = true;
+        w.field(&mut first, "mode", d.mode.as_ref());
         if let Some(l) = &d.limits {
-            m.insert("limits".into(), limits(l));
+            w.key(&mut first, "limits");
+            w.limits(l);
         }
-        doc.insert("defaults".into(), Value::Object(m));
+        w.0.push('}');
     }
-    doc.insert(
-        "accounts".into(),
-        Value::Array(message.accounts.iter().map(account).collect()),
-    );
-    Value::Object(doc)
-}
-
-fn global(g: &proto::Global) -> Value {
-    let mut m = Map::new();
-    put(&mut m, "mode", g.mode.as_ref());
-    put(&mut m, "malformed", g.malformed.as_ref());
-    put(&mut m, "events_per_second", g.events_per_second.as_ref());
-    put_lists(&mut m, &g.block, &g.allow);
-    Value::Object(m)
-}
-
-fn account(a: &proto::Account) -> Value {
-    let mut m = Map::new();
-    m.insert("id".into(), Value::String(a.id.clone()));
-    m.insert("prefixes".into(), json!(a.prefixes));
-    put(&mut m, "mode", a.mode.as_ref());
-    put_lists(&mut m, &a.block, &a.allow);
-    if let Some(l) = &a.limits {
-        m.insert("limits".into(), limits(l));
-    }
-    Value::Object(m)
-}
-
-fn put_lists(m: &mut Map<String, Value>, block: &[proto::List], allow: &[proto::List]) {
-    for (key, lists) in [("block", block), ("allow", allow)] {
-        if !lists.is_empty() {
-            m.insert(key.into(), Value::Array(lists.iter().map(list).collect()));
+    w.0.push_str(",\"accounts\":[");
+    for (i, a) in message.accounts.iter().enumerate() {
+        if i > 0 {
+            w.0.push(',');
         }
+        w.0.push_str("{\"id\":");
+        w.string(&a.id);
+        let mut first = false;
+        w.key(&mut first, "prefixes");
+        w.strings(&a.prefixes);
+        w.field(&mut first, "mode", a.mode.as_ref());
+        w.lists(&mut first, &a.block, &a.allow);
+        if let Some(l) = &a.limits {
+            w.key(&mut first, "limits");
+            w.limits(l);
+        }
+        w.0.push('}');
     }
+    w.0.push_str("]}");
+    w.0
 }
 
-fn list(l: &proto::List) -> Value {
-    let mut m = Map::new();
-    put(&mut m, "name", l.name.as_ref());
-    put(&mut m, "action", l.action.as_ref());
-    m.insert("cidrs".into(), json!(l.cidrs));
-    Value::Object(m)
-}
+/// A JSON text being written.
+struct Json(String);
 
-fn limits(l: &proto::Limits) -> Value {
-    let mut m = Map::new();
-    for (key, dir) in [("inbound", &l.inbound), ("outbound", &l.outbound)] {
-        if let Some(d) = dir {
-            let mut dm = Map::new();
-            put(&mut dm, "pps", d.pps.as_ref());
-            put(&mut dm, "pps_burst", d.pps_burst.as_ref());
-            put(&mut dm, "bps", d.bps.as_ref());
-            put(&mut dm, "bps_burst", d.bps_burst.as_ref());
-            put(&mut dm, "action", d.action.as_ref());
-            m.insert(key.into(), Value::Object(dm));
+impl Json {
+    fn string(&mut self, s: &str) {
+        // serde_json escapes exactly as JSON needs; a `str` cannot fail.
+        let quoted = serde_json::to_string(s).unwrap_or_default();
+        self.0.push_str(&quoted);
+    }
+
+    fn key(&mut self, first: &mut bool, key: &str) {
+        if !std::mem::take(first) {
+            self.0.push(',');
+        }
+        self.0.push('"');
+        self.0.push_str(key);
+        self.0.push_str("\":");
+    }
+
+    fn field(&mut self, first: &mut bool, key: &str, value: Option<&String>) {
+        if let Some(v) = value {
+            self.key(first, key);
+            self.string(v);
         }
     }
-    Value::Object(m)
-}
 
-fn put(m: &mut Map<String, Value>, key: &str, value: Option<&String>) {
-    if let Some(v) = value {
-        m.insert(key.into(), Value::String(v.clone()));
+    fn strings(&mut self, items: &[String]) {
+        self.0.push('[');
+        for (i, item) in items.iter().enumerate() {
+            if i > 0 {
+                self.0.push(',');
+            }
+            self.string(item);
+        }
+        self.0.push(']');
+    }
+
+    fn lists(&mut self, first: &mut bool, block: &[proto::List], allow: &[proto::List]) {
+        for (key, lists) in [("block", block), ("allow", allow)] {
+            if lists.is_empty() {
+                continue;
+            }
+            self.key(first, key);
+            self.0.push('[');
+            for (i, l) in lists.iter().enumerate() {
+                if i > 0 {
+                    self.0.push(',');
+                }
+                self.0.push('{');
+                let mut inner = true;
+                self.field(&mut inner, "name", l.name.as_ref());
+                self.field(&mut inner, "action", l.action.as_ref());
+                self.key(&mut inner, "cidrs");
+                self.strings(&l.cidrs);
+                self.0.push('}');
+            }
+            self.0.push(']');
+        }
+    }
+
+    fn limits(&mut self, l: &proto::Limits) {
+        self.0.push('{');
+        let mut first = true;
+        for (key, dir) in [("inbound", &l.inbound), ("outbound", &l.outbound)] {
+            if let Some(d) = dir {
+                self.key(&mut first, key);
+                self.0.push('{');
+                let mut inner = true;
+                self.field(&mut inner, "pps", d.pps.as_ref());
+                self.field(&mut inner, "pps_burst", d.pps_burst.as_ref());
+                self.field(&mut inner, "bps", d.bps.as_ref());
+                self.field(&mut inner, "bps_burst", d.bps_burst.as_ref());
+                self.field(&mut inner, "action", d.action.as_ref());
+                self.0.push('}');
+            }
+        }
+        self.0.push('}');
     }
 }
 
@@ -149,7 +198,7 @@ pub fn to_message(policy: &Policy) -> proto::Policy {
             allow,
         }),
         defaults: None,
-        accounts: policy.accounts.iter().map(account_message).collect(),
+        accounts: policy.accounts.iter().map(|a| account_message(a)).collect(),
     }
 }
 
@@ -272,5 +321,83 @@ mod tests {
             ["accounts[0].prefixes[3]", "accounts[1].limits.outbound.pps"],
             "{problems:?}"
         );
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use std::time::Instant;
+
+    use super::*;
+
+    #[test]
+    #[ignore = "timing by hand"]
+    fn timing() {
+        let mut accounts = Vec::new();
+        for i in 0..100_000u32 {
+            let a = std::net::Ipv4Addr::from((10 << 24) + i * 16);
+            accounts.push(proto::Account {
+                id: format!("acct-{i}"),
+                prefixes: vec![
+                    a.to_string(),
+                    format!("fd00::{:x}:{:x}/128", i >> 16, i & 0xffff),
+                ],
+                mode: Some("enforce".into()),
+                limits: Some(proto::Limits {
+                    inbound: Some(proto::DirLimits {
+                        pps: Some("100000".into()),
+                        pps_burst: Some("50000".into()),
+                        bps: Some("1000000000".into()),
+                        bps_burst: Some("500000000".into()),
+                        action: Some("drop".into()),
+                    }),
+                    outbound: None,
+                }),
+                ..proto::Account::default()
+            });
+        }
+        let message = proto::Policy {
+            global: None,
+            defaults: None,
+            accounts,
+        };
+        let t = Instant::now();
+        let held = super::super::held::Held::snapshot("v1".into(), message.clone());
+        eprintln!("held {:?}", t.elapsed());
+        let t = Instant::now();
+        let m = held.message();
+        eprintln!("message clone {:?}", t.elapsed());
+        let t = Instant::now();
+        let doc = document(&m, "v1");
+        eprintln!("document {:?}", t.elapsed());
+        let text = doc;
+        let t = Instant::now();
+        let p = Policy::parse_with(&text, "x", Path::new("/"), &ReadLimits::default()).unwrap();
+        eprintln!("parse+validate {:?}", t.elapsed());
+        let t = Instant::now();
+        let c = crate::compile::compile(
+            &p,
+            None,
+            &crate::compile::Capacity {
+                accounts: 200_000,
+                account_prefixes: 200_000,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        eprintln!("compile {:?}", t.elapsed());
+        let t = Instant::now();
+        let c2 = crate::compile::compile(
+            &p,
+            Some(&c),
+            &crate::compile::Capacity {
+                accounts: 200_000,
+                account_prefixes: 200_000,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        eprintln!("compile incremental {:?}", t.elapsed());
+        drop(c2);
     }
 }

@@ -1,5 +1,7 @@
 //! The control plane's side of the agent: the gRPC contract (`proto/`),
-//! policy messages and their validation.
+//! policy messages and their validation, the policy held from the control
+//! plane, its last-known-good copy on disk, violation reports, and the
+//! client that keeps the stream.
 
 /// Messages and the client and server of `proto/mmesh/v1/control.proto`.
 #[expect(clippy::pedantic, missing_docs, reason = "generated code")]
@@ -7,4 +9,8 @@ pub mod proto {
     tonic::include_proto!("mmesh.v1");
 }
 
+pub mod client;
 pub mod convert;
+pub mod held;
+pub mod reports;
+pub mod store;

@@ -23,6 +23,7 @@
 
 use std::{collections::HashMap, fmt, path::Path, time::Duration};
 
+mod dir;
 mod model;
 mod raw;
 mod read;
@@ -32,6 +33,7 @@ mod tests;
 mod validate;
 mod values;
 
+pub use dir::{Source, is_policy_file};
 pub use model::{
     Account, Action, DirLimits, Fingerprint, Global, List, ListKind, Mode, Policy, Rate,
 };
@@ -139,6 +141,17 @@ pub enum PolicyError {
         attempts: u32,
         settle: Duration,
     },
+    #[error("cannot list policy directory {path}: {source}; check the path and its permissions")]
+    Dir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "policy directory {path} holds no policy file (*.yaml, *.yml, *.json): the running policy \
+         stays; put the policy files in it (an empty policy is a file that says so)"
+    )]
+    NoFiles { path: String },
     #[error("policy {source_name} is not valid {format} for a policy:\n{message}")]
     Syntax {
         source_name: String,
@@ -184,22 +197,45 @@ impl Policy {
         limits: &ReadLimits,
         wait: &mut dyn FnMut(Duration),
     ) -> Result<Self, PolicyError> {
+        Self::read_settled(path, limits, 0, wait).map(|read| read.policy)
+    }
+
+    /// Reads, validates and settles one policy file, `used` bytes of
+    /// `limits.max_bytes` being taken already (by the other files of a
+    /// `--policy-dir`).
+    fn read_settled(
+        path: &Path,
+        limits: &ReadLimits,
+        used: u64,
+        wait: &mut dyn FnMut(Duration),
+    ) -> Result<FileRead, PolicyError> {
         let name = path.display().to_string();
         let base = path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
         let attempts = limits.attempts.max(1);
+        let left = limits.max_bytes.saturating_sub(used);
         for _ in 0..attempts {
-            let mut reads = Reads::default();
-            let result = match read_regular(path, limits.max_bytes) {
+            let mut reads = Reads {
+                bytes: used,
+                ..Reads::default()
+            };
+            let result = match read_regular(path, left) {
                 Ok((text, stamp)) => {
-                    reads.bytes = text.len() as u64;
+                    reads.bytes += text.len() as u64;
                     reads.files.push((path.to_owned(), stamp));
                     Some(Self::parse_reading(&text, &name, base, limits, &mut reads))
                 }
                 Err(FileError::Changed) => None,
                 Err(source) => {
+                    let source = match source {
+                        FileError::TooLarge { .. } => FileError::TooLarge {
+                            left,
+                            limit: limits.max_bytes,
+                        },
+                        other => other,
+                    };
                     return Err(PolicyError::Read {
                         path: escape_controls(&name).into_owned(),
                         source,
@@ -210,7 +246,11 @@ impl Policy {
             if let Some(result) = result
                 && reads.unchanged()
             {
-                return result;
+                return result.map(|(policy, settings)| FileRead {
+                    policy,
+                    settings,
+                    bytes: reads.bytes - used,
+                });
             }
         }
         Err(PolicyError::StillChanging {
@@ -240,7 +280,7 @@ impl Policy {
             bytes: text.len() as u64,
             ..Reads::default()
         };
-        Self::parse_reading(text, source_name, base_dir, limits, &mut reads)
+        Self::parse_reading(text, source_name, base_dir, limits, &mut reads).map(|(p, _)| p)
     }
 
     fn parse_reading(
@@ -249,7 +289,7 @@ impl Policy {
         base_dir: &Path,
         limits: &ReadLimits,
         reads: &mut Reads,
-    ) -> Result<Self, PolicyError> {
+    ) -> Result<(Self, Settings), PolicyError> {
         let json = text.trim_start().starts_with('{');
         let raw = {
             let _reading = ReadingGuard::set(Reading {
@@ -287,6 +327,7 @@ impl Policy {
                     .unwrap_or_default()
             }
         };
+        let settings = Settings::of(&raw);
         let mut v = Validator {
             source: source_name,
             base_dir,
@@ -296,12 +337,46 @@ impl Policy {
         };
         let policy = v.policy(raw);
         if v.issues.is_empty() {
-            Ok(policy)
+            Ok((policy, settings))
         } else {
             Err(PolicyError::Invalid {
                 source_name: source_name.to_owned(),
                 issues: v.issues,
             })
+        }
+    }
+}
+
+/// One policy file as read: the policy, what it set, and the bytes it took
+/// (with its list files).
+struct FileRead {
+    policy: Policy,
+    settings: Settings,
+    bytes: u64,
+}
+
+/// Which of the settings a `--policy-dir` merges a file gave itself (the
+/// validated policy cannot tell a default from a value written out).
+#[derive(Clone, Copy, Debug, Default)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "one independent yes/no per field of the schema, not a state"
+)]
+struct Settings {
+    mode: bool,
+    malformed: bool,
+    events_per_second: bool,
+    defaults: bool,
+}
+
+impl Settings {
+    fn of(raw: &RawPolicy) -> Self {
+        let global = raw.global.as_ref();
+        Self {
+            mode: global.is_some_and(|g| g.mode.is_some()),
+            malformed: global.is_some_and(|g| g.malformed.is_some()),
+            events_per_second: global.is_some_and(|g| g.events_per_second.is_some()),
+            defaults: raw.defaults.is_some(),
         }
     }
 }

@@ -27,7 +27,7 @@ impl Removal {
         out.list_entries_before += before;
         out.list_entries_removed += removed;
         let by_id: FastMap<&str, &Account> =
-            new.accounts.iter().map(|a| (a.id.as_str(), a)).collect();
+            new.accounts.iter().map(|a| (a.id.as_str(), &**a)).collect();
         for old in &running.accounts {
             match by_id.get(old.id.as_str()) {
                 Some(kept) if kept.fingerprint == old.fingerprint => {

@@ -3,6 +3,7 @@
 use std::{
     collections::HashSet,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -147,7 +148,7 @@ impl Validator<'_> {
         // The index in `accounts` of the account owning each prefix.
         let mut owners: FastMap<IpNet, usize> =
             FastMap::with_capacity_and_hasher(2 * n, FastHash::default());
-        let mut accounts: Vec<Account> = Vec::with_capacity(n);
+        let mut accounts: Vec<Arc<Account>> = Vec::with_capacity(n);
         for (i, acc) in raw_accounts.kept.into_iter().enumerate() {
             let path = format!("accounts[{i}]");
             let id_at = acc
@@ -186,7 +187,7 @@ impl Validator<'_> {
                     owners.insert(net, accounts.len());
                 }
             }
-            accounts.push(account);
+            accounts.push(Arc::new(account));
         }
         self.prefix_count(&accounts, raw_accounts.total > n);
         Policy {
@@ -237,7 +238,7 @@ impl Validator<'_> {
 
     /// Refuses more account prefixes of a family than
     /// `--max-account-prefixes`; `cut`: accounts were left unread.
-    pub(super) fn prefix_count(&mut self, accounts: &[Account], cut: bool) {
+    pub(super) fn prefix_count(&mut self, accounts: &[Arc<Account>], cut: bool) {
         let Some(max) = self.limits.max_account_prefixes else {
             return;
         };

@@ -8,6 +8,7 @@
 //! the harness works (the test suite runs it), its numbers mean nothing.
 
 pub mod accuracy;
+pub mod control;
 pub mod cost;
 pub mod e2e;
 pub mod events;
@@ -52,7 +53,7 @@ pub struct Options {
     pub rounds: usize,
     pub out: PathBuf,
     /// Groups to run (all but `tcp-burst` when empty): `kernel`, `e2e`,
-    /// `cost`, `accuracy`, `tcp`, `policy`, `events`, `tcp-burst`.
+    /// `cost`, `accuracy`, `tcp`, `policy`, `control`, `events`, `tcp-burst`.
     pub only: Vec<String>,
 }
 
@@ -113,13 +114,14 @@ pub fn main() -> std::process::ExitCode {
     };
     // One group at a time: each needs the machine to itself. The last one
     // runs only when named: it is how a default was chosen, not a figure.
-    let groups: [(&str, Group, bool); 8] = [
+    let groups: [(&str, Group, bool); 9] = [
         ("kernel", kernel::run, true),
         ("e2e", e2e::run, true),
         ("cost", cost::run, true),
         ("accuracy", accuracy::run, true),
         ("tcp", tcp::run, true),
         ("policy", policy::run, true),
+        ("control", control::run, true),
         ("events", events::run, true),
         ("tcp-burst", tcp::sweep, false),
     ];
@@ -161,7 +163,7 @@ fn usage(problem: &str) -> ! {
         eprintln!("mmesh-bench: {problem}");
     }
     eprintln!(
-        "usage: mmesh-bench [--quick] [--rounds N] [--out DIR] [--only GROUP]...\ngroups: kernel e2e cost accuracy tcp policy events (and tcp-burst, only when named)"
+        "usage: mmesh-bench [--quick] [--rounds N] [--out DIR] [--only GROUP]...\ngroups: kernel e2e cost accuracy tcp policy control events (and tcp-burst, only when named)"
     );
     std::process::exit(if problem.is_empty() { 0 } else { 2 });
 }

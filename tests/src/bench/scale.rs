@@ -238,7 +238,7 @@ pub fn policy(scale: Scale) -> Policy {
                 v6,
             }],
         },
-        accounts,
+        accounts: accounts.into_iter().map(std::sync::Arc::new).collect(),
     }
 }
 

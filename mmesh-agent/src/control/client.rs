@@ -1,0 +1,517 @@
+//! The agent's stream to the control plane (docs/control-plane.md).
+//!
+//! One task keeps one stream: it dials out, says Hello (with the version it
+//! enforces, so that an unchanged policy is not sent again), then answers
+//! every Snapshot and Delta with an Ack or a Nack, in order, and sends
+//! heartbeats, violation reports and status. A stream that fails, or from
+//! which nothing arrives for three heartbeat intervals, is dropped and
+//! dialled again after a jittered exponential backoff. Enforcement never
+//! waits on the stream: policies go to the enforcer, reports come from a
+//! bounded aggregate, and a full send queue costs reports and status, never
+//! an Ack.
+
+use std::{
+    hash::{BuildHasher as _, Hasher as _},
+    path::PathBuf,
+    sync::{Arc, PoisonError},
+    time::{Duration, Instant},
+};
+
+use prost::Message as _;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+use super::{
+    convert,
+    held::{DeltaError, Held},
+    proto::{self, agent_message::Body as Up, control_message::Body as Down},
+    reports,
+    store::Store,
+};
+use crate::{
+    agent::{CONTROL_PLANE, Enforcement, Outcome},
+    policy::ReadLimits,
+    sink::escape_controls,
+};
+
+/// Messages queued towards the control plane at most. Acks and Nacks wait
+/// for room; heartbeats, reports and status are dropped (and counted) when
+/// there is none.
+const OUTBOUND_QUEUE: usize = 64;
+
+/// How the agent reaches its control plane.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// `https://host:port`, or `http://host:port` with `plaintext`.
+    pub url: String,
+    /// TLS: the CA that signed the control plane's certificate (the only
+    /// one trusted), and the agent's own certificate and key for mutual
+    /// TLS. `None`: plaintext, only when asked for explicitly.
+    pub tls: Option<Tls>,
+    /// The node name said in Hello.
+    pub node: String,
+    pub heartbeat: Duration,
+    pub report_interval: Duration,
+    pub status_interval: Duration,
+    /// First and largest pause between connection attempts.
+    pub backoff: (Duration, Duration),
+    /// Bounds for policy messages, as for files.
+    pub limits: ReadLimits,
+    /// Where the last Acked policy is kept.
+    pub store: Option<Store>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Tls {
+    pub ca: PathBuf,
+    /// Client certificate and key (PEM), for mutual TLS.
+    pub identity: Option<(PathBuf, PathBuf)>,
+    /// The name the server's certificate must carry, when not the URL's host.
+    pub domain: Option<String>,
+}
+
+/// Why a connection attempt or stream ended.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot read {path}: {source}")]
+    File {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid control-plane address or TLS settings: {0}")]
+    Endpoint(#[source] tonic::transport::Error),
+    #[error("cannot connect: {0}")]
+    Connect(#[source] tonic::transport::Error),
+    #[error("the control plane refused the stream: {0}")]
+    Refused(#[source] tonic::Status),
+    #[error("the stream failed: {0}")]
+    Stream(#[source] tonic::Status),
+    #[error("the control plane closed the stream")]
+    Closed,
+    #[error("nothing received for {0:?} (three heartbeat intervals)")]
+    Silent(Duration),
+    #[error("the agent is stopping")]
+    Stopping,
+}
+
+/// Facts about this host for Hello.
+#[derive(Clone, Debug, Default)]
+pub struct HostFacts {
+    pub kernel: String,
+    pub features: Vec<String>,
+    pub capacity: proto::Capacity,
+}
+
+/// Builds a Status message from the agent's read-only handles.
+pub type StatusFn = Arc<dyn Fn(&str, u64) -> proto::Status + Send + Sync>;
+
+/// The client: what it holds and where it sends.
+pub struct Client {
+    opts: Options,
+    enforcement: Enforcement,
+    facts: HostFacts,
+    /// The control-plane policy in force (from the last Ack, or the
+    /// last-known-good file at start).
+    held: Option<Held>,
+    /// The agent's generation in force.
+    generation: u64,
+    reports: reports::Shared,
+    status: StatusFn,
+}
+
+impl Client {
+    #[must_use]
+    pub fn new(
+        opts: Options,
+        enforcement: Enforcement,
+        facts: HostFacts,
+        (held, generation): (Option<Held>, u64),
+        reports: reports::Shared,
+        status: StatusFn,
+    ) -> Self {
+        Self {
+            opts,
+            enforcement,
+            facts,
+            held,
+            generation,
+            reports,
+            status,
+        }
+    }
+
+    /// Keeps a stream to the control plane until the task is dropped.
+    pub async fn run(mut self) {
+        let mut failures: u32 = 0;
+        loop {
+            let started = Instant::now();
+            let mut heard = false;
+            let err = self.stream(&mut heard).await;
+            if matches!(err, ClientError::Stopping) {
+                return;
+            }
+            // A stream that got as far as a message from the control plane
+            // starts the backoff over.
+            if heard {
+                failures = 0;
+            }
+            let pause = backoff(self.opts.backoff, failures);
+            failures = failures.saturating_add(1);
+            tracing::warn!(
+                url = %self.opts.url,
+                after_s = started.elapsed().as_secs(),
+                "control plane: {}; the policy in force stays; connecting again in {:.1} s",
+                escape_controls(&format!("{err:#}")),
+                pause.as_secs_f64()
+            );
+            tokio::time::sleep(pause).await;
+        }
+    }
+
+    fn endpoint(&self) -> Result<Endpoint, ClientError> {
+        let mut endpoint = Endpoint::from_shared(self.opts.url.clone())
+            .map_err(ClientError::Endpoint)?
+            .connect_timeout(Duration::from_secs(10))
+            .tcp_keepalive(Some(Duration::from_secs(30)));
+        if let Some(tls) = &self.opts.tls {
+            let read = |path: &PathBuf| {
+                std::fs::read(path).map_err(|source| ClientError::File {
+                    path: path.clone(),
+                    source,
+                })
+            };
+            let mut config =
+                ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(&tls.ca)?));
+            if let Some((cert, key)) = &tls.identity {
+                config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
+            }
+            if let Some(domain) = &tls.domain {
+                config = config.domain_name(domain.clone());
+            }
+            endpoint = endpoint.tls_config(config).map_err(ClientError::Endpoint)?;
+        }
+        Ok(endpoint)
+    }
+
+    /// One stream, from dialling to its end. `heard` turns true once the
+    /// control plane has said anything.
+    async fn stream(&mut self, heard: &mut bool) -> ClientError {
+        match self.stream_inner(heard).await {
+            Ok(never) => match never {},
+            Err(err) => err,
+        }
+    }
+
+    async fn stream_inner(
+        &mut self,
+        heard: &mut bool,
+    ) -> Result<std::convert::Infallible, ClientError> {
+        let channel = self
+            .endpoint()?
+            .connect()
+            .await
+            .map_err(ClientError::Connect)?;
+        // Twice the policy budget: a message a little over it is still read,
+        // and Nacked with the option to raise (a larger one ends the stream).
+        let max =
+            usize::try_from(self.opts.limits.max_bytes.saturating_mul(2)).unwrap_or(usize::MAX);
+        let mut client = proto::policy_stream_client::PolicyStreamClient::new(channel)
+            .max_decoding_message_size(max);
+        let (tx, rx) = mpsc::channel::<proto::AgentMessage>(OUTBOUND_QUEUE);
+        let hello = self.hello();
+        tracing::info!(
+            url = %self.opts.url,
+            node = %hello.node,
+            version = %hello.policy_version,
+            "control plane: connected; saying hello"
+        );
+        send(&tx, Up::Hello(hello)).await?;
+        let mut inbound = client
+            .session(ReceiverStream::new(rx))
+            .await
+            .map_err(ClientError::Refused)?
+            .into_inner();
+
+        let mut heartbeat = tokio::time::interval(self.opts.heartbeat);
+        let mut report = tokio::time::interval(self.opts.report_interval);
+        let mut status = tokio::time::interval(self.opts.status_interval);
+        for t in [&mut heartbeat, &mut report, &mut status] {
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        }
+        let mut last_heard = Instant::now();
+        loop {
+            tokio::select! {
+                message = inbound.message() => {
+                    let message = message.map_err(ClientError::Stream)?.ok_or(ClientError::Closed)?;
+                    *heard = true;
+                    last_heard = Instant::now();
+                    match message.body {
+                        Some(Down::Snapshot(s)) => self.snapshot(s, &tx).await?,
+                        Some(Down::Delta(d)) => self.delta(d, &tx).await?,
+                        Some(Down::Heartbeat(_)) | None => {}
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    let silent = last_heard.elapsed();
+                    if silent > 3 * self.opts.heartbeat {
+                        return Err(ClientError::Silent(silent));
+                    }
+                    let _ = tx.try_send(up(Up::Heartbeat(proto::Heartbeat { unix_ms: reports::unix_ms() })));
+                }
+                _ = report.tick() => self.report(&tx),
+                _ = status.tick() => {
+                    let version = self.held.as_ref().map_or("", |h| h.version.as_str());
+                    let _ = tx.try_send(up(Up::Status((self.status)(version, self.generation))));
+                }
+            }
+        }
+    }
+
+    fn hello(&self) -> proto::Hello {
+        proto::Hello {
+            node: self.opts.node.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            kernel: self.facts.kernel.clone(),
+            features: self.facts.features.clone(),
+            capacity: Some(self.facts.capacity),
+            policy_version: self
+                .held
+                .as_ref()
+                .map(|h| h.version.clone())
+                .unwrap_or_default(),
+            generation: self.generation,
+            accepts: vec!["delta".into()],
+        }
+    }
+
+    /// Sends what the aggregate holds, if anything; a full queue loses it
+    /// (counted in the next report).
+    fn report(&self, tx: &mpsc::Sender<proto::AgentMessage>) {
+        let mut agg = self.reports.lock().unwrap_or_else(PoisonError::into_inner);
+        if agg.is_empty() {
+            return;
+        }
+        let events = agg.events();
+        let batch = agg.take();
+        if tx.try_send(up(Up::Reports(batch))).is_err() {
+            agg.lose(events);
+        }
+    }
+
+    async fn snapshot(
+        &mut self,
+        s: proto::Snapshot,
+        tx: &mpsc::Sender<proto::AgentMessage>,
+    ) -> Result<(), ClientError> {
+        let received = Instant::now();
+        if s.version.is_empty() {
+            return self
+                .nack(
+                    tx,
+                    &s.nonce,
+                    &s.version,
+                    problems("version", "a snapshot needs a version"),
+                    false,
+                )
+                .await;
+        }
+        let bytes = s.encoded_len() as u64;
+        if bytes > self.opts.limits.max_bytes {
+            let message = format!(
+                "the snapshot is {bytes} bytes, over this agent's --max-policy-bytes {}",
+                self.opts.limits.max_bytes
+            );
+            return self
+                .nack(tx, &s.nonce, &s.version, problems("", &message), false)
+                .await;
+        }
+        tracing::info!(version = %s.version, accounts = s.policy.as_ref().map_or(0, |p| p.accounts.len()), "control plane: snapshot received");
+        let held = Held::snapshot(s.version.clone(), s.policy.unwrap_or_default());
+        self.enforce(held, &s.nonce, received, tx).await
+    }
+
+    async fn delta(
+        &mut self,
+        d: proto::Delta,
+        tx: &mpsc::Sender<proto::AgentMessage>,
+    ) -> Result<(), ClientError> {
+        let received = Instant::now();
+        let next = match &self.held {
+            None => Err(DeltaError::Base {
+                held: String::new(),
+                base: d.base_version.clone(),
+            }),
+            Some(held) => held.with_delta(&d),
+        };
+        match next {
+            Ok(next) => {
+                tracing::info!(version = %d.version, base = %d.base_version, upserts = d.upsert_accounts.len(), removals = d.remove_accounts.len(), "control plane: delta received");
+                self.enforce(next, &d.nonce, received, tx).await
+            }
+            Err(DeltaError::Base { held, base }) => {
+                let message = format!(
+                    "the delta is against version {base:?}, but this agent holds {held:?}: send a snapshot"
+                );
+                self.nack(
+                    tx,
+                    &d.nonce,
+                    &d.version,
+                    problems("base_version", &message),
+                    true,
+                )
+                .await
+            }
+            Err(DeltaError::Problems(p)) => self.nack(tx, &d.nonce, &d.version, p, false).await,
+        }
+    }
+
+    /// Validates `held`'s policy, has the enforcer apply it, answers, and
+    /// on success keeps it (and stores it as last-known-good).
+    async fn enforce(
+        &mut self,
+        held: Held,
+        nonce: &str,
+        received: Instant,
+        tx: &mpsc::Sender<proto::AgentMessage>,
+    ) -> Result<(), ClientError> {
+        let limits = self.opts.limits.clone();
+        let (validated, held) = tokio::task::spawn_blocking(move || {
+            let name = format!("control-plane version {}", escape_controls(&held.version));
+            let validated = convert::validate(&held.message(), &held.version, &name, &limits);
+            (validated, held)
+        })
+        .await
+        .map_err(|_| ClientError::Stopping)?;
+        let policy = match validated {
+            Ok(p) => p,
+            Err(err) => {
+                tracing::error!(version = %held.version, "control plane: policy rejected, the running policy stays in force: {}", escape_controls(&err.to_string()));
+                return self
+                    .nack(tx, nonce, &held.version, convert::problems(&err), false)
+                    .await;
+            }
+        };
+        match self.enforcement.apply(policy, CONTROL_PLANE).await {
+            None => Err(ClientError::Stopping),
+            Some(Outcome::Rejected { generation, reason }) => {
+                self.generation = generation;
+                self.nack(tx, nonce, &held.version, problems("", &reason), false)
+                    .await
+            }
+            Some(Outcome::Applied { generation, .. }) => {
+                self.generation = generation;
+                let apply_micros = received.elapsed().as_micros() as u64;
+                send(
+                    tx,
+                    Up::Ack(proto::Ack {
+                        nonce: nonce.into(),
+                        version: held.version.clone(),
+                        generation,
+                        apply_micros,
+                    }),
+                )
+                .await?;
+                tracing::info!(version = %held.version, generation, apply_ms = apply_micros as f64 / 1e3, "control plane: policy in force, Acked");
+                if let Some(store) = self.opts.store.clone() {
+                    let lkg = proto::LastKnownGood {
+                        version: held.version.clone(),
+                        policy: Some(held.message()),
+                    };
+                    // After the Ack: the disk is not on the path to it.
+                    tokio::task::spawn_blocking(move || {
+                        if let Err(err) = store.save(&lkg) {
+                            tracing::warn!(
+                                "control plane: could not keep the last-known-good policy: {err}"
+                            );
+                        }
+                    });
+                }
+                self.held = Some(held);
+                Ok(())
+            }
+        }
+    }
+
+    async fn nack(
+        &self,
+        tx: &mpsc::Sender<proto::AgentMessage>,
+        nonce: &str,
+        version: &str,
+        problems: Vec<proto::Problem>,
+        snapshot_required: bool,
+    ) -> Result<(), ClientError> {
+        tracing::warn!(
+            version,
+            problems = problems.len(),
+            snapshot_required,
+            "control plane: Nacked"
+        );
+        send(
+            tx,
+            Up::Nack(proto::Nack {
+                nonce: nonce.into(),
+                version: version.into(),
+                enforced_version: self
+                    .held
+                    .as_ref()
+                    .map(|h| h.version.clone())
+                    .unwrap_or_default(),
+                generation: self.generation,
+                problems,
+                snapshot_required,
+            }),
+        )
+        .await
+    }
+}
+
+fn up(body: Up) -> proto::AgentMessage {
+    proto::AgentMessage { body: Some(body) }
+}
+
+async fn send(tx: &mpsc::Sender<proto::AgentMessage>, body: Up) -> Result<(), ClientError> {
+    tx.send(up(body)).await.map_err(|_| ClientError::Closed)
+}
+
+fn problems(path: &str, message: &str) -> Vec<proto::Problem> {
+    vec![proto::Problem {
+        path: path.into(),
+        message: message.into(),
+    }]
+}
+
+/// The pause before attempt `failures + 1`: "full jitter" (a random time
+/// up to the exponential bound), so that a fleet that lost its control
+/// plane at once does not dial back at once.
+fn backoff((first, max): (Duration, Duration), failures: u32) -> Duration {
+    let bound = first.saturating_mul(1 << failures.min(20)).min(max);
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    let fraction = (random >> 11) as f64 / (1u64 << 53) as f64;
+    bound.mul_f64(fraction).max(first / 4)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_cap_and_is_jittered() {
+        let bounds = (Duration::from_millis(500), Duration::from_secs(30));
+        for failures in 0..40 {
+            let limit = Duration::from_millis(500)
+                .saturating_mul(1 << failures.min(20))
+                .min(Duration::from_secs(30));
+            let pause = backoff(bounds, failures);
+            assert!(
+                pause <= limit && pause >= Duration::from_millis(125),
+                "{failures}: {pause:?}"
+            );
+        }
+        let pauses: std::collections::HashSet<_> = (0..20).map(|_| backoff(bounds, 10)).collect();
+        assert!(pauses.len() > 1, "the pause is random");
+    }
+}

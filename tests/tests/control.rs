@@ -1,0 +1,348 @@
+//! End to end, policy from a control plane: the real agent in a test
+//! namespace dials a scripted control plane (a real gRPC server on the
+//! namespace's loopback), which pushes snapshots and deltas; real UDP
+//! traffic through the veth pair checks what is enforced after each Ack
+//! and Nack.
+//!
+//! Needs root. One test at a time; each is bounded in packets and time.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::{Mutex, MutexGuard, PoisonError},
+    time::Duration,
+};
+
+use mmesh_agent::control::proto::{self, agent_message::Body as Up};
+use mmesh_tests::{
+    control::ScriptedControlPlane,
+    netns::{Agent, HOST_IF, NetNs, Pace, Topology, UdpSink, send_udp},
+};
+
+const ALPHA: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 0, 10));
+const ORDINARY: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 0, 100));
+const FIRST: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 1, 1));
+const SECOND: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 2, 1));
+const PORT: u16 = 5000;
+const SINK_IDLE: Duration = Duration::from_millis(300);
+const ANSWER: Duration = Duration::from_mins(1);
+
+fn serial() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn topology(tag: &str) -> Topology {
+    let topo = Topology::new(tag);
+    topo.add_host_addrs(&[ALPHA]);
+    topo.add_remote_addrs(&[ORDINARY, FIRST, SECOND]);
+    topo
+}
+
+/// A state directory of the test's own, removed when dropped.
+struct StateDir(PathBuf);
+
+impl StateDir {
+    fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("mmesh-state-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        Self(dir)
+    }
+}
+
+impl Drop for StateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The agent, ephemeral, on the host end of the veth, with the control
+/// plane at `url` and fast heartbeats, reports and status.
+fn agent(ns: &NetNs, url: &str, state: &Path, extra: &[&str]) -> Agent {
+    let mut args: Vec<String> = [
+        "run",
+        "--interface",
+        &format!("{HOST_IF}:uplink"),
+        "--summary-interval",
+        "1",
+        "--control-plane",
+        url,
+        "--control-plane-plaintext",
+        "--node-name",
+        "node-a",
+        "--state-dir",
+        &state.display().to_string(),
+        "--heartbeat",
+        "1",
+        "--report-interval",
+        "1",
+        "--status-interval",
+        "1",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    Agent::start_with_args(ns, &args)
+}
+
+/// A policy message that blocks `cidr` globally; one account.
+fn blocking(cidr: &str) -> proto::Policy {
+    proto::Policy {
+        global: Some(global_blocking(cidr)),
+        defaults: None,
+        accounts: vec![proto::Account {
+            id: "alpha".into(),
+            prefixes: vec!["10.77.0.10/32".into()],
+            ..proto::Account::default()
+        }],
+    }
+}
+
+fn global_blocking(cidr: &str) -> proto::Global {
+    proto::Global {
+        block: vec![proto::List {
+            name: Some("blk".into()),
+            action: None,
+            cidrs: vec![cidr.into()],
+        }],
+        ..proto::Global::default()
+    }
+}
+
+/// Packets from `src` to ALPHA that arrive, of `packets` sent.
+fn arrivals(topo: &Topology, src: IpAddr, packets: u64) -> u64 {
+    let sink = UdpSink::bind(&topo.host, SocketAddr::new(ALPHA, PORT));
+    let socket = topo.remote.udp_socket(SocketAddr::new(src, 0));
+    let _ = send_udp(
+        &socket,
+        sink.local_addr(),
+        Pace {
+            pps: 2000,
+            packets,
+            payload: 64,
+        },
+    );
+    sink.finish(SINK_IDLE).packets_from(src)
+}
+
+fn hello_version(cp: &ScriptedControlPlane, from: usize) -> String {
+    match cp
+        .wait_for("hello", from, ANSWER, |b| matches!(b, Up::Hello(_)))
+        .1
+    {
+        Up::Hello(h) => h.policy_version,
+        _ => unreachable!(),
+    }
+}
+
+fn acked(answer: &Up, version: &str) -> u64 {
+    match answer {
+        Up::Ack(a) if a.version == version => a.generation,
+        other => panic!("expected an Ack of {version}, got {other:?}"),
+    }
+}
+
+/// The blocked packets of 10.77.2.1 come back in a report, and a status
+/// says v2 is in force at `generation` and has dropped packets.
+fn reports_and_status_arrive(cp: &ScriptedControlPlane, generation: u64) {
+    let (_, report) = cp.wait_for("a report of the blocked packets", 0, ANSWER, |b| {
+        matches!(b, Up::Reports(r) if r.violations.iter().any(|v| v.remote_prefix == "10.77.2.1/32"))
+    });
+    let Up::Reports(r) = report else {
+        unreachable!()
+    };
+    let v = r
+        .violations
+        .iter()
+        .find(|v| v.remote_prefix == "10.77.2.1/32")
+        .expect("found above");
+    assert_eq!(
+        (
+            v.account.as_str(),
+            v.reason.as_str(),
+            v.verdict.as_str(),
+            v.direction.as_str()
+        ),
+        ("alpha", "global_block", "drop", "inbound")
+    );
+    let (_, status) = cp.wait_for(
+        "a status of v2",
+        0,
+        ANSWER,
+        |b| matches!(b, Up::Status(s) if s.policy_version == "v2" && s.dropped > 0),
+    );
+    let Up::Status(s) = status else {
+        unreachable!()
+    };
+    assert_eq!((s.generation, s.accounts), (generation, 1), "{s:?}");
+}
+
+/// A snapshot is applied and Acked, a delta that replaces the global
+/// lists is applied and Acked, a delta on another base asks for a
+/// snapshot, and an invalid or oversized snapshot is Nacked with its
+/// problems while the last Acked policy stays in force — each checked with
+/// packets. Violations come back as reports, and the state as status.
+#[test]
+fn snapshots_and_deltas_are_acked_enforced_or_nacked_with_reasons() {
+    let _serial = serial();
+    let topo = topology("cp-ack");
+    let state = StateDir::new("ack");
+    let cp = ScriptedControlPlane::serve(
+        topo.host
+            .tcp_listener("127.0.0.1:0".parse().expect("address")),
+        None,
+    );
+    let _agent = agent(
+        &topo.host,
+        &cp.url(),
+        &state.0,
+        &["--max-policy-bytes", "4000"],
+    );
+    assert_eq!(
+        hello_version(&cp, 0),
+        "",
+        "a new agent holds no control-plane version"
+    );
+
+    let g1 = acked(&cp.push_snapshot("v1", blocking("10.77.1.0/24")), "v1");
+    assert_eq!(arrivals(&topo, FIRST, 50), 0, "v1 blocks 10.77.1.0/24");
+    assert!(
+        arrivals(&topo, SECOND, 50) > 40,
+        "v1 lets 10.77.2.1 through"
+    );
+
+    let answer = cp.push_delta(proto::Delta {
+        version: "v2".into(),
+        base_version: "v1".into(),
+        global: Some(global_blocking("10.77.2.0/24")),
+        ..proto::Delta::default()
+    });
+    let g2 = acked(&answer, "v2");
+    assert!(g2 > g1, "a new generation: {g1} then {g2}");
+    assert_eq!(arrivals(&topo, SECOND, 50), 0, "v2 blocks 10.77.2.0/24");
+    assert!(
+        arrivals(&topo, FIRST, 50) > 40,
+        "v2 no longer blocks 10.77.1.1"
+    );
+
+    match cp.push_delta(proto::Delta {
+        version: "v3".into(),
+        base_version: "v9".into(),
+        ..proto::Delta::default()
+    }) {
+        Up::Nack(n) => {
+            assert!(n.snapshot_required, "{n:?}");
+            assert_eq!((n.enforced_version.as_str(), n.generation), ("v2", g2));
+        }
+        other => panic!("expected a Nack, got {other:?}"),
+    }
+
+    let mut bad = blocking("10.77.3.1/24");
+    bad.accounts[0].limits = Some(proto::Limits {
+        inbound: Some(proto::DirLimits {
+            pps: Some("lots".into()),
+            ..proto::DirLimits::default()
+        }),
+        outbound: None,
+    });
+    match cp.push_snapshot("v4", bad) {
+        Up::Nack(n) => {
+            let paths: Vec<&str> = n.problems.iter().map(|p| p.path.as_str()).collect();
+            assert_eq!(
+                paths,
+                ["global.block[0].cidrs[0]", "accounts[0].limits.inbound.pps"],
+                "{n:?}"
+            );
+            assert_eq!(n.enforced_version, "v2");
+        }
+        other => panic!("expected a Nack, got {other:?}"),
+    }
+    let mut big = blocking("10.77.2.0/24");
+    big.global.as_mut().expect("global").block[0].cidrs = (0..400)
+        .map(|i| format!("10.99.{}.{}/32", i / 200, i % 200))
+        .collect();
+    match cp.push_snapshot("v5", big) {
+        Up::Nack(n) => assert!(
+            n.problems
+                .iter()
+                .any(|p| p.message.contains("--max-policy-bytes 4000")),
+            "{n:?}"
+        ),
+        other => panic!("expected a Nack, got {other:?}"),
+    }
+    assert_eq!(arrivals(&topo, SECOND, 50), 0, "v2 is still in force");
+
+    reports_and_status_arrive(&cp, g2);
+}
+
+/// The last Acked policy is kept on disk: an agent started while the
+/// control plane is down enforces it at once, says hello with its version
+/// when the control plane comes back (which then has nothing to send), and
+/// dials again, with the same version, when the stream is dropped or when
+/// the control plane stops sending heartbeats.
+#[test]
+fn last_known_good_is_enforced_while_the_control_plane_is_down_and_resumed() {
+    let _serial = serial();
+    let topo = topology("cp-lkg");
+    let state = StateDir::new("lkg");
+    let listener = topo
+        .host
+        .tcp_listener("127.0.0.1:0".parse().expect("address"));
+    let addr = listener.local_addr().expect("address");
+    {
+        let cp = ScriptedControlPlane::serve(listener, None);
+        let mut first = agent(&topo.host, &cp.url(), &state.0, &[]);
+        hello_version(&cp, 0);
+        acked(&cp.push_snapshot("v1", blocking("10.77.1.0/24")), "v1");
+        mmesh_tests::netns::wait_until("the last-known-good file", ANSWER, || {
+            state.0.join("last-known-good.pb").exists()
+        });
+        let _ = first.stop();
+    }
+    // The control plane is gone: nothing listens on its port.
+    let url = format!("http://{addr}");
+    let agent = agent(&topo.host, &url, &state.0, &[]);
+    assert!(
+        agent
+            .log_position("starting with the last-known-good policy", 0)
+            .is_some(),
+        "{:?}",
+        agent.logs()
+    );
+    assert_eq!(
+        arrivals(&topo, FIRST, 50),
+        0,
+        "v1 enforced without the control plane"
+    );
+    assert!(arrivals(&topo, ORDINARY, 50) > 40);
+
+    let cp = ScriptedControlPlane::serve(topo.host.tcp_listener(addr), None);
+    assert_eq!(hello_version(&cp, 0), "v1", "the hello resumes with v1");
+    let seen = cp.received().len();
+    cp.disconnect();
+    assert_eq!(
+        hello_version(&cp, seen),
+        "v1",
+        "the agent dials again after a drop"
+    );
+    let streams = cp.streams();
+    assert!(streams >= 2);
+    let seen = cp.received().len();
+    cp.set_silent(true);
+    assert_eq!(
+        hello_version(&cp, seen),
+        "v1",
+        "the agent dials again after silence"
+    );
+    assert!(cp.streams() > streams);
+    mmesh_tests::netns::wait_until("the silence to be logged", ANSWER, || {
+        agent.log_position("nothing received for", 0).is_some()
+    });
+    assert!(
+        !cp.received()
+            .iter()
+            .any(|(_, m)| matches!(m.body, Some(Up::Ack(_) | Up::Nack(_)))),
+        "nothing was sent, nothing answered"
+    );
+    assert_eq!(arrivals(&topo, FIRST, 50), 0, "v1 still enforced");
+}
