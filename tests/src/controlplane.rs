@@ -64,7 +64,18 @@ impl ControlPlane {
     /// it to listen.
     #[must_use]
     pub fn start(args: &[impl AsRef<OsStr>]) -> Self {
-        let mut child = Command::new(controlplane_binary())
+        Self::start_command(Command::new(controlplane_binary()), args)
+    }
+
+    /// [`Self::start`] inside the network namespace `ns` (where an agent
+    /// under test can reach its loopback).
+    #[must_use]
+    pub fn start_in(ns: &crate::netns::NetNs, args: &[impl AsRef<OsStr>]) -> Self {
+        Self::start_command(ns.command(controlplane_binary()), args)
+    }
+
+    fn start_command(mut command: Command, args: &[impl AsRef<OsStr>]) -> Self {
+        let mut child = command
             .args(args)
             .args(["--listen", "127.0.0.1:0"])
             .env("RUST_LOG", "info")
