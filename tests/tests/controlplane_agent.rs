@@ -87,6 +87,10 @@ fn the_agent_enforces_what_the_reference_control_plane_serves() {
             path(&server_key),
             "--client-ca".into(),
             path(&ca_file),
+            // The agent's interval below: each side times the other out
+            // after three of its own.
+            "--heartbeat".into(),
+            "1".into(),
         ],
     );
     let v1 = cp.wait_for("v1 read", WAIT, |l| {
