@@ -65,6 +65,8 @@ pub enum EtcdError {
     },
     #[error("the watch of {prefix} ended: {reason}")]
     WatchEnded { prefix: String, reason: String },
+    #[error(transparent)]
+    Folder(#[from] folder::FolderError),
     #[error("etcd mirror folder {path}: {source}")]
     Mirror {
         path: String,
@@ -326,7 +328,7 @@ impl Mirror {
         range: &Range,
         limits: &ReadLimits,
         previous: &Catalog,
-    ) -> Result<Catalog, Box<dyn std::error::Error + Send + Sync>> {
+    ) -> Result<Catalog, EtcdError> {
         self.generation += 1;
         let dir = self.root.join(self.generation.to_string());
         let mirror = |source| EtcdError::Mirror {
