@@ -64,6 +64,10 @@ struct Args {
     /// Require client certificates signed by this CA (PEM): mutual TLS.
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     client_ca: Option<PathBuf>,
+    /// Serve an agent only the policy of a node its client certificate
+    /// names (as a DNS name); needs --client-ca.
+    #[arg(long, requires = "client_ca")]
+    verify_node_name: bool,
     /// Serve without TLS (loopback tests, a mesh that encrypts already).
     #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "client_ca"])]
     plaintext: bool,
@@ -133,7 +137,8 @@ async fn main() -> anyhow::Result<()> {
     if let Some(path) = &args.status_file {
         tokio::spawn(Arc::clone(&registry).write_to(path.clone()));
     }
-    let service = Service::new(catalog_rx, heartbeat, shutdown_rx, registry);
+    let service = Service::new(catalog_rx, heartbeat, shutdown_rx, registry)
+        .verify_node_name(args.verify_node_name);
     let mut server = Server::builder();
     if let Some(tls) = tls {
         server = server.tls_config(tls).context("TLS configuration")?;

@@ -18,6 +18,7 @@ use mmesh_agent::control::proto::{
     self, AgentMessage, ControlMessage, agent_message::Body as Up, control_message::Body as Down,
     policy_stream_server::PolicyStream,
 };
+use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -45,6 +46,8 @@ pub struct Service {
     shutdown: watch::Receiver<bool>,
     registry: Arc<Registry>,
     deltas: Arc<DeltaCache>,
+    /// The Hello's node must be a name of the client's certificate.
+    verify_node_name: bool,
 }
 
 impl Service {
@@ -61,7 +64,17 @@ impl Service {
             shutdown,
             registry,
             deltas: Arc::default(),
+            verify_node_name: false,
         }
+    }
+
+    /// Requires every Hello's node to be a DNS name of the client's
+    /// certificate (mutual TLS): an agent gets only its own node's policy
+    /// and reports only as itself.
+    #[must_use]
+    pub fn verify_node_name(mut self, verify: bool) -> Self {
+        self.verify_node_name = verify;
+        self
     }
 }
 
@@ -74,6 +87,11 @@ impl PolicyStream for Service {
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         let peer = request.remote_addr();
+        let identity = if self.verify_node_name {
+            Identity::Certificate(request.peer_certs())
+        } else {
+            Identity::Unchecked
+        };
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(QUEUE);
         let session = Session {
@@ -91,7 +109,7 @@ impl PolicyStream for Service {
             registry: Arc::clone(&self.registry),
             deltas: Arc::clone(&self.deltas),
         };
-        tokio::spawn(session.run(inbound, peer, self.shutdown.clone()));
+        tokio::spawn(session.run(inbound, peer, identity, self.shutdown.clone()));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -109,6 +127,41 @@ enum End {
     Shutdown,
     #[error("protocol error: {0}")]
     Protocol(String),
+    #[error("{0}")]
+    Identity(String),
+}
+
+/// Who the client proved to be.
+enum Identity {
+    /// Not checked (no --verify-node-name).
+    Unchecked,
+    /// The client's certificate chain, if it presented one.
+    Certificate(Option<Arc<Vec<CertificateDer<'static>>>>),
+}
+
+impl Identity {
+    /// Whether `node` may be served to this client.
+    fn allows(&self, node: &str) -> Result<(), End> {
+        let Self::Certificate(chain) = self else {
+            return Ok(());
+        };
+        let leaf = chain.as_ref().and_then(|c| c.first()).ok_or_else(|| {
+            End::Identity(format!(
+                "node {node:?}: the client presented no certificate (--verify-node-name needs --client-ca)"
+            ))
+        })?;
+        let named = webpki::EndEntityCert::try_from(leaf).is_ok_and(|cert| {
+            ServerName::try_from(node)
+                .is_ok_and(|name| cert.verify_is_valid_for_subject_name(&name).is_ok())
+        });
+        if named {
+            Ok(())
+        } else {
+            Err(End::Identity(format!(
+                "node {node:?} is not a name of the client's certificate: each agent needs a certificate with its node name as a DNS name"
+            )))
+        }
+    }
 }
 
 /// A Snapshot or Delta waiting for its Ack or Nack.
@@ -146,16 +199,18 @@ impl Session {
         mut self,
         mut inbound: Streaming<AgentMessage>,
         peer: Option<SocketAddr>,
+        identity: Identity,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let end = match self.hello(&mut inbound, peer).await {
+        let end = match self.hello(&mut inbound, peer, &identity).await {
             Ok(()) => self.serve(&mut inbound, &mut shutdown).await,
             Err(end) => {
-                // The agent sees why (a Hello must come first).
-                let _ = self
-                    .tx
-                    .send(Err(Status::invalid_argument(end.to_string())))
-                    .await;
+                // The agent sees why.
+                let status = match &end {
+                    End::Identity(why) => Status::permission_denied(why),
+                    other => Status::invalid_argument(other.to_string()),
+                };
+                let _ = self.tx.send(Err(status)).await;
                 end
             }
         };
@@ -181,6 +236,7 @@ impl Session {
         &mut self,
         inbound: &mut Streaming<AgentMessage>,
         peer: Option<SocketAddr>,
+        identity: &Identity,
     ) -> Result<(), End> {
         let wait = self.heartbeat * MISSED_HEARTBEATS;
         let first = tokio::time::timeout(wait, inbound.message())
@@ -196,6 +252,13 @@ impl Session {
         };
         if hello.node.is_empty() {
             return Err(End::Protocol("the Hello names no node".into()));
+        }
+        if let Err(end) = identity.allows(&hello.node) {
+            tracing::warn!(
+                "{} refused: {end}",
+                peer.map_or_else(|| "?".into(), |p| p.to_string())
+            );
+            return Err(end);
         }
         self.node = hello.node;
         self.accepts_delta = hello.accepts.iter().any(|a| a == "delta");

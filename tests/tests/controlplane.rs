@@ -742,3 +742,60 @@ fn two_replicas_on_one_etcd_serve_the_same_version() {
         );
     }
 }
+
+#[test]
+fn with_verify_node_name_an_agent_gets_only_the_node_its_certificate_names() {
+    let dir = folder();
+    let certs = TempDir::new("cp-names");
+    let ca = TestCa::new("mmesh test CA");
+    let ca_file = ca.write(certs.path(), "ca");
+    let (cert, key) = ca.server(&["localhost"]).write(certs.path(), "server");
+    let mut cp = start(
+        dir.path(),
+        &[
+            "--tls-cert",
+            cert.to_str().expect("UTF-8 path"),
+            "--tls-key",
+            key.to_str().expect("UTF-8 path"),
+            "--client-ca",
+            ca_file.to_str().expect("UTF-8 path"),
+            "--verify-node-name",
+        ],
+    );
+    let rt = runtime();
+    let tls = ClientTls {
+        ca_pem: Some(ca.cert_pem()),
+        identity: Some(ca.client("web-1")),
+    };
+    let attempt = |node: &str| {
+        rt.block_on(async {
+            let ch = channel(cp.addr, &tls)
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            let mut agent = FakeAgent::connect(ch, hello(node, ""))
+                .await
+                .map_err(|e| format!("session: {e}"))?;
+            agent.next(WAIT).await
+        })
+    };
+    let own = attempt("web-1");
+    assert!(matches!(own, Ok(Down::Snapshot(_))), "{own:?}");
+    let other = attempt("db-7").expect_err("another node's policy is refused");
+    assert!(
+        other.contains("PermissionDenied") || other.contains("permission"),
+        "{other}"
+    );
+    assert!(
+        other.contains("not a name of the client's certificate"),
+        "{other}"
+    );
+    let refused = cp.wait_for("the refusal", WAIT, |l| {
+        l["event"] == "disconnected" && l["node"] == ""
+    });
+    assert!(
+        refused["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("db-7")),
+        "{refused}"
+    );
+}
