@@ -6,6 +6,7 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::Path,
     time::Duration,
 };
 
@@ -54,6 +55,37 @@ fn arrivals(topo: &Topology, src: IpAddr, packets: u64) -> u64 {
     sink.finish(SINK_IDLE).packets_from(src)
 }
 
+/// `mmesh-agent run` on the veth's host end, with the control plane on
+/// `port` of the namespace's loopback, trusting `ca` and presenting `cert`
+/// and `key`; heartbeats, reports and status every second.
+fn agent_args(port: u16, [ca, cert, key]: [&Path; 3], state: &Path) -> Vec<String> {
+    [
+        "run",
+        "--interface",
+        &format!("{HOST_IF}:uplink"),
+        "--control-plane",
+        &format!("https://127.0.0.1:{port}"),
+        "--control-plane-ca",
+        &ca.display().to_string(),
+        "--control-plane-cert",
+        &cert.display().to_string(),
+        "--control-plane-key",
+        &key.display().to_string(),
+        "--node-name",
+        "node-a",
+        "--state-dir",
+        &state.display().to_string(),
+        "--heartbeat",
+        "1",
+        "--report-interval",
+        "1",
+        "--status-interval",
+        "1",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// The agent takes a snapshot from the reference control plane and ACKs it,
 /// a change of a shared list file reaches it as a delta that it applies and
 /// ACKs, and its violation reports and status come back — each step checked
@@ -74,7 +106,7 @@ fn the_agent_enforces_what_the_reference_control_plane_serves() {
         .server(&["localhost", "127.0.0.1"])
         .write(certs.path(), "server");
     let (client_cert, client_key) = ca.client("node-a").write(certs.path(), "node-a");
-    let path = |p: &std::path::Path| p.display().to_string();
+    let path = |p: &Path| p.display().to_string();
 
     let mut cp = ControlPlane::start_in(
         &topo.host,
@@ -101,31 +133,11 @@ fn the_agent_enforces_what_the_reference_control_plane_serves() {
         .to_owned();
 
     let state = TempDir::new("cp-ref-state");
-    let args: Vec<String> = [
-        "run",
-        "--interface",
-        &format!("{HOST_IF}:uplink"),
-        "--control-plane",
-        &format!("https://127.0.0.1:{}", cp.addr.port()),
-        "--control-plane-ca",
-        &path(&ca_file),
-        "--control-plane-cert",
-        &path(&client_cert),
-        "--control-plane-key",
-        &path(&client_key),
-        "--node-name",
-        "node-a",
-        "--state-dir",
-        &path(state.path()),
-        "--heartbeat",
-        "1",
-        "--report-interval",
-        "1",
-        "--status-interval",
-        "1",
-    ]
-    .map(String::from)
-    .to_vec();
+    let args = agent_args(
+        cp.addr.port(),
+        [&ca_file, &client_cert, &client_key],
+        state.path(),
+    );
     let _agent = Agent::start_with_args(&topo.host, &args);
 
     let connected = cp.wait_for("the agent's hello", WAIT, |l| l["event"] == "connected");
