@@ -40,8 +40,8 @@ use crate::{
     compile::{Capacity, Compiled, compile, compile_adopting},
     control::{
         client::{self, Client, HostFacts, StatusFn},
-        convert,
         held::Held,
+        in_force::InForce,
         proto, reports,
     },
     counters::CounterReader,
@@ -133,36 +133,31 @@ struct Started {
     interfaces: Vec<InterfaceSpec>,
     policy: Policy,
     /// The control-plane policy in force: the last-known-good one.
-    held: Option<Held>,
+    held: Option<InForce>,
 }
 
 /// The policy to start with: with a control plane, its last-known-good
 /// policy when one is stored and valid; else the file, or the embedded
 /// default.
-fn first_policy(opts: &RunOptions) -> anyhow::Result<(Policy, Option<Held>)> {
+fn first_policy(opts: &RunOptions) -> anyhow::Result<(Policy, Option<InForce>)> {
     if let Some(store) = opts.control.as_ref().and_then(|c| c.store.as_ref()) {
         match store.load(opts.limits.max_bytes) {
             Ok(Some(lkg)) => {
-                let name = format!(
-                    "last-known-good version {} ({})",
-                    escape_controls(&lkg.version),
-                    store.path().display()
-                );
                 let held = Held::snapshot(lkg.version, lkg.policy.unwrap_or_default());
-                match convert::validate(&held.message(), &held.version, &name, &opts.limits) {
-                    Ok(policy) => {
+                match InForce::validate(held, &opts.limits) {
+                    Ok(in_force) => {
                         tracing::info!(
-                            version = %escape_controls(&held.version),
+                            version = %escape_controls(&in_force.held.version),
+                            path = %store.path().display(),
                             "starting with the last-known-good policy from the control plane, until it answers"
                         );
-                        return Ok((policy, Some(held)));
+                        return Ok((in_force.policy.clone(), Some(in_force)));
                     }
-                    Err(err) => {
-                        tracing::warn!(
-                            "{}; starting without it",
-                            escape_controls(&err.to_string())
-                        );
-                    }
+                    Err(err) => tracing::warn!(
+                        path = %store.path().display(),
+                        "the last-known-good policy is invalid; starting without it: {}",
+                        escape_controls(&err.to_string())
+                    ),
                 }
             }
             Ok(None) => tracing::info!(
@@ -223,7 +218,7 @@ fn start(opts: &RunOptions) -> anyhow::Result<Started> {
             let (was, now) = (pins.adopted().unwrap_or_default(), build_identity());
             if was != now {
                 tracing::info!(
-                    "upgrade: the pinned programs (build {was:016x}) are replaced in place by this agent's (build {now:016x}); the maps are kept"
+                    "upgrade: the pinned programs (build {was:016x}) are replaced in place by this agent's (build {now:016x}); the maps are kept unless logged as recreated"
                 );
             }
             tracing::info!(
@@ -241,8 +236,6 @@ fn start(opts: &RunOptions) -> anyhow::Result<Started> {
     // Named before the flip, so that the first events already find them.
     names.insert(dp.generation() + 1, compiled.clone());
     let generation = dp.apply(compiled).context("applying the policy")?;
-    dp.sync_standby()
-        .context("writing the standby copy of the policy")?;
     tracing::info!(generation, "policy {summary}");
     for spec in &interfaces {
         let a = dp.attach(spec, opts.receive_hook)?;
@@ -253,6 +246,11 @@ fn start(opts: &RunOptions) -> anyhow::Result<Started> {
         };
         tracing::info!(interface = %a.name, ifindex = a.ifindex, role = %a.role, receive = %a.receive, driver = %a.driver, tc = a.tc_mode, "{what}");
     }
+    // After the links have the new programs: on an upgrade that recreated
+    // maps, the programs replaced there still read the old half of the maps
+    // they share with the new ones until then.
+    dp.sync_standby()
+        .context("writing the standby copy of the policy")?;
     for pin in dp.prune_links() {
         tracing::info!(
             pin,
@@ -431,6 +429,7 @@ impl Enforcer {
                             reply,
                         } = *change;
                         let _ = reply.send(self.apply(policy, source));
+                        self.sync_standby();
                     }
                 }
             }
@@ -480,6 +479,7 @@ impl Enforcer {
             Ok(policy) => {
                 self.last_refusal = None;
                 self.apply(policy, label);
+                self.sync_standby();
             }
             Err(err) => {
                 let text = escape_controls(&err.to_string()).into_owned();
@@ -497,8 +497,18 @@ impl Enforcer {
         }
     }
 
-    /// Compiles `policy` against the one in force and applies it; logs and
-    /// answers the outcome. `source` names where it came from.
+    /// Brings the standby half of the maps up to date after a flip (one
+    /// RCU grace period): after the answer, which does not wait for it.
+    fn sync_standby(&self) {
+        if let Err(err) = lock(&self.dp).sync_standby() {
+            // In force already; the standby half is repaired next time.
+            tracing::warn!(%err, "could not bring the standby copy of the policy up to date");
+        }
+    }
+
+    /// Compiles `policy` against the one in force and applies it (the
+    /// standby half is left to [`Self::sync_standby`]); logs and answers
+    /// the outcome. `source` names where it came from.
     fn apply(&mut self, policy: Policy, source: &'static str) -> Outcome {
         let started = Instant::now();
         let (active, capacity) = {
@@ -508,19 +518,19 @@ impl Enforcer {
         // Compile without the lock: the summary goes on.
         let result = compile_for(active.as_deref(), &capacity, &policy).and_then(|compiled| {
             let summary = describe(&policy, &compiled);
-            let removal = Removal::between(&self.running, &policy);
-            if removal.removes_most() {
-                tracing::warn!(
-                    "{source}: the new policy {removal}; applying it, but if that is not intended, restore the previous one (replace policy files by rename, never write them in place)"
-                );
+            // A file edited by mistake, not a control plane that means it
+            // (and would pay a pass over every account for each delta).
+            if source != CONTROL_PLANE {
+                let removal = Removal::between(&self.running, &policy);
+                if removal.removes_most() {
+                    tracing::warn!(
+                        "{source}: the new policy {removal}; applying it, but if that is not intended, restore the previous one (replace policy files by rename, never write them in place)"
+                    );
+                }
             }
             let mut dp = lock(&self.dp);
             self.names.insert(dp.generation() + 1, compiled.clone());
             let generation = dp.apply(compiled)?;
-            if let Err(err) = dp.sync_standby() {
-                // In force already; the standby half is repaired next time.
-                tracing::warn!(%err, "could not bring the standby copy of the policy up to date");
-            }
             Ok((generation, summary))
         });
         match result {
@@ -1098,7 +1108,7 @@ impl ControlParts {
         self,
         options: client::Options,
         enforcement: Enforcement,
-        held: Option<Held>,
+        held: Option<InForce>,
         names: Names,
         (dp, out): (&Shared, &Outputs),
     ) -> Client {

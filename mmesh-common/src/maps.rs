@@ -33,7 +33,7 @@ pub mod names {
 
 /// Where the agent pins its datapath on bpffs, relative to its pin
 /// directory (`--bpffs`, default [`pins::DEFAULT_DIR`]): the maps under
-/// their [`names`], the links by interface, and two maps of the agent's own.
+/// their [`names`], the links by interface, and three maps of the agent's own.
 pub mod pins {
     /// The default pin directory.
     pub const DEFAULT_DIR: &str = "/sys/fs/bpf/mmesh";
@@ -45,19 +45,49 @@ pub mod pins {
     pub const LINKS: &str = "links";
     pub const RECEIVE: &str = "receive";
     pub const TRANSMIT: &str = "transmit";
-    /// A one-entry array the agent keeps (no program reads it): the layout
-    /// version and the build identity of the object that made the pins.
+    /// A one-entry array the agent keeps (no program reads it): the format
+    /// of the pin directory ([`FORMAT`]), the build identity of the object
+    /// that made the pins, and the highest policy generation ever written.
     pub const AGENT: &str = "mmesh_agent";
     /// An array by account slot of a hash of the id of the account holding
     /// it, so that a restarted agent gives every account its slot back (and
     /// with it its counters and rate-limit state).
     pub const SLOT_IDS: &str = "mmesh_slot_ids";
+    /// A hash from map name (zero-padded to 16 bytes) to the
+    /// [`LAYOUT_VERSIONS`](super::LAYOUT_VERSIONS) entry of the agent that
+    /// created the pinned map.
+    pub const LAYOUTS: &str = "mmesh_layouts";
+    /// Version of the pin directory's own arrays (their keys and values).
+    /// An agent refuses a pin directory of another format.
+    pub const FORMAT: u32 = 2;
 }
 
-/// Version of the layout of the pinned maps (types, key and value sizes,
-/// meaning of the entries). Raise it with every change to a map shared with
-/// the kernel: an agent refuses pins of another layout version.
-pub const LAYOUT_VERSION: u32 = 1;
+/// Layout version of each map shared with the kernel, by symbol name: the
+/// meaning of its keys and values. A pinned map is reused only when its
+/// version here, its type, key and value sizes and flags (read from the
+/// object) and its number of entries (from the capacities) are this
+/// agent's; otherwise it is recreated and refilled. Raise a map's version
+/// whenever the meaning of its entries changes, also when the sizes stay.
+pub const LAYOUT_VERSIONS: [(&str, u32); 18] = [
+    (names::CONFIG, 1),
+    (names::HOSTS_V4, 1),
+    (names::HOSTS_V6, 1),
+    (names::PREFIXES_V4, 1),
+    (names::PREFIXES_V6, 1),
+    (names::ACCOUNTS, 1),
+    (names::RULES_V4, 1),
+    (names::RULES_V6, 1),
+    (names::ACCT_RULES_V4, 1),
+    (names::ACCT_RULES_V6, 1),
+    (names::STRIDE, 1),
+    (names::FLOW_CACHE, 1),
+    (names::RATE_STATE, 1),
+    (names::SAMPLER, 1),
+    (names::TOTALS, 1),
+    (names::ACCOUNT_COUNTERS, 1),
+    (names::STATS, 1),
+    (names::EVENTS, 1),
+];
 
 /// Symbol names of the programs in the eBPF object. A program's name says
 /// its direction; the hook it sits on follows from the interface's role and
@@ -378,6 +408,18 @@ mod tests {
             }
         }
         assert!(seen.iter().all(|s| *s));
+    }
+
+    #[test]
+    fn every_map_has_one_layout_version_and_a_short_name() {
+        for (i, (name, _)) in LAYOUT_VERSIONS.iter().enumerate() {
+            // The name is the key of `pins::LAYOUTS`.
+            assert!(name.len() <= 16, "{name}");
+            assert!(
+                LAYOUT_VERSIONS[..i].iter().all(|(n, _)| n != name),
+                "{name} listed twice"
+            );
+        }
     }
 
     #[test]

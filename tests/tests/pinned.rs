@@ -50,7 +50,11 @@ fn topology(tag: &str) -> Topology {
 }
 
 fn pinned_agent(ns: &NetNs, policy: &PolicyFile, pins: &PinDir) -> Agent {
-    let args: Vec<String> = [
+    pinned_agent_with(ns, policy, pins, &[])
+}
+
+fn pinned_agent_with(ns: &NetNs, policy: &PolicyFile, pins: &PinDir, extra: &[&str]) -> Agent {
+    let mut args: Vec<String> = [
         "run",
         "--policy",
         &policy.path().display().to_string(),
@@ -63,6 +67,7 @@ fn pinned_agent(ns: &NetNs, policy: &PolicyFile, pins: &PinDir) -> Agent {
     ]
     .map(String::from)
     .to_vec();
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
     Agent::start_with_args(ns, &args)
 }
 
@@ -299,30 +304,48 @@ fn second_agent_refused_and_detach_after_kill_9() {
     assert_eq!(arrivals(&topo, BLOCKED, 50), 50, "nothing filters");
 }
 
-/// Rewrites the record the agent keeps in its pin directory (layout
-/// version, build identity), as an agent of another build or layout would
-/// have left it.
-fn rewrite_agent_record(pins: &PinDir, layout: Option<u32>, build: Option<u64>) {
+/// Rewrites the record the agent keeps in its pin directory (pin format,
+/// build identity), as an agent of another build or format would have left
+/// it.
+fn rewrite_agent_record(pins: &PinDir, format: Option<u32>, build: Option<u64>) {
     use aya::maps::{Array, Map, MapData};
     let data = MapData::from_pin(pins.dir().join("mmesh_agent")).expect("the agent's record");
-    let mut record: Array<MapData, [u8; 16]> =
-        Array::try_from(Map::Array(data)).expect("an array of 16-byte values");
+    let mut record: Array<MapData, [u8; 24]> =
+        Array::try_from(Map::Array(data)).expect("an array of 24-byte values");
     let mut value = record.get(&0, 0).expect("reading the record");
-    if let Some(layout) = layout {
-        value[..4].copy_from_slice(&layout.to_ne_bytes());
+    if let Some(format) = format {
+        value[..4].copy_from_slice(&format.to_ne_bytes());
     }
     if let Some(build) = build {
-        value[8..].copy_from_slice(&build.to_ne_bytes());
+        value[8..16].copy_from_slice(&build.to_ne_bytes());
     }
     record.set(0, value, 0).expect("writing the record");
 }
 
+/// Rewrites the layout version recorded for one pinned map, as an agent
+/// whose version of that map differs would have left it.
+fn rewrite_map_layout(pins: &PinDir, map: &str, version: u32) {
+    use aya::maps::{HashMap, Map, MapData};
+    let data = MapData::from_pin(pins.dir().join("mmesh_layouts")).expect("the layout record");
+    let mut layouts: HashMap<MapData, [u8; 16], u32> =
+        HashMap::try_from(Map::HashMap(data)).expect("a hash of map names");
+    let mut key = [0u8; 16];
+    key[..map.len()].copy_from_slice(map.as_bytes());
+    layouts
+        .insert(key, version, 0)
+        .expect("writing the layout record");
+}
+
 /// An agent of another build adopts the pinned datapath and replaces the
-/// programs in the links in place (traffic keeps being filtered); pins of
-/// another layout version, or made with other capacities, are refused with
-/// a message that names the difference and `detach`, and left as they are.
+/// programs in the links in place (traffic keeps being filtered); another
+/// capacity of one map recreates that map. What it
+/// cannot adopt is refused with a message that names the difference and
+/// `detach`, and left as it is: other capacities of the account slots
+/// (`--max-accounts`), another pin format, a pinned map it does not know,
+/// a map that claims its layout but is of another shape.
 #[test]
-fn upgrade_replaces_programs_in_place_and_other_layouts_are_refused() {
+fn upgrade_replaces_programs_in_place_and_what_cannot_be_adopted_is_refused() {
+    use aya::maps::MapData;
     let _serial = serial();
     let pins = PinDir::new("upgrade");
     let topo = topology("upgrade");
@@ -336,14 +359,28 @@ fn upgrade_replaces_programs_in_place_and_other_layouts_are_refused() {
     assert!(
         logs.contains(
             "upgrade: the pinned programs (build 0000000000001234) are replaced in place"
-        ) && logs.contains("adopted (programs replaced in place)"),
-        "the new build adopts the links:\n{logs}"
+        ) && logs.contains("adopted (programs replaced in place)")
+            && !logs.contains(" recreated ("),
+        "the new build adopts the links and every map:\n{logs}"
+    );
+    assert_eq!(arrivals(&topo, BLOCKED, 50), 0, "still blocking");
+    assert!(agent.stop().success());
+
+    // Another capacity of a map other than the account slots: that map
+    // (and CONFIG) recreated, the rest adopted.
+    let mut agent = pinned_agent_with(&topo.host, &policy, &pins, &["--max-counters", "70000"]);
+    let logs = agent.logs().join("\n");
+    assert!(
+        logs.contains("map ACCT_COUNTERS recreated (65536 entries, this agent's capacity options ask for 70000): the per-account counters restart from zero")
+            && logs.contains("adopted, policy in force"),
+        "another --max-counters recreates ACCT_COUNTERS:\n{logs}"
     );
     assert_eq!(arrivals(&topo, BLOCKED, 50), 0, "still blocking");
     assert!(agent.stop().success());
 
     let dir = pins.dir().display().to_string();
     let path = policy.path().display().to_string();
+    let detach = format!("mmesh-agent detach --bpffs {dir}");
     let run = |extra: &[&str]| {
         let mut args = vec![
             "run",
@@ -361,21 +398,227 @@ fn upgrade_replaces_programs_in_place_and_other_layouts_are_refused() {
     };
     let stderr = run(&["--max-accounts", "5"]);
     assert!(
-        stderr.contains("was created with")
-            && stderr.contains(&format!("mmesh-agent detach --bpffs {dir}")),
-        "other capacities: {stderr}"
+        stderr.contains("was created with --max-accounts") && stderr.contains(&detach),
+        "other account capacity: {stderr}"
     );
+
     rewrite_agent_record(&pins, Some(99), None);
     let stderr = run(&[]);
     assert!(
-        stderr.contains("layout version 99")
-            && stderr.contains(&format!("mmesh-agent detach --bpffs {dir}")),
-        "another layout: {stderr}"
+        stderr.contains("pin format 99") && stderr.contains(&detach),
+        "another pin format: {stderr}"
+    );
+    rewrite_agent_record(&pins, Some(2), None);
+
+    let maps = pins.dir().join("maps");
+    let stats = MapData::from_pin(maps.join("STATS")).expect("the pinned STATS");
+    stats
+        .pin(maps.join("OLD_MAP"))
+        .expect("pinning under a name of no map");
+    let stderr = run(&[]);
+    assert!(
+        stderr.contains("it holds map OLD_MAP, which this agent does not know")
+            && stderr.contains(&detach),
+        "a map of no known name: {stderr}"
+    );
+    std::fs::remove_file(maps.join("OLD_MAP")).expect("unpinning OLD_MAP");
+
+    // STATS (per-CPU u64) where TOTALS (per-CPU counters) belongs, with
+    // TOTALS's layout version recorded.
+    std::fs::remove_file(maps.join("TOTALS")).expect("unpinning TOTALS");
+    stats
+        .pin(maps.join("TOTALS"))
+        .expect("pinning STATS as TOTALS");
+    let stderr = run(&[]);
+    assert!(
+        stderr.contains("map TOTALS claims layout version 1 (this agent's) but is a")
+            && stderr.contains(&detach),
+        "a map of another shape claiming the layout: {stderr}"
     );
     assert_eq!(
         arrivals(&topo, BLOCKED, 50),
         0,
         "the refused agents left the pinned datapath enforcing"
+    );
+}
+
+/// A second account, rate-limited to 1 packet/s with a burst of 50, for
+/// [`upgrade_recreating_one_map_keeps_enforcing_and_resets_only_its_state`].
+const BETA: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 0, 20));
+
+const BLOCKING_AND_LIMITED: &str = "version: limited
+global:
+  block:
+    - name: blk
+      cidrs: [10.77.1.0/24]
+accounts:
+  - id: alpha
+    prefixes: [10.77.0.10/32]
+  - id: beta
+    prefixes: [10.77.0.20/32]
+    limits:
+      inbound: { pps: 1, pps_burst: 50 }
+";
+
+/// Packets from ORDINARY to BETA that arrive, out of 100 sent at once.
+fn beta_burst(topo: &Topology) -> u64 {
+    let sink = UdpSink::bind(&topo.host, SocketAddr::new(BETA, PORT));
+    let socket = topo.remote.udp_socket(SocketAddr::new(ORDINARY, 0));
+    let _ = send_udp(
+        &socket,
+        sink.local_addr(),
+        Pace {
+            pps: 2000,
+            packets: 100,
+            payload: 64,
+        },
+    );
+    sink.finish(SINK_IDLE).packets_from(ORDINARY)
+}
+
+/// Kills `agent`, records another layout version for `map`, and starts a
+/// new agent in its place, which must recreate `map` and exactly `recreated_too` (in the
+/// order of the maps) and log `reset` for `map`.
+fn upgrade_with_layout(
+    topo: &Topology,
+    policy: &PolicyFile,
+    pins: &PinDir,
+    agent: &mut Agent,
+    map: &str,
+    recreated_too: &[&str],
+    reset: &str,
+) {
+    let _ = agent.kill();
+    rewrite_map_layout(pins, map, 99);
+    *agent = pinned_agent(&topo.host, policy, pins);
+    let logs = agent.logs().join("\n");
+    let recreated: Vec<&str> = logs
+        .lines()
+        .filter_map(|l| l.split("map ").nth(1)?.split_once(" recreated ("))
+        .map(|(name, _)| name)
+        .collect();
+    assert_eq!(
+        recreated, recreated_too,
+        "{map} recreated, and only what goes with it:\n{logs}"
+    );
+    assert!(
+        logs.contains(&format!(
+            "map {map} recreated (layout version 99, this agent's is 1): {reset}"
+        )) && logs.contains("adopted (programs replaced in place)"),
+        "the log names the map, why and what is reset:\n{logs}"
+    );
+}
+
+/// Upgrades by agents whose layout of one map differs (the version
+/// recorded for it is not theirs), while allowed traffic flows and a
+/// blocked source floods: a policy map (`RULES_V4`, the global lists),
+/// `CONFIG` itself, then a state map (`RATE_STATE`, the rate-limit
+/// buckets). Each agent recreates that map and what goes with it (see the
+/// README: `CONFIG` with any map, every halved map with `CONFIG`) and
+/// nothing else: no blocked packet arrives at any moment, no allowed packet
+/// is lost, the totals count every blocked packet since the first start,
+/// and the only state reset is the one the README names: after the last
+/// upgrade, an account whose burst was used up has a full burst again.
+#[test]
+fn upgrade_recreating_one_map_keeps_enforcing_and_resets_only_its_state() {
+    let _serial = serial();
+    let pins = PinDir::new("layout");
+    let topo = topology("layout");
+    topo.add_host_addrs(&[BETA]);
+    let policy = PolicyFile::new("layout", BLOCKING_AND_LIMITED);
+    let mut agent = pinned_agent(&topo.host, &policy, &pins);
+    let first = beta_burst(&topo);
+    assert!(
+        (50..=55).contains(&first),
+        "beta's burst of 50 (1 packet/s after it): {first} of 100 arrived"
+    );
+
+    let sink = UdpSink::bind(&topo.host, SocketAddr::new(ALPHA, PORT));
+    let dst = sink.local_addr();
+    let allowed_socket = topo.remote.udp_socket(SocketAddr::new(ORDINARY, 0));
+    let blocked_socket = topo.remote.udp_socket(SocketAddr::new(BLOCKED, 0));
+    let duration = Duration::from_secs(7);
+    let (allowed, blocked) = thread::scope(|s| {
+        let allowed =
+            s.spawn(|| send_udp(&allowed_socket, dst, Pace::for_duration(500, duration, 64)));
+        let blocked =
+            s.spawn(|| send_udp(&blocked_socket, dst, Pace::for_duration(5000, duration, 64)));
+        let halved = [
+            "HOSTS_V4",
+            "HOSTS_V6",
+            "PREFIXES_V4",
+            "PREFIXES_V6",
+            "ACCOUNTS",
+            "RULES_V4",
+            "RULES_V6",
+            "ACCT_RULES_V4",
+            "ACCT_RULES_V6",
+            "STRIDE",
+        ];
+        let with_config: Vec<&str> = std::iter::once("CONFIG").chain(halved).collect();
+        for (map, recreated_too, reset) in [
+            (
+                "RULES_V4",
+                vec!["CONFIG", "RULES_V4"],
+                "refilled from the policy",
+            ),
+            ("CONFIG", with_config, "nothing is lost"),
+            (
+                "RATE_STATE",
+                vec!["CONFIG", "RATE_STATE"],
+                "rate-limit buckets reset",
+            ),
+        ] {
+            thread::sleep(Duration::from_millis(300));
+            upgrade_with_layout(
+                &topo,
+                &policy,
+                &pins,
+                &mut agent,
+                map,
+                &recreated_too,
+                reset,
+            );
+        }
+        (
+            allowed.join().expect("allowed sender"),
+            blocked.join().expect("blocked sender"),
+        )
+    });
+    let received = sink.finish(SINK_IDLE);
+    assert_eq!(
+        received.packets_from(BLOCKED),
+        0,
+        "no blocked packet arrived across two upgrades that recreated a map ({} sent)",
+        blocked.packets
+    );
+    let lost = allowed.packets - received.packets_from(ORDINARY);
+    eprintln!(
+        "layout upgrades: blocked sent {} (arrived {}), allowed sent {} (lost {lost})",
+        blocked.packets,
+        received.packets_from(BLOCKED),
+        allowed.packets
+    );
+    assert!(
+        lost * 100 <= allowed.packets,
+        "allowed packets lost across the upgrades: {lost} of {}",
+        allowed.packets
+    );
+    // The buckets were reset: a full burst again, where the old bucket
+    // would have refilled by one packet a second since the first burst.
+    let second = beta_burst(&topo);
+    eprintln!(
+        "layout upgrades: beta's burst {first} before, {second} after RATE_STATE was recreated"
+    );
+    assert!(
+        second >= 50,
+        "a full burst after RATE_STATE was recreated: {second} of 100 arrived (before: {first})"
+    );
+    assert!(agent.stop().success(), "the last agent exits 0");
+    let counted = blocked_total(&agent).expect("the agent's totals at stop");
+    assert_eq!(
+        counted, blocked.packets,
+        "TOTALS was kept: the last agent's totals count every blocked packet since the first start"
     );
 }
 
@@ -482,5 +725,67 @@ fn a_rate_limit_holds_across_restarts() {
         sent.packets,
         sent.span
     );
+    assert!(agent.stop().success());
+}
+
+/// `BLOCKING` with the other prefix blocked instead.
+const BLOCKING_LATER: &str = "version: blocking-later
+global:
+  block:
+    - name: blk
+      cidrs: [10.77.2.0/24]
+accounts:
+  - id: alpha
+    prefixes: [10.77.0.10/32]
+";
+
+/// An agent that adopts pins holding another policy puts its own in force,
+/// whole, in both halves: an agent that finished syncing its standby half
+/// records so, and the next one reads back only the active half and takes
+/// it for both; if that were wrong, entries of the old policy would linger
+/// in the standby half and come back with the next reload.
+#[test]
+fn a_restart_with_another_policy_puts_it_in_force_in_both_halves() {
+    let _serial = serial();
+    let pins = PinDir::new("other");
+    let topo = topology("other");
+    let policy = PolicyFile::new("other", BLOCKING);
+    let mut agent = pinned_agent(&topo.host, &policy, &pins);
+    assert_eq!(arrivals(&topo, BLOCKED, 50), 0, "the first policy blocks");
+    let _ = agent.kill();
+
+    policy.write(BLOCKING_LATER);
+    let agent = pinned_agent(&topo.host, &policy, &pins);
+    for round in 0..2 {
+        assert_eq!(
+            arrivals(&topo, BLOCKED_LATER, 50),
+            0,
+            "round {round}: the new policy's block holds"
+        );
+        assert_eq!(
+            arrivals(&topo, BLOCKED, 50),
+            50,
+            "round {round}: the old policy's block is gone"
+        );
+        assert_eq!(arrivals(&topo, ORDINARY, 50), 50, "ordinary traffic passes");
+        // Twice through both halves: to the first policy and back.
+        policy.write(BLOCKING);
+        let answer = agent.reload();
+        assert!(answer.contains("policy reloaded"), "{answer}");
+        assert_eq!(
+            arrivals(&topo, BLOCKED, 50),
+            0,
+            "round {round}: back to the first"
+        );
+        assert_eq!(
+            arrivals(&topo, BLOCKED_LATER, 50),
+            50,
+            "round {round}: lifted"
+        );
+        policy.write(BLOCKING_LATER);
+        let answer = agent.reload();
+        assert!(answer.contains("policy reloaded"), "{answer}");
+    }
+    let mut agent = agent;
     assert!(agent.stop().success());
 }

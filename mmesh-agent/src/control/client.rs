@@ -23,11 +23,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 use super::{
-    convert,
-    held::{DeltaError, Held},
+    held::Held,
+    in_force::{InForce, Refusal},
     proto::{self, agent_message::Body as Up, control_message::Body as Down},
     reports,
-    store::Store,
+    store::{Saver, Store},
 };
 use crate::{
     agent::{CONTROL_PLANE, Enforcement, Outcome},
@@ -114,7 +114,9 @@ pub struct Client {
     facts: HostFacts,
     /// The control-plane policy in force (from the last Ack, or the
     /// last-known-good file at start).
-    held: Option<Held>,
+    in_force: Option<InForce>,
+    /// Writes the last-known-good file.
+    saver: Option<Saver>,
     /// The agent's generation in force.
     generation: u64,
     reports: reports::Shared,
@@ -127,19 +129,36 @@ impl Client {
         opts: Options,
         enforcement: Enforcement,
         facts: HostFacts,
-        (held, generation): (Option<Held>, u64),
+        (in_force, generation): (Option<InForce>, u64),
         reports: reports::Shared,
         status: StatusFn,
     ) -> Self {
+        let saver = opts.store.clone().and_then(|store| {
+            Saver::spawn(store)
+                .inspect_err(|err| {
+                    tracing::warn!(
+                        "control plane: no thread to keep the last-known-good policy: {err}"
+                    );
+                })
+                .ok()
+        });
         Self {
             opts,
             enforcement,
             facts,
-            held,
+            in_force,
+            saver,
             generation,
             reports,
             status,
         }
+    }
+
+    /// The version in force from the control plane ("" when none is).
+    fn version(&self) -> &str {
+        self.in_force
+            .as_ref()
+            .map_or("", |f| f.held.version.as_str())
     }
 
     /// Keeps a stream to the control plane until the task is dropped.
@@ -262,7 +281,7 @@ impl Client {
                 }
                 _ = report.tick() => self.report(&tx),
                 _ = status.tick() => {
-                    let version = self.held.as_ref().map_or("", |h| h.version.as_str());
+                    let version = self.version();
                     let _ = tx.try_send(up(Up::Status((self.status)(version, self.generation))));
                 }
             }
@@ -276,11 +295,7 @@ impl Client {
             kernel: self.facts.kernel.clone(),
             features: self.facts.features.clone(),
             capacity: Some(self.facts.capacity),
-            policy_version: self
-                .held
-                .as_ref()
-                .map(|h| h.version.clone())
-                .unwrap_or_default(),
+            policy_version: self.version().to_owned(),
             generation: self.generation,
             accepts: vec!["delta".into()],
         }
@@ -329,7 +344,14 @@ impl Client {
         }
         tracing::info!(version = %s.version, accounts = s.policy.as_ref().map_or(0, |p| p.accounts.len()), "control plane: snapshot received");
         let held = Held::snapshot(s.version.clone(), s.policy.unwrap_or_default());
-        self.enforce(held, &s.nonce, received, tx).await
+        let limits = self.opts.limits.clone();
+        let validated = tokio::task::spawn_blocking(move || {
+            InForce::validate(held, &limits).map_err(|e| Refusal::from(&e))
+        })
+        .await
+        .map_err(|_| ClientError::Stopping)?;
+        self.enforce(validated, &s.version, &s.nonce, received, tx)
+            .await
     }
 
     async fn delta(
@@ -338,66 +360,74 @@ impl Client {
         tx: &mpsc::Sender<proto::AgentMessage>,
     ) -> Result<(), ClientError> {
         let received = Instant::now();
-        let next = match &self.held {
-            None => Err(DeltaError::Base {
-                held: String::new(),
-                base: d.base_version.clone(),
-            }),
-            Some(held) => held.with_delta(&d),
-        };
-        match next {
-            Ok(next) => {
-                tracing::info!(version = %d.version, base = %d.base_version, upserts = d.upsert_accounts.len(), removals = d.remove_accounts.len(), "control plane: delta received");
-                self.enforce(next, &d.nonce, received, tx).await
-            }
-            Err(DeltaError::Base { held, base }) => {
-                let message = format!(
-                    "the delta is against version {base:?}, but this agent holds {held:?}: send a snapshot"
-                );
-                self.nack(
+        let Some(base) = self.in_force.clone() else {
+            let message = format!(
+                "the delta is against version {:?}, but this agent holds no control-plane policy: send a snapshot",
+                d.base_version
+            );
+            return self
+                .nack(
                     tx,
                     &d.nonce,
                     &d.version,
                     problems("base_version", &message),
                     true,
                 )
-                .await
-            }
-            Err(DeltaError::Problems(p)) => self.nack(tx, &d.nonce, &d.version, p, false).await,
-        }
+                .await;
+        };
+        tracing::info!(version = %d.version, base = %d.base_version, upserts = d.upsert_accounts.len(), removals = d.remove_accounts.len(), "control plane: delta received");
+        let limits = self.opts.limits.clone();
+        let version = d.version.clone();
+        let nonce = d.nonce.clone();
+        let validated = tokio::task::spawn_blocking(move || base.delta(&d, &limits))
+            .await
+            .map_err(|_| ClientError::Stopping)?;
+        self.enforce(validated, &version, &nonce, received, tx)
+            .await
     }
 
-    /// Validates `held`'s policy, has the enforcer apply it, answers, and
-    /// on success keeps it (and stores it as last-known-good).
+    /// Has the enforcer apply a validated policy, answers, and on success
+    /// keeps it (and has it written as last-known-good).
     async fn enforce(
         &mut self,
-        held: Held,
+        validated: Result<InForce, Refusal>,
+        version: &str,
         nonce: &str,
         received: Instant,
         tx: &mpsc::Sender<proto::AgentMessage>,
     ) -> Result<(), ClientError> {
-        let limits = self.opts.limits.clone();
-        let (validated, held) = tokio::task::spawn_blocking(move || {
-            let name = format!("control-plane version {}", escape_controls(&held.version));
-            let validated = convert::validate(&held.message(), &held.version, &name, &limits);
-            (validated, held)
-        })
-        .await
-        .map_err(|_| ClientError::Stopping)?;
-        let policy = match validated {
-            Ok(p) => p,
-            Err(err) => {
-                tracing::error!(version = %held.version, "control plane: policy rejected, the running policy stays in force: {}", escape_controls(&err.to_string()));
+        let next = match validated {
+            Ok(next) => next,
+            Err(Refusal::Base { held, base }) => {
+                let message = format!(
+                    "the delta is against version {base:?}, but this agent holds {held:?}: send a snapshot"
+                );
                 return self
-                    .nack(tx, nonce, &held.version, convert::problems(&err), false)
+                    .nack(tx, nonce, version, problems("base_version", &message), true)
                     .await;
             }
+            Err(Refusal::Problems(problems)) => {
+                let text: Vec<String> = problems
+                    .iter()
+                    .map(|p| format!("{}: {}", p.path, p.message))
+                    .collect();
+                tracing::error!(
+                    version,
+                    "control plane: policy rejected, the running policy stays in force: {}",
+                    escape_controls(&text.join("; "))
+                );
+                return self.nack(tx, nonce, version, problems, false).await;
+            }
         };
-        match self.enforcement.apply(policy, CONTROL_PLANE).await {
+        match self
+            .enforcement
+            .apply(next.policy.clone(), CONTROL_PLANE)
+            .await
+        {
             None => Err(ClientError::Stopping),
             Some(Outcome::Rejected { generation, reason }) => {
                 self.generation = generation;
-                self.nack(tx, nonce, &held.version, problems("", &reason), false)
+                self.nack(tx, nonce, version, problems("", &reason), false)
                     .await
             }
             Some(Outcome::Applied { generation, .. }) => {
@@ -407,28 +437,22 @@ impl Client {
                     tx,
                     Up::Ack(proto::Ack {
                         nonce: nonce.into(),
-                        version: held.version.clone(),
+                        version: version.into(),
                         generation,
                         apply_micros,
                     }),
                 )
                 .await?;
-                tracing::info!(version = %held.version, generation, apply_ms = apply_micros as f64 / 1e3, "control plane: policy in force, Acked");
-                if let Some(store) = self.opts.store.clone() {
-                    let lkg = proto::LastKnownGood {
-                        version: held.version.clone(),
-                        policy: Some(held.message()),
-                    };
-                    // After the Ack: the disk is not on the path to it.
-                    tokio::task::spawn_blocking(move || {
-                        if let Err(err) = store.save(&lkg) {
-                            tracing::warn!(
-                                "control plane: could not keep the last-known-good policy: {err}"
-                            );
-                        }
-                    });
+                tracing::info!(
+                    version,
+                    generation,
+                    apply_ms = apply_micros as f64 / 1e3,
+                    "control plane: policy in force, Acked"
+                );
+                if let Some(saver) = &self.saver {
+                    saver.save(next.held.clone());
                 }
-                self.held = Some(held);
+                self.in_force = Some(next);
                 Ok(())
             }
         }
@@ -453,11 +477,7 @@ impl Client {
             Up::Nack(proto::Nack {
                 nonce: nonce.into(),
                 version: version.into(),
-                enforced_version: self
-                    .held
-                    .as_ref()
-                    .map(|h| h.version.clone())
-                    .unwrap_or_default(),
+                enforced_version: self.version().to_owned(),
                 generation: self.generation,
                 problems,
                 snapshot_required,

@@ -22,7 +22,12 @@ pub fn validate(
     source_name: &str,
     limits: &ReadLimits,
 ) -> Result<Policy, PolicyError> {
-    let text = document(message, version);
+    let text = document(
+        message.global.as_ref(),
+        message.defaults.as_ref(),
+        message.accounts.iter(),
+        version,
+    );
     // No list file can be named (the message has no `file` field), so the
     // base directory is never used; `/nonexistent` says so if it were.
     Policy::parse_with(&text, source_name, Path::new("/nonexistent"), limits)
@@ -51,11 +56,16 @@ pub fn problems(err: &PolicyError) -> Vec<proto::Problem> {
 /// The text of the JSON document a policy file holding `message` would be,
 /// written straight out (a `serde_json::Value` tree of 100,000 accounts
 /// took longer to build and print than validating it).
-fn document(message: &proto::Policy, version: &str) -> String {
-    let mut w = Json(String::with_capacity(64 + message.accounts.len() * 256));
+pub(super) fn document<'a>(
+    global: Option<&proto::Global>,
+    defaults: Option<&proto::Defaults>,
+    accounts: impl ExactSizeIterator<Item = &'a proto::Account>,
+    version: &str,
+) -> String {
+    let mut w = Json(String::with_capacity(64 + accounts.len() * 256));
     w.0.push_str("{\"version\":");
     w.string(version);
-    if let Some(g) = &message.global {
+    if let Some(g) = global {
         w.0.push_str(",\"global\":{");
         let mut first = true;
         w.field(&mut first, "mode", g.mode.as_ref());
@@ -68,7 +78,7 @@ fn document(message: &proto::Policy, version: &str) -> String {
         w.lists(&mut first, &g.block, &g.allow);
         w.0.push('}');
     }
-    if let Some(d) = &message.defaults {
+    if let Some(d) = defaults {
         w.0.push_str(",\"defaults\":{");
         let mut first = true;
         w.field(&mut first, "mode", d.mode.as_ref());
@@ -79,7 +89,7 @@ fn document(message: &proto::Policy, version: &str) -> String {
         w.0.push('}');
     }
     w.0.push_str(",\"accounts\":[");
-    for (i, a) in message.accounts.iter().enumerate() {
+    for (i, a) in accounts.enumerate() {
         if i > 0 {
             w.0.push(',');
         }
@@ -321,83 +331,5 @@ mod tests {
             ["accounts[0].prefixes[3]", "accounts[1].limits.outbound.pps"],
             "{problems:?}"
         );
-    }
-}
-
-#[cfg(test)]
-mod timing {
-    use std::time::Instant;
-
-    use super::*;
-
-    #[test]
-    #[ignore = "timing by hand"]
-    fn timing() {
-        let mut accounts = Vec::new();
-        for i in 0..100_000u32 {
-            let a = std::net::Ipv4Addr::from((10 << 24) + i * 16);
-            accounts.push(proto::Account {
-                id: format!("acct-{i}"),
-                prefixes: vec![
-                    a.to_string(),
-                    format!("fd00::{:x}:{:x}/128", i >> 16, i & 0xffff),
-                ],
-                mode: Some("enforce".into()),
-                limits: Some(proto::Limits {
-                    inbound: Some(proto::DirLimits {
-                        pps: Some("100000".into()),
-                        pps_burst: Some("50000".into()),
-                        bps: Some("1000000000".into()),
-                        bps_burst: Some("500000000".into()),
-                        action: Some("drop".into()),
-                    }),
-                    outbound: None,
-                }),
-                ..proto::Account::default()
-            });
-        }
-        let message = proto::Policy {
-            global: None,
-            defaults: None,
-            accounts,
-        };
-        let t = Instant::now();
-        let held = super::super::held::Held::snapshot("v1".into(), message.clone());
-        eprintln!("held {:?}", t.elapsed());
-        let t = Instant::now();
-        let m = held.message();
-        eprintln!("message clone {:?}", t.elapsed());
-        let t = Instant::now();
-        let doc = document(&m, "v1");
-        eprintln!("document {:?}", t.elapsed());
-        let text = doc;
-        let t = Instant::now();
-        let p = Policy::parse_with(&text, "x", Path::new("/"), &ReadLimits::default()).unwrap();
-        eprintln!("parse+validate {:?}", t.elapsed());
-        let t = Instant::now();
-        let c = crate::compile::compile(
-            &p,
-            None,
-            &crate::compile::Capacity {
-                accounts: 200_000,
-                account_prefixes: 200_000,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        eprintln!("compile {:?}", t.elapsed());
-        let t = Instant::now();
-        let c2 = crate::compile::compile(
-            &p,
-            Some(&c),
-            &crate::compile::Capacity {
-                accounts: 200_000,
-                account_prefixes: 200_000,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        eprintln!("compile incremental {:?}", t.elapsed());
-        drop(c2);
     }
 }

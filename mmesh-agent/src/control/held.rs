@@ -1,6 +1,10 @@
 //! The policy message in force from the control plane, and deltas on it.
+//!
+//! Accounts are shared (`Arc`) and indexed in a persistent map, so that the
+//! next state after a one-account delta costs a copy of pointers, not of
+//! 100,000 accounts.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
 use super::proto;
 
@@ -11,9 +15,22 @@ pub struct Held {
     pub version: String,
     global: Option<proto::Global>,
     defaults: Option<proto::Defaults>,
-    accounts: Vec<proto::Account>,
+    accounts: Vec<Arc<proto::Account>>,
     /// Account id to its index in `accounts`.
-    index: HashMap<String, usize>,
+    index: imbl::HashMap<String, usize>,
+}
+
+/// What a delta did to the accounts, in order: a validated policy whose
+/// accounts are in the same order as the held message's stays so by doing
+/// the same.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// `swap_remove` at this index.
+    Remove(usize),
+    /// The account at this index replaced by the delta's upsert number `.1`.
+    Replace(usize, usize),
+    /// The delta's upsert number `.0` added at the end.
+    Push(usize),
 }
 
 /// Why a delta cannot be applied to what is held.
@@ -39,24 +56,41 @@ impl Held {
             version,
             global: policy.global,
             defaults: policy.defaults,
-            accounts: policy.accounts,
+            accounts: policy.accounts.into_iter().map(Arc::new).collect(),
             index,
         }
     }
 
-    /// The whole policy message.
+    /// The whole policy message (a copy: for the last-known-good file).
     #[must_use]
     pub fn message(&self) -> proto::Policy {
         proto::Policy {
             global: self.global.clone(),
             defaults: self.defaults.clone(),
-            accounts: self.accounts.clone(),
+            accounts: self.accounts.iter().map(|a| (**a).clone()).collect(),
         }
     }
 
-    /// What holding `delta` on top of this would be. Nothing changes until
-    /// the caller keeps the result (after the policy is in force).
-    pub fn with_delta(&self, delta: &proto::Delta) -> Result<Self, DeltaError> {
+    #[must_use]
+    pub fn global(&self) -> Option<&proto::Global> {
+        self.global.as_ref()
+    }
+
+    #[must_use]
+    pub fn defaults(&self) -> Option<&proto::Defaults> {
+        self.defaults.as_ref()
+    }
+
+    /// The accounts, in order.
+    #[must_use]
+    pub fn accounts(&self) -> impl ExactSizeIterator<Item = &proto::Account> {
+        self.accounts.iter().map(|a| &**a)
+    }
+
+    /// What holding `delta` on top of this would be, and the steps that
+    /// took the accounts there. Nothing changes until the caller keeps the
+    /// result (after the policy is in force).
+    pub fn with_delta(&self, delta: &proto::Delta) -> Result<(Self, Vec<Step>), DeltaError> {
         if delta.base_version != self.version {
             return Err(DeltaError::Base {
                 held: self.version.clone(),
@@ -65,21 +99,25 @@ impl Held {
         }
         let mut problems = Vec::new();
         let mut next = self.clone();
+        let mut steps =
+            Vec::with_capacity(delta.remove_accounts.len() + delta.upsert_accounts.len());
         next.version.clone_from(&delta.version);
         let mut seen = HashMap::new();
         for (i, id) in delta.remove_accounts.iter().enumerate() {
             let path = format!("remove_accounts[{i}]");
             if seen.insert(id.as_str(), path.clone()).is_some() {
                 problems.push(problem(path, format!("account {id:?} is named twice")));
-            } else if !next.remove(id) {
+            } else if let Some(at) = next.remove(id) {
+                steps.push(Step::Remove(at));
+            } else {
                 problems.push(problem(
                     path,
                     format!("account {id:?} is not in version {:?}", self.version),
                 ));
             }
         }
-        for (i, account) in delta.upsert_accounts.iter().enumerate() {
-            let path = format!("upsert_accounts[{i}].id");
+        for (k, account) in delta.upsert_accounts.iter().enumerate() {
+            let path = format!("upsert_accounts[{k}].id");
             if let Some(first) = seen.insert(account.id.as_str(), path.clone()) {
                 problems.push(problem(
                     path,
@@ -87,7 +125,7 @@ impl Held {
                 ));
                 continue;
             }
-            next.upsert(account.clone());
+            steps.push(next.upsert(Arc::new(account.clone()), k));
         }
         if let Some(global) = &delta.global {
             next.global = Some(global.clone());
@@ -96,30 +134,48 @@ impl Held {
             next.defaults = Some(defaults.clone());
         }
         if problems.is_empty() {
-            Ok(next)
+            Ok((next, steps))
         } else {
             Err(DeltaError::Problems(problems))
         }
     }
 
-    fn upsert(&mut self, account: proto::Account) {
+    fn upsert(&mut self, account: Arc<proto::Account>, k: usize) -> Step {
         if let Some(&i) = self.index.get(&account.id) {
             self.accounts[i] = account;
+            Step::Replace(i, k)
         } else {
             self.index.insert(account.id.clone(), self.accounts.len());
             self.accounts.push(account);
+            Step::Push(k)
         }
     }
 
-    fn remove(&mut self, id: &str) -> bool {
-        let Some(i) = self.index.remove(id) else {
-            return false;
-        };
+    fn remove(&mut self, id: &str) -> Option<usize> {
+        let i = self.index.remove(id)?;
         self.accounts.swap_remove(i);
         if let Some(moved) = self.accounts.get(i) {
             self.index.insert(moved.id.clone(), i);
         }
-        true
+        Some(i)
+    }
+}
+
+/// Does `steps` to `items`, whose order is the held accounts' order before
+/// the delta; `upserts` are the delta's (validated) accounts. Calls
+/// `gone` with every item removed or replaced.
+pub fn replay<T: Clone>(
+    items: &mut Vec<T>,
+    steps: &[Step],
+    upserts: &[T],
+    mut gone: impl FnMut(T),
+) {
+    for step in steps {
+        match *step {
+            Step::Remove(i) => gone(items.swap_remove(i)),
+            Step::Replace(i, k) => gone(std::mem::replace(&mut items[i], upserts[k].clone())),
+            Step::Push(k) => items.push(upserts[k].clone()),
+        }
     }
 }
 
@@ -153,39 +209,42 @@ mod tests {
         )
     }
 
-    fn ids(h: &Held) -> Vec<(String, String)> {
-        let mut v: Vec<_> = h
-            .message()
-            .accounts
-            .into_iter()
-            .map(|a| (a.id, a.prefixes[0].clone()))
-            .collect();
-        v.sort();
-        v
+    fn pairs(h: &Held) -> Vec<(String, String)> {
+        h.accounts()
+            .map(|a| (a.id.clone(), a.prefixes[0].clone()))
+            .collect()
+    }
+
+    fn owned(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter().map(|(a, b)| ((*a).into(), (*b).into())).collect()
     }
 
     #[test]
-    fn a_delta_adds_replaces_and_removes_by_id() {
+    fn a_delta_adds_replaces_and_removes_by_id_and_its_steps_replay_it() {
         let h = held();
-        let next = h
-            .with_delta(&proto::Delta {
-                version: "v2".into(),
-                base_version: "v1".into(),
-                upsert_accounts: vec![account("b", "10.0.0.22"), account("d", "10.0.0.4")],
-                remove_accounts: vec!["a".into()],
-                ..proto::Delta::default()
-            })
-            .expect("applies");
-        assert_eq!(next.version, "v2");
-        let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
-            v.iter().map(|(a, b)| ((*a).into(), (*b).into())).collect()
+        let delta = proto::Delta {
+            version: "v2".into(),
+            base_version: "v1".into(),
+            upsert_accounts: vec![account("b", "10.0.0.22"), account("d", "10.0.0.4")],
+            remove_accounts: vec!["a".into()],
+            ..proto::Delta::default()
         };
+        let (next, steps) = h.with_delta(&delta).expect("applies");
+        assert_eq!(next.version, "v2");
+        // a removed (c moves into its place), b replaced, d added.
         assert_eq!(
-            ids(&next),
-            pairs(&[("b", "10.0.0.22"), ("c", "10.0.0.3"), ("d", "10.0.0.4")])
+            pairs(&next),
+            owned(&[("c", "10.0.0.3"), ("b", "10.0.0.22"), ("d", "10.0.0.4")])
         );
-        // The index follows the swap of a removal: c can be removed next.
-        let after = next
+        // The same steps on a mirror of the accounts give the same order.
+        let mut mirror: Vec<String> = pairs(&h).into_iter().map(|(id, _)| id).collect();
+        let mut gone = Vec::new();
+        let upserts: Vec<String> = delta.upsert_accounts.iter().map(|a| a.id.clone()).collect();
+        replay(&mut mirror, &steps, &upserts, |g| gone.push(g));
+        assert_eq!(mirror, ["c", "b", "d"]);
+        assert_eq!(gone, ["a", "b"]);
+        // The index follows the swap of a removal: c and d can be removed next.
+        let (after, _) = next
             .with_delta(&proto::Delta {
                 version: "v3".into(),
                 base_version: "v2".into(),
@@ -193,9 +252,9 @@ mod tests {
                 ..proto::Delta::default()
             })
             .expect("applies");
-        assert_eq!(ids(&after), pairs(&[("b", "10.0.0.22")]));
+        assert_eq!(pairs(&after), owned(&[("b", "10.0.0.22")]));
         // The held state itself did not change.
-        assert_eq!(ids(&h).len(), 3);
+        assert_eq!(pairs(&h).len(), 3);
     }
 
     #[test]

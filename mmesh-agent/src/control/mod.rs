@@ -12,5 +12,6 @@ pub mod proto {
 pub mod client;
 pub mod convert;
 pub mod held;
+pub mod in_force;
 pub mod reports;
 pub mod store;

@@ -13,11 +13,12 @@ use std::{
     io::{self, Read as _, Write as _},
     os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
+    sync::{Arc, Condvar, Mutex, PoisonError},
 };
 
 use prost::Message as _;
 
-use super::proto;
+use super::{held::Held, proto};
 
 /// The file's name in the state directory.
 pub const FILE_NAME: &str = "last-known-good.pb";
@@ -146,6 +147,59 @@ impl Store {
         fs::rename(&tmp, &self.path).map_err(write)?;
         File::open(dir).and_then(|d| d.sync_all()).map_err(write)?;
         Ok(())
+    }
+}
+
+/// Writes the last-known-good file from a thread of its own, the latest
+/// policy only: Acks never wait for the disk, and a burst of deltas costs
+/// one write of the last of them.
+#[derive(Clone)]
+pub struct Saver {
+    latest: Arc<(Mutex<Option<Held>>, Condvar)>,
+}
+
+impl Saver {
+    /// Starts the writer thread for `store`.
+    pub fn spawn(store: Store) -> io::Result<Self> {
+        let latest: Arc<(Mutex<Option<Held>>, Condvar)> = Arc::default();
+        let shared = latest.clone();
+        std::thread::Builder::new()
+            .name("mmesh-lkg".into())
+            .spawn(move || {
+                let (slot, ready) = &*shared;
+                loop {
+                    let held = {
+                        let mut guard = slot.lock().unwrap_or_else(PoisonError::into_inner);
+                        loop {
+                            if let Some(held) = guard.take() {
+                                break held;
+                            }
+                            guard = ready.wait(guard).unwrap_or_else(PoisonError::into_inner);
+                        }
+                    };
+                    let lkg = proto::LastKnownGood {
+                        version: held.version.clone(),
+                        policy: Some(held.message()),
+                    };
+                    drop(held);
+                    match store.save(&lkg) {
+                        Ok(()) => {
+                            tracing::debug!(version = %lkg.version, "last-known-good policy kept");
+                        }
+                        Err(err) => tracing::warn!(
+                            "control plane: could not keep the last-known-good policy: {err}"
+                        ),
+                    }
+                }
+            })?;
+        Ok(Self { latest })
+    }
+
+    /// Queues `held` to be written, replacing what was queued.
+    pub fn save(&self, held: Held) {
+        let (slot, ready) = &*self.latest;
+        *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(held);
+        ready.notify_one();
     }
 }
 

@@ -3,10 +3,11 @@
 //!
 //! Layout under the pin directory (`--bpffs`): `maps/NAME` for every map of
 //! the object, `links/IFNAME:IFINDEX:{receive,transmit}` for every link, and
-//! two arrays of the agent's own ([`pins::AGENT`]: layout version and build
-//! identity; [`pins::SLOT_IDS`]: which account holds which slot). bpffs holds
-//! no plain files, hence the arrays. The directory itself is the lock: one
-//! agent at a time holds `flock` on it.
+//! three maps of the agent's own ([`pins::AGENT`]: pin format, build
+//! identity and the highest generation written; [`pins::SLOT_IDS`]: which
+//! account holds which slot; [`pins::LAYOUTS`]: the layout version of each
+//! pinned map). bpffs holds no plain files, hence the maps. The directory
+//! itself is the lock: one agent at a time holds `flock` on it.
 
 use std::{
     collections::HashMap,
@@ -16,8 +17,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::MapData;
-use mmesh_common::maps::{LAYOUT_VERSION, pins};
+use aya::maps::{MapData, MapInfo};
+use mmesh_common::maps::pins;
 
 use super::{DatapathError, load::EBPF_OBJECT};
 use crate::{batch, sys};
@@ -29,13 +30,58 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct AgentRecord {
-    layout: u32,
-    _pad: u32,
+    /// [`pins::FORMAT`].
+    format: u32,
+    /// 1: the standby half holds the same policy as the active one, of
+    /// `generation` (written once `sync_standby` finished, cleared before
+    /// every apply writes into the standby half): an adopting agent then
+    /// reads only the active half back.
+    standby: u32,
     build: u64,
+    /// The highest policy generation ever written (before it was flipped
+    /// in): a recreated `CONFIG` starts from it, so that no generation that
+    /// flow-cache entries or events carry is used again.
+    generation: u64,
 }
 
-// SAFETY: repr(C), explicit padding, plain integers.
+// SAFETY: repr(C), plain integers, no padding.
 unsafe impl aya::Pod for AgentRecord {}
+
+/// Key of [`pins::LAYOUTS`]: a map name, zero-padded.
+type LayoutKey = [u8; 16];
+
+fn layout_key(name: &str) -> LayoutKey {
+    let mut key = [0u8; 16];
+    let n = name.len().min(16);
+    key[..n].copy_from_slice(&name.as_bytes()[..n]);
+    key
+}
+
+/// What a map must be for this agent to reuse a pinned one: the shape the
+/// object declares, the size the capacities give, the layout version.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct MapShape {
+    pub(super) name: &'static str,
+    pub(super) map_type: aya::maps::MapType,
+    pub(super) key: u32,
+    pub(super) value: u32,
+    pub(super) flags: u32,
+    pub(super) entries: u32,
+    pub(super) version: u32,
+}
+
+/// What becomes of one map of the object in a pinned datapath.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum MapPlan {
+    /// The pinned map is this agent's: reused with its contents.
+    Reuse,
+    /// Nothing pinned under the name: created and pinned.
+    Create,
+    /// The pinned map is of another layout or size: a new one is created
+    /// and pinned in its place once the programs are loaded (the running
+    /// programs keep the old one until the links get the new programs).
+    Recreate { why: String },
+}
 
 /// The identity of this agent's eBPF object: a hash of its bytes.
 #[must_use]
@@ -128,58 +174,70 @@ fn lock(dir: &Path) -> Result<File, DatapathError> {
     Ok(file)
 }
 
-/// A locked pin directory, and the agent's own pinned arrays.
+/// A locked pin directory, and the agent's own pinned maps.
 #[derive(Debug)]
 pub struct Pins {
     dir: PathBuf,
     _lock: File,
     agent: MapData,
     slot_ids: MapData,
-    /// The build identity of the agent that made the pins, when there were
-    /// pins to adopt.
-    adopted: Option<u64>,
+    layouts: MapData,
+    /// The record of the agent that made the pins, when there were pins to
+    /// adopt.
+    adopted: Option<AgentRecord>,
 }
 
 impl Pins {
     /// Locks `dir` (made ready by [`prepare`]) and opens or creates the
-    /// agent's arrays; `slots` is the number of account slots. Pins of
-    /// another layout version are refused.
+    /// agent's own maps; `slots` is the number of account slots. A pin
+    /// directory of another format, or made with another `--max-accounts`,
+    /// is refused.
     pub fn open(dir: &Path, slots: u32) -> Result<Self, DatapathError> {
         let lock = lock(dir)?;
         let agent_path = dir.join(pins::AGENT);
+        let layouts_path = dir.join(pins::LAYOUTS);
         let (agent, adopted) = if agent_path.exists() {
             let agent = open_map(&agent_path)?;
-            let mut found = AgentRecord::default();
-            let key = 0u32;
-            // SAFETY: the array's key is a u32 and its value an AgentRecord
-            // (its value size is checked first).
-            let read = check_sizes(&agent, &agent_path, 4, size_of::<AgentRecord>(), 1).and_then(
-                |()| unsafe {
-                    sys::map_lookup_elem(
-                        agent.fd().as_fd(),
-                        std::ptr::from_ref(&key).cast(),
-                        std::ptr::from_mut(&mut found).cast(),
-                    )
-                    .map_err(|source| pin_error(&agent_path, source))
-                },
-            );
-            read?;
-            if found.layout != LAYOUT_VERSION {
+            let found = read_record(&agent, &agent_path)?;
+            if found.format != pins::FORMAT {
                 return Err(DatapathError::PinnedMismatch {
                     dir: dir.to_owned(),
                     what: format!(
-                        "its maps have layout version {}, this agent uses version {LAYOUT_VERSION}",
-                        found.layout
+                        "its agent record {} is of pin format {}, this agent reads format {}",
+                        agent_path.display(),
+                        found.format,
+                        pins::FORMAT
                     ),
                 });
             }
-            (agent, Some(found.build))
+            (agent, Some(found))
         } else {
-            let agent = create_map(&agent_path, 4, size_of::<AgentRecord>(), 1, b"mmesh_agent")?;
+            // Made before the record: a record always has its layouts
+            // beside it.
+            if !layouts_path.exists() {
+                create_layouts(&layouts_path)?;
+            }
+            let agent = create_map(
+                &agent_path,
+                sys::BPF_MAP_TYPE_ARRAY,
+                4,
+                size_of::<AgentRecord>(),
+                1,
+                b"mmesh_agent",
+            )?;
             // Stamped at once: a record of zeroes would read as another
-            // layout version to the next agent if this one died here.
-            write_record(&agent, &agent_path)?;
+            // pin format to the next agent if this one died here.
+            write_record(&agent, &agent_path, 0, false)?;
             (agent, None)
+        };
+        let layouts = if layouts_path.exists() {
+            let map = open_map(&layouts_path)?;
+            check_sizes(&map, &layouts_path, 16, 4, LAYOUT_ENTRIES)?;
+            map
+        } else {
+            // An agent died between the two: no map's layout is known, so
+            // every map is recreated.
+            create_layouts(&layouts_path)?
         };
         let ids_path = dir.join(pins::SLOT_IDS);
         let slot_ids = if ids_path.exists() {
@@ -188,6 +246,9 @@ impl Pins {
                 .info()
                 .map_err(|e| pin_error(&ids_path, io::Error::other(e)))?
                 .max_entries();
+            // Not recreated like the object's maps: the slots, and with
+            // them every account's counters and rate-limit state, would
+            // have to be numbered again.
             if entries != slots {
                 return Err(DatapathError::PinnedMismatch {
                     dir: dir.to_owned(),
@@ -201,21 +262,36 @@ impl Pins {
             check_sizes(&map, &ids_path, 4, 16, slots)?;
             map
         } else {
-            create_map(&ids_path, 4, 16, slots, b"mmesh_slot_ids")?
+            create_map(
+                &ids_path,
+                sys::BPF_MAP_TYPE_ARRAY,
+                4,
+                16,
+                slots,
+                b"mmesh_slot_ids",
+            )?
         };
         let pins = Self {
             dir: dir.to_owned(),
             _lock: lock,
             agent,
             slot_ids,
+            layouts,
             adopted,
         };
         Ok(pins)
     }
 
-    /// Records this agent's layout version and build identity.
-    pub(super) fn stamp(&self) -> Result<(), DatapathError> {
-        write_record(&self.agent, &self.dir.join(pins::AGENT))
+    /// Records this agent's pin format and build identity, `generation` as
+    /// the highest generation written so far, and whether the standby half
+    /// holds the same policy as the active one (of `generation`).
+    pub(super) fn stamp(&self, generation: u64, standby_synced: bool) -> Result<(), DatapathError> {
+        write_record(
+            &self.agent,
+            &self.dir.join(pins::AGENT),
+            generation,
+            standby_synced,
+        )
     }
 
     #[must_use]
@@ -226,12 +302,108 @@ impl Pins {
     /// The build identity of the agent whose pins were adopted; `None` when
     /// the pins were new.
     #[must_use]
-    pub const fn adopted(&self) -> Option<u64> {
+    pub fn adopted(&self) -> Option<u64> {
+        self.adopted.map(|r| r.build)
+    }
+
+    /// The highest generation the adopted pins record (0 when new).
+    pub(super) fn generation_floor(&self) -> u64 {
+        self.adopted.map_or(0, |r| r.generation)
+    }
+
+    /// The generation whose policy both halves of the adopted maps hold,
+    /// when the agent that made them recorded so.
+    pub(super) fn standby_synced_at(&self) -> Option<u64> {
         self.adopted
+            .filter(|r| r.standby == 1)
+            .map(|r| r.generation)
     }
 
     pub(super) fn map_path(&self, name: &str) -> PathBuf {
         self.dir.join(pins::MAPS).join(name)
+    }
+
+    /// Decides for every map of `shapes` whether the pinned one is reused,
+    /// recreated or created. Refused, naming what differs: a pinned map
+    /// this agent does not know, and one that claims this agent's layout
+    /// version but is of another type, key or value size or flags.
+    pub(super) fn plan(&self, shapes: &[MapShape]) -> Result<Vec<MapPlan>, DatapathError> {
+        let refuse = |what: String| DatapathError::PinnedMismatch {
+            dir: self.dir.clone(),
+            what,
+        };
+        for path in list(&self.dir.join(pins::MAPS)) {
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if !shapes.iter().any(|s| s.name == name) {
+                return Err(refuse(format!(
+                    "it holds map {name}, which this agent does not know (pinned by another mmesh-agent version)"
+                )));
+            }
+        }
+        let versions: HashMap<LayoutKey, u32> = batch::lookup_all(&self.layouts)
+            .map_err(|source| pin_error(&self.dir.join(pins::LAYOUTS), source))?
+            .into_iter()
+            .collect();
+        let mut plans = Vec::with_capacity(shapes.len());
+        for shape in shapes {
+            let path = self.map_path(shape.name);
+            if !path.exists() {
+                plans.push(MapPlan::Create);
+                continue;
+            }
+            let info =
+                MapInfo::from_pin(&path).map_err(|e| pin_error(&path, io::Error::other(e)))?;
+            let found_type = info
+                .map_type()
+                .map_err(|e| pin_error(&path, io::Error::other(e)))?;
+            let same_shape = found_type == shape.map_type
+                && info.key_size() == shape.key
+                && info.value_size() == shape.value
+                && info.map_flags() == shape.flags;
+            let plan = match versions.get(&layout_key(shape.name)) {
+                None => MapPlan::Recreate {
+                    why: "no layout version recorded".to_owned(),
+                },
+                Some(&v) if v != shape.version => MapPlan::Recreate {
+                    why: format!("layout version {v}, this agent's is {}", shape.version),
+                },
+                Some(_) if !same_shape => {
+                    return Err(refuse(format!(
+                        "map {} claims layout version {} (this agent's) but is a {found_type:?} map with keys of {} and values of {} bytes and flags {:#x}; this agent's is a {:?} map with keys of {} and values of {} bytes and flags {:#x}",
+                        shape.name,
+                        shape.version,
+                        info.key_size(),
+                        info.value_size(),
+                        info.map_flags(),
+                        shape.map_type,
+                        shape.key,
+                        shape.value,
+                        shape.flags
+                    )));
+                }
+                Some(_) if info.max_entries() != shape.entries => MapPlan::Recreate {
+                    why: format!(
+                        "{} entries, this agent's capacity options ask for {}",
+                        info.max_entries(),
+                        shape.entries
+                    ),
+                },
+                Some(_) => MapPlan::Reuse,
+            };
+            plans.push(plan);
+        }
+        Ok(plans)
+    }
+
+    /// Records the layout versions of the pinned maps.
+    pub(super) fn record_layouts(&self, shapes: &[MapShape]) -> Result<(), DatapathError> {
+        let keys: Vec<LayoutKey> = shapes.iter().map(|s| layout_key(s.name)).collect();
+        let versions: Vec<u32> = shapes.iter().map(|s| s.version).collect();
+        batch::update(&self.layouts, &keys, &versions)
+            .map_err(|source| pin_error(&self.dir.join(pins::LAYOUTS), source))
     }
 
     pub(super) fn link_path(&self, interface: &str, ifindex: u32, side: &str) -> PathBuf {
@@ -264,6 +436,9 @@ impl Pins {
     }
 }
 
+/// Entries of [`pins::LAYOUTS`]: room for the maps of later versions.
+const LAYOUT_ENTRIES: u32 = 64;
+
 /// An interface name as a bpffs file name: bpffs refuses dots (reserved),
 /// which interface names may hold (`eth0.100`); `%` and `.` are escaped.
 /// `:` separates the parts of a link pin's name (no interface name has one).
@@ -280,11 +455,45 @@ fn pin_interface(name: &str) -> String {
     decode(name.split(':').next().unwrap_or_default())
 }
 
-fn write_record(agent: &MapData, path: &Path) -> Result<(), DatapathError> {
+fn read_record(agent: &MapData, path: &Path) -> Result<AgentRecord, DatapathError> {
+    check_sizes(agent, path, 4, size_of::<AgentRecord>(), 1)?;
+    let mut found = AgentRecord::default();
+    let key = 0u32;
+    // SAFETY: the array's key is a u32 and its value an AgentRecord (the
+    // sizes were checked).
+    unsafe {
+        sys::map_lookup_elem(
+            agent.fd().as_fd(),
+            std::ptr::from_ref(&key).cast(),
+            std::ptr::from_mut(&mut found).cast(),
+        )
+    }
+    .map_err(|source| pin_error(path, source))?;
+    Ok(found)
+}
+
+fn create_layouts(path: &Path) -> Result<MapData, DatapathError> {
+    create_map(
+        path,
+        sys::BPF_MAP_TYPE_HASH,
+        16,
+        4,
+        LAYOUT_ENTRIES,
+        b"mmesh_layouts",
+    )
+}
+
+fn write_record(
+    agent: &MapData,
+    path: &Path,
+    generation: u64,
+    standby_synced: bool,
+) -> Result<(), DatapathError> {
     let record = AgentRecord {
-        layout: LAYOUT_VERSION,
-        _pad: 0,
+        format: pins::FORMAT,
+        standby: u32::from(standby_synced),
         build: build_identity(),
+        generation,
     };
     batch::update(agent, &[0u32], &[record]).map_err(|source| pin_error(path, source))
 }
@@ -337,20 +546,14 @@ fn check_sizes(
 
 fn create_map(
     path: &Path,
+    map_type: u32,
     key: u32,
     value: usize,
     entries: u32,
     name: &[u8],
 ) -> Result<MapData, DatapathError> {
-    let fd = sys::map_create(
-        sys::BPF_MAP_TYPE_ARRAY,
-        key,
-        value as u32,
-        entries,
-        None,
-        name,
-    )
-    .map_err(|source| pin_error(path, source))?;
+    let fd = sys::map_create(map_type, key, value as u32, entries, None, name)
+        .map_err(|source| pin_error(path, source))?;
     sys::obj_pin(fd.as_fd(), path).map_err(|source| pin_error(path, source))?;
     MapData::from_fd(fd).map_err(|e| pin_error(path, io::Error::other(e)))
 }
@@ -400,7 +603,7 @@ pub fn remove(dir: &Path, interfaces: &[String]) -> Result<Removed, DatapathErro
                 std::fs::remove_dir_all(&path).map_err(|source| pin_error(&path, source))?;
             }
         }
-        for name in [pins::AGENT, pins::SLOT_IDS] {
+        for name in [pins::AGENT, pins::SLOT_IDS, pins::LAYOUTS] {
             let path = dir.join(name);
             if path.exists() {
                 std::fs::remove_file(&path).map_err(|source| pin_error(&path, source))?;

@@ -424,6 +424,13 @@ impl Datapath {
         // flip: no program may still be reading it.
         self.quiesce()?;
         self.reset_slots(&compiled.new_slots)?;
+        if let Some(pins) = &self.pins {
+            // Before the flip, so that the record is never behind a
+            // generation packets have seen (a recreated CONFIG starts from
+            // it); and before the standby half changes, which it then no
+            // longer says is a copy of the active one.
+            pins.stamp(generation, false)?;
+        }
         self.write_half(new, compiled, generation, &epochs)?;
         // The flip: one CONFIG write whose only changed word is `active`.
         let mut flipped = self.config;
@@ -467,7 +474,12 @@ impl Datapath {
         };
         self.quiesce()?;
         let epochs = self.epochs.clone();
-        self.write_half(1 - self.config.active, active, self.generation, &epochs)
+        self.write_half(1 - self.config.active, active, self.generation, &epochs)?;
+        if let Some(pins) = &self.pins {
+            // A restarted agent reads back one half instead of two.
+            pins.stamp(self.generation, true)?;
+        }
+        Ok(())
     }
 
     /// Waits, once per flip, for the programs that may still use the half

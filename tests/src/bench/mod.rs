@@ -15,6 +15,7 @@ pub mod events;
 pub mod kernel;
 pub mod policy;
 pub mod report;
+pub mod restart;
 pub mod scale;
 pub mod tcp;
 pub mod xdp_filter;
@@ -53,7 +54,8 @@ pub struct Options {
     pub rounds: usize,
     pub out: PathBuf,
     /// Groups to run (all but `tcp-burst` when empty): `kernel`, `e2e`,
-    /// `cost`, `accuracy`, `tcp`, `policy`, `control`, `events`, `tcp-burst`.
+    /// `cost`, `accuracy`, `tcp`, `policy`, `control`, `events`, `restart`,
+    /// `tcp-burst`.
     pub only: Vec<String>,
 }
 
@@ -114,7 +116,7 @@ pub fn main() -> std::process::ExitCode {
     };
     // One group at a time: each needs the machine to itself. The last one
     // runs only when named: it is how a default was chosen, not a figure.
-    let groups: [(&str, Group, bool); 9] = [
+    let groups: [(&str, Group, bool); 10] = [
         ("kernel", kernel::run, true),
         ("e2e", e2e::run, true),
         ("cost", cost::run, true),
@@ -123,6 +125,7 @@ pub fn main() -> std::process::ExitCode {
         ("policy", policy::run, true),
         ("control", control::run, true),
         ("events", events::run, true),
+        ("restart", restart::run, true),
         ("tcp-burst", tcp::sweep, false),
     ];
     for (name, run, by_default) in groups {
@@ -163,7 +166,7 @@ fn usage(problem: &str) -> ! {
         eprintln!("mmesh-bench: {problem}");
     }
     eprintln!(
-        "usage: mmesh-bench [--quick] [--rounds N] [--out DIR] [--only GROUP]...\ngroups: kernel e2e cost accuracy tcp policy control events (and tcp-burst, only when named)"
+        "usage: mmesh-bench [--quick] [--rounds N] [--out DIR] [--only GROUP]...\ngroups: kernel e2e cost accuracy tcp policy control events restart (and tcp-burst, only when named)"
     );
     std::process::exit(if problem.is_empty() { 0 } else { 2 });
 }

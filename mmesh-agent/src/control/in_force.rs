@@ -1,0 +1,303 @@
+//! The control-plane policy in force: the message held (for deltas), the
+//! validated policy it made, and which account owns each prefix — so that a
+//! delta that changes a few accounts is validated by validating those
+//! accounts, not the whole policy again.
+//!
+//! A delta that changes only accounts validates its upserted accounts on
+//! the files' own path (a small document with the held `defaults` and
+//! those accounts), then checks what involves the other accounts: prefix
+//! ownership. Ids are unique by construction (the held index). Capacity is
+//! checked by the compiler, as for every policy. A delta that replaces
+//! `global` or `defaults` is validated whole.
+
+use std::sync::Arc;
+
+use ipnet::IpNet;
+
+use super::{
+    convert,
+    held::{DeltaError, Held, replay},
+    proto,
+};
+use crate::policy::{Account, Policy, PolicyError, ReadLimits, quote};
+
+/// A validated control-plane policy and what it was made from.
+#[derive(Clone, Debug)]
+pub struct InForce {
+    pub held: Held,
+    pub policy: Policy,
+    /// The account id owning each account prefix.
+    owners: imbl::HashMap<IpNet, Arc<str>>,
+}
+
+/// Why a message cannot become the policy in force.
+#[derive(Debug)]
+pub enum Refusal {
+    /// A delta against another version than the one held.
+    Base { held: String, base: String },
+    /// Every problem, as `policy validate` words them.
+    Problems(Vec<proto::Problem>),
+}
+
+impl From<DeltaError> for Refusal {
+    fn from(e: DeltaError) -> Self {
+        match e {
+            DeltaError::Base { held, base } => Self::Base { held, base },
+            DeltaError::Problems(p) => Self::Problems(p),
+        }
+    }
+}
+
+impl From<&PolicyError> for Refusal {
+    fn from(e: &PolicyError) -> Self {
+        Self::Problems(convert::problems(e))
+    }
+}
+
+/// How a policy from the control plane is named in messages.
+fn source_name(version: &str) -> String {
+    format!(
+        "control-plane version {}",
+        crate::sink::escape_controls(version)
+    )
+}
+
+impl InForce {
+    /// Validates a whole held message (a snapshot, the last-known-good
+    /// file, a delta of `global` or `defaults`).
+    pub fn validate(held: Held, limits: &ReadLimits) -> Result<Self, PolicyError> {
+        let text = convert::document(
+            held.global(),
+            held.defaults(),
+            held.accounts(),
+            &held.version,
+        );
+        let policy = Policy::parse_with(
+            &text,
+            &source_name(&held.version),
+            std::path::Path::new("/nonexistent"),
+            limits,
+        )?;
+        let owners = policy
+            .accounts
+            .iter()
+            .flat_map(|a| {
+                let id: Arc<str> = a.id.as_str().into();
+                prefixes(a).map(move |net| (net, id.clone()))
+            })
+            .collect();
+        Ok(Self {
+            held,
+            policy,
+            owners,
+        })
+    }
+
+    /// What `delta` on top of this makes, validated.
+    pub fn delta(&self, delta: &proto::Delta, limits: &ReadLimits) -> Result<Self, Refusal> {
+        let (held, steps) = self.held.with_delta(delta)?;
+        if delta.global.is_some() || delta.defaults.is_some() {
+            return Self::validate(held, limits).map_err(|e| Refusal::from(&e));
+        }
+        // The upserted accounts, validated as accounts of a policy with the
+        // held defaults.
+        let name = source_name(&delta.version);
+        let text = convert::document(
+            None,
+            held.defaults(),
+            delta.upsert_accounts.iter(),
+            &delta.version,
+        );
+        let upserts =
+            Policy::parse_with(&text, &name, std::path::Path::new("/nonexistent"), limits)
+                .map_err(|e| Refusal::Problems(upsert_paths(convert::problems(&e))))?
+                .accounts;
+        // Prefixes owned by accounts the delta leaves alone.
+        let leaving: std::collections::HashSet<&str> = delta
+            .remove_accounts
+            .iter()
+            .map(String::as_str)
+            .chain(delta.upsert_accounts.iter().map(|a| a.id.as_str()))
+            .collect();
+        let mut problems = Vec::new();
+        for (k, account) in upserts.iter().enumerate() {
+            for net in prefixes(account) {
+                if let Some(owner) = self.owners.get(&net)
+                    && **owner != *account.id
+                    && !leaving.contains(&**owner)
+                {
+                    problems.push(proto::Problem {
+                        path: format!("upsert_accounts[{k}].prefixes"),
+                        message: format!(
+                            "prefix {net} is also owned by account {}; an address belongs to one account (nested prefixes are allowed, the most specific wins)",
+                            quote(owner)
+                        ),
+                    });
+                }
+            }
+        }
+        if !problems.is_empty() {
+            return Err(Refusal::Problems(problems));
+        }
+        let mut policy = Policy {
+            source: name,
+            version: Some(delta.version.clone()),
+            global: self.policy.global.clone(),
+            accounts: self.policy.accounts.clone(),
+        };
+        let mut owners = self.owners.clone();
+        replay(&mut policy.accounts, &steps, &upserts, |gone| {
+            for net in prefixes(&gone) {
+                if owners.get(&net).is_some_and(|o| **o == *gone.id) {
+                    owners.remove(&net);
+                }
+            }
+        });
+        for account in &upserts {
+            let id: Arc<str> = account.id.as_str().into();
+            for net in prefixes(account) {
+                owners.insert(net, id.clone());
+            }
+        }
+        Ok(Self {
+            held,
+            policy,
+            owners,
+        })
+    }
+}
+
+fn prefixes(a: &Account) -> impl Iterator<Item = IpNet> + '_ {
+    a.prefixes_v4
+        .iter()
+        .map(|n| IpNet::V4(*n))
+        .chain(a.prefixes_v6.iter().map(|n| IpNet::V6(*n)))
+}
+
+/// Problems of the upsert document, with its `accounts[i]` named as the
+/// delta's `upsert_accounts[i]`.
+fn upsert_paths(problems: Vec<proto::Problem>) -> Vec<proto::Problem> {
+    problems
+        .into_iter()
+        .map(|mut p| {
+            if let Some(rest) = p.path.strip_prefix("accounts") {
+                p.path = format!("upsert_accounts{rest}");
+            }
+            p
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn account(id: &str, prefixes: &[&str]) -> proto::Account {
+        proto::Account {
+            id: id.into(),
+            prefixes: prefixes.iter().map(|p| (*p).into()).collect(),
+            ..proto::Account::default()
+        }
+    }
+
+    fn in_force() -> InForce {
+        let message = proto::Policy {
+            defaults: Some(proto::Defaults {
+                mode: None,
+                limits: Some(proto::Limits {
+                    inbound: Some(proto::DirLimits {
+                        pps: Some("1k".into()),
+                        ..proto::DirLimits::default()
+                    }),
+                    outbound: None,
+                }),
+            }),
+            accounts: vec![
+                account("a", &["10.0.0.1"]),
+                account("b", &["10.0.0.2", "fd00::2"]),
+                account("c", &["10.0.0.3"]),
+            ],
+            ..proto::Policy::default()
+        };
+        InForce::validate(Held::snapshot("v1".into(), message), &ReadLimits::default())
+            .expect("valid")
+    }
+
+    fn delta(upserts: Vec<proto::Account>, removes: &[&str]) -> proto::Delta {
+        proto::Delta {
+            version: "v2".into(),
+            base_version: "v1".into(),
+            upsert_accounts: upserts,
+            remove_accounts: removes.iter().map(|r| (*r).into()).collect(),
+            ..proto::Delta::default()
+        }
+    }
+
+    /// The incremental result is what validating the whole new message
+    /// gives: same accounts (fingerprints included), same order.
+    #[test]
+    fn a_delta_validates_to_what_the_whole_message_would() {
+        let base = in_force();
+        let d = delta(
+            vec![account("b", &["10.0.0.20"]), account("d", &["10.0.0.1"])],
+            &["a"],
+        );
+        let next = base.delta(&d, &ReadLimits::default()).expect("valid delta");
+        let whole = InForce::validate(next.held.clone(), &ReadLimits::default()).expect("valid");
+        assert_eq!(next.policy.accounts, whole.policy.accounts);
+        assert_eq!(next.policy.global, whole.policy.global);
+        let ids: Vec<&str> = next.policy.accounts.iter().map(|a| a.id.as_str()).collect();
+        assert_eq!(ids, ["c", "b", "d"]);
+        // The defaults reached the new account.
+        assert_eq!(
+            next.policy.accounts[2]
+                .inbound
+                .and_then(|l| l.pps)
+                .map(|r| r.rate),
+            Some(1000)
+        );
+        // b's old prefixes are free again, d owns a's.
+        let again = next
+            .delta(
+                &proto::Delta {
+                    version: "v3".into(),
+                    base_version: "v2".into(),
+                    upsert_accounts: vec![account("e", &["fd00::2"])],
+                    ..proto::Delta::default()
+                },
+                &ReadLimits::default(),
+            )
+            .expect("fd00::2 is free since v2");
+        assert_eq!(again.policy.accounts.len(), 4);
+    }
+
+    #[test]
+    fn a_delta_is_refused_for_a_prefix_another_account_keeps_or_a_bad_value() {
+        let base = in_force();
+        let mut bad = account("d", &["10.0.0.2"]);
+        bad.mode = Some("loud".into());
+        let Err(Refusal::Problems(problems)) =
+            base.delta(&delta(vec![bad], &[]), &ReadLimits::default())
+        else {
+            panic!("refused");
+        };
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].path, "upsert_accounts[0].mode");
+        let Err(Refusal::Problems(problems)) = base.delta(
+            &delta(vec![account("d", &["10.0.0.2"])], &[]),
+            &ReadLimits::default(),
+        ) else {
+            panic!("refused");
+        };
+        assert_eq!(problems[0].path, "upsert_accounts[0].prefixes");
+        assert!(problems[0].message.contains("\"b\""), "{problems:?}");
+        // Removing b in the same delta frees its prefix.
+        assert!(
+            base.delta(
+                &delta(vec![account("d", &["10.0.0.2"])], &["b"]),
+                &ReadLimits::default()
+            )
+            .is_ok()
+        );
+    }
+}
