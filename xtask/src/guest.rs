@@ -110,7 +110,7 @@ pub fn test(agent: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn is_installed(package: &str) -> bool {
+pub fn is_installed(package: &str) -> bool {
     Command::new("dpkg-query")
         .args(["-W", "-f", "${Status}", package])
         .output()

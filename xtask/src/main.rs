@@ -155,6 +155,27 @@ fn build(release: bool) -> anyhow::Result<PathBuf> {
         .join("mmesh-agent"))
 }
 
+/// The control-plane tests run a real etcd: Debian's `etcd-server`,
+/// installed when missing (the test suite runs as root).
+fn ensure_etcd() -> anyhow::Result<()> {
+    if guest::is_installed("etcd-server") {
+        return Ok(());
+    }
+    eprintln!("xtask: installing etcd-server (the control-plane tests run a real etcd)");
+    status(Command::new("apt-get").args(["update", "-q"]))?;
+    status(
+        Command::new("apt-get")
+            .args([
+                "install",
+                "-y",
+                "-q",
+                "--no-install-recommends",
+                "etcd-server",
+            ])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
 fn is_root() -> bool {
     // SAFETY: no preconditions.
     unsafe { libc::geteuid() == 0 }
@@ -249,15 +270,28 @@ fn test(no_lint: bool, args: &[String]) -> anyhow::Result<()> {
                 ),
         )?;
     }
+    ensure_etcd()?;
     let agent = build(false)?;
-    eprintln!("xtask: tests (host, BPF_PROG_TEST_RUN, network namespaces)");
+    // The control-plane tests (tests/tests/controlplane.rs) run the binary.
+    status(cargo().args([
+        "build",
+        "--package",
+        "mmesh-controlplane",
+        "--bin",
+        "mmesh-controlplane",
+    ]))?;
+    let controlplane = Path::new("target/debug/mmesh-controlplane");
+    eprintln!("xtask: tests (host, BPF_PROG_TEST_RUN, network namespaces, control plane)");
     let agent =
         std::fs::canonicalize(&agent).with_context(|| format!("finding {}", agent.display()))?;
+    let controlplane = std::fs::canonicalize(controlplane)
+        .with_context(|| format!("finding {}", controlplane.display()))?;
     status(
         cargo()
             .args(["test", "--workspace", "--exclude", "mmesh-ebpf"])
             .args(args)
-            .env("MMESH_AGENT_BIN", agent),
+            .env("MMESH_AGENT_BIN", agent)
+            .env("MMESH_CONTROLPLANE_BIN", controlplane),
     )?;
     if args.is_empty() {
         // So that the harness cannot rot: every scenario once, briefly; the
