@@ -100,6 +100,7 @@ impl PolicyStream for Service {
             tx,
             catalog: self.catalog.clone(),
             heartbeat: self.heartbeat,
+            agent_heartbeat: None,
             held_version: String::new(),
             held: None,
             in_flight: None,
@@ -177,6 +178,8 @@ struct Session {
     tx: mpsc::Sender<Result<ControlMessage, Status>>,
     catalog: watch::Receiver<Arc<Catalog>>,
     heartbeat: Duration,
+    /// The agent's heartbeat interval, from its Hello (when it said).
+    agent_heartbeat: Option<Duration>,
     /// The version the agent enforces, as it last said ("" for none from a
     /// control plane).
     held_version: String,
@@ -262,6 +265,8 @@ impl Session {
         }
         self.node = hello.node;
         self.accepts_delta = hello.accepts.iter().any(|a| a == "delta");
+        self.agent_heartbeat = (hello.heartbeat_millis > 0)
+            .then(|| Duration::from_millis(u64::from(hello.heartbeat_millis)));
         self.held_version = hello.policy_version;
         tracing::info!(
             "{}: connected from {}, agent {}, enforcing {:?}",
@@ -304,8 +309,17 @@ impl Session {
         inbound: &mut Streaming<AgentMessage>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> End {
-        let start = tokio::time::Instant::now() + self.heartbeat;
-        let mut ticks = tokio::time::interval_at(start, self.heartbeat);
+        // Beats at least as often as the agent's, which gives up after
+        // three of its own; silence judged on the larger of the two.
+        let (every, silence) = match self.agent_heartbeat {
+            Some(agent) => (
+                self.heartbeat.min(agent),
+                MISSED_HEARTBEATS * self.heartbeat.max(agent),
+            ),
+            None => (self.heartbeat, MISSED_HEARTBEATS * self.heartbeat),
+        };
+        let start = tokio::time::Instant::now() + every;
+        let mut ticks = tokio::time::interval_at(start, every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_heard = Instant::now();
         loop {
@@ -324,7 +338,6 @@ impl Session {
                 },
                 _ = shutdown.changed() => Err(End::Shutdown),
                 _ = ticks.tick() => {
-                    let silence = self.heartbeat * MISSED_HEARTBEATS;
                     if last_heard.elapsed() > silence {
                         Err(End::Silent(silence))
                     } else {

@@ -276,6 +276,7 @@ pub fn hello(node: &str, policy_version: &str) -> proto::Hello {
         policy_version: policy_version.into(),
         generation: 0,
         accepts: vec!["delta".into()],
+        heartbeat_millis: 0,
     }
 }
 

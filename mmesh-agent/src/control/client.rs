@@ -298,6 +298,7 @@ impl Client {
             policy_version: self.version().to_owned(),
             generation: self.generation,
             accepts: vec!["delta".into()],
+            heartbeat_millis: u32::try_from(self.opts.heartbeat.as_millis()).unwrap_or(u32::MAX),
         }
     }
 
