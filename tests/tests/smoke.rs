@@ -1,9 +1,11 @@
 //! A short end-to-end run that means the same on every kernel: the real
 //! agent attaches to a veth (TCX links from Linux 6.6, the clsact qdisc
 //! before), a block list drops, a bit-rate limit admits its burst and no
-//! more, and stopping detaches everything it added. It runs on the host with
-//! the rest of the suite and, through `cargo xtask test --kernel 6.1`,
-//! inside a 6.1 guest, where the clsact path is the one taken.
+//! more, and stopping detaches everything it added; pinned, the programs,
+//! the block list and the rate-limit state stay through a restart, and
+//! `detach` removes them. It runs on the host with the rest of the suite
+//! and inside a 6.1 guest (xtask/src/guest.rs), where the clsact path is
+//! the one taken.
 //!
 //! Nothing here depends on timing: the rate limit is 16 bit/s, so no pause
 //! of a slow (emulated) machine refills a frame's worth of tokens.
@@ -17,7 +19,8 @@ use std::{
 };
 
 use mmesh_tests::netns::{
-    Agent, HOST_IF, NetNs, Pace, PolicyFile, Topology, UdpSink, run, send_udp,
+    Agent, HOST_IF, NetNs, Pace, PinDir, PolicyFile, Topology, UdpSink, run, run_agent_to_exit,
+    send_udp,
 };
 
 const ALPHA: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 0, 10));
@@ -83,12 +86,15 @@ fn tc_programs(topo: &Topology) -> Vec<String> {
     if !has_clsact(&topo.host) {
         return Vec::new();
     }
+    // One line per filter, which names its program twice (the filter's
+    // name, then the program's: `... handle 0x1 tc_inbound direct-action
+    // not_in_hw id 12 name tc_inbound tag ...`).
     ["ingress", "egress"]
         .iter()
         .flat_map(|side| {
             tc(&topo.host, &["filter", "show", "dev", HOST_IF, side])
-                .split_whitespace()
-                .filter(|w| w.starts_with("tc_"))
+                .lines()
+                .filter_map(|line| line.split_whitespace().find(|w| w.starts_with("tc_")))
                 .map(str::to_owned)
                 .collect::<Vec<_>>()
         })
@@ -179,4 +185,98 @@ fn a_clsact_qdisc_that_was_there_stays() {
     let topo = topology("smk2");
     tc(&topo.host, &["qdisc", "add", "dev", HOST_IF, "clsact"]);
     attach_block_limit_detach(&topo, true);
+}
+
+/// Pinned: the programs outlive the agent (TCX links, or clsact filters
+/// before 6.6) and keep blocking; a second agent adopts them, the block
+/// list still drops and the bit-rate limit's bucket is the one the first
+/// agent emptied; `detach` removes programs, pins and the clsact qdisc the
+/// agent added.
+#[test]
+fn pins_survive_a_restart_and_detach_removes_everything() {
+    let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
+    let topo = topology("smk3");
+    let pins = PinDir::new("smoke");
+    let policy = PolicyFile::new("smoke-pinned", POLICY);
+    let dir = pins.dir().display().to_string();
+    let args: Vec<String> = [
+        "run",
+        "--policy",
+        &policy.path().display().to_string(),
+        "--interface",
+        &format!("{HOST_IF}:uplink"),
+        "--summary-interval",
+        "1",
+        "--bpffs",
+        &dir,
+    ]
+    .map(String::from)
+    .to_vec();
+
+    let mut agent = Agent::start_with_args(&topo.host, &args);
+    assert_eq!(tc_programs(&topo), ["tc_inbound", "tc_outbound"]);
+    assert_eq!(arrivals(&topo.remote, BLOCKED, &topo.host, ALPHA), 0);
+    // The burst: two 1000-byte frames; the bucket is empty afterwards.
+    assert_eq!(arrivals(&topo.host, ALPHA, &topo.remote, ORDINARY), 2);
+    assert!(agent.stop().success(), "the agent exits 0 on SIGTERM");
+
+    assert_eq!(
+        tc_programs(&topo),
+        ["tc_inbound", "tc_outbound"],
+        "still attached after the agent stopped"
+    );
+    assert_eq!(
+        arrivals(&topo.remote, BLOCKED, &topo.host, ALPHA),
+        0,
+        "still blocking without an agent"
+    );
+
+    let mut agent = Agent::start_with_args(&topo.host, &args);
+    assert!(
+        agent
+            .logs()
+            .iter()
+            .any(|l| l.contains("adopted (programs replaced in place)")),
+        "the second agent adopts the programs:\n{}",
+        agent.logs().join("\n")
+    );
+    assert_eq!(
+        tc_programs(&topo),
+        ["tc_inbound", "tc_outbound"],
+        "adopted, not attached a second time"
+    );
+    assert_eq!(arrivals(&topo.remote, BLOCKED, &topo.host, ALPHA), 0);
+    assert_eq!(
+        arrivals(&topo.remote, ORDINARY, &topo.host, ALPHA),
+        PACKETS,
+        "ordinary traffic passes"
+    );
+    assert_eq!(
+        arrivals(&topo.host, ALPHA, &topo.remote, ORDINARY),
+        0,
+        "the rate-limit state survived: the bucket the first agent emptied refills a frame in 500 s"
+    );
+    assert!(agent.stop().success(), "the agent exits 0 on SIGTERM");
+
+    let out = run_agent_to_exit(
+        &topo.host,
+        &["detach", "--bpffs", &dir],
+        Duration::from_secs(20),
+    );
+    assert!(
+        out.status.success(),
+        "detach: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(tc_programs(&topo).is_empty(), "no program after detach");
+    assert!(
+        !has_clsact(&topo.host),
+        "no clsact qdisc after detach (there was none before)"
+    );
+    assert!(pins.pins().is_empty(), "no pin left: {:?}", pins.pins());
+    assert_eq!(
+        arrivals(&topo.remote, BLOCKED, &topo.host, ALPHA),
+        PACKETS,
+        "nothing is blocked after detach"
+    );
 }

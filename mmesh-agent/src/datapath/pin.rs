@@ -240,7 +240,17 @@ impl Pins {
             .join(format!("{}:{ifindex}:{side}", encode(interface)))
     }
 
-    /// The pinned links.
+    /// The pin of mmesh's clsact filter on `side` of a device (before TCX).
+    pub(super) fn filter_path(&self, interface: &str, ifindex: u32, side: &str) -> PathBuf {
+        self.link_path(interface, ifindex, &format!("{side}:{}", pins::FILTER))
+    }
+
+    /// The pin saying that an agent added the device's clsact qdisc.
+    pub(super) fn qdisc_path(&self, interface: &str, ifindex: u32) -> PathBuf {
+        self.link_path(interface, ifindex, pins::QDISC)
+    }
+
+    /// The pinned links (and, before TCX, filters and qdiscs).
     pub(super) fn link_pins(&self) -> Vec<PathBuf> {
         list(&self.dir.join(pins::LINKS))
     }
@@ -276,7 +286,7 @@ fn decode(name: &str) -> String {
 }
 
 /// The interface of a link pin's file name.
-fn pin_interface(name: &str) -> String {
+pub(super) fn pin_interface(name: &str) -> String {
     decode(name.split(':').next().unwrap_or_default())
 }
 
@@ -382,14 +392,17 @@ pub fn remove(dir: &Path, interfaces: &[String]) -> Result<Removed, DatapathErro
         return Ok(removed);
     }
     let held = lock(dir)?;
-    for path in list(&dir.join(pins::LINKS)) {
+    let mut links = list(&dir.join(pins::LINKS));
+    // A device's qdisc after its filters (false sorts first).
+    links.sort_by_key(|p| p.to_string_lossy().ends_with(pins::QDISC));
+    for path in links {
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let interface = pin_interface(&name);
         if interfaces.is_empty() || interfaces.contains(&interface) {
-            std::fs::remove_file(&path).map_err(|source| pin_error(&path, source))?;
+            super::attach::release_pin(&path).map_err(|source| pin_error(&path, source))?;
             removed.links.push(name);
         }
     }
