@@ -230,6 +230,19 @@ fn pins_survive_a_restart_and_detach_removes_everything() {
         0,
         "still blocking without an agent"
     );
+    let pinned = pins.pins();
+    let links: Vec<&String> = pinned.iter().filter(|p| p.starts_with("links/")).collect();
+    if kernel_has_tcx() {
+        assert_eq!(links.len(), 2, "a TCX link pinned per side: {pinned:?}");
+    } else {
+        // The programs of the two filters, and the qdisc the agent added.
+        assert_eq!(links.len(), 3, "filters and qdisc pinned: {pinned:?}");
+        assert!(
+            links.iter().filter(|p| p.ends_with(":filter")).count() == 2
+                && links.iter().any(|p| p.ends_with(":clsact")),
+            "filters and qdisc pinned: {pinned:?}"
+        );
+    }
 
     let mut agent = Agent::start_with_args(&topo.host, &args);
     assert!(

@@ -1,5 +1,6 @@
-//! `cargo xtask test --kernel 6.1`: the kernel and end-to-end tests inside a
-//! Linux 6.1 guest (Debian 12's kernel), booted with virtme-ng under QEMU.
+//! The last stage of `cargo xtask test` (alone: `cargo xtask test --kernel
+//! 6.1`): the kernel and end-to-end tests inside a Linux 6.1 guest (Debian
+//! 12's kernel), booted with virtme-ng under QEMU.
 //!
 //! The host kernel has TCX (6.6+); 6.1 has only the clsact qdisc, an older
 //! verifier and older helpers, and the only way to see what the agent does
@@ -10,9 +11,10 @@
 //! host's `ip` and `tc`.
 //!
 //! Nested KVM fails on the machines this runs on (`failed to set MSR
-//! 0x10a`), so QEMU emulates the CPU (TCG): slow, and with a clock that
-//! says nothing about the speed of a real machine, and verifying the
-//! datapath takes minutes: a selection of tests runs there ([`SELECTED`]).
+//! 0x10a`), so QEMU emulates the CPU (TCG): slow (loading the datapath,
+//! most of it the verifier, takes seconds per test), and with a clock that
+//! says nothing about the speed of a real machine: tests that compare
+//! rates with wall-clock time are left out ([`SELECTED`]).
 //!
 //! Everything is installed when missing and only checked when present:
 //! the Debian packages (`apt-get`), and virtme-ng from `PyPI` in a virtualenv
@@ -76,9 +78,12 @@ pub const SELECTED: [(&str, Selection); 2] = [
 ];
 
 /// How long an agent in the guest may take to be running (the
-/// end-to-end tests' `MMESH_AGENT_READY_TIMEOUT`): the verifier alone took
-/// over two minutes under TCG.
+/// end-to-end tests' `MMESH_AGENT_READY_TIMEOUT`): generous, as the
+/// emulated CPU is slow and shared (an agent took about 40 s to start).
 const GUEST_AGENT_READY_SECS: u32 = 600;
+
+/// CPUs of the guest (QEMU runs one thread per CPU under TCG).
+const GUEST_CPUS: u32 = 2;
 
 /// The kernel versions `--kernel` accepts.
 pub const KERNELS: [&str; 1] = ["6.1"];
@@ -277,8 +282,7 @@ fn test_binaries() -> anyhow::Result<Vec<(String, PathBuf)>> {
 }
 
 /// Writes the script the guest runs: each binary with its [`SELECTED`]
-/// tests, one test at a time, then an exit status that says whether all
-/// passed.
+/// tests, then an exit status that says whether all passed.
 fn write_script(agent: &Path, binaries: &[(String, PathBuf)]) -> anyhow::Result<PathBuf> {
     let dir = Path::new("target").join("guest");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -294,7 +298,8 @@ fn write_script(agent: &Path, binaries: &[(String, PathBuf)]) -> anyhow::Result<
         agent.display()
     );
     for (target, binary) in binaries {
-        let _ = write!(text, "'{}' --test-threads=1", binary.display());
+        // As many threads as the guest has CPUs.
+        let _ = write!(text, "'{}' --test-threads={GUEST_CPUS}", binary.display());
         for (_, selection) in SELECTED.iter().filter(|(t, _)| t == target) {
             match selection {
                 Selection::All => {}
@@ -330,7 +335,9 @@ fn run_guest(vng_bin: &Path, kernel: &Path, script: &Path) -> anyhow::Result<()>
     let mut child = Command::new(vng_bin.join("vng"))
         .arg("--run")
         .arg(kernel)
-        .args(["--disable-kvm", "--memory", "2G", "--cpus", "2", "--"])
+        .args(["--disable-kvm", "--memory", "2G", "--cpus"])
+        .arg(GUEST_CPUS.to_string())
+        .arg("--")
         .arg(format!("sh {}", script.display()))
         .env("PATH", path)
         .stdin(Stdio::null())

@@ -224,8 +224,9 @@ impl Datapath {
         let tx_path = path(pins::TRANSMIT);
         let qdisc_pin = (!tcx).then(|| pins.qdisc_path(&spec.name, ifindex));
         if let Some(qdisc_pin) = &qdisc_pin {
-            // Pinned before anything is attached: a crash in between leaves
-            // the qdisc marked as the agent's, for `detach` to remove.
+            // Marked right after it is added, before any filter: a crash
+            // while attaching leaves it marked as the agent's, for
+            // `detach` to remove.
             if add_clsact(&spec.name, tc_program(tx))? && !qdisc_pin.exists() {
                 let tc: &mut SchedClassifier = program(&mut self.ebpf, tc_program(tx))?;
                 tc.pin(qdisc_pin).map_err(|e| pin_error(qdisc_pin, e))?;
