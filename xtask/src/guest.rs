@@ -63,8 +63,10 @@ pub enum Selection {
 /// that measure rates against wall-clock time (packet refills after a
 /// sleep, the shared bucket with every CPU flooding), whose clock under TCG
 /// says nothing, and the million-prefix load, a capacity test. And the
-/// smoke test, which means the same on every kernel: the agent attaching
-/// through clsact, a block list, a bit-rate limit, detach.
+/// smoke tests, which mean the same on every kernel: the agent attaching
+/// through clsact, a block list, a bit-rate limit, detach; pinned, a
+/// restart that adopts the filters and keeps the rate-limit state, and
+/// `detach`.
 pub const SELECTED: [(&str, Selection); 2] = [
     (
         "datapath",
