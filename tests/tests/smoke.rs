@@ -18,6 +18,7 @@ use std::{
     time::Duration,
 };
 
+use aya::programs::{SchedClassifier, TcAttachType};
 use mmesh_tests::netns::{
     Agent, HOST_IF, NetNs, Pace, PinDir, PolicyFile, Topology, UdpSink, run, run_agent_to_exit,
     send_udp,
@@ -69,21 +70,37 @@ fn tc(ns: &NetNs, args: &[&str]) -> String {
 }
 
 fn has_clsact(ns: &NetNs) -> bool {
-    tc(ns, &["qdisc", "show", "dev", HOST_IF]).contains("clsact")
+    has_clsact_on(ns, HOST_IF)
 }
 
-/// The names of the programs attached to [`HOST_IF`] on TC: from the TCX
-/// lists, or from the clsact filters before TCX.
+fn has_clsact_on(ns: &NetNs, dev: &str) -> bool {
+    tc(ns, &["qdisc", "show", "dev", dev]).contains("clsact")
+}
+
+/// The names of the programs attached to [`HOST_IF`] on TC.
 fn tc_programs(topo: &Topology) -> Vec<String> {
+    tc_programs_on(topo, HOST_IF)
+}
+
+/// The names of the programs attached to `dev` of the host namespace on
+/// TC: from the TCX lists, or from the clsact filters before TCX.
+fn tc_programs_on(topo: &Topology, dev: &str) -> Vec<String> {
     if kernel_has_tcx() {
-        return topo
-            .host_programs()
+        return [TcAttachType::Ingress, TcAttachType::Egress]
             .into_iter()
-            .filter(|(hook, _)| hook.starts_with("tcx"))
-            .map(|(_, name)| name)
+            .flat_map(|side| {
+                let (_, infos) = topo
+                    .host
+                    .enter(|| SchedClassifier::query_tcx(dev, side))
+                    .unwrap_or_else(|e| panic!("querying the TCX programs of {dev}: {e}"));
+                infos
+                    .iter()
+                    .map(|i| i.name_as_str().unwrap_or("?").to_owned())
+                    .collect::<Vec<_>>()
+            })
             .collect();
     }
-    if !has_clsact(&topo.host) {
+    if !has_clsact_on(&topo.host, dev) {
         return Vec::new();
     }
     // One line per filter, which names its program twice (the filter's
@@ -92,7 +109,7 @@ fn tc_programs(topo: &Topology) -> Vec<String> {
     ["ingress", "egress"]
         .iter()
         .flat_map(|side| {
-            tc(&topo.host, &["filter", "show", "dev", HOST_IF, side])
+            tc(&topo.host, &["filter", "show", "dev", dev, side])
                 .lines()
                 .filter_map(|line| line.split_whitespace().find(|w| w.starts_with("tc_")))
                 .map(str::to_owned)
@@ -187,11 +204,55 @@ fn a_clsact_qdisc_that_was_there_stays() {
     attach_block_limit_detach(&topo, true);
 }
 
+/// A second interface of the pinned test, for its first agent only: one
+/// end of a veth pair of the host namespace (its receive program is on TC
+/// too).
+const SPARE_IF: &str = "mmspare0";
+
+/// `run` pinned in `dir`, with `interfaces` as uplinks.
+fn pinned_args(policy: &PolicyFile, dir: &str, interfaces: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "run",
+        "--policy",
+        &policy.path().display().to_string(),
+        "--summary-interval",
+        "1",
+        "--bpffs",
+        dir,
+    ]
+    .map(String::from)
+    .to_vec();
+    for interface in interfaces {
+        args.extend(["--interface".to_owned(), format!("{interface}:uplink")]);
+    }
+    args
+}
+
+/// What `devices` attached devices leave pinned under `links/`: a TCX link
+/// per side, or before TCX the programs of the two filters and the qdisc
+/// the agent added.
+fn assert_links_pinned(pins: &PinDir, devices: usize) {
+    let pinned = pins.pins();
+    let links: Vec<&String> = pinned.iter().filter(|p| p.starts_with("links/")).collect();
+    let count = |suffix: &str| links.iter().filter(|p| p.ends_with(suffix)).count();
+    if kernel_has_tcx() {
+        assert_eq!(links.len(), 2 * devices, "TCX links pinned: {pinned:?}");
+    } else {
+        assert!(
+            links.len() == 3 * devices
+                && count(":filter") == 2 * devices
+                && count(":clsact") == devices,
+            "filters and qdiscs pinned: {pinned:?}"
+        );
+    }
+}
+
 /// Pinned: the programs outlive the agent (TCX links, or clsact filters
 /// before 6.6) and keep blocking; a second agent adopts them, the block
 /// list still drops and the bit-rate limit's bucket is the one the first
-/// agent emptied; `detach` removes programs, pins and the clsact qdisc the
-/// agent added.
+/// agent emptied, and what was attached to an interface it is no longer
+/// told to use goes; `detach` removes programs, pins and the clsact qdisc
+/// the agent added.
 #[test]
 fn pins_survive_a_restart_and_detach_removes_everything() {
     let _serial = SERIAL.lock().unwrap_or_else(PoisonError::into_inner);
@@ -199,22 +260,20 @@ fn pins_survive_a_restart_and_detach_removes_everything() {
     let pins = PinDir::new("smoke");
     let policy = PolicyFile::new("smoke-pinned", POLICY);
     let dir = pins.dir().display().to_string();
-    let args: Vec<String> = [
-        "run",
-        "--policy",
-        &policy.path().display().to_string(),
-        "--interface",
-        &format!("{HOST_IF}:uplink"),
-        "--summary-interval",
-        "1",
-        "--bpffs",
-        &dir,
-    ]
-    .map(String::from)
-    .to_vec();
+    topo.host.ip(&[
+        "link", "add", SPARE_IF, "type", "veth", "peer", "name", "mmspare1",
+    ]);
+    topo.host.ip(&["link", "set", SPARE_IF, "up"]);
 
-    let mut agent = Agent::start_with_args(&topo.host, &args);
+    let mut agent = Agent::start_with_args(
+        &topo.host,
+        &pinned_args(&policy, &dir, &[HOST_IF, SPARE_IF]),
+    );
     assert_eq!(tc_programs(&topo), ["tc_inbound", "tc_outbound"]);
+    assert_eq!(
+        tc_programs_on(&topo, SPARE_IF),
+        ["tc_inbound", "tc_outbound"]
+    );
     assert_eq!(arrivals(&topo.remote, BLOCKED, &topo.host, ALPHA), 0);
     // The burst: two 1000-byte frames; the bucket is empty afterwards.
     assert_eq!(arrivals(&topo.host, ALPHA, &topo.remote, ORDINARY), 2);
@@ -230,21 +289,9 @@ fn pins_survive_a_restart_and_detach_removes_everything() {
         0,
         "still blocking without an agent"
     );
-    let pinned = pins.pins();
-    let links: Vec<&String> = pinned.iter().filter(|p| p.starts_with("links/")).collect();
-    if kernel_has_tcx() {
-        assert_eq!(links.len(), 2, "a TCX link pinned per side: {pinned:?}");
-    } else {
-        // The programs of the two filters, and the qdisc the agent added.
-        assert_eq!(links.len(), 3, "filters and qdisc pinned: {pinned:?}");
-        assert!(
-            links.iter().filter(|p| p.ends_with(":filter")).count() == 2
-                && links.iter().any(|p| p.ends_with(":clsact")),
-            "filters and qdisc pinned: {pinned:?}"
-        );
-    }
+    assert_links_pinned(&pins, 2);
 
-    let mut agent = Agent::start_with_args(&topo.host, &args);
+    let mut agent = Agent::start_with_args(&topo.host, &pinned_args(&policy, &dir, &[HOST_IF]));
     assert!(
         agent
             .logs()
@@ -257,6 +304,15 @@ fn pins_survive_a_restart_and_detach_removes_everything() {
         tc_programs(&topo),
         ["tc_inbound", "tc_outbound"],
         "adopted, not attached a second time"
+    );
+    assert!(
+        tc_programs_on(&topo, SPARE_IF).is_empty() && !has_clsact_on(&topo.host, SPARE_IF),
+        "nothing left on the interface the second agent is not told to use"
+    );
+    assert!(
+        !pins.pins().iter().any(|p| p.contains(SPARE_IF)),
+        "no pin of it left: {:?}",
+        pins.pins()
     );
     assert_eq!(arrivals(&topo.remote, BLOCKED, &topo.host, ALPHA), 0);
     assert_eq!(

@@ -250,9 +250,10 @@ impl Pins {
         self.link_path(interface, ifindex, pins::QDISC)
     }
 
-    /// The pinned links (and, before TCX, filters and qdiscs).
+    /// The pinned links (and, before TCX, filters and qdiscs), in the order
+    /// to release them in ([`release_order`]).
     pub(super) fn link_pins(&self) -> Vec<PathBuf> {
-        list(&self.dir.join(pins::LINKS))
+        release_order(list(&self.dir.join(pins::LINKS)))
     }
 
     /// Slot by account key ([`crate::compile::account_key`]) of the accounts
@@ -373,6 +374,15 @@ fn list(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// Pins of the `links` directory with the qdisc pins last: deleting a
+/// device's clsact qdisc first would take its filters along, and deleting
+/// those then fails.
+fn release_order(mut links: Vec<PathBuf>) -> Vec<PathBuf> {
+    // Stable, and false sorts first.
+    links.sort_by_key(|p| p.to_string_lossy().ends_with(&format!(":{}", pins::QDISC)));
+    links
+}
+
 /// What [`remove`] took away.
 #[derive(Debug, Default)]
 pub struct Removed {
@@ -392,10 +402,7 @@ pub fn remove(dir: &Path, interfaces: &[String]) -> Result<Removed, DatapathErro
         return Ok(removed);
     }
     let held = lock(dir)?;
-    let mut links = list(&dir.join(pins::LINKS));
-    // A device's qdisc after its filters (false sorts first).
-    links.sort_by_key(|p| p.to_string_lossy().ends_with(pins::QDISC));
-    for path in links {
+    for path in release_order(list(&dir.join(pins::LINKS))) {
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
