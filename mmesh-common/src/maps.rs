@@ -45,6 +45,13 @@ pub mod pins {
     pub const LINKS: &str = "links";
     pub const RECEIVE: &str = "receive";
     pub const TRANSMIT: &str = "transmit";
+    /// Before TCX (Linux 6.6) a TC program sits in a clsact filter, which
+    /// has no link: `IFNAME:IFINDEX:{receive,transmit}:filter` pins the
+    /// program of mmesh's filter on that side of the device.
+    pub const FILTER: &str = "filter";
+    /// `IFNAME:IFINDEX:clsact`: an agent added the device's clsact qdisc
+    /// (before TCX), and `detach` removes it.
+    pub const QDISC: &str = "clsact";
     /// A one-entry array the agent keeps (no program reads it): the format
     /// of the pin directory ([`FORMAT`]), the build identity of the object
     /// that made the pins, and the highest policy generation ever written.

@@ -65,37 +65,39 @@ fn hash(local: u32, remote: u32, direction: u8) -> u32 {
     h ^ (h >> 16)
 }
 
-/// The decision for `ends` in `direction` under `generation`: the cached one,
-/// or the one `decide` makes, which is then remembered; with the entry, in
-/// which the packet is counted if its final decision is the cached one.
+/// What [`lookup`] found for a packet's flow.
+pub enum Lookup {
+    /// The cached decision, with the entry (to count the packet in).
+    Hit(Decision, *mut FlowEntry),
+    /// No valid entry for this flow: the decision is to be made and then
+    /// [`remember`]ed in this entry (its old counts already flushed), or
+    /// nowhere if the cache has no entry at the index.
+    Miss(Option<*mut FlowEntry>),
+}
+
+/// The cached decision for `ends` in `direction` under `generation`, if any.
+///
+/// Lookup and [`remember`] are two functions, not one taking the checks as
+/// a closure: LLVM left such a closure out of line, a BPF-to-BPF call, and
+/// 6.1's verifier cannot follow precision across a call (it marks every
+/// scalar of the path precise instead, and then hardly prunes; later
+/// kernels follow precision into and out of subprograms).
 #[inline(always)]
-pub fn decision(
-    mask: u32,
-    generation: u64,
-    half: u32,
-    direction: u8,
-    ends: Ends,
-    decide: impl FnOnce() -> Decision,
-) -> (Decision, Option<*mut FlowEntry>) {
-    let (family, index) = match ends {
-        Ends::V4 { local, remote } => (
-            4,
-            hash(
-                u32::from_ne_bytes(local),
-                u32::from_ne_bytes(remote),
-                direction,
-            ),
+pub fn lookup(mask: u32, generation: u64, half: u32, direction: u8, ends: Ends) -> Lookup {
+    let index = match ends {
+        Ends::V4 { local, remote } => hash(
+            u32::from_ne_bytes(local),
+            u32::from_ne_bytes(remote),
+            direction,
         ),
-        Ends::V6 { local, remote } => (6, hash(fold(&local), fold(&remote), direction)),
+        Ends::V6 { local, remote } => hash(fold(&local), fold(&remote), direction),
     };
-    let tag = flow_tag(family, direction);
-    let generation = flow_generation(generation);
     let Some(ptr) = FLOW_CACHE.get_ptr_mut(index & mask) else {
-        return (decide(), None);
+        return Lookup::Miss(None);
     };
     // SAFETY: this CPU's entry of a per-CPU array; programs do not nest on a CPU.
     let entry = unsafe { &mut *ptr };
-    if entry.generation == generation && entry.tag == tag {
+    if entry.generation == flow_generation(generation) && entry.tag == tag(ends, direction) {
         let same = match ends {
             Ends::V4 { local, remote } => {
                 head(&entry.local) == local && head(&entry.remote) == remote
@@ -109,21 +111,44 @@ pub fn decision(
                 slot: entry.slot,
                 list: entry.list,
             };
-            return (cached, Some(ptr));
+            return Lookup::Hit(cached, ptr);
         }
     }
     if entry.packets != 0 {
         flush(entry, half);
     }
-    let decided = decide();
+    Lookup::Miss(Some(ptr))
+}
+
+#[inline(always)]
+fn tag(ends: Ends, direction: u8) -> u16 {
+    let family = match ends {
+        Ends::V4 { .. } => 4,
+        Ends::V6 { .. } => 6,
+    };
+    flow_tag(family, direction)
+}
+
+/// Stores `decided` for `ends` in `direction` under `generation` in the
+/// entry a [`Lookup::Miss`] returned, with the counts zeroed.
+#[inline(always)]
+pub fn remember(
+    ptr: *mut FlowEntry,
+    generation: u64,
+    direction: u8,
+    ends: Ends,
+    decided: &Decision,
+) {
+    // SAFETY: this CPU's entry of a per-CPU array; programs do not nest on a CPU.
+    let entry = unsafe { &mut *ptr };
     let (l, r) = match ends {
         Ends::V4 { local, remote } => (widen(local), widen(remote)),
         Ends::V6 { local, remote } => (local, remote),
     };
     entry.local = l;
     entry.remote = r;
-    entry.generation = generation;
-    entry.tag = tag;
+    entry.generation = flow_generation(generation);
+    entry.tag = tag(ends, direction);
     entry.reason = decided.reason;
     entry.verdict = decided.verdict;
     entry.slot = decided.slot;
@@ -136,7 +161,6 @@ pub fn decision(
         core::ptr::write_volatile(&raw mut entry.packets, 0);
         core::ptr::write_volatile(&raw mut entry.bytes, 0);
     }
-    (decided, Some(ptr))
 }
 
 /// Moves the counts of an entry about to be replaced into `ACCT_COUNTERS`,

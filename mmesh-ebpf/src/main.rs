@@ -39,7 +39,7 @@ use mmesh_common::{
 use mmesh_ebpf::parse::{Addrs, Cursor, L3, Packet, ParseError, parse};
 
 use crate::{
-    flow::Ends,
+    flow::{Ends, Lookup},
     maps::{ACCOUNTS, CONFIG},
 };
 
@@ -384,14 +384,17 @@ fn check(
     config: &GenConfig,
     ends: Ends,
 ) -> (Decision, Option<*mut FlowEntry>) {
-    let (mut decision, flow) = flow::decision(
-        flow_mask,
-        config.generation,
-        half,
-        direction as u8,
-        ends,
-        || address_checks(half, config, ends),
-    );
+    let (mut decision, flow) =
+        match flow::lookup(flow_mask, config.generation, half, direction as u8, ends) {
+            Lookup::Hit(cached, entry) => (cached, Some(entry)),
+            Lookup::Miss(entry) => {
+                let decided = address_checks(half, config, ends);
+                if let Some(entry) = entry {
+                    flow::remember(entry, config.generation, direction as u8, ends, &decided);
+                }
+                (decided, entry)
+            }
+        };
     if decision.is(Verdict::Drop) || decision.slot == NO_ACCOUNT {
         return (decision, flow);
     }

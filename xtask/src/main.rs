@@ -54,18 +54,20 @@ enum Cmd {
     },
     /// Run the whole test suite: lints, host tests, kernel tests
     /// (`BPF_PROG_TEST_RUN`), end-to-end tests in network namespaces (root),
-    /// then `bench --quick` into target/bench-quick. Arguments after `--` go
-    /// to `cargo test` (and skip the quick benchmarks).
-    ///
-    /// With `--kernel 6.1`, instead: a selection of the kernel tests and a
+    /// `bench --quick` into target/bench-quick, then the kernel tests and a
     /// short end-to-end test inside a Linux 6.1 guest (QEMU, virtme-ng),
     /// installing what that needs (Debian packages, virtme-ng in a
-    /// virtualenv) when it is missing.
+    /// virtualenv) when it is missing. Arguments after `--` go to `cargo
+    /// test` (and skip the quick benchmarks and the guest).
     Test {
         /// Skip clippy and the format check.
         #[arg(long)]
         no_lint: bool,
-        /// Run the tests in a guest with this kernel instead of on the host.
+        /// Skip the 6.1 guest (for local runs; CI runs it). The environment
+        /// variable `MMESH_NO_GUEST=1` does the same.
+        #[arg(long, env = "MMESH_NO_GUEST", value_parser = clap::builder::FalseyValueParser::new())]
+        no_guest: bool,
+        /// Run only the guest stage, with this kernel.
         #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(guest::KERNELS))]
         kernel: Option<String>,
         #[arg(last = true)]
@@ -97,6 +99,7 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Test {
             no_lint,
+            no_guest,
             kernel,
             args,
         } => {
@@ -114,7 +117,7 @@ fn main() -> anyhow::Result<()> {
                     let agent = build(false)?;
                     guest::test(&std::fs::canonicalize(&agent)?)
                 }
-                None => test(no_lint, &args),
+                None => test(no_lint, no_guest, &args),
             }
         }
     }
@@ -222,7 +225,7 @@ fn bench(release: bool, args: &[String]) -> anyhow::Result<()> {
     status(cmd.args(args).env("MMESH_AGENT_BIN", agent))
 }
 
-fn test(no_lint: bool, args: &[String]) -> anyhow::Result<()> {
+fn test(no_lint: bool, no_guest: bool, args: &[String]) -> anyhow::Result<()> {
     if !is_root() {
         bail!(
             "the test suite loads eBPF programs and creates network namespaces: run it as root (sudo -E cargo xtask test)"
@@ -290,7 +293,7 @@ fn test(no_lint: bool, args: &[String]) -> anyhow::Result<()> {
         cargo()
             .args(["test", "--workspace", "--exclude", "mmesh-ebpf"])
             .args(args)
-            .env("MMESH_AGENT_BIN", agent)
+            .env("MMESH_AGENT_BIN", &agent)
             .env("MMESH_CONTROLPLANE_BIN", controlplane),
     )?;
     if args.is_empty() {
@@ -299,6 +302,13 @@ fn test(no_lint: bool, args: &[String]) -> anyhow::Result<()> {
         eprintln!("xtask: benchmarks, quick (each scenario once; no speed is checked)");
         let quick = ["--quick", "--out", "target/bench-quick"].map(String::from);
         bench(false, &quick)?;
+        if no_guest {
+            eprintln!("xtask: the 6.1 guest skipped (--no-guest or MMESH_NO_GUEST)");
+        } else {
+            eprintln!("xtask: the kernel and end-to-end tests in a Linux 6.1 guest");
+            // The quick benchmarks built the same debug agent.
+            guest::test(&agent)?;
+        }
     }
     Ok(())
 }

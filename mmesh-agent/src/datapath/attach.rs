@@ -1,6 +1,7 @@
 //! Attaching the programs to interfaces, and detaching them.
 
 use std::{
+    mem::ManuallyDrop,
     os::{linux::net::SocketAddrExt as _, unix::net::UnixListener},
     path::{Path, PathBuf},
 };
@@ -8,9 +9,9 @@ use std::{
 use aya::{
     programs::{
         ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
-        links::{FdLink, PinnedLink},
+        links::{FdLink, Link as _, PinnedLink},
         tc,
-        tc::{SchedClassifierLink, SchedClassifierLinkId},
+        tc::{NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions, TcHandle},
         xdp::{XdpLink, XdpLinkId},
     },
     util::KernelVersion,
@@ -25,6 +26,7 @@ use super::{
     Datapath, DatapathError,
     error::{is_errno, is_permission},
     load::program,
+    pin::pin_interface,
 };
 use crate::{
     hook::{self, Hook, ReceiveHook},
@@ -49,9 +51,23 @@ pub struct Attachment {
     pub adopted: bool,
     #[serde(skip)]
     added_clsact: bool,
+    /// Pinned, before TCX: the pin that says an agent added the device's
+    /// clsact qdisc (`detach` removes the qdisc with it).
+    #[serde(skip)]
+    qdisc_pin: Option<PathBuf>,
     #[serde(skip)]
     links: AttachmentLinks,
 }
+
+/// Priority and handle of mmesh's clsact filters in pinned mode (kernels
+/// before TCX): fixed, so that a later agent finds its filters again. A
+/// clsact filter has no `bpf_link` and does not end with the process (the
+/// qdisc holds it), and its program is replaced in place by a netlink
+/// request for the same priority and handle. "mm" twice: a priority and a
+/// handle other tools are unlikely to use, and lower than the 49152 the
+/// kernel gives a filter attached without one, so mmesh runs first.
+const CLSACT_PRIORITY: u16 = 0x6d6d;
+const CLSACT_HANDLE: TcHandle = TcHandle::new(0, 0x6d6d);
 
 /// The links of one attachment, to detach it alone, and its claim on the
 /// device ([`claim`]).
@@ -82,6 +98,14 @@ enum Link {
     /// until the pin is removed.
     Pinned {
         link: FdLink,
+        path: PathBuf,
+    },
+    /// A clsact filter at [`CLSACT_PRIORITY`] and [`CLSACT_HANDLE`] (pinned
+    /// mode before TCX), its program pinned at `path`. Dropping aya's
+    /// handle would delete the filter: it is dropped only by
+    /// [`Datapath::unlink`], so that the filter stays when the agent ends.
+    Filter {
+        link: ManuallyDrop<SchedClassifierLink>,
         path: PathBuf,
     },
 }
@@ -129,11 +153,9 @@ impl Datapath {
             }
         })?;
         let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
-        if self.pins.is_some() && !tcx {
-            return Err(DatapathError::NoTcx);
-        }
         if self.pins.is_some() {
-            return self.attach_pinned(spec, ifindex, hook, device.driver, claim, (rx, tx));
+            let device = (ifindex, hook, device.driver);
+            return self.attach_pinned(spec, device, tcx, claim, (rx, tx));
         }
         // Before TCX (6.6) a TC program needs the clsact qdisc, which
         // holds both the ingress and the egress hook.
@@ -165,6 +187,7 @@ impl Datapath {
             tc_mode: if tcx { "tcx" } else { "clsact" },
             adopted: false,
             added_clsact,
+            qdisc_pin: None,
             links: AttachmentLinks {
                 receive: Some(rx_link),
                 transmit: Some(tx_link),
@@ -174,40 +197,70 @@ impl Datapath {
         Ok(self.attachments.last().expect("just pushed"))
     }
 
-    /// [`Datapath::attach`] with pins (TCX): each link is adopted from its
-    /// pin, its program replaced atomically, or made and pinned.
+    /// [`Datapath::attach`] with pins: each link is adopted from its pin,
+    /// its program replaced atomically, or made and pinned. Before TCX, the
+    /// TC programs sit in clsact filters that mmesh finds by priority and
+    /// handle ([`Datapath::pinned_filter`]); XDP has links there too.
     fn attach_pinned(
         &mut self,
         spec: &InterfaceSpec,
-        ifindex: u32,
-        hook: Hook,
-        driver: String,
+        (ifindex, hook, driver): (u32, Hook, String),
+        tcx: bool,
         claim: UnixListener,
         (rx, tx): (Direction, Direction),
     ) -> Result<&Attachment, DatapathError> {
         let pins = self.pins.as_ref().expect("pinned");
-        let rx_path = pins.link_path(&spec.name, ifindex, pins::RECEIVE);
-        let tx_path = pins.link_path(&spec.name, ifindex, pins::TRANSMIT);
+        let path = |side: &str| {
+            if tcx {
+                pins.link_path(&spec.name, ifindex, side)
+            } else {
+                pins.filter_path(&spec.name, ifindex, side)
+            }
+        };
+        let rx_path = match hook {
+            Hook::Xdp => pins.link_path(&spec.name, ifindex, pins::RECEIVE),
+            Hook::Tc => path(pins::RECEIVE),
+        };
+        let tx_path = path(pins::TRANSMIT);
+        let qdisc_pin = (!tcx).then(|| pins.qdisc_path(&spec.name, ifindex));
+        if let Some(qdisc_pin) = &qdisc_pin {
+            // Marked right after it is added, before any filter: a crash
+            // while attaching leaves it marked as the agent's, for
+            // `detach` to remove.
+            if add_clsact(&spec.name, tc_program(tx))? && !qdisc_pin.exists() {
+                let tc: &mut SchedClassifier = program(&mut self.ebpf, tc_program(tx))?;
+                tc.pin(qdisc_pin).map_err(|e| pin_error(qdisc_pin, e))?;
+            }
+        }
         let rx_program = match hook {
             Hook::Xdp => xdp_program(rx),
             Hook::Tc => tc_program(rx),
         };
-        let (rx_link, rx_adopted) = self.pinned_link(
-            rx_path,
-            rx_program,
-            hook,
-            TcAttachType::Ingress,
-            &spec.name,
-            ifindex,
-        )?;
-        let (tx_link, tx_adopted) = match self.pinned_link(
-            tx_path,
-            tc_program(tx),
-            Hook::Tc,
-            TcAttachType::Egress,
-            &spec.name,
-            ifindex,
-        ) {
+        let (rx_link, rx_adopted) = if tcx || hook == Hook::Xdp {
+            self.pinned_link(
+                rx_path,
+                rx_program,
+                hook,
+                TcAttachType::Ingress,
+                &spec.name,
+                ifindex,
+            )?
+        } else {
+            self.pinned_filter(rx_path, rx_program, TcAttachType::Ingress, &spec.name)?
+        };
+        let tx_link = if tcx {
+            self.pinned_link(
+                tx_path,
+                tc_program(tx),
+                Hook::Tc,
+                TcAttachType::Egress,
+                &spec.name,
+                ifindex,
+            )
+        } else {
+            self.pinned_filter(tx_path, tc_program(tx), TcAttachType::Egress, &spec.name)
+        };
+        let (tx_link, tx_adopted) = match tx_link {
             Ok(link) => link,
             Err(e) => {
                 if !rx_adopted {
@@ -222,9 +275,10 @@ impl Datapath {
             role: spec.role,
             receive: hook,
             driver,
-            tc_mode: "tcx",
+            tc_mode: if tcx { "tcx" } else { "clsact" },
             adopted: rx_adopted && tx_adopted,
             added_clsact: false,
+            qdisc_pin: qdisc_pin.filter(|p| p.exists()),
             links: AttachmentLinks {
                 receive: Some(rx_link),
                 transmit: Some(tx_link),
@@ -232,6 +286,70 @@ impl Datapath {
             },
         });
         Ok(self.attachments.last().expect("just pushed"))
+    }
+
+    /// Before TCX: mmesh's clsact filter on `side` of `interface`, with
+    /// `name` in it, and that program pinned at `path` (for `detach` and
+    /// the next agent to know the filter is there); true if the filter was
+    /// there already. A filter found there has its program replaced in
+    /// place: one netlink request without `NLM_F_CREATE` for the same
+    /// priority and handle, which `cls_bpf` serves by swapping the program
+    /// under RCU, so packets see either program, never none. The kernel
+    /// answers `ENOENT` when there is no such filter; then it is added.
+    fn pinned_filter(
+        &mut self,
+        path: PathBuf,
+        name: &'static str,
+        side: TcAttachType,
+        interface: &str,
+    ) -> Result<(Link, bool), DatapathError> {
+        let attach_error = |source: ProgramError| {
+            if is_permission(&source) {
+                DatapathError::Permission {
+                    doing: format!("attaching TC to {interface}"),
+                }
+            } else {
+                DatapathError::Attach {
+                    program: name,
+                    name: interface.to_owned(),
+                    source,
+                }
+            }
+        };
+        let classifier: &mut SchedClassifier = program(&mut self.ebpf, name)?;
+        let found =
+            SchedClassifierLink::attached(interface, side, CLSACT_PRIORITY, CLSACT_HANDLE, None)
+                .map_err(|e| pin_error(&path, e))?;
+        let (id, adopted) = match classifier.attach_to_link(found) {
+            Ok(id) => (id, true),
+            Err(e) if is_errno(&e, libc::ENOENT) => {
+                let options = TcAttachOptions::Netlink(NlOptions {
+                    priority: CLSACT_PRIORITY,
+                    handle: CLSACT_HANDLE,
+                    ..NlOptions::default()
+                });
+                let id = classifier
+                    .attach_with_options(interface, side, options)
+                    .map_err(attach_error)?;
+                (id, false)
+            }
+            Err(e) => return Err(attach_error(e)),
+        };
+        let link = classifier.take_link(id).map_err(|e| pin_error(&path, e))?;
+        let link = ManuallyDrop::new(link);
+        let pinned = (|| {
+            if path.exists() {
+                std::fs::remove_file(&path).map_err(|e| pin_error(&path, e))?;
+            }
+            classifier.pin(&path).map_err(|e| pin_error(&path, e))
+        })();
+        if let Err(e) = pinned {
+            if !adopted {
+                let _ = ManuallyDrop::into_inner(link).detach();
+            }
+            return Err(e);
+        }
+        Ok((Link::Filter { link, path }, adopted))
     }
 
     /// The link pinned at `path`, adopted (its program replaced by
@@ -321,6 +439,7 @@ impl Datapath {
                 FdLink::try_from(link).map_err(|e| pin_error(path, e))
             }
             Link::Pinned { link, .. } => Ok(link),
+            Link::Filter { .. } => unreachable!("clsact filters are never made into FdLinks"),
         }
     }
 
@@ -336,13 +455,14 @@ impl Datapath {
             .iter()
             .flat_map(|a| [&a.links.receive, &a.links.transmit])
             .filter_map(|l| match l {
-                Some(Link::Pinned { path, .. }) => Some(path),
+                Some(Link::Pinned { path, .. } | Link::Filter { path, .. }) => Some(path),
                 _ => None,
             })
+            .chain(self.attachments.iter().filter_map(|a| a.qdisc_pin.as_ref()))
             .collect();
         let mut removed = Vec::new();
         for path in pins.link_pins() {
-            if !held.contains(&&path) && std::fs::remove_file(&path).is_ok() {
+            if !held.contains(&&path) && release_pin(&path).is_ok() {
                 removed.push(
                     path.file_name()
                         .map(|n| n.to_string_lossy().into_owned())
@@ -426,6 +546,10 @@ impl Datapath {
                 let _ = std::fs::remove_file(path);
                 drop(link);
             }
+            Link::Filter { link, path } => {
+                let _ = std::fs::remove_file(path);
+                let _ = ManuallyDrop::into_inner(link).detach();
+            }
         }
     }
 
@@ -446,6 +570,9 @@ impl Datapath {
             remove_clsact(&a.name);
             a.added_clsact = false;
         }
+        if let Some(qdisc_pin) = a.qdisc_pin.take() {
+            let _ = release_pin(&qdisc_pin);
+        }
         // Last: another agent may take the device once nothing of ours is on it.
         drop(a.links.claim.take());
         Some(a)
@@ -462,6 +589,52 @@ impl Drop for Datapath {
             }
         }
     }
+}
+
+/// Removes a pin of the `links` directory and what it keeps attached: a
+/// link detaches when its pin goes (unless an agent holds it); a clsact
+/// filter's pin (`IFNAME:IFINDEX:SIDE:filter`, before TCX) takes mmesh's
+/// filter off that side of the device, and a qdisc pin
+/// (`IFNAME:IFINDEX:clsact`) the device's clsact qdisc, which an agent
+/// added. Both only while the device is still the one pinned (same name,
+/// same index): a device that went took its filters and qdisc with it.
+/// Remove the filter pins of a device before its qdisc pin.
+pub(super) fn release_pin(path: &Path) -> std::io::Result<()> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let parts: Vec<&str> = name.split(':').collect();
+    let interface = pin_interface(&name);
+    let same_device = |index: &str| {
+        index
+            .parse::<u32>()
+            .is_ok_and(|index| interface::check(&interface).is_ok_and(|current| current == index))
+    };
+    match parts.as_slice() {
+        [_, index, side, pins::FILTER] if same_device(index) => {
+            let side = if *side == pins::RECEIVE {
+                TcAttachType::Ingress
+            } else {
+                TcAttachType::Egress
+            };
+            let filter = SchedClassifierLink::attached(
+                &interface,
+                side,
+                CLSACT_PRIORITY,
+                CLSACT_HANDLE,
+                None,
+            )?;
+            match filter.detach() {
+                // Someone deleted it already: what the pin promised is done.
+                Err(e) if !is_errno(&e, libc::ENOENT) => return Err(std::io::Error::other(e)),
+                _ => {}
+            }
+        }
+        [_, index, pins::QDISC] if same_device(index) => remove_clsact(&interface),
+        _ => {}
+    }
+    std::fs::remove_file(path)
 }
 
 /// Adds the clsact qdisc to `name` (kernels before TCX); true if this call

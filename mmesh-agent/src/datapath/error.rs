@@ -100,10 +100,6 @@ pub enum DatapathError {
         #[source]
         source: std::io::Error,
     },
-    #[error(
-        "a pinned datapath needs TCX links (Linux 6.6 or later) so that TC programs outlive the agent; on this kernel run with --ephemeral"
-    )]
-    NoTcx,
     #[error("cannot create the program barrier map-in-map: {0}")]
     Barrier(#[source] std::io::Error),
 }

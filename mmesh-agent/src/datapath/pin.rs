@@ -412,9 +412,20 @@ impl Pins {
             .join(format!("{}:{ifindex}:{side}", encode(interface)))
     }
 
-    /// The pinned links.
+    /// The pin of mmesh's clsact filter on `side` of a device (before TCX).
+    pub(super) fn filter_path(&self, interface: &str, ifindex: u32, side: &str) -> PathBuf {
+        self.link_path(interface, ifindex, &format!("{side}:{}", pins::FILTER))
+    }
+
+    /// The pin saying that an agent added the device's clsact qdisc.
+    pub(super) fn qdisc_path(&self, interface: &str, ifindex: u32) -> PathBuf {
+        self.link_path(interface, ifindex, pins::QDISC)
+    }
+
+    /// The pinned links (and, before TCX, filters and qdiscs), in the order
+    /// to release them in ([`release_order`]).
     pub(super) fn link_pins(&self) -> Vec<PathBuf> {
-        list(&self.dir.join(pins::LINKS))
+        release_order(list(&self.dir.join(pins::LINKS)))
     }
 
     /// Slot by account key ([`crate::compile::account_key`]) of the accounts
@@ -451,7 +462,7 @@ fn decode(name: &str) -> String {
 }
 
 /// The interface of a link pin's file name.
-fn pin_interface(name: &str) -> String {
+pub(super) fn pin_interface(name: &str) -> String {
     decode(name.split(':').next().unwrap_or_default())
 }
 
@@ -566,6 +577,15 @@ fn list(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// Pins of the `links` directory with the qdisc pins last: deleting a
+/// device's clsact qdisc first would take its filters along, and deleting
+/// those then fails.
+fn release_order(mut links: Vec<PathBuf>) -> Vec<PathBuf> {
+    // Stable, and false sorts first.
+    links.sort_by_key(|p| p.to_string_lossy().ends_with(&format!(":{}", pins::QDISC)));
+    links
+}
+
 /// What [`remove`] took away.
 #[derive(Debug, Default)]
 pub struct Removed {
@@ -585,14 +605,14 @@ pub fn remove(dir: &Path, interfaces: &[String]) -> Result<Removed, DatapathErro
         return Ok(removed);
     }
     let held = lock(dir)?;
-    for path in list(&dir.join(pins::LINKS)) {
+    for path in release_order(list(&dir.join(pins::LINKS))) {
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let interface = pin_interface(&name);
         if interfaces.is_empty() || interfaces.contains(&interface) {
-            std::fs::remove_file(&path).map_err(|source| pin_error(&path, source))?;
+            super::attach::release_pin(&path).map_err(|source| pin_error(&path, source))?;
             removed.links.push(name);
         }
     }
