@@ -142,19 +142,29 @@ fn acked(answer: &Up, version: &str) -> u64 {
     }
 }
 
-/// The blocked packets of 10.77.2.1 come back in a report, and a status
-/// says v2 is in force at `generation` and has dropped packets.
+/// A remote the test's policies block.
+fn blocked(remote: &str) -> bool {
+    remote == "10.77.1.1/32" || remote == "10.77.2.1/32"
+}
+
+/// Blocked packets come back in a report (of 10.77.1.1 under v1 or of
+/// 10.77.2.1 under v2: events are sampled per account, reason and second,
+/// and both may fall in one second), and a status says v2 is in force at
+/// `generation` and has dropped packets.
 fn reports_and_status_arrive(cp: &ScriptedControlPlane, generation: u64) {
-    let (_, report) = cp.wait_for("a report of the blocked packets", 0, ANSWER, |b| {
-        matches!(b, Up::Reports(r) if r.violations.iter().any(|v| v.remote_prefix == "10.77.2.1/32"))
-    });
+    let (_, report) = cp.wait_for(
+        "a report of the blocked packets",
+        0,
+        ANSWER,
+        |b| matches!(b, Up::Reports(r) if r.violations.iter().any(|v| blocked(&v.remote_prefix))),
+    );
     let Up::Reports(r) = report else {
         unreachable!()
     };
     let v = r
         .violations
         .iter()
-        .find(|v| v.remote_prefix == "10.77.2.1/32")
+        .find(|v| blocked(&v.remote_prefix))
         .expect("found above");
     assert_eq!(
         (
