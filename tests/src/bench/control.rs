@@ -3,9 +3,8 @@
 //! running as a process (release build) and a scripted control plane on
 //! loopback in the agent's namespace.
 //!
-//! Baselines, measured in the same round: for the snapshot, reading,
-//! validating and compiling the same policy (as JSON) in this process,
-//! without a kernel; for a one-account delta, the snapshot itself.
+//! Baseline, measured in the same round: validating and compiling the same
+//! policy from its JSON text in this process, without a kernel.
 
 use std::{
     path::PathBuf,
@@ -35,13 +34,13 @@ use crate::{
 const GROUP: &str = "control plane";
 
 /// Goal: a snapshot of the whole policy, send to Ack, at most this many
-/// times reading, validating and compiling it in process (the issue's
-/// absolute goal is 1 s at 100,000 accounts, where the baseline is about
-/// 0.6 s here).
-const SNAPSHOT_RATIO: f64 = 1.7;
-/// Goal: a one-account delta, send to Ack, at most this share of the
-/// snapshot (10 ms against 1 s).
-const DELTA_RATIO: f64 = 0.01;
+/// times validating and compiling the same policy file in process. The
+/// issue's goal is 1 s at 100,000 accounts; the baseline takes 0.40–0.57 s
+/// on the 2-vCPU EPYC machines here, so 1 s is about twice it.
+const SNAPSHOT_RATIO: f64 = 2.0;
+/// Goal: a one-account delta, send to Ack, at most this share of the same
+/// baseline (the 10 ms, against about 0.45 s).
+const DELTA_RATIO: f64 = 0.022;
 /// One-account deltas per round (the median is reported).
 const DELTAS: usize = 11;
 
@@ -162,15 +161,6 @@ pub fn run(opts: &Options, report: &mut Report) {
                 (took, ack.apply_micros)
             })
             .collect();
-        if std::env::var_os("MMESH_BENCH_LOGS").is_some() {
-            for line in agent
-                .logs()
-                .iter()
-                .filter(|l| l.contains("control plane") || l.contains("took_ms"))
-            {
-                eprintln!("agent: {line}");
-            }
-        }
         drop(agent);
         deltas.sort();
         let (delta, delta_micros) = deltas[deltas.len() / 2];
@@ -189,7 +179,10 @@ pub fn run(opts: &Options, report: &mut Report) {
         report.add(figure(
             &names[1],
             delta,
-            Some((names[0].clone(), snapshot)),
+            Some((
+                format!("{accounts} accounts: read + validate + compile JSON in process"),
+                baseline,
+            )),
             Some(Goal::RatioAtMost(DELTA_RATIO)),
             "one account's limits changed, the median of 11 deltas, each Acked before the next",
         ));
