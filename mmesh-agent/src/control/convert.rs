@@ -1,12 +1,10 @@
 //! Policy messages to and from [`Policy`].
 //!
-//! A policy message becomes the JSON document a policy file would be, and
-//! is validated on the files' own path ([`Policy::parse_with`]): one
+//! A policy message becomes the raw schema a policy file is read into, and
+//! is validated on the files' own path ([`Policy::from_message`]): one
 //! validation for every source, the same words in every message. The other
 //! way, a validated [`Policy`] becomes the message a control plane sends
 //! (defaults resolved into the accounts, bursts explicit).
-
-use std::path::Path;
 
 use super::proto;
 use crate::policy::{
@@ -22,15 +20,14 @@ pub fn validate(
     source_name: &str,
     limits: &ReadLimits,
 ) -> Result<Policy, PolicyError> {
-    let text = document(
+    Policy::from_message(
         message.global.as_ref(),
         message.defaults.as_ref(),
         message.accounts.iter(),
         version,
-    );
-    // No list file can be named (the message has no `file` field), so the
-    // base directory is never used; `/nonexistent` says so if it were.
-    Policy::parse_with(&text, source_name, Path::new("/nonexistent"), limits)
+        source_name,
+        limits,
+    )
 }
 
 /// The problems of a rejected policy, for a Nack: field paths and messages
@@ -50,143 +47,6 @@ pub fn problems(err: &PolicyError) -> Vec<proto::Problem> {
             path: String::new(),
             message: other.to_string(),
         }],
-    }
-}
-
-/// The text of the JSON document a policy file holding `message` would be,
-/// written straight out (a `serde_json::Value` tree of 100,000 accounts
-/// took longer to build and print than validating it).
-pub(super) fn document<'a>(
-    global: Option<&proto::Global>,
-    defaults: Option<&proto::Defaults>,
-    accounts: impl ExactSizeIterator<Item = &'a proto::Account>,
-    version: &str,
-) -> String {
-    let mut w = Json(String::with_capacity(64 + accounts.len() * 256));
-    w.0.push_str("{\"version\":");
-    w.string(version);
-    if let Some(g) = global {
-        w.0.push_str(",\"global\":{");
-        let mut first = true;
-        w.field(&mut first, "mode", g.mode.as_ref());
-        w.field(&mut first, "malformed", g.malformed.as_ref());
-        w.field(
-            &mut first,
-            "events_per_second",
-            g.events_per_second.as_ref(),
-        );
-        w.lists(&mut first, &g.block, &g.allow);
-        w.0.push('}');
-    }
-    if let Some(d) = defaults {
-        w.0.push_str(",\"defaults\":{");
-        let mut first = true;
-        w.field(&mut first, "mode", d.mode.as_ref());
-        if let Some(l) = &d.limits {
-            w.key(&mut first, "limits");
-            w.limits(l);
-        }
-        w.0.push('}');
-    }
-    w.0.push_str(",\"accounts\":[");
-    for (i, a) in accounts.enumerate() {
-        if i > 0 {
-            w.0.push(',');
-        }
-        w.0.push_str("{\"id\":");
-        w.string(&a.id);
-        let mut first = false;
-        w.key(&mut first, "prefixes");
-        w.strings(&a.prefixes);
-        w.field(&mut first, "mode", a.mode.as_ref());
-        w.lists(&mut first, &a.block, &a.allow);
-        if let Some(l) = &a.limits {
-            w.key(&mut first, "limits");
-            w.limits(l);
-        }
-        w.0.push('}');
-    }
-    w.0.push_str("]}");
-    w.0
-}
-
-/// A JSON text being written.
-struct Json(String);
-
-impl Json {
-    fn string(&mut self, s: &str) {
-        // serde_json escapes exactly as JSON needs; a `str` cannot fail.
-        let quoted = serde_json::to_string(s).unwrap_or_default();
-        self.0.push_str(&quoted);
-    }
-
-    fn key(&mut self, first: &mut bool, key: &str) {
-        if !std::mem::take(first) {
-            self.0.push(',');
-        }
-        self.0.push('"');
-        self.0.push_str(key);
-        self.0.push_str("\":");
-    }
-
-    fn field(&mut self, first: &mut bool, key: &str, value: Option<&String>) {
-        if let Some(v) = value {
-            self.key(first, key);
-            self.string(v);
-        }
-    }
-
-    fn strings(&mut self, items: &[String]) {
-        self.0.push('[');
-        for (i, item) in items.iter().enumerate() {
-            if i > 0 {
-                self.0.push(',');
-            }
-            self.string(item);
-        }
-        self.0.push(']');
-    }
-
-    fn lists(&mut self, first: &mut bool, block: &[proto::List], allow: &[proto::List]) {
-        for (key, lists) in [("block", block), ("allow", allow)] {
-            if lists.is_empty() {
-                continue;
-            }
-            self.key(first, key);
-            self.0.push('[');
-            for (i, l) in lists.iter().enumerate() {
-                if i > 0 {
-                    self.0.push(',');
-                }
-                self.0.push('{');
-                let mut inner = true;
-                self.field(&mut inner, "name", l.name.as_ref());
-                self.field(&mut inner, "action", l.action.as_ref());
-                self.key(&mut inner, "cidrs");
-                self.strings(&l.cidrs);
-                self.0.push('}');
-            }
-            self.0.push(']');
-        }
-    }
-
-    fn limits(&mut self, l: &proto::Limits) {
-        self.0.push('{');
-        let mut first = true;
-        for (key, dir) in [("inbound", &l.inbound), ("outbound", &l.outbound)] {
-            if let Some(d) = dir {
-                self.key(&mut first, key);
-                self.0.push('{');
-                let mut inner = true;
-                self.field(&mut inner, "pps", d.pps.as_ref());
-                self.field(&mut inner, "pps_burst", d.pps_burst.as_ref());
-                self.field(&mut inner, "bps", d.bps.as_ref());
-                self.field(&mut inner, "bps_burst", d.bps_burst.as_ref());
-                self.field(&mut inner, "action", d.action.as_ref());
-                self.0.push('}');
-            }
-        }
-        self.0.push('}');
     }
 }
 
@@ -294,7 +154,7 @@ mod tests {
     const EXAMPLE: &str = include_str!("../../../examples/policy.yaml");
 
     fn example() -> Policy {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
         Policy::parse(EXAMPLE, "examples/policy.yaml", &dir).expect("the example validates")
     }
 

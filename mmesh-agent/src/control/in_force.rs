@@ -66,16 +66,12 @@ impl InForce {
     /// Validates a whole held message (a snapshot, the last-known-good
     /// file, a delta of `global` or `defaults`).
     pub fn validate(held: Held, limits: &ReadLimits) -> Result<Self, PolicyError> {
-        let text = convert::document(
+        let policy = Policy::from_message(
             held.global(),
             held.defaults(),
             held.accounts(),
             &held.version,
-        );
-        let policy = Policy::parse_with(
-            &text,
             &source_name(&held.version),
-            std::path::Path::new("/nonexistent"),
             limits,
         )?;
         let owners = policy
@@ -102,16 +98,16 @@ impl InForce {
         // The upserted accounts, validated as accounts of a policy with the
         // held defaults.
         let name = source_name(&delta.version);
-        let text = convert::document(
+        let upserts = Policy::from_message(
             None,
             held.defaults(),
             delta.upsert_accounts.iter(),
             &delta.version,
-        );
-        let upserts =
-            Policy::parse_with(&text, &name, std::path::Path::new("/nonexistent"), limits)
-                .map_err(|e| Refusal::Problems(upsert_paths(convert::problems(&e))))?
-                .accounts;
+            &name,
+            limits,
+        )
+        .map_err(|e| Refusal::Problems(upsert_paths(convert::problems(&e))))?
+        .accounts;
         // Prefixes owned by accounts the delta leaves alone.
         let leaving: std::collections::HashSet<&str> = delta
             .remove_accounts

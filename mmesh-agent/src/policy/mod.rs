@@ -24,6 +24,7 @@
 use std::{collections::HashMap, fmt, path::Path, time::Duration};
 
 mod dir;
+mod message;
 mod model;
 mod raw;
 mod read;

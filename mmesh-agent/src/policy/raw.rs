@@ -57,7 +57,7 @@ impl Drop for ReadingGuard {
 /// plain scalar over as its source text when asked for a string; JSON values
 /// are taken as their raw text.
 #[derive(Clone, Debug, Default)]
-pub(super) struct Scalar(String);
+pub(super) struct Scalar(pub(super) String);
 
 impl<'de> Deserialize<'de> for Scalar {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
