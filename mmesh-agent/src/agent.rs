@@ -151,7 +151,7 @@ fn first_policy(opts: &RunOptions) -> anyhow::Result<(Policy, Option<InForce>)> 
                             path = %store.path().display(),
                             "starting with the last-known-good policy from the control plane, until it answers"
                         );
-                        return Ok((in_force.policy.clone(), Some(in_force)));
+                        return Ok(((*in_force.policy).clone(), Some(in_force)));
                     }
                     Err(err) => tracing::warn!(
                         path = %store.path().display(),
@@ -324,7 +324,7 @@ impl Trigger {
 /// A validated policy for the enforcer, and where its answer goes.
 #[derive(Debug)]
 pub struct Change {
-    pub policy: Policy,
+    pub policy: Arc<Policy>,
     /// Names the source in log lines, e.g. "control plane".
     pub source: &'static str,
     pub reply: oneshot::Sender<Outcome>,
@@ -348,7 +348,7 @@ pub struct Enforcement(mpsc::Sender<Command>);
 impl Enforcement {
     /// Hands `policy` to the enforcer and waits for its answer (`None`: the
     /// agent is stopping).
-    pub async fn apply(&self, policy: Policy, source: &'static str) -> Option<Outcome> {
+    pub async fn apply(&self, policy: Arc<Policy>, source: &'static str) -> Option<Outcome> {
         let (reply, answer) = oneshot::channel();
         self.0
             .send(Command::Apply(Box::new(Change {
@@ -377,7 +377,7 @@ struct Enforcer {
     limits: ReadLimits,
     /// The policy in force, to tell what a new one takes away, and whether
     /// a reload changes anything at all.
-    running: Policy,
+    running: Arc<Policy>,
     /// Why the last read of the policy files failed: the same refusal is
     /// not logged again at every event the watcher sees.
     last_refusal: Option<String>,
@@ -464,7 +464,7 @@ impl Enforcer {
         match source.read(&self.limits) {
             // Nothing to apply (the datapath would flip to a copy of itself):
             // an event that changed nothing, or a file saved as it was.
-            Ok(policy) if policy == self.running => {
+            Ok(policy) if policy == *self.running => {
                 self.last_refusal = None;
                 let generation = lock(&self.dp).generation();
                 if trigger == Trigger::Signal {
@@ -478,7 +478,7 @@ impl Enforcer {
             }
             Ok(policy) => {
                 self.last_refusal = None;
-                self.apply(policy, label);
+                self.apply(Arc::new(policy), label);
                 self.sync_standby();
             }
             Err(err) => {
@@ -509,7 +509,7 @@ impl Enforcer {
     /// Compiles `policy` against the one in force and applies it (the
     /// standby half is left to [`Self::sync_standby`]); logs and answers
     /// the outcome. `source` names where it came from.
-    fn apply(&mut self, policy: Policy, source: &'static str) -> Outcome {
+    fn apply(&mut self, policy: Arc<Policy>, source: &'static str) -> Outcome {
         let started = Instant::now();
         let (active, capacity) = {
             let dp = lock(&self.dp);
@@ -677,7 +677,7 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
         names: names.clone(),
         policy: opts.policy.clone(),
         limits: opts.limits.clone(),
-        running: policy,
+        running: Arc::new(policy),
         last_refusal: None,
         interfaces: interfaces.clone(),
         receive_hook: opts.receive_hook,

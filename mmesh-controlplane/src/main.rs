@@ -154,7 +154,8 @@ async fn main() -> anyhow::Result<()> {
     server
         .add_service(PolicyStreamServer::new(service))
         .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
+            // No Nagle: a one-account Delta is one small write.
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             async move {
                 shutdown_signal().await;
                 tracing::info!("shutting down");

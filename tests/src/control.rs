@@ -19,7 +19,7 @@ use mmesh_agent::control::proto::{
     policy_stream_server::{PolicyStream, PolicyStreamServer},
 };
 use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming, transport::ServerTlsConfig};
 
 /// Where the current stream's messages go down.
@@ -127,13 +127,16 @@ impl ScriptedControlPlane {
             PolicyStreamServer::new(Service(state.clone())).max_decoding_message_size(64 << 20);
         runtime.spawn(async move {
             let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+            // No Nagle: send-to-Ack times of small deltas are measured.
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
             let mut server = tonic::transport::Server::builder();
             if let Some(tls) = tls {
                 server = server.tls_config(tls).expect("server TLS config");
             }
             let _ = server
                 .add_service(service)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                .serve_with_incoming_shutdown(incoming, async {
                     let _ = stop.await;
                 })
                 .await;

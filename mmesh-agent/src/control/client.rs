@@ -114,7 +114,8 @@ pub struct Client {
     facts: HostFacts,
     /// The control-plane policy in force (from the last Ack, or the
     /// last-known-good file at start).
-    in_force: Option<InForce>,
+    /// Shared with the validation task of the next delta.
+    in_force: Option<Arc<InForce>>,
     /// Writes the last-known-good file.
     saver: Option<Saver>,
     /// The agent's generation in force.
@@ -146,7 +147,7 @@ impl Client {
             opts,
             enforcement,
             facts,
-            in_force,
+            in_force: in_force.map(Arc::new),
             saver,
             generation,
             reports,
@@ -458,7 +459,7 @@ impl Client {
                 if let Some(saver) = &self.saver {
                     saver.save(next.held.clone());
                 }
-                self.in_force = Some(next);
+                self.in_force = Some(Arc::new(next));
                 Ok(())
             }
         }

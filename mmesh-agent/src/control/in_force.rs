@@ -25,7 +25,8 @@ use crate::policy::{Account, Policy, PolicyError, ReadLimits, quote};
 #[derive(Clone, Debug)]
 pub struct InForce {
     pub held: Held,
-    pub policy: Policy,
+    /// Shared with the enforcer, which keeps the policy in force.
+    pub policy: Arc<Policy>,
     /// The account id owning each account prefix.
     owners: imbl::HashMap<IpNet, Arc<str>>,
 }
@@ -84,7 +85,7 @@ impl InForce {
             .collect();
         Ok(Self {
             held,
-            policy,
+            policy: Arc::new(policy),
             owners,
         })
     }
@@ -157,7 +158,7 @@ impl InForce {
         }
         Ok(Self {
             held,
-            policy,
+            policy: Arc::new(policy),
             owners,
         })
     }
