@@ -86,6 +86,33 @@ pub struct EventRecord {
     pub bytes: u32,
 }
 
+#[cfg(test)]
+impl EventRecord {
+    /// An inbound UDP packet of account `acme` from `src`, dropped by the
+    /// global block list, of generation `generation`: for tests.
+    pub(crate) fn test_drop(generation: u64, src: IpAddr) -> Self {
+        Self {
+            time: "2026-11-30T00:00:00.000000000Z".into(),
+            generation,
+            account: Some("acme".into()),
+            direction: "inbound",
+            reason: "global_block",
+            verdict: "drop",
+            list: None,
+            ifindex: 1,
+            src: Some(src),
+            dst: None,
+            protocol: 17,
+            sport: None,
+            dport: None,
+            icmp_type: None,
+            icmp_code: None,
+            fragment: false,
+            bytes: 60,
+        }
+    }
+}
+
 /// Converts kernel monotonic timestamps to wall-clock time.
 #[derive(Debug, Clone, Copy)]
 pub struct Clock {

@@ -249,25 +249,7 @@ mod tests {
 
     fn batch(first: u64, n: u64) -> Batch {
         (first..first + n)
-            .map(|generation| EventRecord {
-                time: "2026-11-30T00:00:00.000000000Z".into(),
-                generation,
-                account: Some("acme".into()),
-                direction: "inbound",
-                reason: "global_block",
-                verdict: "drop",
-                list: None,
-                ifindex: 1,
-                src: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)),
-                dst: None,
-                protocol: 17,
-                sport: None,
-                dport: None,
-                icmp_type: None,
-                icmp_code: None,
-                fragment: false,
-                bytes: 60,
-            })
+            .map(|generation| EventRecord::test_drop(generation, IpAddr::V4(Ipv4Addr::LOCALHOST)))
             .collect()
     }
 

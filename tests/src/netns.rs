@@ -533,6 +533,25 @@ impl Topology {
     }
 
     /// Adds `addrs` to the remote side of the veth pair.
+    /// Sends `packets` UDP packets (2,000/s, 64 bytes of payload) from
+    /// `src` in the remote namespace to `dst` in the host namespace and
+    /// returns how many arrived (counted until 300 ms pass without one).
+    #[must_use]
+    pub fn udp_arrivals(&self, src: IpAddr, dst: SocketAddr, packets: u64) -> u64 {
+        let sink = UdpSink::bind(&self.host, dst);
+        let socket = self.remote.udp_socket(SocketAddr::new(src, 0));
+        let _ = send_udp(
+            &socket,
+            sink.local_addr(),
+            Pace {
+                pps: 2000,
+                packets,
+                payload: 64,
+            },
+        );
+        sink.finish(Duration::from_millis(300)).packets_from(src)
+    }
+
     pub fn add_remote_addrs(&self, addrs: &[IpAddr]) {
         for &addr in addrs {
             add_addr(

@@ -8,7 +8,7 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    path::{Path, PathBuf},
+    path::Path,
     sync::{Mutex, MutexGuard, PoisonError},
     time::Duration,
 };
@@ -16,7 +16,8 @@ use std::{
 use mmesh_agent::control::proto::{self, agent_message::Body as Up};
 use mmesh_tests::{
     control::ScriptedControlPlane,
-    netns::{Agent, HOST_IF, NetNs, Pace, Topology, UdpSink, send_udp},
+    controlplane::TempDir,
+    netns::{Agent, HOST_IF, NetNs, Topology},
 };
 
 const ALPHA: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 0, 10));
@@ -24,7 +25,6 @@ const ORDINARY: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 0, 100));
 const FIRST: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 1, 1));
 const SECOND: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 2, 1));
 const PORT: u16 = 5000;
-const SINK_IDLE: Duration = Duration::from_millis(300);
 const ANSWER: Duration = Duration::from_mins(1);
 
 fn serial() -> MutexGuard<'static, ()> {
@@ -37,23 +37,6 @@ fn topology(tag: &str) -> Topology {
     topo.add_host_addrs(&[ALPHA]);
     topo.add_remote_addrs(&[ORDINARY, FIRST, SECOND]);
     topo
-}
-
-/// A state directory of the test's own, removed when dropped.
-struct StateDir(PathBuf);
-
-impl StateDir {
-    fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("mmesh-state-{}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        Self(dir)
-    }
-}
-
-impl Drop for StateDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// The agent, ephemeral, on the host end of the veth, with the control
@@ -111,18 +94,7 @@ fn global_blocking(cidr: &str) -> proto::Global {
 
 /// Packets from `src` to ALPHA that arrive, of `packets` sent.
 fn arrivals(topo: &Topology, src: IpAddr, packets: u64) -> u64 {
-    let sink = UdpSink::bind(&topo.host, SocketAddr::new(ALPHA, PORT));
-    let socket = topo.remote.udp_socket(SocketAddr::new(src, 0));
-    let _ = send_udp(
-        &socket,
-        sink.local_addr(),
-        Pace {
-            pps: 2000,
-            packets,
-            payload: 64,
-        },
-    );
-    sink.finish(SINK_IDLE).packets_from(src)
+    topo.udp_arrivals(src, SocketAddr::new(ALPHA, PORT), packets)
 }
 
 fn hello_version(cp: &ScriptedControlPlane, from: usize) -> String {
@@ -196,7 +168,7 @@ fn reports_and_status_arrive(cp: &ScriptedControlPlane, generation: u64) {
 fn snapshots_and_deltas_are_acked_enforced_or_nacked_with_reasons() {
     let _serial = serial();
     let topo = topology("cp-ack");
-    let state = StateDir::new("ack");
+    let state = TempDir::new("state-ack");
     let cp = ScriptedControlPlane::serve(
         topo.host
             .tcp_listener("127.0.0.1:0".parse().expect("address")),
@@ -205,7 +177,7 @@ fn snapshots_and_deltas_are_acked_enforced_or_nacked_with_reasons() {
     let _agent = agent(
         &topo.host,
         &cp.url(),
-        &state.0,
+        state.path(),
         &["--max-policy-bytes", "4000"],
     );
     assert_eq!(
@@ -294,24 +266,24 @@ fn snapshots_and_deltas_are_acked_enforced_or_nacked_with_reasons() {
 fn last_known_good_is_enforced_while_the_control_plane_is_down_and_resumed() {
     let _serial = serial();
     let topo = topology("cp-lkg");
-    let state = StateDir::new("lkg");
+    let state = TempDir::new("state-lkg");
     let listener = topo
         .host
         .tcp_listener("127.0.0.1:0".parse().expect("address"));
     let addr = listener.local_addr().expect("address");
     {
         let cp = ScriptedControlPlane::serve(listener, None);
-        let mut first = agent(&topo.host, &cp.url(), &state.0, &[]);
+        let mut first = agent(&topo.host, &cp.url(), state.path(), &[]);
         hello_version(&cp, 0);
         acked(&cp.push_snapshot("v1", blocking("10.77.1.0/24")), "v1");
         mmesh_tests::netns::wait_until("the last-known-good file", ANSWER, || {
-            state.0.join("last-known-good.pb").exists()
+            state.path().join("last-known-good.pb").exists()
         });
         let _ = first.stop();
     }
     // The control plane is gone: nothing listens on its port.
     let url = format!("http://{addr}");
-    let agent = agent(&topo.host, &url, &state.0, &[]);
+    let agent = agent(&topo.host, &url, state.path(), &[]);
     assert!(
         agent
             .log_position("starting with the last-known-good policy", 0)

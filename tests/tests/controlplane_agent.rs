@@ -13,14 +13,13 @@ use std::{
 use mmesh_tests::{
     certs::TestCa,
     controlplane::{ControlPlane, TempDir},
-    netns::{Agent, HOST_IF, Pace, Topology, UdpSink, send_udp},
+    netns::{Agent, HOST_IF, Topology},
 };
 
 const ALPHA: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 0, 10));
 const FIRST: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 1, 1));
 const SECOND: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 2, 1));
 const PORT: u16 = 5000;
-const SINK_IDLE: Duration = Duration::from_millis(300);
 const WAIT: Duration = Duration::from_mins(1);
 
 /// Node `node-a`'s policy: account alpha, and a global block list of
@@ -41,18 +40,7 @@ accounts:
 
 /// Packets from `src` to ALPHA that arrive, of `packets` sent.
 fn arrivals(topo: &Topology, src: IpAddr, packets: u64) -> u64 {
-    let sink = UdpSink::bind(&topo.host, SocketAddr::new(ALPHA, PORT));
-    let socket = topo.remote.udp_socket(SocketAddr::new(src, 0));
-    let _ = send_udp(
-        &socket,
-        sink.local_addr(),
-        Pace {
-            pps: 2000,
-            packets,
-            payload: 64,
-        },
-    );
-    sink.finish(SINK_IDLE).packets_from(src)
+    topo.udp_arrivals(src, SocketAddr::new(ALPHA, PORT), packets)
 }
 
 /// `mmesh-agent run` on the veth's host end, with the control plane on

@@ -73,18 +73,7 @@ fn pinned_agent_with(ns: &NetNs, policy: &PolicyFile, pins: &PinDir, extra: &[&s
 
 /// Packets from `src` in the remote namespace to ALPHA that arrive.
 fn arrivals(topo: &Topology, src: IpAddr, packets: u64) -> u64 {
-    let sink = UdpSink::bind(&topo.host, SocketAddr::new(ALPHA, PORT));
-    let socket = topo.remote.udp_socket(SocketAddr::new(src, 0));
-    let _ = send_udp(
-        &socket,
-        sink.local_addr(),
-        Pace {
-            pps: 2000,
-            packets,
-            payload: 64,
-        },
-    );
-    sink.finish(SINK_IDLE).packets_from(src)
+    topo.udp_arrivals(src, SocketAddr::new(ALPHA, PORT), packets)
 }
 
 /// The count after `dropped: global_block ` in the agent's last line that

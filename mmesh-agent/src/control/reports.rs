@@ -201,25 +201,7 @@ mod tests {
     use super::*;
 
     fn event(src: IpAddr) -> EventRecord {
-        EventRecord {
-            time: String::new(),
-            generation: 1,
-            account: Some("acme".into()),
-            direction: "inbound",
-            reason: "block_list",
-            verdict: "drop",
-            list: None,
-            ifindex: 1,
-            src: Some(src),
-            dst: None,
-            protocol: 17,
-            sport: None,
-            dport: None,
-            icmp_type: None,
-            icmp_code: None,
-            fragment: false,
-            bytes: 60,
-        }
+        EventRecord::test_drop(1, src)
     }
 
     #[test]

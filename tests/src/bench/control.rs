@@ -6,10 +6,7 @@
 //! Baseline, measured in the same round: validating and compiling the same
 //! policy from its JSON text in this process, without a kernel.
 
-use std::{
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use mmesh_agent::{
     compile::compile,
@@ -28,6 +25,7 @@ use super::{
 };
 use crate::{
     control::ScriptedControlPlane,
+    controlplane::TempDir,
     netns::{Agent, PolicyFile},
 };
 
@@ -104,7 +102,7 @@ pub fn run(opts: &Options, report: &mut Report) {
     let cap = capacity(accounts);
     let touched = format!("acct-{}", changed_account(accounts));
     for round in 0..opts.rounds {
-        let state = StateDir::new(round);
+        let state = TempDir::new(&format!("bench-state-{round}"));
         let (_, baseline) = timed(|| {
             let p = Policy::parse(&text, "bench", std::path::Path::new(".")).expect("validates");
             compile(&p, None, &cap).expect("compiles")
@@ -121,7 +119,7 @@ pub fn run(opts: &Options, report: &mut Report) {
             "--node-name",
             "bench",
             "--state-dir",
-            &state.0.display().to_string(),
+            &state.path().display().to_string(),
         ] {
             args.push(a.to_owned());
         }
@@ -200,22 +198,4 @@ fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
     let t = Instant::now();
     let out = f();
     (out, t.elapsed())
-}
-
-/// A state directory for one round's agent, removed when dropped.
-struct StateDir(PathBuf);
-
-impl StateDir {
-    fn new(round: usize) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("mmesh-bench-state-{}-{round}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        Self(dir)
-    }
-}
-
-impl Drop for StateDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
