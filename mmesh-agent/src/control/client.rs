@@ -36,8 +36,9 @@ use crate::{
 };
 
 /// Messages queued towards the control plane at most. Acks and Nacks wait
-/// for room; heartbeats, reports and status are dropped (and counted) when
-/// there is none.
+/// for room; when there is none, a heartbeat or a status is skipped (the
+/// next one follows an interval later) and a report is dropped and counted
+/// in the next one.
 const OUTBOUND_QUEUE: usize = 64;
 
 /// How the agent reaches its control plane.
