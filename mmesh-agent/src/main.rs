@@ -104,6 +104,19 @@ struct RunArgs {
     /// Pin nothing and detach everything at exit: for trying the agent out.
     #[arg(long, env = "MMESH_EPHEMERAL")]
     ephemeral: bool,
+    /// Address of the Prometheus endpoint (/metrics) and the health checks
+    /// (/healthz, /readyz). Loopback by default: the counters say what the
+    /// host's accounts do.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "127.0.0.1:9464",
+        env = "MMESH_METRICS_ADDR"
+    )]
+    metrics_addr: std::net::SocketAddr,
+    /// Serve no metrics and no health checks.
+    #[arg(long, env = "MMESH_NO_METRICS")]
+    no_metrics: bool,
     #[command(flatten)]
     capacity: CapacityArgs,
     #[command(flatten)]
@@ -444,6 +457,7 @@ fn run(args: RunArgs, logs: &Sink) -> anyhow::Result<()> {
             summary_interval: Duration::from_secs(args.summary_interval),
             pins: (!args.ephemeral).then_some(args.bpffs),
             control,
+            metrics: (!args.no_metrics).then_some(args.metrics_addr),
         },
         Outputs {
             events: events.clone(),
