@@ -365,13 +365,27 @@ impl Enforcement {
     }
 }
 
-/// Counters of the interfaces, for the summary.
+/// Counters of the interfaces, for the summary and the metrics.
 #[derive(Debug, Default)]
-struct LinkStats {
+pub struct LinkStats {
     /// Attached interfaces that disappeared.
     lost: AtomicU64,
     /// Re-attachments to an interface that came back.
     reattached: AtomicU64,
+}
+
+impl LinkStats {
+    /// Attached interfaces that disappeared.
+    #[must_use]
+    pub fn lost(&self) -> u64 {
+        self.lost.load(Ordering::Relaxed)
+    }
+
+    /// Re-attachments to an interface that came back.
+    #[must_use]
+    pub fn reattached(&self) -> u64 {
+        self.reattached.load(Ordering::Relaxed)
+    }
 }
 
 struct Enforcer {
@@ -728,7 +742,7 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
     .spawn(queued)?;
     // Stops serving when dropped, at the end.
     let _server = metrics.map(|(server, counters)| {
-        health.attach_sources(counters, &names, &out, &dp, &interfaces);
+        health.attach_sources(counters, &names, &out, (&dp, &links), &interfaces);
         server
     });
     watch_links(commands.clone());

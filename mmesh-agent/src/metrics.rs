@@ -27,7 +27,7 @@ use prometheus_client::{
 use tokio::{net::TcpListener, task::JoinHandle};
 
 use crate::{
-    agent::Outputs,
+    agent::{LinkStats, Outputs},
     compile::Capacity,
     counters::CounterReader,
     datapath::{Datapath, Totals},
@@ -76,6 +76,7 @@ struct Sources {
     capacity: Capacity,
     outputs: Outputs,
     datapath: Arc<Mutex<Datapath>>,
+    links: Arc<LinkStats>,
     /// The configured interfaces.
     interfaces: Vec<String>,
     /// The attached interfaces as last seen (the datapath's lock is only
@@ -139,7 +140,7 @@ impl Health {
         counters: CounterReader,
         names: &Names,
         outputs: &Outputs,
-        datapath: &Arc<Mutex<Datapath>>,
+        (datapath, links): (&Arc<Mutex<Datapath>>, &Arc<LinkStats>),
         interfaces: &[InterfaceSpec],
     ) {
         let (capacity, attached) = {
@@ -155,6 +156,7 @@ impl Health {
             capacity,
             outputs: outputs.clone(),
             datapath: datapath.clone(),
+            links: links.clone(),
             interfaces: interfaces.iter().map(|i| i.name.clone()).collect(),
             attached: Mutex::new(attached),
         });
@@ -386,6 +388,18 @@ impl Sources {
             "mmesh_log_lines_lost",
             "Log lines lost to a slow, stalled or closed stderr.",
             self.outputs.logs.lost(),
+        )?;
+        counter(
+            encoder,
+            "mmesh_interfaces_lost",
+            "Attached interfaces that disappeared (nothing is enforced on one until it comes back).",
+            self.links.lost(),
+        )?;
+        counter(
+            encoder,
+            "mmesh_interfaces_reattached",
+            "Re-attachments to an interface that came back.",
+            self.links.reattached(),
         )?;
         self.encode_maps(policy, encoder)
     }

@@ -267,6 +267,17 @@ fn readyz_follows_the_interface() {
     wait_until("/readyz to say 200 again", DEADLINE, || {
         must_get(&topo.host, "/readyz").status == 200
     });
+    let scrape = must_get(&topo.host, "/metrics").body;
+    assert_eq!(
+        must_sample(&scrape, "mmesh_interfaces_lost_total") as u64,
+        1,
+        "{scrape}"
+    );
+    assert_eq!(
+        must_sample(&scrape, "mmesh_interfaces_reattached_total") as u64,
+        1,
+        "{scrape}"
+    );
     drop(agent);
 }
 
