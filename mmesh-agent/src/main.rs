@@ -34,8 +34,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
     about = "Enforces the mmesh Acceptable Use Policy in the kernel with XDP and TC"
 )]
 struct Cli {
-    /// Log format on stderr.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "MMESH_LOG_FORMAT")]
+    /// Log format on stderr: `auto` is text on a terminal and JSON lines
+    /// otherwise (a journal, a container runtime's log file).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Auto, env = "MMESH_LOG_FORMAT")]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -43,6 +44,7 @@ struct Cli {
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum LogFormat {
+    Auto,
     Text,
     Json,
 }
@@ -363,8 +365,9 @@ fn init_logging(format: LogFormat) -> Sink {
         .with_writer(LogWriter(sink.clone()))
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
+        LogFormat::Auto if std::io::IsTerminal::is_terminal(&std::io::stderr()) => builder.init(),
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Auto | LogFormat::Json => builder.json().init(),
     }
     sink
 }

@@ -2,7 +2,9 @@
 //! over HTTP inside the agent's namespace while real UDP traffic crosses
 //! the host end of a veth pair: drops by a block list show in
 //! `mmesh_packets_total`, `/readyz` follows the interface, `/healthz` the
-//! agent's loop, and `--no-metrics` serves nothing.
+//! agent's loop, and `--no-metrics` serves nothing. And the logs: JSON
+//! lines when stderr is not a terminal, as a log collector
+//! wants them.
 //!
 //! Needs root. One test at a time; each is bounded in packets and time, and
 //! polls with deadlines.
@@ -293,6 +295,30 @@ fn no_metrics_serves_nothing() {
         err.map(|e| e.kind()),
         Some(std::io::ErrorKind::ConnectionRefused),
         "nothing listens on {METRICS}"
+    );
+    drop(agent);
+}
+
+/// `--log-format auto` (the default) writes JSON lines to a stderr that is
+/// not a terminal (here a pipe), each with a level and a message.
+#[test]
+fn logs_are_json_lines_when_stderr_is_not_a_terminal() {
+    let _serial = serial();
+    let topo = topology("mjson");
+    let policy = PolicyFile::new("mjson", POLICY);
+    // The harness asks for text; the command line wins over the environment.
+    let agent = start(&topo, &policy, &["--log-format", "auto", "--no-metrics"]);
+    let logs = agent.logs();
+    assert!(!logs.is_empty());
+    for line in &logs {
+        let value: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        assert!(value["level"].is_string(), "{line}");
+        assert!(value["fields"]["message"].is_string(), "{line}");
+    }
+    assert!(
+        logs.iter().any(|l| l.contains("\"message\":\"attached\"")),
+        "{logs:#?}"
     );
     drop(agent);
 }
