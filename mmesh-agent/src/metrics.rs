@@ -69,9 +69,8 @@ struct Policy {
 /// The read-only handles the collector and `/readyz` read, handed over
 /// once the datapath is attached.
 struct Sources {
-    /// A mutex only because map handles are not `Sync`; scrapes are the only
-    /// users.
-    counters: Mutex<CounterReader>,
+    /// Handles of its own to the counter maps.
+    counters: CounterReader,
     names: Names,
     capacity: Capacity,
     outputs: Outputs,
@@ -151,7 +150,7 @@ impl Health {
             )
         };
         let _ = self.sources.set(Sources {
-            counters: Mutex::new(counters),
+            counters,
             names: names.clone(),
             capacity,
             outputs: outputs.clone(),
@@ -350,7 +349,7 @@ impl Sources {
     fn encode(&self, policy: &Policy, encoder: &mut DescriptorEncoder) -> fmt::Result {
         // A failed read leaves the datapath's series out of this scrape
         // (Prometheus then marks them stale) rather than report zeros.
-        match locked(&self.counters).totals() {
+        match self.counters.totals() {
             Ok(t) => encode_totals(&t, encoder)?,
             Err(err) => tracing::debug!(%err, "metrics: reading the counters"),
         }
