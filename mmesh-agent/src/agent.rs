@@ -642,8 +642,8 @@ impl Enforcer {
     }
 }
 
-/// The metrics endpoint unless `--no-metrics`: listening, with counter
-/// handles of its own for the collector (handed over with
+/// The metrics endpoint unless `--no-metrics`: listening, with handles of
+/// its own for the collector (handed over with
 /// [`Health::attach_sources`] once the datapath is shared).
 ///
 /// Served once attached, not before: a second agent started by mistake is
@@ -653,7 +653,7 @@ async fn serve_metrics(
     opts: &RunOptions,
     health: &Arc<Health>,
     dp: &Datapath,
-) -> anyhow::Result<Option<(metrics::Server, CounterReader)>> {
+) -> anyhow::Result<Option<(metrics::Server, metrics::Handles)>> {
     let Some(addr) = opts.metrics else {
         return Ok(None);
     };
@@ -661,7 +661,8 @@ async fn serve_metrics(
     let (totals, stats) = dp
         .counter_fds()
         .context("duplicating the counter maps' fds")?;
-    Ok(Some((server, CounterReader::from_fds(totals, stats)?)))
+    let counters = CounterReader::from_fds(totals, stats)?;
+    Ok(Some((server, metrics::Handles::new(counters, dp))))
 }
 
 /// Runs until SIGINT or SIGTERM. Errors before the datapath is attached are
@@ -741,8 +742,8 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
     }
     .spawn(queued)?;
     // Stops serving when dropped, at the end.
-    let _server = metrics.map(|(server, counters)| {
-        health.attach_sources(counters, &names, &out, (&dp, &links), &interfaces);
+    let _server = metrics.map(|(server, handles)| {
+        health.attach_sources(handles, &names, &out, (&dp, &links), &interfaces);
         server
     });
     watch_links(commands.clone());

@@ -83,6 +83,26 @@ struct Sources {
     attached: Mutex<Vec<String>>,
 }
 
+/// What the collector takes from the datapath before it goes behind its
+/// lock.
+pub struct Handles {
+    counters: CounterReader,
+    capacity: Capacity,
+    attached: Vec<String>,
+}
+
+impl Handles {
+    /// `counters`: handles of the collector's own to `dp`'s counter maps.
+    #[must_use]
+    pub fn new(counters: CounterReader, dp: &Datapath) -> Self {
+        Self {
+            counters,
+            capacity: *dp.capacity(),
+            attached: dp.attachments().iter().map(|a| a.name.clone()).collect(),
+        }
+    }
+}
+
 /// What the agent's loops record for the endpoint: when the summary tick
 /// last ran, what became of each policy, and (once attached) the read-only
 /// handles.
@@ -133,31 +153,25 @@ impl Health {
         p.last = Some((false, SystemTime::now(), took));
     }
 
-    /// Hands over the read-only handles once the datapath is attached.
+    /// Hands over the read-only handles once the datapath is shared (its
+    /// lock is not taken: the enforcer may already be applying a policy).
     pub fn attach_sources(
         &self,
-        counters: CounterReader,
+        handles: Handles,
         names: &Names,
         outputs: &Outputs,
         (datapath, links): (&Arc<Mutex<Datapath>>, &Arc<LinkStats>),
         interfaces: &[InterfaceSpec],
     ) {
-        let (capacity, attached) = {
-            let dp = locked(datapath);
-            (
-                *dp.capacity(),
-                dp.attachments().iter().map(|a| a.name.clone()).collect(),
-            )
-        };
         let _ = self.sources.set(Sources {
-            counters,
+            counters: handles.counters,
             names: names.clone(),
-            capacity,
+            capacity: handles.capacity,
             outputs: outputs.clone(),
             datapath: datapath.clone(),
             links: links.clone(),
             interfaces: interfaces.iter().map(|i| i.name.clone()).collect(),
-            attached: Mutex::new(attached),
+            attached: Mutex::new(handles.attached),
         });
     }
 
