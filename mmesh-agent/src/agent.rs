@@ -55,6 +55,7 @@ use crate::{
     hook::ReceiveHook,
     interface::{self, InterfaceError, InterfaceSpec, Role},
     memory,
+    metrics::{self, Health},
     netlink::LinkWatch,
     policy::{Policy, ReadLimits, Removal, Source},
     sink::{SinkStats, escape_controls},
@@ -80,6 +81,9 @@ pub struct RunOptions {
     pub pins: Option<PathBuf>,
     /// The control plane to take policy from, if any.
     pub control: Option<client::Options>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (`None`:
+    /// `--no-metrics`).
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Where the agent's output goes.
@@ -361,13 +365,27 @@ impl Enforcement {
     }
 }
 
-/// Counters of the interfaces, for the summary.
+/// Counters of the interfaces, for the summary and the metrics.
 #[derive(Debug, Default)]
-struct LinkStats {
+pub struct LinkStats {
     /// Attached interfaces that disappeared.
     lost: AtomicU64,
     /// Re-attachments to an interface that came back.
     reattached: AtomicU64,
+}
+
+impl LinkStats {
+    /// Attached interfaces that disappeared.
+    #[must_use]
+    pub fn lost(&self) -> u64 {
+        self.lost.load(Ordering::Relaxed)
+    }
+
+    /// Re-attachments to an interface that came back.
+    #[must_use]
+    pub fn reattached(&self) -> u64 {
+        self.reattached.load(Ordering::Relaxed)
+    }
 }
 
 struct Enforcer {
@@ -389,6 +407,8 @@ struct Enforcer {
     last_error: std::collections::HashMap<String, String>,
     /// A control plane's policy is in force: the file is no longer read.
     remote: bool,
+    /// Where each outcome is recorded for the metrics.
+    health: Arc<Health>,
 }
 
 /// The source name of policies from the control plane.
@@ -492,6 +512,7 @@ impl Enforcer {
                     generation,
                     "{label}: policy rejected, the running policy stays in force: {text}"
                 );
+                self.health.rejected(None);
                 self.last_refusal = Some(text);
             }
         }
@@ -542,6 +563,8 @@ impl Enforcer {
                     "{source}: policy in force: {summary}"
                 );
                 self.remote |= source == CONTROL_PLANE;
+                self.health
+                    .applied(generation, policy.version.as_deref(), Some(took));
                 self.running = policy;
                 Outcome::Applied { generation, took }
             }
@@ -553,6 +576,7 @@ impl Enforcer {
                     "{source}: policy rejected, the running policy stays in force: {}",
                     escape_controls(&reason)
                 );
+                self.health.rejected(Some(started.elapsed()));
                 Outcome::Rejected { generation, reason }
             }
         }
@@ -618,8 +642,35 @@ impl Enforcer {
     }
 }
 
+/// The metrics endpoint unless `--no-metrics`: listening, with handles of
+/// its own for the collector (handed over with
+/// [`Health::attach_sources`] once the datapath is shared).
+///
+/// Served once attached, not before: a second agent started by mistake is
+/// refused for what it would clash over (the interfaces, the pins), not for
+/// the metrics address; until then, a refused connection says "not ready".
+async fn serve_metrics(
+    opts: &RunOptions,
+    health: &Arc<Health>,
+    dp: &Datapath,
+) -> anyhow::Result<Option<(metrics::Server, metrics::Handles)>> {
+    let Some(addr) = opts.metrics else {
+        return Ok(None);
+    };
+    let server = metrics::serve(addr, health.clone()).await?;
+    let (totals, stats) = dp
+        .counter_fds()
+        .context("duplicating the counter maps' fds")?;
+    let counters = CounterReader::from_fds(totals, stats)?;
+    Ok(Some((server, metrics::Handles::new(counters, dp))))
+}
+
 /// Runs until SIGINT or SIGTERM. Errors before the datapath is attached are
 /// returned (and nothing stays attached); afterwards the agent keeps going.
+#[expect(
+    clippy::too_many_lines,
+    reason = "the agent's life in order (start, serve, loop, stop); each part is a function already"
+)]
 pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
     // Signals first: a SIGHUP during a long start-up is a reload after it,
     // not the end of the agent.
@@ -652,6 +703,9 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
         }
     };
 
+    let health = Arc::new(Health::new(opts.summary_interval));
+    health.applied(dp.generation(), policy.version.as_deref(), None);
+    let metrics = serve_metrics(&opts, &health, &dp).await?;
     let ring = dp
         .take_events()
         .context("the event ring buffer was already taken")?;
@@ -665,7 +719,7 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
         .await
     });
 
-    let mut summary = Summary::start(&dp, &interfaces)?;
+    let mut summary = Summary::start(&dp, &interfaces, health.clone())?;
     let control = match &opts.control {
         Some(c) => Some((c.clone(), ControlParts::new(&dp, &out)?)),
         None => None,
@@ -684,8 +738,14 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
         links: links.clone(),
         last_error: std::collections::HashMap::new(),
         remote: held.is_some(),
+        health: health.clone(),
     }
     .spawn(queued)?;
+    // Stops serving when dropped, at the end.
+    let _server = metrics.map(|(server, handles)| {
+        health.attach_sources(handles, &names, &out, (&dp, &links), &interfaces);
+        server
+    });
     watch_links(commands.clone());
     let client = control.map(|(options, parts)| {
         let enforcement = Enforcement(commands.clone());
@@ -833,21 +893,29 @@ struct Summary {
     losses: Losses,
     /// The attachments as last seen.
     attached: String,
+    /// Told at every tick: the loop is alive (`/healthz`).
+    health: Arc<Health>,
 }
 
 impl Summary {
     /// The first reading, with handles of its own to the counter maps.
-    fn start(dp: &Datapath, interfaces: &[InterfaceSpec]) -> anyhow::Result<Self> {
+    fn start(
+        dp: &Datapath,
+        interfaces: &[InterfaceSpec],
+        health: Arc<Health>,
+    ) -> anyhow::Result<Self> {
         let (totals, stats) = dp
             .counter_fds()
             .context("duplicating the counter maps' fds")?;
         let counters = CounterReader::from_fds(totals, stats)?;
+        health.tick();
         Ok(Self {
             totals: counters.totals()?,
             counters,
             at: Instant::now(),
             losses: Losses::default(),
             attached: attached_list(dp, interfaces),
+            health,
         })
     }
 
@@ -861,6 +929,7 @@ impl Summary {
         links: &LinkStats,
         interfaces: &[InterfaceSpec],
     ) {
+        self.health.tick();
         let now = match self.counters.totals() {
             Ok(now) => now,
             Err(err) => {

@@ -14,6 +14,7 @@ pub mod fanout;
 pub mod hook;
 pub mod interface;
 pub mod memory;
+pub mod metrics;
 pub mod netlink;
 pub mod policy;
 pub mod show;

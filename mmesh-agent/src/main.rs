@@ -34,8 +34,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
     about = "Enforces the mmesh Acceptable Use Policy in the kernel with XDP and TC"
 )]
 struct Cli {
-    /// Log format on stderr.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "MMESH_LOG_FORMAT")]
+    /// Log format on stderr: `auto` is text on a terminal and JSON lines
+    /// otherwise (a journal, a container runtime's log file).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Auto, env = "MMESH_LOG_FORMAT")]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -43,6 +44,7 @@ struct Cli {
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum LogFormat {
+    Auto,
     Text,
     Json,
 }
@@ -104,6 +106,19 @@ struct RunArgs {
     /// Pin nothing and detach everything at exit: for trying the agent out.
     #[arg(long, env = "MMESH_EPHEMERAL")]
     ephemeral: bool,
+    /// Address of the Prometheus endpoint (/metrics) and the health checks
+    /// (/healthz, /readyz). Loopback by default: the counters say what the
+    /// host's accounts do.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        default_value = "127.0.0.1:9464",
+        env = "MMESH_METRICS_ADDR"
+    )]
+    metrics_addr: std::net::SocketAddr,
+    /// Serve no metrics and no health checks.
+    #[arg(long, env = "MMESH_NO_METRICS")]
+    no_metrics: bool,
     #[command(flatten)]
     capacity: CapacityArgs,
     #[command(flatten)]
@@ -350,8 +365,9 @@ fn init_logging(format: LogFormat) -> Sink {
         .with_writer(LogWriter(sink.clone()))
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
+        LogFormat::Auto if std::io::IsTerminal::is_terminal(&std::io::stderr()) => builder.init(),
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Auto | LogFormat::Json => builder.json().init(),
     }
     sink
 }
@@ -444,6 +460,7 @@ fn run(args: RunArgs, logs: &Sink) -> anyhow::Result<()> {
             summary_interval: Duration::from_secs(args.summary_interval),
             pins: (!args.ephemeral).then_some(args.bpffs),
             control,
+            metrics: (!args.no_metrics).then_some(args.metrics_addr),
         },
         Outputs {
             events: events.clone(),
