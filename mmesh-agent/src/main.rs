@@ -192,21 +192,40 @@ impl ControlArgs {
         let Some(url) = &self.control_plane else {
             return Ok(None);
         };
-        let tls = match (url.split_once("://").map(|(scheme, _)| scheme), self.control_plane_plaintext) {
+        let tls = match (
+            url.split_once("://").map(|(scheme, _)| scheme),
+            self.control_plane_plaintext,
+        ) {
             (Some("http"), true) => None,
             (Some("http"), false) => anyhow::bail!(
                 "--control-plane {url} has no TLS: use an https:// URL with --control-plane-ca, or add --control-plane-plaintext to send policy and reports in clear"
             ),
-            (Some("https"), true) => anyhow::bail!(
-                "--control-plane-plaintext with an https:// URL: drop one of them"
-            ),
-            (Some("https"), false) => Some(client::Tls {
-                ca: self.control_plane_ca.clone().ok_or_else(|| anyhow::anyhow!(
-                    "--control-plane {url} needs --control-plane-ca FILE: the CA that signed the control plane's certificate (the only one trusted)"
-                ))?,
-                identity: self.control_plane_cert.clone().zip(self.control_plane_key.clone()),
-                domain: self.control_plane_server_name.clone(),
-            }),
+            (Some("https"), true) => {
+                anyhow::bail!("--control-plane-plaintext with an https:// URL: drop one of them")
+            }
+            (Some("https"), false) => {
+                let tls = client::Tls {
+                    ca: self.control_plane_ca.clone().ok_or_else(|| anyhow::anyhow!(
+                        "--control-plane {url} needs --control-plane-ca FILE: the CA that signed the control plane's certificate (the only one trusted)"
+                    ))?,
+                    identity: self.control_plane_cert.clone().zip(self.control_plane_key.clone()),
+                    domain: self.control_plane_server_name.clone(),
+                };
+                // Read now: a missing file is an error at start, not a
+                // warning at every reconnect.
+                let (cert, key) = tls.identity.clone().unzip();
+                for (option, path) in [
+                    ("--control-plane-ca", Some(&tls.ca)),
+                    ("--control-plane-cert", cert.as_ref()),
+                    ("--control-plane-key", key.as_ref()),
+                ] {
+                    if let Some(path) = path {
+                        std::fs::File::open(path)
+                            .map_err(|e| anyhow::anyhow!("{option} {}: {e}", path.display()))?;
+                    }
+                }
+                Some(tls)
+            }
             _ => anyhow::bail!(
                 "--control-plane {url}: expected https://HOST:PORT (or http://HOST:PORT with --control-plane-plaintext)"
             ),

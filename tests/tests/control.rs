@@ -17,7 +17,7 @@ use mmesh_agent::control::proto::{self, agent_message::Body as Up};
 use mmesh_tests::{
     control::ScriptedControlPlane,
     controlplane::TempDir,
-    netns::{Agent, HOST_IF, NetNs, Topology},
+    netns::{Agent, HOST_IF, NetNs, Topology, run_agent_to_exit},
 };
 
 const ALPHA: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 0, 10));
@@ -327,4 +327,40 @@ fn last_known_good_is_enforced_while_the_control_plane_is_down_and_resumed() {
         "nothing was sent, nothing answered"
     );
     assert_eq!(arrivals(&topo, FIRST, 50), 0, "v1 still enforced");
+}
+
+/// Control-plane options that cannot work are refused at start, naming the
+/// option: an `http://` URL without `--control-plane-plaintext`, an
+/// `https://` one without a CA, a CA file that cannot be read.
+#[test]
+fn unusable_control_plane_options_are_refused_at_start() {
+    let _serial = serial();
+    let ns = NetNs::create(&mmesh_tests::netns::unique_name("cp-args"));
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &["--control-plane", "http://127.0.0.1:1"],
+            "--control-plane-plaintext",
+        ),
+        (
+            &["--control-plane", "https://127.0.0.1:1"],
+            "needs --control-plane-ca",
+        ),
+        (
+            &[
+                "--control-plane",
+                "https://127.0.0.1:1",
+                "--control-plane-ca",
+                "/nonexistent/ca.pem",
+            ],
+            "--control-plane-ca /nonexistent/ca.pem",
+        ),
+    ];
+    for (extra, expected) in cases {
+        let mut args = vec!["run", "--interface", "lo", "--node-name", "n"];
+        args.extend_from_slice(extra);
+        let out = run_agent_to_exit(&ns, &args, ANSWER);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{extra:?}: {stderr}");
+        assert!(stderr.contains(expected), "{extra:?}: {stderr}");
+    }
 }
