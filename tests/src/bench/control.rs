@@ -20,7 +20,10 @@ use mmesh_agent::{
 use super::{
     Options,
     accuracy::veth_namespace,
-    policy::{Format, Restore, agent_args, agent_binary, capacity, changed_account, policy_text},
+    policy::{
+        Format, Restore, agent_args, agent_binary, capacity, changed_account, no_agent_binary,
+        policy_text,
+    },
     report::{Figure, Goal, Report},
 };
 use crate::{
@@ -82,21 +85,11 @@ pub fn run(opts: &Options, report: &mut Report) {
     ];
     let Some(bin) = agent_binary(opts.quick) else {
         for name in names {
-            report.add(Figure {
-                samples: Vec::new(),
-                note: "not measured: no mmesh-agent binary (set MMESH_AGENT_BIN, or `cargo build --release -p mmesh-agent`)".into(),
-                ..figure(&name, Duration::ZERO, None, None, "")
-            });
+            report.add(no_agent_binary(GROUP, name, "ms"));
         }
         return;
     };
-    // `Agent` runs `$MMESH_AGENT_BIN`: the binary chosen here, for the time
-    // of this group.
-    let previous = std::env::var_os("MMESH_AGENT_BIN");
-    // SAFETY: the harness runs one group at a time and no other thread of
-    // this process is running or reading the environment here.
-    unsafe { std::env::set_var("MMESH_AGENT_BIN", &bin) };
-    let restore = Restore(previous);
+    let restore = Restore::agent_bin(&bin);
     let ns = veth_namespace("bench-cp");
     let file = PolicyFile::new("bench-cp", "{}");
     let cap = capacity(accounts);

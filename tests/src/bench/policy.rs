@@ -588,6 +588,21 @@ pub(super) fn agent_binary(quick: bool) -> Option<PathBuf> {
     }
 }
 
+/// The figure `name` of `group`, in `unit`, not measured for want of an
+/// agent binary ([`agent_binary`] found none).
+pub(super) fn no_agent_binary(group: &str, name: String, unit: &str) -> Figure {
+    Figure {
+        group: group.into(),
+        name,
+        unit: unit.into(),
+        samples: Vec::new(),
+        baseline: None,
+        reference: None,
+        goal: None,
+        note: "not measured: no mmesh-agent binary (set MMESH_AGENT_BIN, or `cargo build --release -p mmesh-agent`)".into(),
+    }
+}
+
 /// `VmRSS` and `VmHWM` of `pid`, in bytes.
 fn rss(pid: u32) -> (f64, f64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -664,27 +679,12 @@ fn agent_memory(
     let Some(bin) = agent_binary(opts.quick) else {
         for name in names {
             let unit = if name.contains("SIGHUP") { "ms" } else { "MB" };
-            report.add(Figure {
-                group: GROUP.into(),
-                name,
-                unit: unit.into(),
-                samples: Vec::new(),
-                baseline: None,
-                reference: None,
-                goal: None,
-                note: "not measured: no mmesh-agent binary (set MMESH_AGENT_BIN, or `cargo build --release -p mmesh-agent`)".into(),
-            });
+            report.add(no_agent_binary(GROUP, name, unit));
         }
         return;
     };
     eprintln!("bench: policy: agent memory with {}", bin.display());
-    // `Agent` runs `$MMESH_AGENT_BIN`; point it at the binary chosen here
-    // for the time of this group.
-    let previous = std::env::var_os("MMESH_AGENT_BIN");
-    // SAFETY: the harness runs one group at a time and no other thread of
-    // this process is running or reading the environment here.
-    unsafe { std::env::set_var("MMESH_AGENT_BIN", &bin) };
-    let restore = Restore(previous);
+    let restore = Restore::agent_bin(&bin);
 
     let ns = veth_namespace("bench-policy");
     let args = agent_args(file, &capacity(accounts));
@@ -796,7 +796,19 @@ fn agent_round(
 }
 
 /// Puts `MMESH_AGENT_BIN` back as it was, also on panic.
-pub(super) struct Restore(pub(super) Option<std::ffi::OsString>);
+pub(super) struct Restore(Option<std::ffi::OsString>);
+
+impl Restore {
+    /// Points `$MMESH_AGENT_BIN`, which `Agent` runs, at `bin` for the time
+    /// of a group, until the guard is dropped.
+    pub(super) fn agent_bin(bin: &Path) -> Self {
+        let previous = std::env::var_os("MMESH_AGENT_BIN");
+        // SAFETY: the harness runs one group at a time and no other thread
+        // of this process is running or reading the environment here.
+        unsafe { std::env::set_var("MMESH_AGENT_BIN", bin) };
+        Self(previous)
+    }
+}
 
 impl Drop for Restore {
     fn drop(&mut self) {

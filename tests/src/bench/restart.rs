@@ -29,7 +29,7 @@ use std::{
 
 use super::{
     Options,
-    policy::{Format, Restore, agent_binary, capacity, policy_text},
+    policy::{Format, Restore, agent_binary, capacity, no_agent_binary, policy_text},
     report::{Figure, Goal, Report},
 };
 use crate::netns::{
@@ -77,25 +77,12 @@ pub fn run(opts: &Options, report: &mut Report) {
         .collect();
     let Some(bin) = agent_binary(opts.quick) else {
         for name in names.iter().chain(&gaps) {
-            report.add(Figure {
-                group: GROUP.into(),
-                name: name.clone(),
-                unit: String::new(),
-                samples: Vec::new(),
-                baseline: None,
-                reference: None,
-                goal: None,
-                note: "not measured: no mmesh-agent binary (set MMESH_AGENT_BIN, or `cargo build --release -p mmesh-agent`)".into(),
-            });
+            report.add(no_agent_binary(GROUP, name.clone(), ""));
         }
         return;
     };
     eprintln!("bench: restart: {accounts} accounts, {}", bin.display());
-    let previous = std::env::var_os("MMESH_AGENT_BIN");
-    // SAFETY: the harness runs one group at a time and no other thread of
-    // this process is running or reading the environment here.
-    unsafe { std::env::set_var("MMESH_AGENT_BIN", &bin) };
-    let restore = Restore(previous);
+    let restore = Restore::agent_bin(&bin);
     let file = PolicyFile::new("bench-restart", &restart_policy(accounts));
     let topo = Topology::new("bench-restart");
     topo.add_host_addrs(&[PROBE]);
