@@ -124,6 +124,16 @@ pub fn ip_output(args: &[&str]) -> String {
     run(Command::new("ip").args(args))
 }
 
+/// Runs the tests of one test binary one at a time (hold the guard for
+/// the whole test): they share the machine's CPUs, which rate
+/// measurements are sensitive to, and names of namespaces and devices.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Polls `cond` every 10 ms until it holds; panics naming `what` after
 /// `timeout`.
 #[track_caller]

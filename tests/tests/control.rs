@@ -9,7 +9,6 @@
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::Path,
-    sync::{Mutex, MutexGuard, PoisonError},
     time::Duration,
 };
 
@@ -17,7 +16,7 @@ use mmesh_agent::control::proto::{self, agent_message::Body as Up};
 use mmesh_tests::{
     control::ScriptedControlPlane,
     controlplane::TempDir,
-    netns::{Agent, HOST_IF, NetNs, Topology, run_agent_to_exit},
+    netns::{Agent, HOST_IF, NetNs, Topology, run_agent_to_exit, serial},
 };
 
 const ALPHA: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 0, 10));
@@ -26,11 +25,6 @@ const FIRST: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 1, 1));
 const SECOND: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 2, 1));
 const PORT: u16 = 5000;
 const ANSWER: Duration = Duration::from_mins(1);
-
-fn serial() -> MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 fn topology(tag: &str) -> Topology {
     let topo = Topology::new(tag);

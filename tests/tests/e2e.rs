@@ -18,7 +18,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
     os::fd::AsRawFd as _,
     path::PathBuf,
-    sync::{Mutex, MutexGuard, PoisonError},
+    sync::{Mutex, PoisonError},
     thread,
     time::Duration,
 };
@@ -27,7 +27,7 @@ use mmesh_agent::policy::{MIN_DEFAULT_BPS_BURST, default_burst};
 use mmesh_tests::{
     netns::{
         Agent, Flow, HOST_IF, NetNs, Pace, PolicyFile, REMOTE_IF, Received, Sent, Topology,
-        UdpSink, namespaces, run_agent_to_exit, send_udp, tcp_accept, tcp_echo,
+        UdpSink, namespaces, run_agent_to_exit, send_udp, serial, tcp_accept, tcp_echo,
     },
     wire::{ipv4_packets_received, tcp_stream, tso_enabled},
 };
@@ -153,12 +153,6 @@ fn sa(ip: IpAddr, port: u16) -> SocketAddr {
 
 // ---------------------------------------------------------------------------
 // Harness
-
-/// One test at a time: rate measurements are sensitive to CPU contention.
-fn serial() -> MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 /// A topology with both families' addresses and the agent running on it.
 /// Fields drop in order: the agent stops before its namespace goes.

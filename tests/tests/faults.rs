@@ -12,13 +12,12 @@ use std::{
     fmt::Write as _,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     process::Command,
-    sync::{Mutex, MutexGuard, PoisonError},
     time::{Duration, Instant},
 };
 
 use mmesh_tests::netns::{
     Agent, HOST_IF, NetNs, Pace, PolicyFile, Streams, Topology, UdpSink, agent_binary,
-    run_agent_to_exit, send_udp, wait_until,
+    run_agent_to_exit, send_udp, serial, wait_until,
 };
 
 const ALPHA4: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 0, 10));
@@ -52,11 +51,6 @@ accounts:
   - id: alpha
     prefixes: [10.77.0.10/32, 'fd77::10/128']
 ";
-
-fn serial() -> MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 fn topology(tag: &str) -> Topology {
     let topo = Topology::new(tag);

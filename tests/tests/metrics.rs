@@ -12,12 +12,11 @@
 use std::{
     io::{Read as _, Write as _},
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    sync::{Mutex, MutexGuard, PoisonError},
     time::Duration,
 };
 
 use mmesh_tests::netns::{
-    Agent, HOST_IF, NetNs, Pace, PolicyFile, Topology, UdpSink, send_udp, wait_until,
+    Agent, HOST_IF, NetNs, Pace, PolicyFile, Topology, UdpSink, send_udp, serial, wait_until,
 };
 
 const ALPHA: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 0, 10));
@@ -44,11 +43,6 @@ accounts:
   - id: alpha
     prefixes: [10.77.0.10/32]
 ";
-
-fn serial() -> MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 fn topology(tag: &str) -> Topology {
     let topo = Topology::new(tag);

@@ -10,13 +10,13 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    sync::{Mutex, MutexGuard, PoisonError},
     thread,
     time::Duration,
 };
 
 use mmesh_tests::netns::{
-    Agent, HOST_IF, NetNs, Pace, PinDir, PolicyFile, Topology, UdpSink, run_agent_to_exit, send_udp,
+    Agent, HOST_IF, NetNs, Pace, PinDir, PolicyFile, Topology, UdpSink, run_agent_to_exit,
+    send_udp, serial,
 };
 
 const ALPHA: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 0, 10));
@@ -36,11 +36,6 @@ accounts:
   - id: alpha
     prefixes: [10.77.0.10/32]
 ";
-
-fn serial() -> MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 fn topology(tag: &str) -> Topology {
     let topo = Topology::new(tag);

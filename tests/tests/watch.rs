@@ -11,12 +11,11 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::unix::fs::symlink,
     path::{Path, PathBuf},
-    sync::{Mutex, MutexGuard, PoisonError},
     time::Duration,
 };
 
 use mmesh_tests::netns::{
-    Agent, HOST_IF, Pace, PolicyFile, Topology, UdpSink, send_udp, unique_name, wait_until,
+    Agent, HOST_IF, Pace, PolicyFile, Topology, UdpSink, send_udp, serial, unique_name, wait_until,
 };
 
 const ALPHA4: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 0, 10));
@@ -56,11 +55,6 @@ accounts:
   - id: alpha
     prefixes: [10.77.0.10/32, 'fd77::10/128']
 ";
-
-fn serial() -> MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 fn topology(tag: &str) -> Topology {
     let topo = Topology::new(tag);
