@@ -37,7 +37,7 @@ use tokio::{
 };
 
 use crate::{
-    compile::{Capacity, Compiled, compile, compile_adopting},
+    compile::{Capacity, CompileError, Compiled, compile, compile_adopting},
     control::{
         client::{self, Client, HostFacts, StatusFn},
         held::Held,
@@ -512,7 +512,7 @@ impl Enforcer {
                     generation,
                     "{label}: policy rejected, the running policy stays in force: {text}"
                 );
-                self.health.rejected(None);
+                self.health.rejected(None, err.full_map());
                 self.last_refusal = Some(text);
             }
         }
@@ -576,7 +576,10 @@ impl Enforcer {
                     "{source}: policy rejected, the running policy stays in force: {}",
                     escape_controls(&reason)
                 );
-                self.health.rejected(Some(started.elapsed()));
+                let full = err
+                    .downcast_ref::<CompileError>()
+                    .and_then(CompileError::refused_map);
+                self.health.rejected(Some(started.elapsed()), full);
                 Outcome::Rejected { generation, reason }
             }
         }
@@ -1113,7 +1116,7 @@ pub fn summarize(before: &Totals, after: &Totals, interval: Duration) -> String 
     if full > 0 {
         let _ = write!(
             line,
-            "; packets not counted per account (--max-counters full): {full}"
+            "; packets not counted per account, map account_counters full (raise --max-counters): {full}"
         );
     }
     line

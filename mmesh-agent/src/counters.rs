@@ -106,6 +106,7 @@ pub(crate) fn read_totals(
         out.counters_full,
         out.rate_contended,
         out.pull_failed,
+        out.events_sampled,
     ] = sums;
     Ok(out)
 }

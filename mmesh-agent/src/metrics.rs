@@ -10,6 +10,7 @@
 //! for a scrape.
 
 use std::{
+    collections::BTreeMap,
     fmt::{self, Write as _},
     net::SocketAddr,
     sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError},
@@ -61,6 +62,8 @@ struct Policy {
     version: Option<String>,
     applied: u64,
     rejected: u64,
+    /// Policies refused because a map was too small, by map.
+    refused: BTreeMap<&'static str, u64>,
     /// The last attempt: whether it was applied, when, and how long it took
     /// (from the enforcer taking it up; unknown for the first policy).
     last: Option<(bool, SystemTime, Option<Duration>)>,
@@ -146,10 +149,14 @@ impl Health {
         p.last = Some((true, SystemTime::now(), took));
     }
 
-    /// A policy was refused; the one in force stays.
-    pub fn rejected(&self, took: Option<Duration>) {
+    /// A policy was refused; the one in force stays. `full`: the map
+    /// that had no room for it, if that was why.
+    pub fn rejected(&self, took: Option<Duration>, full: Option<&'static str>) {
         let mut p = locked(&self.policy);
         p.rejected += 1;
+        if let Some(map) = full {
+            *p.refused.entry(map).or_default() += 1;
+        }
         p.last = Some((false, SystemTime::now(), took));
     }
 
@@ -364,7 +371,10 @@ impl Sources {
         // A failed read leaves the datapath's series out of this scrape
         // (Prometheus then marks them stale) rather than report zeros.
         match self.counters.totals() {
-            Ok(t) => encode_totals(&t, encoder)?,
+            Ok(t) => {
+                encode_totals(&t, encoder)?;
+                encode_refused(policy, &t, encoder)?;
+            }
             Err(err) => tracing::debug!(%err, "metrics: reading the counters"),
         }
         let consumers = self.outputs.events.consumers();
@@ -517,9 +527,9 @@ fn encode_totals(t: &Totals, encoder: &mut DescriptorEncoder) -> fmt::Result {
     )?;
     counter(
         encoder,
-        "mmesh_account_counters_full",
-        "Packets not counted per account because the account counters were full (--max-counters); they are in mmesh_packets_total.",
-        t.counters_full,
+        "mmesh_events_sampled_away",
+        "Drops and monitored packets not reported as an event: their (account, reason) had used its events for the second (--event-rate in the policy).",
+        t.events_sampled,
     )?;
     counter(
         encoder,
@@ -534,6 +544,44 @@ fn encode_totals(t: &Totals, encoder: &mut DescriptorEncoder) -> fmt::Result {
         t.pull_failed,
     )?;
     Ok(())
+}
+
+/// The maps `mmesh_map_inserts_refused_total` covers, each with a sample
+/// (zeros included).
+const REFUSING_MAPS: [&str; 6] = [
+    "accounts",
+    "account_prefixes_v4",
+    "account_prefixes_v6",
+    "list_prefixes_v4",
+    "list_prefixes_v6",
+    "account_counters",
+];
+
+/// Inserts a full map refused: in the kernel, a packet's first counter
+/// of its (account, reason, verdict, direction) with `ACCT_COUNTERS`
+/// full; in the agent, a whole policy that did not fit a policy map.
+fn encode_refused(policy: &Policy, t: &Totals, encoder: &mut DescriptorEncoder) -> fmt::Result {
+    let refused: Vec<_> = REFUSING_MAPS
+        .iter()
+        .map(|&map| {
+            let n = if map == "account_counters" {
+                t.counters_full
+            } else {
+                policy.refused.get(map).copied().unwrap_or(0)
+            };
+            ([("map", map)], n)
+        })
+        .collect();
+    let refused: Vec<_> = refused
+        .iter()
+        .map(|(l, n)| (&l[..], ConstCounter::new(*n)))
+        .collect();
+    family(
+        encoder,
+        "mmesh_map_inserts_refused",
+        "Inserts refused because a map was full: policies that did not fit a policy map (nothing of them applied), and packets not counted per account because account_counters was full (they are in mmesh_packets_total). Raise the map's option (--max-accounts, --max-account-prefixes, --max-list-prefixes, --max-counters).",
+        &refused,
+    )
 }
 
 /// The registry a scrape encodes: the build, and the collector.
@@ -626,7 +674,7 @@ mod tests {
     fn policy_metrics_and_build_info_before_attach() {
         let health = Arc::new(Health::new(Duration::from_secs(5)));
         health.applied(1, Some("v1"), None);
-        health.rejected(Some(Duration::from_millis(250)));
+        health.rejected(Some(Duration::from_millis(250)), None);
         let out = render(&registry(health.clone()));
         for line in [
             "mmesh_policy_generation 1",

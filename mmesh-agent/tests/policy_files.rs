@@ -253,7 +253,7 @@ fn counts_are_checked_against_capacity_while_reading() {
     assert!(
         err.contains("(1 problem)")
             && err.contains(
-                "big.json: accounts: 1000 accounts, more than --max-accounts 10 holds: raise --max-accounts to 1000 or more (only the first 10 were checked)"
+                "big.json: accounts: 1000 accounts, more than map accounts holds (--max-accounts 10): raise --max-accounts to 1000 or more (only the first 10 were checked)"
             ),
         "{err}"
     );
@@ -270,18 +270,18 @@ fn counts_are_checked_against_capacity_while_reading() {
     assert!(
         err.contains("(2 problems)")
             && err.contains(
-                "big.json: accounts[].prefixes: more IPv4 account prefixes than --max-account-prefixes 8 holds (9 in the first 9 accounts; the others were not checked)"
+                "big.json: accounts[].prefixes: more IPv4 account prefixes than map account_prefixes_v4 holds (--max-account-prefixes 8; 9 in the first 9 accounts, the others were not checked)"
             )
             && err.contains("more IPv6 account prefixes than"),
         "{err}"
     );
     // Within the accounts that were read, the count is exact.
     let text = format!(r#"{{"accounts": [{}]}}"#, accounts[..9].join(","));
-    let err = Policy::parse_with(&text, "nine.json", Path::new("."), &limits)
-        .unwrap_err()
-        .to_string();
+    let err = Policy::parse_with(&text, "nine.json", Path::new("."), &limits).unwrap_err();
+    assert_eq!(err.full_map(), Some("account_prefixes_v4"));
+    let err = err.to_string();
     assert!(
-        err.contains("9 IPv4 account prefixes, more than --max-account-prefixes 8 holds: raise --max-account-prefixes to 9 or more"),
+        err.contains("9 IPv4 account prefixes, more than map account_prefixes_v4 holds (--max-account-prefixes 8): raise --max-account-prefixes to 9 or more"),
         "{err}"
     );
     // Within capacity, nothing is said.

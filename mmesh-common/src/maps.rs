@@ -337,8 +337,13 @@ pub const STAT_RATE_CONTENDED: u32 = 2;
 /// `STATS`: TC packets whose headers could not be pulled into the
 /// linear part of the skb (they are then counted as truncated).
 pub const STAT_PULL_FAILED: u32 = 3;
+/// `STATS`: drops and monitored packets that were not reported as an event
+/// because their (account, reason) had used its events for the second
+/// (`event_rate`). With [`STAT_EVENTS_LOST`] and the events read, every
+/// such packet is accounted for once.
+pub const STAT_EVENTS_SAMPLED: u32 = 4;
 /// Entries of `STATS`.
-pub const STATS_LEN: u32 = 4;
+pub const STATS_LEN: u32 = 5;
 
 #[inline(always)]
 #[must_use]

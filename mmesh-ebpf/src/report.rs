@@ -6,7 +6,7 @@ use mmesh_common::{
     event::Event,
     maps::{
         Counter, CounterKey, FlowEntry, GenConfig, STAT_COUNTERS_FULL, STAT_EVENTS_LOST,
-        sampler_index, totals_index,
+        STAT_EVENTS_SAMPLED, sampler_index, totals_index,
     },
     sample,
 };
@@ -137,6 +137,7 @@ fn emit(
     // SAFETY: an 8-byte aligned map value, only ever accessed atomically.
     let current = unsafe { atomic::load(window) };
     let Some(next) = sample::take(current, coarse, config.event_rate) else {
+        bump_stat(STAT_EVENTS_SAMPLED);
         return;
     };
     // One attempt: losing the race to another CPU means that CPU reports an
@@ -144,6 +145,7 @@ fn emit(
     // one keeps the limit exact.
     // SAFETY: as above.
     if unsafe { atomic::compare_exchange(window, current, next) }.is_err() {
+        bump_stat(STAT_EVENTS_SAMPLED);
         return;
     }
     let Some(mut entry) = EVENTS.reserve::<Event>(0) else {

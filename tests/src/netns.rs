@@ -542,7 +542,37 @@ impl Topology {
         self.wait_addrs_usable(&self.host, HOST_IF);
     }
 
-    /// Adds `addrs` to the remote side of the veth pair.
+    /// Makes the remote side send to `addrs` on the host side without the
+    /// host holding them (permanent neighbour entries, one `ip -batch`):
+    /// for addresses that only the programs at the host's ingress need to
+    /// see.
+    pub fn add_host_neighbours(&self, addrs: &[IpAddr]) {
+        use std::fmt::Write as _;
+        let mut batch = String::new();
+        for addr in addrs {
+            assert!(in_test_net(*addr), "{addr} is outside the test ranges");
+            let _ = writeln!(
+                batch,
+                "neigh replace {addr} lladdr {HOST_MAC} dev {REMOTE_IF} nud permanent"
+            );
+        }
+        let mut child = self
+            .remote
+            .command("ip")
+            .args(["-batch", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("spawning ip -batch");
+        child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(batch.as_bytes())
+            .expect("writing to ip -batch");
+        let status = child.wait().expect("waiting for ip -batch");
+        assert!(status.success(), "ip -batch (neighbours): {status}");
+    }
+
     /// Sends `packets` UDP packets (2,000/s, 64 bytes of payload) from
     /// `src` in the remote namespace to `dst` in the host namespace and
     /// returns how many arrived (counted until 300 ms pass without one).
@@ -562,6 +592,7 @@ impl Topology {
         sink.finish(Duration::from_millis(300)).packets_from(src)
     }
 
+    /// Adds `addrs` to the remote side of the veth pair.
     pub fn add_remote_addrs(&self, addrs: &[IpAddr]) {
         for &addr in addrs {
             add_addr(

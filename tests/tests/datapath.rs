@@ -1174,6 +1174,13 @@ fn events_are_sampled_per_account_and_reason(rx: Rx) {
         200,
         "counters see every packet"
     );
+    let totals = h.dp.totals().unwrap();
+    assert_eq!(totals.events_lost, 0);
+    assert_eq!(
+        events.len() as u64 + totals.events_sampled,
+        200,
+        "every drop is an event or counted as sampled away"
+    );
 }
 
 fn events_lost_to_a_full_ring_are_counted(rx: Rx) {

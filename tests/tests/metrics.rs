@@ -10,6 +10,7 @@
 //! polls with deadlines.
 
 use std::{
+    fmt::Write as _,
     io::{Read as _, Write as _},
     net::{IpAddr, Ipv4Addr, SocketAddr},
     time::Duration,
@@ -201,7 +202,8 @@ fn scrape_counts_what_the_block_list_dropped() {
         "mmesh_events_lost_total{consumer=\"stdout\"}",
         "mmesh_log_lines_lost_total",
         "mmesh_rate_limit_contended_total",
-        "mmesh_account_counters_full_total",
+        "mmesh_map_inserts_refused_total{map=\"account_counters\"}",
+        "mmesh_events_sampled_away_total",
         "mmesh_pull_failed_total",
     ] {
         must_sample(&first.body, series);
@@ -313,6 +315,152 @@ fn logs_are_json_lines_when_stderr_is_not_a_terminal() {
     assert!(
         logs.iter().any(|l| l.contains("\"message\":\"attached\"")),
         "{logs:#?}"
+    );
+    drop(agent);
+}
+
+/// Accounts of the full-map test: more than `--max-counters` (at its
+/// minimum, 64) can count, and than the 64-entry flow cache of each CPU
+/// holds, so that most of their flows are flushed into the counters.
+const MANY: u16 = 300;
+
+fn many_accounts() -> Vec<IpAddr> {
+    (0..MANY)
+        .map(|i| {
+            IpAddr::V4(Ipv4Addr::new(
+                10,
+                77,
+                3 + (i / 250) as u8,
+                1 + (i % 250) as u8,
+            ))
+        })
+        .collect()
+}
+
+fn many_policy(accounts: &[IpAddr], block: bool) -> String {
+    let mut text = String::from("version: full-maps\n");
+    if block {
+        text.push_str("global:\n  block:\n    - name: blk\n      cidrs: [10.77.1.0/24]\n");
+    }
+    text.push_str("accounts:\n  - id: alpha\n    prefixes: [10.77.0.10/32]\n");
+    for (i, addr) in accounts.iter().enumerate() {
+        let _ = writeln!(text, "  - id: a{i}\n    prefixes: [{addr}/32]");
+    }
+    text
+}
+
+/// A full map refuses its inserts, by name, with the option that raises
+/// it, and counts them: the kernel's per-account counters
+/// (`account_counters`, `--max-counters`) under traffic of more accounts
+/// than it holds, and a policy map (`account_prefixes_v4`,
+/// `--max-account-prefixes`) for a policy one prefix too large, which is
+/// refused whole: the block list of the policy in force still drops.
+#[test]
+fn full_maps_refuse_inserts_by_name_and_count_them() {
+    let _serial = serial();
+    let topo = topology("mfull");
+    let accounts = many_accounts();
+    topo.add_host_neighbours(&accounts);
+    let policy = PolicyFile::new("mfull", &many_policy(&accounts, true));
+    let room = (accounts.len() + 1).to_string();
+    let agent = start(
+        &topo,
+        &policy,
+        &[
+            "--max-counters",
+            "64",
+            "--flow-cache",
+            "64",
+            "--max-account-prefixes",
+            &room,
+        ],
+    );
+
+    let socket = topo.remote.udp_socket(SocketAddr::new(ORDINARY, 0));
+    for _round in 0..3 {
+        for addr in &accounts {
+            socket
+                .send_to(&[0u8; 16], SocketAddr::new(*addr, PORT))
+                .expect("sending to an account");
+        }
+    }
+    let refused_counters = "mmesh_map_inserts_refused_total{map=\"account_counters\"}";
+    wait_until("the counters to refuse inserts", DEADLINE, || {
+        sample(&must_get(&topo.host, "/metrics").body, refused_counters).unwrap_or(0.0) > 0.0
+    });
+    wait_until("the summary to name the full map", DEADLINE, || {
+        agent
+            .log_position("map account_counters full (raise --max-counters)", 0)
+            .is_some()
+    });
+
+    // One account more than --max-account-prefixes holds, and no block list:
+    // applied, it would let the blocked source through.
+    let mut bigger = accounts.clone();
+    bigger.push(IpAddr::V4(Ipv4Addr::new(10, 77, 5, 1)));
+    let from = agent.logs().len();
+    policy.write(&many_policy(&bigger, false));
+    wait_until("the agent to refuse the policy", DEADLINE, || {
+        agent.log_position("policy rejected", from).is_some()
+    });
+    let line = &agent.logs()[agent.log_position("policy rejected", from).expect("waited")];
+    for needed in [
+        "map account_prefixes_v4",
+        &format!("--max-account-prefixes {room}"),
+        "raise --max-account-prefixes",
+    ] {
+        assert!(line.contains(needed), "no {needed:?} in: {line}");
+    }
+    let scrape = must_get(&topo.host, "/metrics").body;
+    assert_eq!(
+        must_sample(
+            &scrape,
+            "mmesh_map_inserts_refused_total{map=\"account_prefixes_v4\"}"
+        ) as u64,
+        1,
+        "{scrape}"
+    );
+    assert_eq!(
+        must_sample(&scrape, "mmesh_policy_applies_total{result=\"rejected\"}") as u64,
+        1
+    );
+    assert_eq!(
+        arrivals(&topo, BLOCKED),
+        0,
+        "the policy in force still drops"
+    );
+    drop(agent);
+}
+
+/// Every dropped packet is accounted for once: an event read from the ring
+/// buffer, an event lost to a full ring buffer, or an event sampled away
+/// (over `events_per_second` of its account and reason).
+#[test]
+fn every_drop_is_an_event_lost_or_sampled_away() {
+    let _serial = serial();
+    let topo = topology("msmp");
+    let policy = PolicyFile::new(
+        "msmp",
+        &POLICY.replace("global:\n", "global:\n  events_per_second: 1\n"),
+    );
+    let agent = start(&topo, &policy, &[]);
+    assert_eq!(arrivals(&topo, BLOCKED), 0, "the block list drops");
+    let counted = |scrape: &str, series: &str| sample(scrape, series).unwrap_or(0.0) as u64;
+    let mut last = String::new();
+    let mut balance = (0, 0);
+    wait_until("every drop to be accounted for", DEADLINE, || {
+        last = must_get(&topo.host, "/metrics").body;
+        let dropped = counted(&last, DROPPED);
+        let accounted = counted(&last, "mmesh_events_sampled_away_total")
+            + counted(&last, "mmesh_ring_buffer_events_lost_total")
+            + counted(&last, "mmesh_events_delivered_total{consumer=\"stdout\"}")
+            + counted(&last, "mmesh_events_lost_total{consumer=\"stdout\"}");
+        balance = (dropped, accounted);
+        dropped >= PACKETS && dropped == accounted
+    });
+    assert!(
+        counted(&last, "mmesh_events_sampled_away_total") > 0,
+        "{PACKETS} drops within a second or so, at one event per second: {balance:?}\n{last}"
     );
     drop(agent);
 }

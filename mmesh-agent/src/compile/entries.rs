@@ -43,11 +43,11 @@ pub(super) fn compile_global(
     capacity: &Capacity,
 ) -> Result<GlobalEntries, CompileError> {
     if lists.len() > mmesh_common::stride::MAX_PAYLOAD as usize {
-        return Err(CompileError::OverCapacity {
+        return Err(CompileError::OverLimit {
             what: "global lists",
             needed: lists.len(),
-            capacity: mmesh_common::stride::MAX_PAYLOAD,
-            flag: "(a fixed limit: merge lists)",
+            limit: mmesh_common::stride::MAX_PAYLOAD,
+            remedy: "merge lists",
         });
     }
     let mut infos = Vec::with_capacity(lists.len());
@@ -85,11 +85,11 @@ pub(super) fn compile_account(
     slot: u32,
 ) -> Result<AccountEntries, CompileError> {
     if account.lists.len() > MAX_ACCOUNT_LISTS {
-        return Err(CompileError::OverCapacity {
+        return Err(CompileError::OverLimit {
             what: "lists in one account",
             needed: account.lists.len(),
-            capacity: MAX_ACCOUNT_LISTS as u32,
-            flag: "(a fixed limit: merge the account's lists)",
+            limit: MAX_ACCOUNT_LISTS as u32,
+            remedy: "merge the account's lists",
         });
     }
     let mut out = AccountEntries {
@@ -159,31 +159,36 @@ pub(super) fn check_capacity(c: &Counts, capacity: &Capacity) -> Result<(), Comp
             c.account_prefixes_v4,
             capacity.account_prefixes,
             "IPv4 account prefixes",
+            "account_prefixes_v4",
             "--max-account-prefixes",
         ),
         (
             c.account_prefixes_v6,
             capacity.account_prefixes,
             "IPv6 account prefixes",
+            "account_prefixes_v6",
             "--max-account-prefixes",
         ),
         (
             c.list_prefixes_v4,
             capacity.list_prefixes,
             "IPv4 list prefixes",
+            "list_prefixes_v4",
             "--max-list-prefixes",
         ),
         (
             c.list_prefixes_v6,
             capacity.list_prefixes,
             "IPv6 list prefixes",
+            "list_prefixes_v6",
             "--max-list-prefixes",
         ),
     ];
-    for (needed, cap, what, flag) in checks {
+    for (needed, cap, what, map, flag) in checks {
         if needed > cap as usize {
             return Err(CompileError::OverCapacity {
                 what,
+                map,
                 needed,
                 capacity: cap,
                 flag,

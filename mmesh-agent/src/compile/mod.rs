@@ -74,16 +74,41 @@ impl Default for Capacity {
 /// A policy that does not fit the maps.
 #[derive(Debug, thiserror::Error)]
 pub enum CompileError {
+    /// A map sized at load time is too small: its inserts are refused.
     #[error(
-        "the policy needs {needed} {what} but the datapath was loaded with room for {capacity}; \
-         restart the agent with {flag} {needed} or more"
+        "the policy needs {needed} {what} but map {map} was loaded with room for {capacity}; \
+         nothing of it was applied: restart the agent with {flag} {needed} or more"
     )]
     OverCapacity {
         what: &'static str,
+        /// The map, as `mmesh_map_capacity` names it.
+        map: &'static str,
         needed: usize,
         capacity: u32,
         flag: &'static str,
     },
+    /// A limit of the datapath's own, which no option raises.
+    #[error(
+        "the policy has {needed} {what}, more than the datapath's fixed limit of {limit}; {remedy}"
+    )]
+    OverLimit {
+        what: &'static str,
+        needed: usize,
+        limit: u32,
+        remedy: &'static str,
+    },
+}
+
+impl CompileError {
+    /// The map whose inserts this refused, if one (for
+    /// `mmesh_map_inserts_refused_total`).
+    #[must_use]
+    pub const fn refused_map(&self) -> Option<&'static str> {
+        match self {
+            Self::OverCapacity { map, .. } => Some(map),
+            Self::OverLimit { .. } => None,
+        }
+    }
 }
 
 /// Stable account slots: an account keeps its slot (and with it its rate
@@ -112,6 +137,7 @@ impl SlotTable {
         if slot > max {
             return Err(CompileError::OverCapacity {
                 what: "account slots",
+                map: "accounts",
                 needed: slot as usize,
                 capacity: max,
                 flag: "--max-accounts",
@@ -312,6 +338,7 @@ pub(super) fn accounts_fit(policy: &Policy, capacity: &Capacity) -> Result<(), C
     if policy.accounts.len() > capacity.accounts as usize {
         return Err(CompileError::OverCapacity {
             what: "accounts",
+            map: "accounts",
             needed: policy.accounts.len(),
             capacity: capacity.accounts,
             flag: "--max-accounts",

@@ -253,7 +253,7 @@ fn account_lists_are_scoped_by_slot_and_limits_compiled() {
 }
 
 #[test]
-fn capacity_errors_name_the_flag() {
+fn capacity_errors_name_the_map_and_the_flag() {
     let p = policy(
         "accounts:
   - { id: a, prefixes: [10.0.0.1] }
@@ -264,9 +264,13 @@ fn capacity_errors_name_the_flag() {
         accounts: 1,
         ..Capacity::default()
     };
-    let err = compile(&p, None, &cap).unwrap_err().to_string();
+    let err = compile(&p, None, &cap).unwrap_err();
+    assert_eq!(err.refused_map(), Some("accounts"));
+    let err = err.to_string();
     assert!(
-        err.contains("2 accounts") && err.contains("--max-accounts"),
+        err.contains("2 accounts")
+            && err.contains("map accounts")
+            && err.contains("--max-accounts"),
         "{err}"
     );
     let p = policy("global:\n  block: [{ cidrs: [10.0.0.0/8, 11.0.0.0/8] }]\n");
@@ -274,9 +278,13 @@ fn capacity_errors_name_the_flag() {
         list_prefixes: 1,
         ..Capacity::default()
     };
-    let err = compile(&p, None, &cap).unwrap_err().to_string();
+    let err = compile(&p, None, &cap).unwrap_err();
+    assert_eq!(err.refused_map(), Some("list_prefixes_v4"));
+    let err = err.to_string();
     assert!(
-        err.contains("IPv4 list prefixes") && err.contains("--max-list-prefixes"),
+        err.contains("IPv4 list prefixes")
+            && err.contains("map list_prefixes_v4")
+            && err.contains("--max-list-prefixes 2 or more"),
         "{err}"
     );
 }

@@ -32,6 +32,9 @@ pub struct Totals {
     pub counters_full: u64,
     pub rate_contended: u64,
     pub pull_failed: u64,
+    /// Drops and monitored packets over the event rate of their (account,
+    /// reason): not reported as events.
+    pub events_sampled: u64,
 }
 
 impl Maps {

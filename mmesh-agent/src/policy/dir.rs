@@ -167,6 +167,7 @@ impl<T: PartialEq> Agreed<T> {
             Some((first, from)) => issues.push(Issue {
                 location: file.to_owned(),
                 path: self.field.to_owned(),
+                full: None,
                 message: format!(
                     "{} here, but {} in {from}: give {} one value, in one file of the directory",
                     show(&value),
@@ -235,6 +236,7 @@ fn merge(source: &str, reads: Vec<(&Path, FileRead)>, issues: &mut Vec<Issue>) -
             issues.push(Issue {
                 location: file.clone(),
                 path: "defaults".to_owned(),
+                full: None,
                 message: "a file's defaults apply to the accounts of that file, and this one has none: move them into the files that hold the accounts".to_owned(),
             });
         }
@@ -250,6 +252,7 @@ fn merge(source: &str, reads: Vec<(&Path, FileRead)>, issues: &mut Vec<Issue>) -
                 issues.push(Issue {
                     location: file.clone(),
                     path: "global".to_owned(),
+                    full: None,
                     message: format!(
                         "global list name {} is also used in {other}: list names must be unique across the files of the directory",
                         quote(&list.name)
@@ -317,6 +320,7 @@ impl Accounts {
                 issues.push(Issue {
                     location: here.clone(),
                     path: format!("accounts[{i}].id"),
+                    full: None,
                     message: format!(
                         "account id {} is also used in {}: ids must be unique across the files of the directory",
                         quote(&account.id),
@@ -335,6 +339,7 @@ impl Accounts {
                     issues.push(Issue {
                         location: here.clone(),
                         path: format!("accounts[{i}].prefixes"),
+                        full: None,
                         message: format!(
                             "prefix {net} is also owned by account {} in {}; an address belongs to one account",
                             quote(&self.all[owner].id),

@@ -115,6 +115,9 @@ pub struct Issue {
     /// Field path, e.g. `accounts[2].limits.outbound.pps`.
     pub path: String,
     pub message: String,
+    /// The map without room for what the policy needs, as
+    /// `mmesh_map_capacity` names it, when that is the problem.
+    pub full: Option<&'static str>,
 }
 
 impl fmt::Display for Issue {
@@ -164,6 +167,18 @@ pub enum PolicyError {
         source_name: String,
         issues: Vec<Issue>,
     },
+}
+
+impl PolicyError {
+    /// The map the policy did not fit, if that is why it was rejected (for
+    /// `mmesh_map_inserts_refused_total`).
+    #[must_use]
+    pub fn full_map(&self) -> Option<&'static str> {
+        match self {
+            Self::Invalid { issues, .. } => issues.iter().find_map(|i| i.full),
+            _ => None,
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------

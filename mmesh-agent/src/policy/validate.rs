@@ -53,7 +53,16 @@ impl Validator<'_> {
             location,
             path: path.into(),
             message: message.into(),
+            full: None,
         });
+    }
+
+    /// Reports that the policy needs more room in `map` than it has.
+    fn no_room(&mut self, map: &'static str, path: &str, message: String) {
+        self.issue(self.source.to_owned(), path, message);
+        if let Some(issue) = self.issues.last_mut() {
+            issue.full = Some(map);
+        }
     }
 
     /// Reports the keys of a raw struct at `path` that are not its fields.
@@ -226,11 +235,11 @@ impl Validator<'_> {
         {
             let kept = raw.kept.len();
             let total = raw.total;
-            self.issue(
-                self.source.to_owned(),
+            self.no_room(
+                "accounts",
                 "accounts",
                 format!(
-                    "{total} accounts, more than --max-accounts {max} holds: raise --max-accounts to {total} or more (only the first {kept} were checked)"
+                    "{total} accounts, more than map accounts holds (--max-accounts {max}): raise --max-accounts to {total} or more (only the first {kept} were checked)"
                 ),
             );
         }
@@ -244,21 +253,24 @@ impl Validator<'_> {
         };
         let v4: usize = accounts.iter().map(|a| a.prefixes_v4.len()).sum();
         let v6: usize = accounts.iter().map(|a| a.prefixes_v6.len()).sum();
-        for (n, family) in [(v4, "IPv4"), (v6, "IPv6")] {
+        for (n, family, map) in [
+            (v4, "IPv4", "account_prefixes_v4"),
+            (v6, "IPv6", "account_prefixes_v6"),
+        ] {
             if n <= max as usize {
                 continue;
             }
             let message = if cut {
                 format!(
-                    "more {family} account prefixes than --max-account-prefixes {max} holds ({n} in the first {} accounts; the others were not checked): raise --max-account-prefixes",
+                    "more {family} account prefixes than map {map} holds (--max-account-prefixes {max}; {n} in the first {} accounts, the others were not checked): raise --max-account-prefixes",
                     accounts.len()
                 )
             } else {
                 format!(
-                    "{n} {family} account prefixes, more than --max-account-prefixes {max} holds: raise --max-account-prefixes to {n} or more"
+                    "{n} {family} account prefixes, more than map {map} holds (--max-account-prefixes {max}): raise --max-account-prefixes to {n} or more"
                 )
             };
-            self.issue(self.source.to_owned(), "accounts[].prefixes", message);
+            self.no_room(map, "accounts[].prefixes", message);
         }
     }
 
