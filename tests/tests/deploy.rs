@@ -865,8 +865,9 @@ fn the_agent_enforces_with_only_the_daemonsets_capabilities() {
 }
 
 /// Without any one of the three capabilities the agent does not start:
-/// it exits non-zero, having said which capability is missing, with the
-/// kernel's refusal as the error, and attaches nothing.
+/// it exits non-zero, having warned which capability is missing, with an
+/// error that says what the kernel refused and which capabilities to
+/// grant, and attaches nothing.
 #[test]
 fn without_any_one_capability_the_agent_stops_and_names_it() {
     let _serial = serial();
@@ -895,8 +896,8 @@ fn without_any_one_capability_the_agent_stops_and_names_it() {
             .find(|l| l.starts_with("mmesh-agent: error: "))
             .unwrap_or_else(|| panic!("without {missing}: an error line; stderr:\n{stderr}"));
         assert!(
-            error.contains("not permitted") || error.contains("permission denied"),
-            "without {missing}: the error is the kernel's refusal: {error}"
+            error.contains("permission denied while ") && error.contains(missing),
+            "without {missing}: the error says what was refused and names the capability: {error}"
         );
         assert_eq!(
             topo.host_programs(),
