@@ -362,6 +362,7 @@ fn the_daemonset_gives_the_agent_what_it_needs() {
         let objects = objects(&render(layout));
         let daemonset = only(&objects, "DaemonSet");
         let pod = Pod::of(daemonset);
+        check_arguments(layout, &pod);
         check_scheduling(layout, &objects, daemonset, &pod);
         check_capabilities(layout, &pod);
         check_probes(layout, &pod);
@@ -369,6 +370,23 @@ fn the_daemonset_gives_the_agent_what_it_needs() {
         check_policy(layout, &objects, &pod);
         check_credentials(layout, &pod);
     }
+}
+
+/// The agent understands the container's arguments: every option exists
+/// and every value parses (clap reads them in order and stops at the final
+/// `--help` only when all before it were good).
+fn check_arguments(layout: &str, pod: &Pod) {
+    let out = Command::new(agent_binary())
+        .args(pod.args())
+        .arg("--help")
+        .output()
+        .expect("running mmesh-agent");
+    assert!(
+        out.status.success(),
+        "{layout}: mmesh-agent does not accept {:?}:\n{}",
+        pod.args(),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Scheduling: the host network, critical priority, every taint, one node
@@ -657,6 +675,18 @@ fn the_systemd_unit_verifies_and_grants_the_same_capabilities() {
             && exec[0].contains(" --state-dir /var/lib/mmesh"),
         "ExecStart runs the agent with the StateDirectory: {}",
         exec[0]
+    );
+
+    let words: Vec<&str> = exec[0].split_whitespace().skip(1).collect();
+    let out = Command::new(agent_binary())
+        .args(&words)
+        .arg("--help")
+        .output()
+        .expect("running mmesh-agent");
+    assert!(
+        out.status.success(),
+        "mmesh-agent does not accept ExecStart's {words:?}:\n{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 
     // systemd-analyze checks that the programs exist: the built agent
