@@ -10,16 +10,17 @@
 //!   address and paths the agent serves, the host's bpffs, state and
 //!   runtime directories behind the paths the agent uses, and the policy
 //!   `ConfigMap` mounted as the directory it watches (and valid).
-//! - The systemd unit passes `systemd-analyze verify` and grants the same
-//!   capabilities.
+//! - The systemd unit passes `systemd-analyze verify`, grants the same
+//!   capabilities, and runs the agent, sandboxing and all, under the
+//!   machine's systemd booted as PID 1 of namespaces of its own.
 //! - The agent runs, as uid 0, with only the capabilities the `DaemonSet`
 //!   adds (the bounding set cut down with `setpriv`, no new privileges, as a
 //!   container runtime does) and the `DaemonSet`'s own arguments: it attaches,
 //!   answers its probes and drops a blocked source; without any one of the
 //!   three it stops at once and names the capability missing.
 //!
-//! The last two need root (network namespaces, eBPF); all of them need
-//! `kubectl` (with its built-in kustomize) on the PATH.
+//! Those that run the agent need root (network namespaces, eBPF); the
+//! manifest tests need `kubectl` (with its built-in kustomize) on the PATH.
 
 use std::{
     collections::BTreeSet,
@@ -35,8 +36,8 @@ use mmesh_agent::caps;
 use mmesh_tests::{
     controlplane::TempDir,
     netns::{
-        AGENT_STOP_TIMEOUT, Agent, HOST_IF, NetNs, PinDir, Topology, agent_binary, run,
-        run_agent_to_exit_through, serial,
+        AGENT_READY_LINE, AGENT_STOP_TIMEOUT, Agent, HOST_IF, NetNs, PinDir, Topology,
+        agent_binary, run, run_agent_to_exit_through, serial,
     },
 };
 use serde_json::Value;
@@ -935,4 +936,224 @@ fn without_any_one_capability_the_agent_stops_and_names_it() {
             "without {missing}: nothing attached"
         );
     }
+}
+
+// ---------------------------------------------------------------------------
+// The systemd unit under a real systemd
+
+/// The machine's own systemd (Debian's) as PID 1 of new PID, mount, UTS and
+/// cgroup namespaces inside a test network namespace: it boots only the
+/// agent's unit (and a target that wants it), with the unit's sandboxing
+/// applied for real. Everything it changes is private to its mount
+/// namespace (`/run`, `/var/lib`, `/usr/local/bin` and `/sys/fs/bpf` fresh,
+/// `/etc` an overlay); it is killed with its namespace when dropped.
+struct Systemd {
+    unshare: std::process::Child,
+    dir: TempDir,
+}
+
+/// The target booted: the agent's unit and nothing of the host's.
+const TEST_TARGET: &str = "[Unit]
+Description=mmesh-agent alone
+DefaultDependencies=no
+Wants=mmesh-agent.service
+";
+
+impl Systemd {
+    /// Boots with [`UNIT`] as it is, the policy files `policy` in
+    /// `/etc/mmesh/policy`, and a drop-in as the README suggests: the
+    /// unit's `ExecStart` with `extra` arguments (the interface), and
+    /// stderr appended to a file here, since there is no journal.
+    fn boot(ns: &NetNs, extra: &str, policy: &[(&str, &str)]) -> Self {
+        let dir = TempDir::new("deploy-systemd");
+        let unit = std::fs::read_to_string(workspace().join(UNIT)).expect("reading the unit");
+        let exec = unit
+            .lines()
+            .find_map(|l| l.strip_prefix("ExecStart="))
+            .expect("an ExecStart");
+        dir.write("mmesh-agent.service", &unit);
+        dir.write(
+            "test.conf",
+            &format!(
+                "[Unit]
+DefaultDependencies=no
+[Service]
+ExecStart=
+ExecStart={exec} {extra}
+StandardError=append:{}
+",
+                // Opened by systemd, outside the sandbox's private /tmp.
+                dir.path().join("agent.log").display()
+            ),
+        );
+        dir.write("mmesh-test.target", TEST_TARGET);
+        for (name, text) in policy {
+            dir.write(&format!("policy/{name}"), text);
+        }
+        let d = dir.path().display();
+        let agent = agent_binary();
+        let script = format!(
+            "set -e
+mount --make-rprivate /
+mount -t tmpfs tmpfs /run
+mount -t tmpfs tmpfs /var/lib
+mkdir -p {d}/etc
+mount -t tmpfs tmpfs {d}/etc
+mkdir {d}/etc/upper {d}/etc/work
+mount -t overlay overlay -o lowerdir=/etc,upperdir={d}/etc/upper,workdir={d}/etc/work /etc
+mkdir -p /etc/systemd/system/mmesh-agent.service.d /etc/mmesh/policy
+cp {d}/mmesh-agent.service {d}/mmesh-test.target /etc/systemd/system/
+cp {d}/test.conf /etc/systemd/system/mmesh-agent.service.d/
+cp {d}/policy/* /etc/mmesh/policy/
+mount -t tmpfs tmpfs /usr/local/bin
+cp {agent} /usr/local/bin/mmesh-agent
+mount -t bpf bpf /sys/fs/bpf
+export container=other
+exec /lib/systemd/systemd --system --unit=mmesh-test.target --log-target=console --log-level=notice
+",
+            agent = agent.display()
+        );
+        let log = std::fs::File::create(dir.path().join("systemd.log")).expect("a log file");
+        let unshare = ns
+            .command("unshare")
+            .args(["--mount", "--pid", "--uts", "--cgroup", "--mount-proc"])
+            .arg("--kill-child=SIGKILL")
+            .args(["/bin/sh", "-c", &script])
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().expect("the log file"))
+            .stderr(log)
+            .spawn()
+            .expect("starting unshare");
+        Self { unshare, dir }
+    }
+
+    /// What the agent wrote to stderr (the drop-in appends it to
+    /// `agent.log` here).
+    fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    fn systemd_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("systemd.log")).unwrap_or_default()
+    }
+
+    /// Waits until the agent's log has `needle` `count` times.
+    #[track_caller]
+    fn wait_for_log(&self, needle: &str, count: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while self.agent_log().matches(needle).count() < count {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the agent did not log {needle:?} ({count}) within 30 s; its log:\n{}\nsystemd:\n{}",
+                self.agent_log(),
+                self.systemd_log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The host's pid of systemd: the one child of unshare.
+    fn pid1(&self) -> u32 {
+        let children =
+            std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.unshare.id()))
+                .expect("reading unshare's children");
+        children
+            .split_whitespace()
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("unshare has no child; systemd:\n{}", self.systemd_log()))
+    }
+
+    /// `CMD ARGS` in systemd's namespaces; its stdout.
+    fn run(&self, cmd: &[&str]) -> String {
+        run(Command::new("nsenter")
+            .args(["-t", &self.pid1().to_string(), "--mount", "--pid", "--uts"])
+            .args(cmd))
+    }
+
+    fn systemctl(&self, args: &[&str]) -> String {
+        let mut cmd = vec!["systemctl"];
+        cmd.extend(args);
+        self.run(&cmd)
+    }
+}
+
+impl Drop for Systemd {
+    fn drop(&mut self) {
+        // unshare passes SIGKILL on to systemd, PID 1 of its namespace,
+        // and every process of the namespace goes with it.
+        let _ = self.unshare.kill();
+        let _ = self.unshare.wait();
+    }
+}
+
+/// The systemd unit, as it is, under the machine's systemd as PID 1 of a
+/// namespace of its own, sandboxing and all: the agent starts, holds only
+/// the three capabilities, answers its probes, drops a blocked source,
+/// follows a policy edit, reloads with `systemctl reload`, adopts its own
+/// pins after `systemctl restart`, and leaves them enforcing after
+/// `systemctl stop`.
+#[test]
+fn the_systemd_unit_runs_the_agent_sandboxed() {
+    let _serial = serial();
+    let topo = topology("deploy-systemd");
+    let systemd = Systemd::boot(
+        &topo.host,
+        &format!("--interface {HOST_IF}:uplink"),
+        &[("global.yaml", BLOCKING)],
+    );
+    systemd.wait_for_log(AGENT_READY_LINE, 1);
+
+    let main_pid = systemd.systemctl(&["show", "--property=MainPID", "--value", "mmesh-agent"]);
+    let status = systemd.run(&["cat", &format!("/proc/{}/status", main_pid.trim())]);
+    let keep = caps::KEEP.iter().fold(0u64, |m, (c, _)| m | (1 << c));
+    for key in ["CapEff:", "CapPrm:", "CapBnd:"] {
+        let set = status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok());
+        assert_eq!(set, Some(keep), "{key} of the agent under systemd");
+    }
+    let metrics: SocketAddr = DEFAULT_METRICS_ADDR.parse().expect("an address");
+    assert_eq!(http_status(&topo.host, metrics, "/readyz"), 200, "ready");
+    let to = SocketAddr::new(ALPHA, PORT);
+    assert_eq!(
+        topo.udp_arrivals(ORDINARY, to, PACKETS),
+        PACKETS,
+        "allowed traffic passes"
+    );
+    assert_eq!(
+        topo.udp_arrivals(BLOCKED, to, PACKETS),
+        0,
+        "the blocked source is dropped"
+    );
+
+    // The policy directory is watched through the sandbox's read-only /etc.
+    systemd.run(&[
+        "sh",
+        "-c",
+        "sed 's/^accounts:/version: edited\\naccounts:/' /etc/mmesh/policy/global.yaml > /etc/mmesh/policy/.new && mv /etc/mmesh/policy/.new /etc/mmesh/policy/global.yaml",
+    ]);
+    systemd.wait_for_log("(version edited)", 1);
+    systemd.systemctl(&["reload", "mmesh-agent"]);
+    systemd.wait_for_log("SIGHUP: policy in force, unchanged", 1);
+
+    // A restart adopts the pins; a stop leaves them enforcing.
+    systemd.systemctl(&["restart", "mmesh-agent"]);
+    systemd.wait_for_log("adopted (programs replaced in place)", 1);
+    systemd.wait_for_log(AGENT_READY_LINE, 2);
+    systemd.systemctl(&["stop", "mmesh-agent"]);
+    systemd.wait_for_log("stopped; enforcement stays", 2);
+    assert_eq!(
+        topo.udp_arrivals(BLOCKED, to, PACKETS),
+        0,
+        "still dropped with the agent stopped"
+    );
+    assert_eq!(
+        systemd
+            .systemctl(&["show", "--property=NRestarts", "--value", "mmesh-agent"])
+            .trim(),
+        "0",
+        "never restarted by failure"
+    );
 }
