@@ -788,7 +788,25 @@ pub fn agent_binary() -> PathBuf {
 /// `mmesh-agent ARGS` in `ns`, text logs at level info, its output piped;
 /// it gets SIGTERM if the thread that spawns it exits.
 fn agent_command(ns: &NetNs, args: &[impl AsRef<std::ffi::OsStr>]) -> Command {
-    let mut cmd = ns.command(agent_binary());
+    agent_command_through(ns, &[] as &[&str], args)
+}
+
+/// [`agent_command`], the agent started through `wrapper` (a program and
+/// its arguments that end by executing the command after them, such as
+/// `setpriv … --`), inside the namespace.
+fn agent_command_through(
+    ns: &NetNs,
+    wrapper: &[impl AsRef<std::ffi::OsStr>],
+    args: &[impl AsRef<std::ffi::OsStr>],
+) -> Command {
+    let mut cmd = match wrapper.split_first() {
+        None => ns.command(agent_binary()),
+        Some((program, rest)) => {
+            let mut cmd = ns.command(program);
+            cmd.args(rest).arg(agent_binary());
+            cmd
+        }
+    };
     let args: Vec<&std::ffi::OsStr> = args.iter().map(AsRef::as_ref).collect();
     cmd.args(&args);
     // `run` without `--bpffs` is ephemeral, as it was before pinning: tests
@@ -820,7 +838,19 @@ fn agent_command(ns: &NetNs, args: &[impl AsRef<std::ffi::OsStr>]) -> Command {
 /// it and panics if it runs longer than `timeout`.
 #[must_use = "the status and output are what the caller checks"]
 pub fn run_agent_to_exit(ns: &NetNs, args: &[&str], timeout: Duration) -> std::process::Output {
-    let mut child = agent_command(ns, args)
+    run_agent_to_exit_through(ns, &[], args, timeout)
+}
+
+/// [`run_agent_to_exit`], the agent started through `wrapper` (see
+/// [`Agent::start_through`]).
+#[must_use = "the status and output are what the caller checks"]
+pub fn run_agent_to_exit_through(
+    ns: &NetNs,
+    wrapper: &[&str],
+    args: &[&str],
+    timeout: Duration,
+) -> std::process::Output {
+    let mut child = agent_command_through(ns, wrapper, args)
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {}: {e}", agent_binary().display()));
     let deadline = Instant::now() + timeout;
@@ -924,6 +954,19 @@ impl Agent {
         Self::start_with_streams(ns, args, Streams::Read, |agent| {
             agent.log_position(AGENT_READY_LINE, 0).is_some()
         })
+    }
+
+    /// Starts the agent binary with `args` in `ns` through `wrapper`, a
+    /// program and its arguments that end by executing the agent (`setpriv
+    /// --bounding-set … --`, to run it with fewer capabilities), and waits
+    /// until it is running.
+    pub fn start_through(ns: &NetNs, wrapper: &[&str], args: &[String]) -> Self {
+        Self::start_command(
+            agent_command_through(ns, wrapper, args),
+            args,
+            Streams::Read,
+            |agent| agent.log_position(AGENT_READY_LINE, 0).is_some(),
+        )
     }
 
     /// Starts the agent binary with `args` in `ns`, its output handled as

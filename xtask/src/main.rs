@@ -179,6 +179,37 @@ fn ensure_etcd() -> anyhow::Result<()> {
     )
 }
 
+/// The deployment tests (tests/tests/deploy.rs) render the Kustomize
+/// layouts with `kubectl kustomize` and check the systemd unit with
+/// `systemd-analyze verify`; they install `kubernetes-validate` themselves
+/// (a virtualenv under `~/.cache/mmesh/`). Said here, before the build,
+/// rather than as a failed test at the end.
+fn check_deploy_tools() -> anyhow::Result<()> {
+    for (tool, args, why) in [
+        (
+            "kubectl",
+            ["version", "--client"],
+            "kubectl 1.27 or newer (kustomize v5), which renders deploy/",
+        ),
+        (
+            "systemd-analyze",
+            ["--version", "--no-pager"],
+            "systemd-analyze (Debian's systemd package), which checks deploy/systemd/",
+        ),
+    ] {
+        let found = Command::new(tool)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            bail!("the deployment tests need {why}: install it and run again");
+        }
+    }
+    Ok(())
+}
+
 fn is_root() -> bool {
     // SAFETY: no preconditions.
     unsafe { libc::geteuid() == 0 }
@@ -274,6 +305,7 @@ fn test(no_lint: bool, no_guest: bool, args: &[String]) -> anyhow::Result<()> {
         )?;
     }
     ensure_etcd()?;
+    check_deploy_tools()?;
     let agent = build(false)?;
     // The control-plane tests (tests/tests/controlplane.rs) run the binary.
     status(cargo().args([

@@ -20,7 +20,7 @@ use std::{
 use aya::maps::{MapData, MapInfo};
 use mmesh_common::maps::pins;
 
-use super::{DatapathError, load::EBPF_OBJECT};
+use super::{DatapathError, error::is_permission, load::EBPF_OBJECT};
 use crate::{batch, sys};
 
 /// `statfs` magic of bpffs.
@@ -510,6 +510,13 @@ fn write_record(
 }
 
 fn pin_error(path: &Path, source: io::Error) -> DatapathError {
+    // Reading the pins is the first bpf(2) call of a pinned start: EPERM
+    // here is a missing CAP_BPF, and the message says what to grant.
+    if is_permission(&source) {
+        return DatapathError::Permission {
+            doing: format!("opening pinned object {}", path.display()),
+        };
+    }
     DatapathError::Pin {
         path: path.to_owned(),
         source,
