@@ -164,6 +164,16 @@ impl Subscription {
         self.rx.recv().ok()
     }
 
+    /// The next batch, waiting `timeout` at most: `Ok(None)` once the
+    /// fanout is closed and the queue drained, `Err` on the timeout.
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<Option<Batch>, mpsc::RecvTimeoutError> {
+        match self.rx.recv_timeout(timeout) {
+            Ok(batch) => Ok(Some(batch)),
+            Err(mpsc::RecvTimeoutError::Disconnected) => Ok(None),
+            Err(timeout) => Err(timeout),
+        }
+    }
+
     /// Counts `events` as delivered (true) or lost to an error (false).
     pub fn done(&self, events: u64, delivered: bool) {
         let counter = if delivered {
