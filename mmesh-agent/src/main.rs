@@ -682,10 +682,12 @@ fn unexpected(reply: &Reply) -> anyhow::Error {
 }
 
 fn show_running(socket: &Path, format: ShowFormat) -> anyhow::Result<()> {
-    match admin_client::ask(socket, &Request::Policy)? {
-        Reply::Policy(view) => print_policy(&view, format),
-        other => Err(unexpected(&other)),
+    let json = matches!(format, ShowFormat::Json);
+    match admin_client::ask(socket, &Request::Policy { json })? {
+        Reply::Policy(text) => print!("{text}"),
+        other => return Err(unexpected(&other)),
     }
+    Ok(())
 }
 
 fn status(socket: &Path, output: Output) -> anyhow::Result<()> {
@@ -727,7 +729,11 @@ fn events(socket: &Path, args: &EventsArgs) -> anyhow::Result<()> {
         match reply {
             Reply::Event(e) => {
                 match args.output {
-                    Output::Json => writeln!(out, "{e}")?,
+                    // As the agent wrote it: the order of its stdout.
+                    Output::Json => match answer.raw_event() {
+                        Some(raw) => writeln!(out, "{raw}")?,
+                        None => writeln!(out, "{e}")?,
+                    },
                     Output::Text => writeln!(out, "{}", admin_client::event_text(&e))?,
                 }
                 if args.follow {

@@ -364,6 +364,11 @@ fn every_command_answers_in_text_and_json() {
             .iter()
             .all(|e| e["account"] == "alpha" && e["reason"] == "global_block")
     );
+    // As the agent writes them on stdout, in the same order of fields.
+    assert!(
+        lines.lines().all(|l| l.starts_with("{\"time\":")),
+        "{lines}"
+    );
     let lines = ok(&cli(
         &socket,
         &[

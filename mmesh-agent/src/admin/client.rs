@@ -17,6 +17,8 @@ pub struct Answer {
     lines: std::io::Lines<BufReader<UnixStream>>,
     /// A reply read already.
     pending: Option<Reply>,
+    /// The line of the last reply.
+    line: String,
 }
 
 /// Connects to the agent at `path` and sends `request`.
@@ -50,6 +52,7 @@ pub fn send(path: &Path, request: &Request) -> Result<Answer, AdminError> {
         path: path.into(),
         lines: BufReader::new(stream).lines(),
         pending: None,
+        line: String::new(),
     };
     if let Err(source) = sent {
         match answer.next_reply() {
@@ -81,6 +84,7 @@ impl Answer {
             what: "reading the answer",
             source,
         })?;
+        self.line.clone_from(&line);
         match serde_json::from_str::<Reply>(&line) {
             Ok(Reply::Error(message)) if message.starts_with("permission denied") => {
                 Err(AdminError::Denied {
@@ -94,6 +98,13 @@ impl Answer {
             Ok(reply) => Ok(Some(reply)),
             Err(e) => Err(self.protocol(format!("{e}: {line}"))),
         }
+    }
+
+    /// The event of the last [`Reply::Event`] as the agent wrote it (its
+    /// fields in the order of the agent's stdout).
+    #[must_use]
+    pub fn raw_event(&self) -> Option<&str> {
+        self.line.strip_prefix("{\"event\":")?.strip_suffix('}')
     }
 
     /// The one reply a snapshot request gets.
@@ -141,18 +152,17 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
             *w = (*w).max(cell.chars().count());
         }
     }
-    let numeric = |i: usize| {
-        !rows.is_empty()
-            && rows.iter().all(|r| {
-                r.get(i).is_some_and(|c| {
-                    c == "-"
-                        || c.trim_end_matches(['%', '/', 's'])
-                            .replace('.', "")
-                            .chars()
-                            .all(|ch| ch.is_ascii_digit())
-                })
-            })
+    // Numbers (counts, percentages, rates) right-aligned; an address is not
+    // a number.
+    let number = |c: &str| {
+        c == "-"
+            || c.trim_end_matches("/s")
+                .trim_end_matches('%')
+                .parse::<f64>()
+                .is_ok()
     };
+    let numeric =
+        |i: usize| !rows.is_empty() && rows.iter().all(|r| r.get(i).is_some_and(|c| number(c)));
     let mut out = String::new();
     let mut write_row = |cells: Vec<String>| {
         let line: Vec<String> = cells

@@ -43,8 +43,12 @@ pub enum TopBy {
 pub enum Request {
     Status,
     Maps,
-    /// The effective policy in force.
-    Policy,
+    /// The effective policy in force, rendered as `policy show` renders a
+    /// file's: YAML, or JSON with `json`.
+    Policy {
+        #[serde(default)]
+        json: bool,
+    },
     Top {
         by: TopBy,
         /// `remote`: events of the last `window_ms` only (`None`: every
@@ -75,7 +79,8 @@ pub enum Request {
 pub enum Reply {
     Status(Box<StatusView>),
     Maps(Vec<MapView>),
-    Policy(serde_json::Value),
+    /// The rendered policy.
+    Policy(String),
     Top(TopView),
     /// One event, as the agent writes it on stdout.
     Event(serde_json::Value),

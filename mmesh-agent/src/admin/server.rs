@@ -275,7 +275,7 @@ fn answer(context: &Context, request: &Request) -> Reply {
     let result = match request {
         Request::Status => view::status(health).map(|s| Reply::Status(Box::new(s))),
         Request::Maps => view::maps(health).map(Reply::Maps),
-        Request::Policy => view::policy(health).map(Reply::Policy),
+        Request::Policy { json } => view::policy(health, *json).map(Reply::Policy),
         Request::Top {
             by: TopBy::Account,
             limit,

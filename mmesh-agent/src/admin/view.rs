@@ -302,15 +302,25 @@ pub(crate) fn status(health: &Health) -> Result<StatusView, String> {
     Ok(view)
 }
 
-/// The effective policy in force, as `policy show` renders a file's.
-pub(crate) fn policy(health: &Health) -> Result<serde_json::Value, String> {
+/// The effective policy in force, rendered as `policy show` renders a
+/// file's (the same view, the same order of fields).
+pub(crate) fn policy(health: &Health, json: bool) -> Result<String, String> {
     let s = health.sources().ok_or(STARTING)?;
     let p = health.policy();
     let (Some(running), Some(compiled)) = (p.running.as_ref(), s.names.get(p.generation)) else {
         return Err("no policy in force yet".into());
     };
-    serde_json::to_value(show::effective(running, &compiled, &s.capacity))
-        .map_err(|e| e.to_string())
+    let view = show::effective(running, &compiled, &s.capacity);
+    if json {
+        serde_json::to_string_pretty(&view)
+            .map(|mut text| {
+                text.push('\n');
+                text
+            })
+            .map_err(|e| e.to_string())
+    } else {
+        serde_saphyr::to_string(&view).map_err(|e| e.to_string())
+    }
 }
 
 /// `top --by account`: the accounts with the most dropped packets.
