@@ -517,6 +517,11 @@ fn no_agent_stale_socket_and_a_second_agent() {
     // The first one is untouched.
     let status = json(&cli(&socket, &["status", "-o", "json"]));
     assert_eq!(status["pid"], agent.pid());
+    // An agent that stops removes its socket; one that failed to start
+    // never removed the live one.
+    let mut agent = agent;
+    assert!(agent.stop().success());
+    assert!(!socket.exists(), "the socket outlived the agent");
 }
 
 /// The admin-events consumers, as `status` reports them: (delivered, lost).

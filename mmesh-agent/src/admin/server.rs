@@ -39,11 +39,20 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// events each); beyond, that client alone loses them, counted and told.
 pub const FOLLOW_QUEUE: usize = 64;
 
-/// The bound socket, not served yet.
+/// The bound socket; removed when dropped, if it is still this one (an
+/// agent that fails to start leaves no stale socket behind).
 pub struct Socket {
-    listener: StdListener,
+    listener: Option<StdListener>,
     path: PathBuf,
     ino: u64,
+}
+
+impl Drop for Socket {
+    fn drop(&mut self) {
+        if std::fs::metadata(&self.path).is_ok_and(|m| m.ino() == self.ino) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 fn io(path: &Path, what: &'static str) -> impl FnOnce(std::io::Error) -> AdminError {
@@ -102,7 +111,7 @@ pub fn bind(path: &Path) -> Result<Socket, AdminError> {
         .map_err(io(path, "looking at it"))?
         .ino();
     Ok(Socket {
-        listener,
+        listener: Some(listener),
         path: path.into(),
         ino,
     })
@@ -112,16 +121,12 @@ pub fn bind(path: &Path) -> Result<Socket, AdminError> {
 /// socket if it is still this agent's.
 pub struct Server {
     task: JoinHandle<()>,
-    path: PathBuf,
-    ino: u64,
+    _socket: Socket,
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
         self.task.abort();
-        if std::fs::metadata(&self.path).is_ok_and(|m| m.ino() == self.ino) {
-            let _ = std::fs::remove_file(&self.path);
-        }
     }
 }
 
@@ -134,13 +139,21 @@ struct Context {
 
 /// Serves `socket` until the [`Server`] is dropped: snapshots from the
 /// read-only handles of `health`, events from `events`.
-pub fn serve(socket: Socket, health: Arc<Health>, events: &Fanout) -> Result<Server, AdminError> {
-    let Socket {
-        listener,
-        path,
-        ino,
-    } = socket;
-    let listener = UnixListener::from_std(listener).map_err(io(&path, "serving it"))?;
+pub fn serve(
+    mut socket: Socket,
+    health: Arc<Health>,
+    events: &Fanout,
+) -> Result<Server, AdminError> {
+    let path = socket.path.clone();
+    let listener = socket
+        .listener
+        .take()
+        .ok_or_else(|| AdminError::Io {
+            path: path.clone(),
+            what: "serving it",
+            source: std::io::Error::other("served already"),
+        })
+        .and_then(|l| UnixListener::from_std(l).map_err(io(&path, "serving it")))?;
     let recent = Recent::spawn(events).map_err(io(&path, "starting the recent-events thread"))?;
     let context = Arc::new(Context {
         health,
@@ -175,7 +188,10 @@ pub fn serve(socket: Socket, health: Arc<Health>, events: &Fanout) -> Result<Ser
             }
         }
     });
-    Ok(Server { task, path, ino })
+    Ok(Server {
+        task,
+        _socket: socket,
+    })
 }
 
 fn line(reply: &Reply) -> Vec<u8> {
