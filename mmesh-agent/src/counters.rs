@@ -259,3 +259,58 @@ pub(crate) fn read_totals(
     ] = sums;
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::{compile::Capacity, policy::Policy};
+
+    #[test]
+    fn top_accounts_ranks_by_drops_and_leaves_out_departed_slots() {
+        let policy = Policy::parse(
+            "accounts:\n  - { id: a, prefixes: [10.0.0.1/32] }\n  - { id: b, prefixes: [10.0.0.2/32] }\n  - { id: c, prefixes: [10.0.0.3/32] }\n",
+            "test",
+            Path::new("."),
+        )
+        .unwrap();
+        let compiled = crate::compile::compile(&policy, None, &Capacity::default()).unwrap();
+        let slot = |id| compiled.slot_of(id).unwrap();
+        let drops: BTreeMap<u32, Counter> = [
+            (slot("a"), 5),
+            (slot("b"), 9),
+            (slot("c"), 5),
+            // A slot whose account left: not an offender any more.
+            (999, 100),
+        ]
+        .into_iter()
+        .map(|(s, packets)| {
+            (
+                s,
+                Counter {
+                    packets,
+                    bytes: packets * 100,
+                },
+            )
+        })
+        .collect();
+        let top = |n| {
+            top_accounts(&drops, &compiled, n)
+                .into_iter()
+                .map(|a| (a.account, a.packets))
+                .collect::<Vec<_>>()
+        };
+        // Ties by id.
+        assert_eq!(
+            top(10),
+            [
+                ("b".to_owned(), 9),
+                ("a".to_owned(), 5),
+                ("c".to_owned(), 5)
+            ]
+        );
+        assert_eq!(top(1), [("b".to_owned(), 9)]);
+        assert!(top(0).is_empty());
+    }
+}

@@ -404,3 +404,23 @@ pub fn event_text(event: &serde_json::Value) -> String {
     }
     escape_controls(&line).into_owned()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_right_addresses_left() {
+        let text = table(
+            &["REMOTE", "DROPPED", "USED"],
+            &[
+                vec!["10.77.1.1".into(), "7".into(), "0.5%".into()],
+                vec!["2001:db8::1".into(), "1200".into(), "-".into()],
+            ],
+        );
+        assert_eq!(
+            text,
+            "REMOTE       DROPPED  USED\n10.77.1.1          7  0.5%\n2001:db8::1     1200     -\n"
+        );
+    }
+}

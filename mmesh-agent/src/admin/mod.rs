@@ -126,3 +126,47 @@ pub enum AdminError {
     #[error("the agent on {} sent something this command does not understand: {detail}", path.display())]
     Protocol { path: PathBuf, detail: String },
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_lines_parse_and_print() {
+        for (line, request) in [
+            (r#"{"cmd":"status"}"#, Request::Status),
+            (r#"{"cmd":"policy"}"#, Request::Policy { json: false }),
+            (
+                r#"{"cmd":"top","by":"remote","window_ms":2000,"limit":5}"#,
+                Request::Top {
+                    by: TopBy::Remote,
+                    window_ms: Some(2000),
+                    limit: 5,
+                },
+            ),
+            (
+                r#"{"cmd":"events","follow":true,"reason":"global_block"}"#,
+                Request::Events {
+                    follow: true,
+                    account: None,
+                    reason: Some("global_block".into()),
+                    since_ms: None,
+                },
+            ),
+        ] {
+            assert_eq!(serde_json::from_str::<Request>(line).unwrap(), request);
+        }
+        assert_eq!(
+            serde_json::to_string(&Reply::Lost(7)).unwrap(),
+            r#"{"lost":7}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Reply::End { lost: 0 }).unwrap(),
+            r#"{"end":{"lost":0}}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Reply::Error("busy".into())).unwrap(),
+            r#"{"error":"busy"}"#
+        );
+    }
+}
