@@ -981,9 +981,9 @@ impl Losses {
         Self {
             events: out
                 .events
-                .consumers()
-                .iter()
-                .map(|c| (c.name().to_owned(), c.lost()))
+                .totals_by_name()
+                .into_iter()
+                .map(|c| (c.name, c.lost))
                 .collect(),
             logs: out.logs.lost(),
             links_lost: links.lost.load(Ordering::Relaxed),

@@ -422,10 +422,12 @@ impl Sources {
             Ok(t) => encode_totals(&t, encoder)?,
             Err(err) => tracing::debug!(%err, "metrics: reading the counters"),
         }
-        let consumers = self.outputs.events.consumers();
+        // By name: the `events --follow` clients share one; departed
+        // consumers stay counted, so the counters never go down.
+        let consumers = self.outputs.events.totals_by_name();
         let delivered: Vec<_> = consumers
             .iter()
-            .map(|c| ([("consumer", c.name())], c.delivered()))
+            .map(|c| ([("consumer", c.name.as_str())], c.delivered))
             .collect();
         let delivered: Vec<_> = delivered
             .iter()
@@ -439,7 +441,7 @@ impl Sources {
         )?;
         let lost: Vec<_> = consumers
             .iter()
-            .map(|c| ([("consumer", c.name())], c.lost()))
+            .map(|c| ([("consumer", c.name.as_str())], c.lost))
             .collect();
         let lost: Vec<_> = lost
             .iter()

@@ -556,7 +556,7 @@ fn a_follower_that_stops_reading_loses_only_its_own_events() {
     let policy = PolicyFile::new("adms", POLICY);
     let dir = SocketDir::new("s");
     let socket = dir.socket();
-    let agent = start(&topo, &policy, &socket, &["--no-metrics"]);
+    let agent = start(&topo, &policy, &socket, &[]);
 
     // The stalled client: asks to follow, then reads nothing.
     let mut stalled = UnixStream::connect(&socket).unwrap();
@@ -636,6 +636,14 @@ fn a_follower_that_stops_reading_loses_only_its_own_events() {
         .unwrap()["lost"]
         .clone();
     assert_eq!(stdout_lost, 0, "{status:#}");
+    // One series for the followers, which share a name: what they lost.
+    let metrics = scrape(&topo.host);
+    let series: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("mmesh_events_lost_total{consumer=\"admin-events\"}"))
+        .collect();
+    assert_eq!(series.len(), 1, "{metrics}");
+    assert!(!series[0].ends_with(" 0"), "{metrics}");
 
     // It reads again: what it lost is told before the next events.
     stalled.set_read_timeout(Some(DEADLINE)).unwrap();
