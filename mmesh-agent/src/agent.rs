@@ -680,14 +680,14 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
     let mut terminate =
         signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
 
-    // The enforcer's commands queue up from here: the policy is watched
-    // before start-up reads it, so that no change made meanwhile is lost.
-    // Before anything is loaded: a second agent on the same socket stops
-    // here, before it touches the datapath.
+    // Bound before anything is loaded: a second agent on the same socket
+    // stops here, before it touches the datapath.
     let admin = match &opts.admin {
         Some(path) => Some(admin::server::bind(path)?),
         None => None,
     };
+    // The enforcer's commands queue up from here: the policy is watched
+    // before start-up reads it, so that no change made meanwhile is lost.
     let (commands, queued) = mpsc::channel::<Command>();
     watch_policy(&opts, commands.clone());
     let start_opts = opts.clone();
