@@ -11,7 +11,7 @@ use std::{
     os::fd::OwnedFd,
 };
 
-use aya::maps::{Array, Map, MapData, MapError, PerCpuArray, PerCpuHashMap};
+use aya::maps::{Array, IterableMap as _, Map, MapData, MapError, PerCpuArray, PerCpuHashMap};
 use mmesh_common::{
     Direction, Reason, Verdict,
     maps::{
@@ -20,7 +20,7 @@ use mmesh_common::{
     },
 };
 
-use crate::{compile::Compiled, datapath::Totals};
+use crate::{batch, compile::Compiled, datapath::Totals};
 
 /// Why the counters could not be opened or read.
 #[derive(Debug, thiserror::Error)]
@@ -142,7 +142,17 @@ impl AccountReader {
     /// hold and have not flushed yet, by the kernel's rule (an entry older
     /// than its slot's account belongs to an account that is gone).
     pub fn read(&self) -> Result<AccountCounts, CounterError> {
-        let read = |map: &'static str| move |source| CounterError::Read { map, source };
+        let read = |map: &'static str| {
+            move |io_error| CounterError::Read {
+                map,
+                source: MapError::SyscallError(aya::sys::SyscallError {
+                    call: "bpf_map_lookup_batch",
+                    io_error,
+                }),
+            }
+        };
+        // Values are laid out per possible CPU.
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| read(names::FLOW_CACHE)(e))?;
         let mut out = AccountCounts::default();
         let mut add = |slot: u32, packets: u64, bytes: u64| {
             let c = out.drops.entry(slot).or_default();
@@ -150,27 +160,29 @@ impl AccountReader {
             c.bytes += bytes;
         };
         let mut entries = 0;
-        for entry in &self.counters {
-            let (key, values) = entry.map_err(read(names::ACCOUNT_COUNTERS))?;
+        batch::for_each_per_cpu::<CounterKey, Counter>(self.counters.map(), cpus, |key, values| {
             entries += 1;
             if key.slot != NO_ACCOUNT && key.verdict == Verdict::Drop as u8 {
-                for c in values.iter() {
+                for c in values {
                     add(key.slot, c.packets, c.bytes);
                 }
             }
-        }
-        let config = self.config.get(&0, 0).map_err(read(names::CONFIG))?;
+        })
+        .map_err(read(names::ACCOUNT_COUNTERS))?;
+        let config = self
+            .config
+            .get(&0, 0)
+            .map_err(|source| CounterError::Read {
+                map: names::CONFIG,
+                source,
+            })?;
         let generation = mmesh_common::maps::flow_generation(
             config.halves[config.active as usize & 1].generation,
         );
         let mut epochs: HashMap<u32, u32> = HashMap::new();
         let mut flow_entries = 0;
-        for index in 0..=config.flow_mask {
-            let values = self
-                .flow_cache
-                .get(&index, 0)
-                .map_err(read(names::FLOW_CACHE))?;
-            for e in values.iter() {
+        batch::for_each_per_cpu::<u32, FlowEntry>(self.flow_cache.map(), cpus, |_, values| {
+            for e in values {
                 flow_entries += u64::from(e.generation == generation);
                 if e.slot == NO_ACCOUNT || e.packets == 0 || e.verdict != Verdict::Drop as u8 {
                     continue;
@@ -184,7 +196,8 @@ impl AccountReader {
                     add(e.slot, e.packets, e.bytes);
                 }
             }
-        }
+        })
+        .map_err(read(names::FLOW_CACHE))?;
         out.counter_entries = entries;
         out.flow_entries = flow_entries;
         Ok(out)
