@@ -233,6 +233,70 @@ fn top_rows(top: &Value) -> Vec<(String, u64)> {
         .collect()
 }
 
+/// Runs `mmesh-agent top --interval 0.2` on a pseudo-terminal until it has
+/// drawn two screens and returns what each refresh drew (the screen is
+/// cleared before each).
+fn top_on_a_terminal(socket: &Path) -> Vec<String> {
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+    let (mut controller, mut terminal) = (-1, -1);
+    // SAFETY: out-pointers for two fds; no name, settings or size.
+    let opened = unsafe {
+        libc::openpty(
+            &raw mut controller,
+            &raw mut terminal,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(opened, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: fresh fds that nothing else owns.
+    let (controller, terminal) = unsafe {
+        (
+            OwnedFd::from_raw_fd(controller),
+            OwnedFd::from_raw_fd(terminal),
+        )
+    };
+    let mut child = Command::new(agent_binary())
+        .args(["top", "--interval", "0.2", "--admin-socket"])
+        .arg(socket)
+        .stdin(Stdio::null())
+        .stdout(terminal.try_clone().unwrap())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(terminal);
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let reader = std::thread::spawn(move || {
+        let mut controller = std::fs::File::from(controller);
+        let mut buf = [0u8; 4096];
+        // Ends when the child has exited and the terminal side is closed
+        // (EIO on a pseudo-terminal).
+        while let Ok(n @ 1..) = controller.read(&mut buf) {
+            if tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    // Two whole screens, each ending with its footer.
+    let mut text = String::new();
+    let deadline = Instant::now() + DEADLINE;
+    while text.matches("Ctrl-C to stop").count() < 2 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(chunk) => text.push_str(&String::from_utf8_lossy(&chunk)),
+            Err(_) => break,
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = reader.join();
+    text.split("\x1b[H\x1b[2J")
+        .filter(|screen| !screen.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 /// Every command, in text and in JSON, against one agent that dropped
 /// traffic of two accounts; the top-offender metric holds the one account
 /// that `--metrics-top-accounts 1` allows.
@@ -412,6 +476,13 @@ fn every_command_answers_in_text_and_json() {
     assert!(
         text.contains("REMOTE") && text.contains("10.77.1.1"),
         "{text}"
+    );
+    // On a terminal: refreshed in place, with a rate column.
+    let screens = top_on_a_terminal(&socket);
+    assert!(screens.len() >= 2, "{screens:?}");
+    assert!(
+        screens[1].contains("RATE") && screens[1].contains("alpha") && screens[1].contains("0.0/s"),
+        "{screens:?}"
     );
 
     // The top-offender metric: alpha alone (the bound is 1), with the same
