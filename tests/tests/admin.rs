@@ -637,7 +637,7 @@ fn a_follower_that_stops_reading_loses_only_its_own_events() {
     const PER_ROUND: u64 = 2000;
     // Slow enough for a debug build's consumers to keep up on a busy
     // machine (at 20,000/s the agent's own stdout already loses some).
-    const PPS: u64 = 4000;
+    const PPS: u64 = 2000;
     let _serial = serial();
     let topo = topology("adms");
     let policy = PolicyFile::new("adms", POLICY);
