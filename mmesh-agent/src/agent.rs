@@ -37,6 +37,7 @@ use tokio::{
 };
 
 use crate::{
+    admin,
     compile::{Capacity, CompileError, Compiled, compile, compile_adopting},
     control::{
         client::{self, Client, HostFacts, StatusFn},
@@ -84,6 +85,10 @@ pub struct RunOptions {
     /// Where `/metrics`, `/healthz` and `/readyz` are served (`None`:
     /// `--no-metrics`).
     pub metrics: Option<std::net::SocketAddr>,
+    /// Accounts in the top-offender metric (`--metrics-top-accounts`).
+    pub top_accounts: usize,
+    /// The admin socket (`None`: `--no-admin-socket`).
+    pub admin: Option<PathBuf>,
 }
 
 /// Where the agent's output goes.
@@ -563,8 +568,7 @@ impl Enforcer {
                     "{source}: policy in force: {summary}"
                 );
                 self.remote |= source == CONTROL_PLANE;
-                self.health
-                    .applied(generation, policy.version.as_deref(), Some(took));
+                self.health.applied(generation, &policy, Some(took));
                 self.running = policy;
                 Outcome::Applied { generation, took }
             }
@@ -645,27 +649,24 @@ impl Enforcer {
     }
 }
 
-/// The metrics endpoint unless `--no-metrics`: listening, with handles of
-/// its own for the collector (handed over with
+/// The metrics endpoint unless `--no-metrics`, and the read-only handles of
+/// the collector and the admin socket (handed over with
 /// [`Health::attach_sources`] once the datapath is shared).
 ///
 /// Served once attached, not before: a second agent started by mistake is
-/// refused for what it would clash over (the interfaces, the pins), not for
-/// the metrics address; until then, a refused connection says "not ready".
+/// refused for what it would clash over (the interfaces, the pins, the
+/// admin socket), not for the metrics address; until then, a refused
+/// connection says "not ready".
 async fn serve_metrics(
     opts: &RunOptions,
     health: &Arc<Health>,
     dp: &Datapath,
-) -> anyhow::Result<Option<(metrics::Server, metrics::Handles)>> {
+) -> anyhow::Result<(Option<metrics::Server>, metrics::Handles)> {
+    let handles = metrics::Handles::new(dp)?;
     let Some(addr) = opts.metrics else {
-        return Ok(None);
+        return Ok((None, handles));
     };
-    let server = metrics::serve(addr, health.clone()).await?;
-    let (totals, stats) = dp
-        .counter_fds()
-        .context("duplicating the counter maps' fds")?;
-    let counters = CounterReader::from_fds(totals, stats)?;
-    Ok(Some((server, metrics::Handles::new(counters, dp))))
+    Ok((Some(metrics::serve(addr, health.clone()).await?), handles))
 }
 
 /// Runs until SIGINT or SIGTERM. Errors before the datapath is attached are
@@ -682,6 +683,12 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
     let mut terminate =
         signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
 
+    // Bound before anything is loaded: a second agent on the same socket
+    // stops here, before it touches the datapath.
+    let admin = match &opts.admin {
+        Some(path) => Some(admin::server::bind(path)?),
+        None => None,
+    };
     // The enforcer's commands queue up from here: the policy is watched
     // before start-up reads it, so that no change made meanwhile is lost.
     let (commands, queued) = mpsc::channel::<Command>();
@@ -706,9 +713,10 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
         }
     };
 
-    let health = Arc::new(Health::new(opts.summary_interval));
-    health.applied(dp.generation(), policy.version.as_deref(), None);
-    let metrics = serve_metrics(&opts, &health, &dp).await?;
+    let health = Arc::new(Health::new(opts.summary_interval).with_top_accounts(opts.top_accounts));
+    let policy = Arc::new(policy);
+    health.applied(dp.generation(), &policy, None);
+    let (metrics, handles) = serve_metrics(&opts, &health, &dp).await?;
     let ring = dp
         .take_events()
         .context("the event ring buffer was already taken")?;
@@ -734,7 +742,7 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
         names: names.clone(),
         policy: opts.policy.clone(),
         limits: opts.limits.clone(),
-        running: Arc::new(policy),
+        running: policy,
         last_refusal: None,
         interfaces: interfaces.clone(),
         receive_hook: opts.receive_hook,
@@ -744,11 +752,13 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
         health: health.clone(),
     }
     .spawn(queued)?;
-    // Stops serving when dropped, at the end.
-    let _server = metrics.map(|(server, handles)| {
-        health.attach_sources(handles, &names, &out, (&dp, &links), &interfaces);
-        server
-    });
+    health.attach_sources(handles, &names, &out, (&dp, &links), &interfaces);
+    // Both stop serving when dropped, at the end.
+    let _metrics = metrics;
+    let _admin = match admin {
+        Some(socket) => Some(admin::server::serve(socket, health.clone(), &out.events)?),
+        None => None,
+    };
     watch_links(commands.clone());
     let client = control.map(|(options, parts)| {
         let enforcement = Enforcement(commands.clone());
@@ -974,9 +984,9 @@ impl Losses {
         Self {
             events: out
                 .events
-                .consumers()
-                .iter()
-                .map(|c| (c.name().to_owned(), c.lost()))
+                .totals_by_name()
+                .into_iter()
+                .map(|c| (c.name, c.lost))
                 .collect(),
             logs: out.logs.lost(),
             links_lost: links.lost.load(Ordering::Relaxed),

@@ -73,6 +73,17 @@ struct Consumer {
 struct Inner {
     consumers: Vec<Consumer>,
     closed: bool,
+    /// What consumers that went away delivered and lost, by name: the
+    /// totals by name never go down (counters in the metrics).
+    departed: std::collections::BTreeMap<String, (u64, u64)>,
+}
+
+/// What the consumers of one name delivered and lost, those gone included.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NameTotals {
+    pub name: String,
+    pub delivered: u64,
+    pub lost: u64,
 }
 
 /// The publishing side. Cheap to clone; every clone publishes to the same
@@ -119,7 +130,9 @@ impl Fanout {
             return;
         }
         let events = batch.len() as u64;
-        self.inner()
+        let inner = &mut *self.inner();
+        let departed = &mut inner.departed;
+        inner
             .consumers
             .retain(|c| match c.tx.try_send(batch.clone()) {
                 Ok(()) => true,
@@ -127,7 +140,12 @@ impl Fanout {
                     c.stats.dropped.fetch_add(events, Ordering::Relaxed);
                     true
                 }
-                Err(TrySendError::Disconnected(_)) => false,
+                Err(TrySendError::Disconnected(_)) => {
+                    let d = departed.entry(c.stats.name.clone()).or_default();
+                    d.0 += c.stats.delivered();
+                    d.1 += c.stats.lost();
+                    false
+                }
             });
     }
 
@@ -137,6 +155,47 @@ impl Fanout {
         let mut inner = self.inner();
         inner.closed = true;
         inner.consumers.clear();
+    }
+
+    /// Delivered and lost by consumer name, summed over the consumers of
+    /// that name, those that went away included (several `events --follow`
+    /// clients share one name): one series per name in the metrics, and
+    /// never decreasing.
+    #[must_use]
+    pub fn totals_by_name(&self) -> Vec<NameTotals> {
+        let inner = self.inner();
+        let mut by: std::collections::BTreeMap<&str, (u64, u64)> = inner
+            .departed
+            .iter()
+            .map(|(name, d)| (name.as_str(), *d))
+            .collect();
+        let mut order: Vec<&str> = Vec::new();
+        for c in &inner.consumers {
+            let t = by.entry(c.stats.name()).or_default();
+            t.0 += c.stats.delivered();
+            t.1 += c.stats.lost();
+            if !order.contains(&c.stats.name()) {
+                order.push(c.stats.name());
+            }
+        }
+        // Subscription order first (stdout before the others), then the
+        // names with no consumer left.
+        for name in inner.departed.keys() {
+            if !order.contains(&name.as_str()) {
+                order.push(name);
+            }
+        }
+        order
+            .into_iter()
+            .map(|name| {
+                let (delivered, lost) = by[name];
+                NameTotals {
+                    name: name.to_owned(),
+                    delivered,
+                    lost,
+                }
+            })
+            .collect()
     }
 
     /// The statistics of the consumers subscribed now.
@@ -162,6 +221,16 @@ impl Subscription {
     #[must_use]
     pub fn recv(&self) -> Option<Batch> {
         self.rx.recv().ok()
+    }
+
+    /// The next batch, waiting `timeout` at most: `Ok(None)` once the
+    /// fanout is closed and the queue drained, `Err` on the timeout.
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<Option<Batch>, mpsc::RecvTimeoutError> {
+        match self.rx.recv_timeout(timeout) {
+            Ok(batch) => Ok(Some(batch)),
+            Err(mpsc::RecvTimeoutError::Disconnected) => Ok(None),
+            Err(timeout) => Err(timeout),
+        }
     }
 
     /// Counts `events` as delivered (true) or lost to an error (false).
@@ -352,6 +421,22 @@ mod tests {
             .map(|c| c.name().to_owned())
             .collect();
         assert_eq!(names, ["kept"]);
+        // What the one that went away got stays in the totals of its name.
+        assert_eq!(
+            fanout.totals_by_name(),
+            [
+                NameTotals {
+                    name: "kept".into(),
+                    delivered: 0,
+                    lost: 0
+                },
+                NameTotals {
+                    name: "gone".into(),
+                    delivered: 0,
+                    lost: 0
+                }
+            ]
+        );
         assert_eq!(kept.recv().map(|b| b.len()), Some(3));
         fanout.close();
         assert!(kept.recv().is_none());

@@ -1,6 +1,7 @@
 //! mmesh-agent: loads the mmesh XDP and TC programs, keeps their policy maps in
 //! sync with the policy, and reports what they see.
 
+pub mod admin;
 pub mod agent;
 pub mod barrier;
 pub mod batch;

@@ -8,6 +8,7 @@ use std::{
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use mmesh_agent::{
+    admin::{self, Reply, Request, TopBy, client as admin_client},
     agent::{self, Outputs, RunOptions},
     caps,
     compile::{Capacity, compile},
@@ -38,6 +39,11 @@ struct Cli {
     /// otherwise (a journal, a container runtime's log file).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Auto, env = "MMESH_LOG_FORMAT")]
     log_format: LogFormat,
+    /// The admin socket: where `run` listens (root only: mode 0600, in a
+    /// directory of mode 0700 made if missing) and where `status`,
+    /// `events`, `top`, `maps` and `policy show --running` ask.
+    #[arg(long, global = true, value_name = "PATH", default_value = admin::DEFAULT_SOCKET, env = "MMESH_ADMIN_SOCKET")]
+    admin_socket: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -60,12 +66,101 @@ enum Command {
     /// and pins. The only way a pinned datapath stops enforcing; refused
     /// while an agent runs on it.
     Detach(DetachArgs),
-    /// Check or display a policy without touching the kernel.
+    /// Check or display a policy file without touching the kernel, or the
+    /// policy in force of the running agent (`show --running`).
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// The running agent: attachments, policy, uptime, counters, map
+    /// pressure, lost events (through the admin socket).
+    Status(OutputArgs),
+    /// The running agent's events: the recent ones, or with --follow those
+    /// to come. A reader too slow loses events (told on stderr), and never
+    /// slows the agent.
+    Events(EventsArgs),
+    /// The running agent's drops, by account or by remote address: a table
+    /// refreshed in place (--once, or stdout not a terminal: one table).
+    Top(TopArgs),
+    /// The running agent's maps: entries against capacity.
+    Maps(OutputArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Args)]
+struct OutputArgs {
+    /// Text for people, JSON for scripts.
+    #[arg(long, short, value_enum, default_value_t = Output::Text)]
+    output: Output,
+}
+
+#[derive(Debug, Args)]
+struct EventsArgs {
+    /// Go on with the events to come, until interrupted.
+    #[arg(long, short)]
+    follow: bool,
+    /// Only the events of this account.
+    #[arg(long)]
+    account: Option<String>,
+    /// Only the events of this reason (e.g. `global_block`, `rate_pps`).
+    #[arg(long)]
+    reason: Option<String>,
+    /// Recent events of this long ago first (e.g. 30s, 5m, 1h; the agent
+    /// keeps the last 8192 events). Without --follow, every recent event.
+    #[arg(long, value_name = "D", value_parser = parse_duration)]
+    since: Option<Duration>,
+    /// JSON lines (as the agent writes them on stdout) or text.
+    #[arg(long, short, value_enum, default_value_t = Output::Text)]
+    output: Output,
+}
+
+#[derive(Debug, Args)]
+struct TopArgs {
+    /// `account`: dropped packets per account (its counters); `remote`:
+    /// drop events per remote address (from the events, which are sampled).
+    #[arg(long, value_enum, default_value_t = TopBy::Account)]
+    by: TopBy,
+    /// Seconds between refreshes.
+    #[arg(long, short = 'n', default_value_t = 2.0)]
+    interval: f64,
+    /// One table and exit (also when stdout is not a terminal).
+    #[arg(long)]
+    once: bool,
+    /// Rows at most.
+    #[arg(long, default_value_t = 20)]
+    limit: usize,
+    #[arg(long, short, value_enum, default_value_t = Output::Text)]
+    output: Output,
+}
+
+/// `30s`, `5m`, `2h`, `1d`, or seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (number, unit) = s.split_at(
+        s.find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(s.len()),
+    );
+    let n: f64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration such as 30s, 5m or 1h"))?;
+    let seconds = match unit {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        "d" => n * 86_400.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h or d)")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| format!("{s:?}: {e}"))
+}
+
+#[derive(Debug, Args)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "command-line switches, each its own flag"
+)]
 struct RunArgs {
     /// Policy file (YAML or JSON), watched for changes. Without it (or
     /// --policy-dir) the embedded default policy runs.
@@ -119,6 +214,15 @@ struct RunArgs {
     /// Serve no metrics and no health checks.
     #[arg(long, env = "MMESH_NO_METRICS")]
     no_metrics: bool,
+    /// Accounts in the per-account drop metric
+    /// (`mmesh_account_dropped_packets_total`): the ones with the most
+    /// drops, to bound its label cardinality; 0 leaves it out.
+    #[arg(long, value_name = "N", default_value_t = mmesh_agent::metrics::DEFAULT_TOP_ACCOUNTS, value_parser = clap::value_parser!(usize))]
+    metrics_top_accounts: usize,
+    /// Do not listen on the admin socket (`status`, `events`, `top`,
+    /// `maps`, `policy show --running` then cannot ask this agent).
+    #[arg(long, env = "MMESH_NO_ADMIN_SOCKET")]
+    no_admin_socket: bool,
     #[command(flatten)]
     capacity: CapacityArgs,
     #[command(flatten)]
@@ -350,10 +454,15 @@ enum PolicyCommand {
         capacity: CapacityArgs,
     },
     /// Print the compiled, effective policy of a file or directory
-    /// (default: the embedded default policy).
+    /// (default: the embedded default policy), or with --running the one
+    /// in force in the running agent.
     Show {
+        #[arg(conflicts_with = "running")]
         file: Option<PathBuf>,
-        #[arg(long, value_enum, default_value_t = ShowFormat::Yaml)]
+        /// The policy in force in the running agent (admin socket).
+        #[arg(long)]
+        running: bool,
+        #[arg(long, short = 'o', visible_alias = "output", value_enum, default_value_t = ShowFormat::Yaml)]
         format: ShowFormat,
         #[command(flatten)]
         capacity: CapacityArgs,
@@ -364,6 +473,8 @@ enum PolicyCommand {
 enum ShowFormat {
     Yaml,
     Json,
+    /// The same as yaml.
+    Text,
 }
 
 /// Log lines queued for stderr at most; beyond that they are dropped and
@@ -423,15 +534,25 @@ fn main() -> ExitCode {
             if let Some(at) = mounted {
                 tracing::info!(at = %at.display(), "mounted bpffs");
             }
-            run(*args, &logs)
+            run(*args, cli.admin_socket.clone(), &logs)
         }),
         Command::Detach(args) => detach(&args),
         Command::Policy(PolicyCommand::Validate { file, capacity }) => validate(&file, &capacity),
         Command::Policy(PolicyCommand::Show {
+            running: true,
+            format,
+            ..
+        }) => show_running(&cli.admin_socket, format),
+        Command::Policy(PolicyCommand::Show {
             file,
             format,
             capacity,
+            ..
         }) => show(file.as_ref(), format, &capacity),
+        Command::Status(args) => status(&cli.admin_socket, args.output),
+        Command::Maps(args) => maps(&cli.admin_socket, args.output),
+        Command::Events(args) => events(&cli.admin_socket, &args),
+        Command::Top(args) => top(&cli.admin_socket, &args),
     };
     let code = match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -451,7 +572,7 @@ fn main() -> ExitCode {
     code
 }
 
-fn run(args: RunArgs, logs: &Sink) -> anyhow::Result<()> {
+fn run(args: RunArgs, admin_socket: PathBuf, logs: &Sink) -> anyhow::Result<()> {
     let events = Fanout::default();
     let stdout = JsonLines::spawn(
         "mmesh-events",
@@ -480,6 +601,8 @@ fn run(args: RunArgs, logs: &Sink) -> anyhow::Result<()> {
             pins: (!args.ephemeral).then_some(args.bpffs),
             control,
             metrics: (!args.no_metrics).then_some(args.metrics_addr),
+            top_accounts: args.metrics_top_accounts,
+            admin: (!args.no_admin_socket).then_some(admin_socket),
         },
         Outputs {
             events: events.clone(),
@@ -543,9 +666,161 @@ fn show(file: Option<&PathBuf>, format: ShowFormat, args: &CapacityArgs) -> anyh
     let policy = agent::load_policy(source.as_ref(), &args.read_limits())?;
     let compiled = compile(&policy, None, capacity)?;
     let view = show::effective(&policy, &compiled, capacity);
+    print_policy(&view, format)
+}
+
+fn print_policy(view: &impl serde::Serialize, format: ShowFormat) -> anyhow::Result<()> {
     match format {
-        ShowFormat::Yaml => print!("{}", serde_saphyr::to_string(&view)?),
-        ShowFormat::Json => println!("{}", serde_json::to_string_pretty(&view)?),
+        ShowFormat::Yaml | ShowFormat::Text => print!("{}", serde_saphyr::to_string(view)?),
+        ShowFormat::Json => println!("{}", serde_json::to_string_pretty(view)?),
     }
     Ok(())
+}
+
+fn unexpected(reply: &Reply) -> anyhow::Error {
+    anyhow::anyhow!("unexpected answer from the agent: {reply:?}")
+}
+
+fn show_running(socket: &Path, format: ShowFormat) -> anyhow::Result<()> {
+    let json = matches!(format, ShowFormat::Json);
+    match admin_client::ask(socket, &Request::Policy { json })? {
+        Reply::Policy(text) => print!("{text}"),
+        other => return Err(unexpected(&other)),
+    }
+    Ok(())
+}
+
+fn status(socket: &Path, output: Output) -> anyhow::Result<()> {
+    match admin_client::ask(socket, &Request::Status)? {
+        Reply::Status(s) => match output {
+            Output::Text => print!("{}", admin_client::status_text(&s)),
+            Output::Json => println!("{}", serde_json::to_string_pretty(&s)?),
+        },
+        other => return Err(unexpected(&other)),
+    }
+    Ok(())
+}
+
+fn maps(socket: &Path, output: Output) -> anyhow::Result<()> {
+    match admin_client::ask(socket, &Request::Maps)? {
+        Reply::Maps(m) => match output {
+            Output::Text => print!("{}", admin_client::maps_text(&m)),
+            Output::Json => println!("{}", serde_json::to_string_pretty(&m)?),
+        },
+        other => return Err(unexpected(&other)),
+    }
+    Ok(())
+}
+
+fn events(socket: &Path, args: &EventsArgs) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut answer = admin_client::send(
+        socket,
+        &Request::Events {
+            follow: args.follow,
+            account: args.account.clone(),
+            reason: args.reason.clone(),
+            since_ms: args.since.map(|d| d.as_millis() as u64),
+        },
+    )?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut lost = 0;
+    while let Some(reply) = answer.next_reply()? {
+        match reply {
+            Reply::Event(e) => {
+                match args.output {
+                    // As the agent wrote it: the order of its stdout.
+                    Output::Json => match answer.raw_event() {
+                        Some(raw) => writeln!(out, "{raw}")?,
+                        None => writeln!(out, "{e}")?,
+                    },
+                    Output::Text => writeln!(out, "{}", admin_client::event_text(&e))?,
+                }
+                if args.follow {
+                    out.flush()?;
+                }
+            }
+            Reply::Lost(n) => {
+                out.flush()?;
+                eprintln!(
+                    "mmesh-agent: {} events lost ({n} in all): this reader was too slow, the agent's queue for it was full",
+                    n - lost
+                );
+                lost = n;
+            }
+            Reply::End { .. } => break,
+            other => return Err(unexpected(&other)),
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn top(socket: &Path, args: &TopArgs) -> anyhow::Result<()> {
+    use std::io::{IsTerminal as _, Write as _};
+    let interval = Duration::try_from_secs_f64(args.interval)
+        .ok()
+        .filter(|d| *d >= Duration::from_millis(100))
+        .ok_or_else(|| {
+            anyhow::anyhow!("--interval {}: give at least 0.1 seconds", args.interval)
+        })?;
+    let live = !args.once && std::io::stdout().is_terminal();
+    let request = |window: Option<Duration>| Request::Top {
+        by: args.by,
+        window_ms: window.map(|w| w.as_millis() as u64),
+        limit: args.limit,
+    };
+    let ask = |window| match admin_client::ask(socket, &request(window))? {
+        Reply::Top(t) => Ok(t),
+        other => Err(unexpected(&other)),
+    };
+    if !live {
+        let t = ask(None)?;
+        match args.output {
+            Output::Text => print!("{}", admin_client::top_text(&t, None)),
+            Output::Json => println!("{}", serde_json::to_string_pretty(&t)?),
+        }
+        return Ok(());
+    }
+    // By account the counters are cumulative: the rate is the difference
+    // between two refreshes. By remote each refresh asks for the events of
+    // the last interval.
+    let mut before: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    let mut at = std::time::Instant::now();
+    loop {
+        let window = (args.by == TopBy::Remote).then_some(interval);
+        let t = ask(window)?;
+        let now = std::time::Instant::now();
+        let elapsed = now.duration_since(at).as_secs_f64();
+        let text = match args.output {
+            Output::Json => format!(
+                "{}
+",
+                serde_json::to_string(&t)?
+            ),
+            Output::Text => {
+                let rate = |key: &str| -> Option<f64> {
+                    let row = t.rows.iter().find(|r| r.key == key)?;
+                    match args.by {
+                        TopBy::Account => before
+                            .get(key)
+                            .map(|b| row.packets.saturating_sub(*b) as f64 / elapsed),
+                        TopBy::Remote => Some(row.packets as f64 / interval.as_secs_f64()),
+                    }
+                };
+                // Home and clear, like top(1).
+                format!(
+                    "\x1b[H\x1b[2J{}\n(every {:.1} s; Ctrl-C to stop)\n",
+                    admin_client::top_text(&t, Some(&rate)),
+                    interval.as_secs_f64()
+                )
+            }
+        };
+        let mut out = std::io::stdout().lock();
+        out.write_all(text.as_bytes())?;
+        out.flush()?;
+        before = t.rows.iter().map(|r| (r.key.clone(), r.packets)).collect();
+        at = now;
+        std::thread::sleep(interval);
+    }
 }

@@ -30,8 +30,8 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use crate::{
     agent::{LinkStats, Outputs},
     compile::Capacity,
-    counters::CounterReader,
-    datapath::{Datapath, Totals},
+    counters::{AccountReader, CounterReader, top_accounts},
+    datapath::{Attachment, Datapath, Totals},
     events::Names,
     interface::InterfaceSpec,
 };
@@ -53,56 +53,80 @@ pub enum MetricsError {
     },
 }
 
+/// Accounts in the top-offender metric by default (`--metrics-top-accounts`).
+pub const DEFAULT_TOP_ACCOUNTS: usize = 20;
+
 /// What the enforcer last did with a policy.
 #[derive(Debug, Clone, Default)]
-struct Policy {
+pub(crate) struct Policy {
     /// The generation in force (0: none yet).
-    generation: u64,
-    /// The version the policy in force names, if any.
-    version: Option<String>,
-    applied: u64,
-    rejected: u64,
+    pub(crate) generation: u64,
+    /// The policy in force, as validated (its version, its source).
+    pub(crate) running: Option<Arc<crate::policy::Policy>>,
+    pub(crate) applied: u64,
+    pub(crate) rejected: u64,
     /// Policies refused because a map was too small, by map.
-    refused: BTreeMap<&'static str, u64>,
+    pub(crate) refused: BTreeMap<&'static str, u64>,
     /// The last attempt: whether it was applied, when, and how long it took
     /// (from the enforcer taking it up; unknown for the first policy).
-    last: Option<(bool, SystemTime, Option<Duration>)>,
+    pub(crate) last: Option<(bool, SystemTime, Option<Duration>)>,
 }
 
-/// The read-only handles the collector and `/readyz` read, handed over
-/// once the datapath is attached.
-struct Sources {
+impl Policy {
+    /// The version the policy in force names, if any.
+    pub(crate) fn version(&self) -> Option<&str> {
+        self.running.as_ref().and_then(|p| p.version.as_deref())
+    }
+}
+
+/// The read-only handles the collector, `/readyz` and the admin socket
+/// read, handed over once the datapath is attached.
+pub(crate) struct Sources {
     /// Handles of its own to the counter maps.
-    counters: CounterReader,
-    names: Names,
-    capacity: Capacity,
-    outputs: Outputs,
+    pub(crate) counters: CounterReader,
+    /// Handles of its own to the per-account counters.
+    pub(crate) accounts: AccountReader,
+    pub(crate) names: Names,
+    pub(crate) capacity: Capacity,
+    pub(crate) outputs: Outputs,
     datapath: Arc<Mutex<Datapath>>,
-    links: Arc<LinkStats>,
+    pub(crate) links: Arc<LinkStats>,
     /// The configured interfaces.
-    interfaces: Vec<String>,
-    /// The attached interfaces as last seen (the datapath's lock is only
-    /// tried).
-    attached: Mutex<Vec<String>>,
+    pub(crate) interfaces: Vec<String>,
+    /// The attachments as last seen (the datapath's lock is only tried).
+    attached: Mutex<Vec<Attachment>>,
+    /// The pin directory, unless ephemeral.
+    pub(crate) pins: Option<std::path::PathBuf>,
 }
 
 /// What the collector takes from the datapath before it goes behind its
 /// lock.
 pub struct Handles {
     counters: CounterReader,
+    accounts: AccountReader,
     capacity: Capacity,
-    attached: Vec<String>,
+    attached: Vec<Attachment>,
+    pins: Option<std::path::PathBuf>,
 }
 
 impl Handles {
-    /// `counters`: handles of the collector's own to `dp`'s counter maps.
-    #[must_use]
-    pub fn new(counters: CounterReader, dp: &Datapath) -> Self {
-        Self {
-            counters,
+    /// Handles of the readers' own to `dp`'s counter maps.
+    pub fn new(dp: &Datapath) -> Result<Self, crate::counters::CounterError> {
+        let dup = |e: std::io::Error| crate::counters::CounterError::Open {
+            map: "counters",
+            source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                call: "fcntl(F_DUPFD_CLOEXEC)",
+                io_error: e,
+            }),
+        };
+        let (totals, stats) = dp.counter_fds().map_err(dup)?;
+        Ok(Self {
+            counters: CounterReader::from_fds(totals, stats)?,
+            accounts: AccountReader::from_fds(dp.account_fds().map_err(dup)?)?,
             capacity: *dp.capacity(),
-            attached: dp.attachments().iter().map(|a| a.name.clone()).collect(),
-        }
+            attached: dp.attachments().to_vec(),
+            pins: dp.pins().map(|p| p.dir().to_owned()),
+        })
     }
 }
 
@@ -111,6 +135,10 @@ impl Handles {
 /// handles.
 pub struct Health {
     summary_interval: Duration,
+    /// When the agent started, for `status`.
+    pub(crate) started: (Instant, SystemTime),
+    /// Accounts in the top-offender metric (0: none).
+    top_accounts: usize,
     /// The last summary tick (`None`: not running yet).
     ticked: Mutex<Option<Instant>>,
     policy: Mutex<Policy>,
@@ -128,10 +156,29 @@ impl Health {
     pub fn new(summary_interval: Duration) -> Self {
         Self {
             summary_interval,
+            started: (Instant::now(), SystemTime::now()),
+            top_accounts: DEFAULT_TOP_ACCOUNTS,
             ticked: Mutex::new(None),
             policy: Mutex::new(Policy::default()),
             sources: OnceLock::new(),
         }
+    }
+
+    /// Puts the `n` accounts with the most drops in the metrics (0: none).
+    #[must_use]
+    pub const fn with_top_accounts(mut self, n: usize) -> Self {
+        self.top_accounts = n;
+        self
+    }
+
+    /// What the enforcer last did with a policy.
+    pub(crate) fn policy(&self) -> Policy {
+        locked(&self.policy).clone()
+    }
+
+    /// The read-only handles, once attached.
+    pub(crate) fn sources(&self) -> Option<&Sources> {
+        self.sources.get()
     }
 
     /// The summary tick ran: the async loop is alive.
@@ -141,10 +188,15 @@ impl Health {
 
     /// A policy is in force as `generation`; `took` from the enforcer
     /// taking it up to the flip, when known.
-    pub fn applied(&self, generation: u64, version: Option<&str>, took: Option<Duration>) {
+    pub fn applied(
+        &self,
+        generation: u64,
+        policy: &Arc<crate::policy::Policy>,
+        took: Option<Duration>,
+    ) {
         let mut p = locked(&self.policy);
         p.generation = generation;
-        p.version = version.map(str::to_owned);
+        p.running = Some(policy.clone());
         p.applied += 1;
         p.last = Some((true, SystemTime::now(), took));
     }
@@ -172,6 +224,7 @@ impl Health {
     ) {
         let _ = self.sources.set(Sources {
             counters: handles.counters,
+            accounts: handles.accounts,
             names: names.clone(),
             capacity: handles.capacity,
             outputs: outputs.clone(),
@@ -179,6 +232,7 @@ impl Health {
             links: links.clone(),
             interfaces: interfaces.iter().map(|i| i.name.clone()).collect(),
             attached: Mutex::new(handles.attached),
+            pins: handles.pins,
         });
     }
 
@@ -213,14 +267,14 @@ impl Health {
 
     /// `/readyz`: programs attached to every configured interface, and a
     /// policy in force.
-    fn readyz(&self) -> (bool, String) {
+    pub(crate) fn readyz(&self) -> (bool, String) {
         let Some(s) = self.sources.get() else {
             return (
                 false,
                 "not ready: starting (loading the programs and the policy)\n".into(),
             );
         };
-        let attached = s.attached_now();
+        let attached: Vec<String> = s.attached_now().into_iter().map(|a| a.name).collect();
         let missing: Vec<&str> = s
             .interfaces
             .iter()
@@ -248,12 +302,12 @@ impl Health {
 }
 
 impl Sources {
-    /// The attached interfaces, or as last seen while the enforcer holds
-    /// the datapath.
-    fn attached_now(&self) -> Vec<String> {
+    /// The attachments, or as last seen while the enforcer holds the
+    /// datapath.
+    pub(crate) fn attached_now(&self) -> Vec<Attachment> {
         let mut seen = locked(&self.attached);
         if let Ok(dp) = self.datapath.try_lock() {
-            *seen = dp.attachments().iter().map(|a| a.name.clone()).collect();
+            *seen = dp.attachments().to_vec();
         }
         seen.clone()
     }
@@ -307,8 +361,8 @@ impl Collector for Scrape {
             "Generation of the policy in force (0: none yet).",
             policy.generation as i64,
         )?;
-        if let Some(version) = &policy.version {
-            let info = Info::new(vec![("version", version.as_str())]);
+        if let Some(version) = policy.version() {
+            let info = Info::new(vec![("version", version)]);
             let e = encoder.encode_descriptor(
                 "mmesh_policy",
                 "The version the policy in force names.",
@@ -361,6 +415,7 @@ impl Collector for Scrape {
         }
         if let Some(s) = health.sources.get() {
             s.encode(&policy, &mut encoder)?;
+            s.encode_top_accounts(&policy, health.top_accounts, &mut encoder)?;
         }
         Ok(())
     }
@@ -377,10 +432,12 @@ impl Sources {
             }
             Err(err) => tracing::debug!(%err, "metrics: reading the counters"),
         }
-        let consumers = self.outputs.events.consumers();
+        // By name: the `events --follow` clients share one; departed
+        // consumers stay counted, so the counters never go down.
+        let consumers = self.outputs.events.totals_by_name();
         let delivered: Vec<_> = consumers
             .iter()
-            .map(|c| ([("consumer", c.name())], c.delivered()))
+            .map(|c| ([("consumer", c.name.as_str())], c.delivered))
             .collect();
         let delivered: Vec<_> = delivered
             .iter()
@@ -394,7 +451,7 @@ impl Sources {
         )?;
         let lost: Vec<_> = consumers
             .iter()
-            .map(|c| ([("consumer", c.name())], c.lost()))
+            .map(|c| ([("consumer", c.name.as_str())], c.lost))
             .collect();
         let lost: Vec<_> = lost
             .iter()
@@ -425,6 +482,57 @@ impl Sources {
             self.links.reattached(),
         )?;
         self.encode_maps(policy, encoder)
+    }
+
+    /// Dropped packets of the `n` accounts with the most (bounded label
+    /// cardinality: `--metrics-top-accounts`), ranked as `top --by account`
+    /// ranks them.
+    fn encode_top_accounts(
+        &self,
+        policy: &Policy,
+        n: usize,
+        encoder: &mut DescriptorEncoder,
+    ) -> fmt::Result {
+        if n == 0 {
+            return Ok(());
+        }
+        let Some(compiled) = self.names.get(policy.generation) else {
+            return Ok(());
+        };
+        let counts = match self.accounts.read() {
+            Ok(c) => c,
+            Err(err) => {
+                tracing::debug!(%err, "metrics: reading the account counters");
+                return Ok(());
+            }
+        };
+        let top = top_accounts(&counts.drops, &compiled, n);
+        let labels: Vec<[(&str, &str); 1]> = top
+            .iter()
+            .map(|a| [("account", a.account.as_str())])
+            .collect();
+        let packets: Vec<_> = labels
+            .iter()
+            .zip(&top)
+            .map(|(l, a)| (&l[..], ConstCounter::new(a.packets)))
+            .collect();
+        family(
+            encoder,
+            "mmesh_account_dropped_packets",
+            "Packets dropped per account, for the accounts with the most drops only (--metrics-top-accounts).",
+            &packets,
+        )?;
+        let bytes: Vec<_> = labels
+            .iter()
+            .zip(&top)
+            .map(|(l, a)| (&l[..], ConstCounter::new(a.bytes)))
+            .collect();
+        family(
+            encoder,
+            "mmesh_account_dropped_bytes",
+            "Bytes dropped per account, for the same accounts as mmesh_account_dropped_packets_total.",
+            &bytes,
+        )
     }
 
     /// Entries and capacity of the policy maps, from the compiled policy in
@@ -611,10 +719,12 @@ pub fn render(registry: &Registry) -> String {
 type Shared = (Arc<Health>, Arc<Registry>);
 
 async fn metrics(State((_, registry)): State<Shared>) -> impl IntoResponse {
-    (
-        [(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)],
-        render(&registry),
-    )
+    // The map reads are system calls (the flow cache is thousands of
+    // lookups): off the async threads, which answer signals and the summary.
+    let body = tokio::task::spawn_blocking(move || render(&registry))
+        .await
+        .unwrap_or_else(|err| format!("# rendering failed: {err}\n"));
+    ([(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)], body)
 }
 
 fn status((ok, body): (bool, String)) -> (StatusCode, String) {
@@ -673,7 +783,9 @@ mod tests {
     #[test]
     fn policy_metrics_and_build_info_before_attach() {
         let health = Arc::new(Health::new(Duration::from_secs(5)));
-        health.applied(1, Some("v1"), None);
+        let mut p = crate::policy::Policy::embedded_default().unwrap();
+        p.version = Some("v1".into());
+        health.applied(1, &Arc::new(p), None);
         health.rejected(Some(Duration::from_millis(250)), None);
         let out = render(&registry(health.clone()));
         for line in [

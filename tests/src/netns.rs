@@ -814,6 +814,16 @@ fn agent_command_through(
     if args.first().is_some_and(|a| *a == "run") && !args.iter().any(|a| *a == "--bpffs") {
         cmd.arg("--ephemeral");
     }
+    // No admin socket unless the test asks for one (at a path of its own):
+    // agents of concurrent test runs would otherwise meet on the default
+    // path, and the second would refuse to start.
+    if args.first().is_some_and(|a| *a == "run")
+        && !args
+            .iter()
+            .any(|a| *a == "--admin-socket" || *a == "--no-admin-socket")
+    {
+        cmd.arg("--no-admin-socket");
+    }
     cmd.env("MMESH_LOG", "info")
         .env("MMESH_LOG_FORMAT", "text")
         .env_remove("MMESH_POLICY")

@@ -14,7 +14,7 @@ use aya::{
 };
 use mmesh_agent::{
     compile::{Capacity, compile},
-    counters::CounterReader,
+    counters::{AccountReader, CounterReader},
     datapath::Datapath,
     policy::Policy,
 };
@@ -318,6 +318,7 @@ on_both_hooks!(
     events_lost_to_a_full_ring_are_counted,
     stride_and_flow_cache_answer_like_a_longest_prefix_match,
     flow_cache_counts_survive_eviction_and_stay_with_their_account,
+    account_drops_read_without_the_lock_match_the_datapaths_own,
 );
 
 /// A `struct __sk_buff` (192 bytes, include/uapi/linux/bpf.h) for
@@ -1622,4 +1623,64 @@ fn flow_cache_counts_survive_eviction_and_stay_with_their_account(rx: Rx) {
         5,
     );
     assert_eq!(pass_in(&h, slot), 5, "only b's own packets");
+}
+
+/// The per-account drops `top` and the top-offender metric read, through
+/// handles of their own and batch lookups (`AccountReader`), equal what the
+/// datapath reads per slot, with counts in the counter map (flushed by
+/// evictions) and in the flow cache alike, and follow the epoch rule when
+/// a slot changes hands.
+fn account_drops_read_without_the_lock_match_the_datapaths_own(rx: Rx) {
+    pin_to_cpu(0);
+    let with = |accounts: &str| {
+        format!(
+            "global:\n  events_per_second: 0\n  block:\n    - {{ name: cgn, cidrs: [100.64.0.0/16] }}\naccounts:\n{accounts}"
+        )
+    };
+    let a = "  - { id: a, prefixes: [10.1.0.10] }\n";
+    let b = "  - { id: b, prefixes: [10.2.0.20] }\n";
+    let cap = Capacity {
+        flow_cache: 64,
+        ..capacity()
+    };
+    let mut h = Harness::with_capacity(&with(a), cap);
+    let reader = AccountReader::from_fds(h.dp.account_fds().expect("duplicating fds"))
+        .expect("opening the account maps");
+    let slot = h.slot("a");
+    // 300 blocked flows through a cache of 64 entries: most counts are
+    // flushed into the counter map, the last ones still in the cache.
+    for i in 0..300u32 {
+        let remote = std::net::Ipv4Addr::from(0x6440_0000 + i);
+        h.run(
+            rx.inbound(),
+            &udp(IpAddr::V4(remote), ip("10.1.0.10"), 1, 2, 0),
+        );
+    }
+    h.run_n(
+        rx.inbound(),
+        &udp(ip("100.64.200.1"), ip("10.1.0.10"), 1, 2, 0),
+        7,
+    );
+    let own = h.account(slot, Reason::GlobalBlock, Verdict::Drop, Direction::Inbound);
+    assert_eq!(own.packets, 307);
+    let read = reader.read().expect("reading the account maps");
+    assert_eq!(read.drops.get(&slot).copied().unwrap_or_default(), own);
+    assert!(read.counter_entries >= 1, "{read:?}");
+    assert!(read.flow_entries > 40, "{read:?}");
+
+    // a leaves, b takes its slot: none of a's drops are b's.
+    h.apply(&with(""));
+    h.apply(&with(b));
+    assert_eq!(h.slot("b"), slot);
+    h.run_n(
+        rx.inbound(),
+        &udp(ip("100.64.200.2"), ip("10.2.0.20"), 1, 2, 0),
+        3,
+    );
+    let read = reader.read().expect("reading the account maps");
+    assert_eq!(
+        read.drops.get(&slot).map(|c| c.packets),
+        Some(3),
+        "{read:?}"
+    );
 }

@@ -399,7 +399,7 @@ fn a_tun_device_is_refused_also_through_nsenter() {
         .arg(format!("--net={}", ns.path().display()))
         .arg(agent_binary())
         .args(args)
-        .arg("--ephemeral")
+        .args(["--ephemeral", "--no-admin-socket"])
         .env("MMESH_LOG", "info")
         .stdin(std::process::Stdio::null())
         .output()

@@ -264,6 +264,30 @@ impl Datapath {
         ))
     }
 
+    /// Duplicates of the fds of the maps an
+    /// [`AccountReader`](crate::counters::AccountReader) reads per-account
+    /// drops from, without this struct's lock.
+    pub fn account_fds(&self) -> std::io::Result<crate::counters::AccountFds> {
+        Ok(crate::counters::AccountFds {
+            counters: self
+                .maps
+                .account_counters
+                .map()
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()?,
+            flow_cache: self
+                .maps
+                .flow_cache
+                .map()
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()?,
+            accounts: self.maps.accounts.map().fd().as_fd().try_clone_to_owned()?,
+            config: self.maps.config.map().fd().as_fd().try_clone_to_owned()?,
+        })
+    }
+
     /// Totals summed over CPUs.
     pub fn totals(&self) -> Result<Totals, DatapathError> {
         crate::counters::read_totals(&self.maps.totals, &self.maps.stats)
