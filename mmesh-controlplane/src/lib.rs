@@ -7,5 +7,6 @@ pub mod catalog;
 pub mod etcd;
 pub mod events;
 pub mod folder;
+pub mod output;
 pub mod server;
 pub mod status;

@@ -11,7 +11,7 @@ use mmesh_agent::{
 use mmesh_controlplane::{
     catalog::Catalog,
     etcd::{self, Etcd, Mirror},
-    events, folder,
+    events, folder, output,
     server::Service,
     status::Registry,
 };
@@ -80,10 +80,20 @@ struct Args {
     max_policy_bytes: u64,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    let served = runtime.block_on(serve());
+    // The last event and log lines, and only then an error of main's.
+    output::flush();
+    served
+}
+
+async fn serve() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        .with_writer(|| output::LogWriter)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
