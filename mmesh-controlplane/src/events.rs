@@ -9,11 +9,11 @@ use crate::output;
 /// Writes `{"event": kind, ...fields}` as one line on stdout. `fields` must
 /// be a JSON object.
 pub fn emit(kind: &str, fields: Value) {
-    let mut line = Map::new();
+    let mut line = match fields {
+        Value::Object(fields) => fields,
+        _ => Map::new(),
+    };
     line.insert("event".into(), Value::String(kind.into()));
-    if let Value::Object(fields) = fields {
-        line.extend(fields);
-    }
     let mut text = Value::Object(line).to_string();
     text.push('\n');
     // Whole lines, in order, written by stdout's own thread: the lines of

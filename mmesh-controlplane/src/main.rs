@@ -80,6 +80,12 @@ struct Args {
     max_policy_bytes: u64,
 }
 
+/// mimalloc, not glibc malloc: with thousands of streams the sessions, the
+/// connections and their TLS allocate and free small buffers from both
+/// runtime threads for every message (docs/benchmarks.md, fan-out).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -143,7 +149,7 @@ async fn serve() -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let registry = Arc::new(Registry::default());
+    let registry = Arc::new(Registry::new(args.status_file.is_some()));
     if let Some(path) = &args.status_file {
         tokio::spawn(Arc::clone(&registry).write_to(path.clone()));
     }

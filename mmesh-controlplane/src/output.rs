@@ -6,10 +6,11 @@
 //! Ack). Written one `write(2)` per line, under the stream's lock that every
 //! session waits for, they cost the control plane more than the Deltas do
 //! (docs/benchmarks.md, fan-out). Here a line is appended to a buffer and
-//! the writer thread writes whatever has gathered: a line alone when the
-//! control plane is quiet (so a reader sees it at once), a batch of many in
-//! one write when it is busy. Lines keep their order, and a line is never
-//! split. The buffer is bounded: when the reader of the stream is slower
+//! the writer thread, woken only when it sleeps, lets lines gather for a
+//! moment ([`LINGER`]) and writes them in one `write(2)`: a line shows a
+//! millisecond later, and a burst of thousands costs a few writes and a few
+//! wake-ups instead of one of each per line. Lines keep their order, and a
+//! line is never split. The buffer is bounded: when the reader of the stream is slower
 //! than the control plane, a session waits, as it did on a blocking write.
 
 use std::{
@@ -19,6 +20,8 @@ use std::{
 
 /// Bytes buffered at most before a writer waits.
 const MAX_PENDING: usize = 16 << 20;
+/// How long the writer lets lines gather after the first one.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// One output stream and its writer thread.
 pub struct Sink {
@@ -38,6 +41,8 @@ struct State {
     started: bool,
     /// The writer is writing a batch taken from `pending`.
     writing: bool,
+    /// The writer waits for lines: a new one must wake it.
+    asleep: bool,
 }
 
 /// Standard output: the event lines.
@@ -93,8 +98,11 @@ impl Sink {
                 .unwrap_or_else(PoisonError::into_inner);
         }
         state.pending.extend_from_slice(bytes);
+        let wake = std::mem::take(&mut state.asleep);
         drop(state);
-        self.filled.notify_one();
+        if wake {
+            self.filled.notify_one();
+        }
     }
 
     /// Waits until everything queued so far is written.
@@ -115,11 +123,17 @@ impl Sink {
                 let mut state = self.lock();
                 state.writing = false;
                 self.drained.notify_all();
-                while state.pending.is_empty() {
-                    state = self
-                        .filled
-                        .wait(state)
-                        .unwrap_or_else(PoisonError::into_inner);
+                if state.pending.is_empty() {
+                    while state.pending.is_empty() {
+                        state.asleep = true;
+                        state = self
+                            .filled
+                            .wait(state)
+                            .unwrap_or_else(PoisonError::into_inner);
+                    }
+                    drop(state);
+                    std::thread::sleep(LINGER);
+                    state = self.lock();
                 }
                 batch.clear();
                 std::mem::swap(&mut batch, &mut state.pending);

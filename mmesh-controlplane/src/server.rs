@@ -519,26 +519,35 @@ impl Session {
             .held
             .as_ref()
             .filter(|_| self.accepts_delta && !self.force_snapshot);
-        let (body, fields) = if let Some(base) = base {
+        let (body, line) = if let Some(base) = base {
             let mut delta = proto::Delta::clone(&self.deltas.get(base, &desired));
             delta.nonce.clone_from(&nonce);
-            let fields = json!({
+            let line = json!({
+                "node": self.node,
+                "version": desired.version,
+                "nonce": nonce,
                 "kind": "delta",
                 "base_version": delta.base_version,
                 "accounts": delta.upsert_accounts.len(),
                 "removed": delta.remove_accounts.len(),
                 "global": delta.global.is_some(),
             });
-            (Down::Delta(delta), fields)
+            (Down::Delta(delta), line)
         } else {
-            let fields = json!({ "kind": "snapshot", "accounts": desired.accounts() });
+            let line = json!({
+                "node": self.node,
+                "version": desired.version,
+                "nonce": nonce,
+                "kind": "snapshot",
+                "accounts": desired.accounts(),
+            });
             (
                 Down::Snapshot(proto::Snapshot {
                     version: desired.version.clone(),
                     nonce: nonce.clone(),
                     policy: Some(desired.message.clone()),
                 }),
-                fields,
+                line,
             )
         };
         let snapshot = matches!(body, Down::Snapshot(_));
@@ -550,10 +559,6 @@ impl Session {
             if snapshot { "snapshot" } else { "delta" },
             desired.version
         );
-        let mut line = json!({ "node": self.node, "version": desired.version, "nonce": nonce });
-        if let (Value::Object(line), Value::Object(fields)) = (&mut line, fields) {
-            line.extend(fields);
-        }
         self.registry.update(&self.node, |n| {
             n.insert("sent".into(), line.clone());
         });
