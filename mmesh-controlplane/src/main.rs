@@ -4,14 +4,13 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
-use mmesh_agent::{
-    control::proto::policy_stream_server::PolicyStreamServer,
-    policy::{DEFAULT_MAX_POLICY_BYTES, ReadLimits},
-};
+use mmesh_agent::policy::{DEFAULT_MAX_POLICY_BYTES, ReadLimits};
 use mmesh_controlplane::{
     catalog::Catalog,
     etcd::{self, Etcd, Mirror},
-    events, folder, output,
+    events, folder,
+    grpc::PolicyStreamService,
+    output,
     server::Service,
     status::Registry,
 };
@@ -168,7 +167,7 @@ async fn serve() -> anyhow::Result<()> {
         json!({ "addr": addr.to_string(), "tls": !args.plaintext, "mutual_tls": args.client_ca.is_some() }),
     );
     server
-        .add_service(PolicyStreamServer::new(service))
+        .add_service(PolicyStreamService::new(service))
         .serve_with_incoming_shutdown(
             // No Nagle: a one-account Delta is one small write.
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
