@@ -7,10 +7,12 @@
 //! as it lives (about 100 kB per stream for 1,000 accounts, 10 MB for
 //! 100,000), which is most of the control plane's memory with thousands of
 //! agents (docs/benchmarks.md, fan-out). Here each message is encoded into
-//! a buffer of its exact size that is freed once written. Requests are
-//! decoded by tonic as before ([`Streaming`]), the session is
-//! [`Service::session`], and the stream ends with the same trailers
-//! (`grpc-status`, `grpc-message`).
+//! a buffer of its exact size that is freed once written, and a Snapshot's
+//! policy is not encoded at all: its bytes, encoded once per version
+//! (`Desired::encoded`), follow a prefix of the stream's own (the frame's
+//! length, the version, the nonce). Requests are decoded by tonic as before
+//! ([`Streaming`]), the session is [`Service::session`], and the stream ends
+//! with the same trailers (`grpc-status`, `grpc-message`).
 
 use std::{
     convert::Infallible,
@@ -21,10 +23,11 @@ use std::{
 
 use bytes::Bytes;
 use http_body::Frame;
-use mmesh_agent::control::proto::{
-    AgentMessage, ControlMessage, policy_stream_server::PolicyStream,
+use mmesh_agent::control::proto::{AgentMessage, ControlMessage};
+use prost::{
+    Message as _,
+    encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len, string},
 };
-use prost::Message as _;
 use tokio::sync::mpsc;
 use tonic::{
     Status,
@@ -33,7 +36,10 @@ use tonic::{
     server::NamedService,
 };
 
-use crate::server::Service;
+use crate::{
+    catalog::Desired,
+    server::{Outbound, Service},
+};
 
 /// The one method of the service.
 const SESSION: &str = "/mmesh.v1.PolicyStream/Session";
@@ -82,21 +88,17 @@ impl tower_service::Service<http::Request<Body>> for PolicyStreamService {
             // No compression: the generated server accepted none either.
             let request =
                 request.map(|body| Streaming::new_request(AgentDecoder, body, None, None));
-            match inner.session(tonic::Request::from_http(request)).await {
-                Ok(response) => {
-                    let messages = Frames {
-                        queue: response.into_inner().into_inner(),
-                        done: false,
-                    };
-                    let mut reply = http::Response::new(Body::new(messages));
-                    reply.headers_mut().insert(
-                        http::header::CONTENT_TYPE,
-                        http::HeaderValue::from_static("application/grpc"),
-                    );
-                    Ok(reply)
-                }
-                Err(status) => Ok(status.into_http()),
-            }
+            let messages = Frames {
+                queue: inner.session(tonic::Request::from_http(request)),
+                policy: None,
+                done: false,
+            };
+            let mut reply = http::Response::new(Body::new(messages));
+            reply.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/grpc"),
+            );
+            Ok(reply)
         })
     }
 }
@@ -118,7 +120,9 @@ impl Decoder for AgentDecoder {
 /// The response body: a session's messages, each a gRPC frame of its own,
 /// then the trailers.
 struct Frames {
-    queue: mpsc::Receiver<Result<ControlMessage, Status>>,
+    queue: mpsc::Receiver<Result<Outbound, Status>>,
+    /// The policy bytes of a Snapshot whose prefix went out.
+    policy: Option<Bytes>,
     done: bool,
 }
 
@@ -133,9 +137,23 @@ impl http_body::Body for Frames {
         if self.done {
             return Poll::Ready(None);
         }
+        if let Some(policy) = self.policy.take() {
+            return Poll::Ready(Some(Ok(Frame::data(policy))));
+        }
         let end = match ready!(self.queue.poll_recv(cx)) {
-            Some(Ok(message)) => match frame(&message) {
+            Some(Ok(Outbound::Message(message))) => match frame(&message) {
                 Ok(bytes) => return Poll::Ready(Some(Ok(Frame::data(bytes)))),
+                Err(status) => status,
+            },
+            Some(Ok(Outbound::Snapshot {
+                version,
+                nonce,
+                policy,
+            })) => match snapshot_prefix(&version, &nonce, &policy) {
+                Ok(prefix) => {
+                    self.policy = Some(policy.encoded.clone());
+                    return Poll::Ready(Some(Ok(Frame::data(prefix))));
+                }
                 Err(status) => status,
             },
             Some(Err(status)) => status,
@@ -156,6 +174,44 @@ impl http_body::Body for Frames {
     }
 }
 
+/// The start of a gRPC frame holding `ControlMessage { snapshot: Snapshot {
+/// version, nonce, policy } }`, up to the policy's bytes
+/// (`policy.encoded`), which follow: the same bytes as prost writes for
+/// the whole message.
+fn snapshot_prefix(version: &str, nonce: &str, policy: &Desired) -> Result<Bytes, Status> {
+    let text_len = |tag, value: &String| {
+        if value.is_empty() {
+            0
+        } else {
+            string::encoded_len(tag, value)
+        }
+    };
+    let (version, nonce) = (version.to_owned(), nonce.to_owned());
+    let policy_len = policy.encoded.len();
+    let snapshot_len = text_len(1, &version)
+        + text_len(2, &nonce)
+        + key_len(3)
+        + encoded_len_varint(policy_len as u64)
+        + policy_len;
+    let len = key_len(1) + encoded_len_varint(snapshot_len as u64) + snapshot_len;
+    let prefix = u32::try_from(len)
+        .map_err(|_| Status::resource_exhausted(format!("a snapshot of {len} bytes")))?;
+    let mut buf = Vec::with_capacity(5 + len - policy_len);
+    buf.push(0);
+    buf.extend_from_slice(&prefix.to_be_bytes());
+    encode_key(1, WireType::LengthDelimited, &mut buf);
+    encode_varint(snapshot_len as u64, &mut buf);
+    if !version.is_empty() {
+        string::encode(1, &version, &mut buf);
+    }
+    if !nonce.is_empty() {
+        string::encode(2, &nonce, &mut buf);
+    }
+    encode_key(3, WireType::LengthDelimited, &mut buf);
+    encode_varint(policy_len as u64, &mut buf);
+    Ok(Bytes::from(buf))
+}
+
 /// `message` as one gRPC frame: not compressed, its length, its bytes.
 fn frame(message: &ControlMessage) -> Result<Bytes, Status> {
     let len = message.encoded_len();
@@ -170,9 +226,42 @@ fn frame(message: &ControlMessage) -> Result<Bytes, Status> {
 
 #[cfg(test)]
 mod tests {
-    use mmesh_agent::control::proto::{Heartbeat, control_message::Body as Down};
+    use mmesh_agent::{
+        control::proto::{Heartbeat, Snapshot, control_message::Body as Down},
+        policy::Policy,
+    };
 
     use super::*;
+
+    #[test]
+    fn a_snapshot_from_shared_bytes_is_what_prost_writes_for_the_message() {
+        let policy = Policy::parse(
+            "version: v1\naccounts:\n  - id: a\n    prefixes: [10.0.0.1/32]\n",
+            "test.yaml",
+            std::path::Path::new("."),
+        )
+        .expect("a valid policy");
+        let desired = Desired::new(&policy, "test.yaml".into());
+        for (version, nonce) in [("v1-abc", "7"), ("v1-abc", "")] {
+            let mut shared = snapshot_prefix(version, nonce, &desired)
+                .expect("a small snapshot")
+                .to_vec();
+            shared.extend_from_slice(&desired.encoded);
+            let whole = frame(&ControlMessage {
+                body: Some(Down::Snapshot(Snapshot {
+                    version: version.into(),
+                    nonce: nonce.into(),
+                    policy: Some(desired.message.clone()),
+                })),
+            })
+            .expect("a small message");
+            assert_eq!(
+                shared,
+                whole.to_vec(),
+                "version {version:?}, nonce {nonce:?}"
+            );
+        }
+    }
 
     #[test]
     fn a_frame_is_the_flag_the_length_and_the_message() {
