@@ -374,6 +374,9 @@ async fn agent(node: String, endpoint: Endpoint, connecting: Arc<Semaphore>, age
 
 /// What one step of a round measured.
 struct Step {
+    /// Connecting the streams added since the step before (TLS handshake to
+    /// the Snapshot's Ack), seconds.
+    connect: f64,
     /// Change to Ack of each stream, ms, sorted.
     times: Vec<f64>,
     /// Change to the control plane's `policy` line (the folder read).
@@ -502,6 +505,7 @@ pub fn run(opts: &Options, report: &mut Report) {
             times.sort_by(f64::total_cmp);
             let (rss, hwm) = server.memory();
             let step = Step {
+                connect: connected.as_secs_f64(),
                 loaded: ms(server
                     .loaded(&version)
                     .expect("the policy line")
@@ -572,6 +576,7 @@ pub fn run(opts: &Options, report: &mut Report) {
         ),
         columns: [
             "streams",
+            "connecting the added ones",
             "folder read",
             "p50",
             "p99",
@@ -587,6 +592,7 @@ pub fn run(opts: &Options, report: &mut Report) {
             .map(|(i, &n)| {
                 vec![
                     n.to_string(),
+                    format!("{} s", num(median(column(i, &|s| s.connect)))),
                     format!("{} ms", num(median(column(i, &|s| s.loaded)))),
                     format!("{} ms", num(median(column(i, &|s| s.quantile(0.5))))),
                     format!("{} ms", num(median(column(i, &|s| s.quantile(0.99))))),
