@@ -105,14 +105,22 @@ impl Sink {
         }
     }
 
-    /// Waits until everything queued so far is written.
-    pub fn flush(&self) {
+    /// Waits until everything queued so far is written, or `timeout` passed
+    /// (a reader that stopped reading must not keep the process from
+    /// exiting).
+    pub fn flush(&self, timeout: std::time::Duration) {
+        let deadline = std::time::Instant::now() + timeout;
         let mut state = self.lock();
         while state.started && (state.writing || !state.pending.is_empty()) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return;
+            }
             state = self
                 .drained
-                .wait(state)
-                .unwrap_or_else(PoisonError::into_inner);
+                .wait_timeout(state, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
         }
     }
 
@@ -150,10 +158,11 @@ impl Sink {
 }
 
 /// Writes everything queued on stdout and stderr (before the process
-/// exits).
+/// exits), waiting at most a few seconds for each.
 pub fn flush() {
-    STDOUT.flush();
-    STDERR.flush();
+    const AT_MOST: std::time::Duration = std::time::Duration::from_secs(5);
+    STDOUT.flush(AT_MOST);
+    STDERR.flush(AT_MOST);
 }
 
 /// A `tracing_subscriber` writer onto [`STDERR`]: the formatter writes
@@ -200,7 +209,7 @@ mod tests {
         for t in threads {
             t.join().expect("a pushing thread");
         }
-        SINK.flush();
+        SINK.flush(std::time::Duration::from_mins(1));
         let written = String::from_utf8(WRITTEN.lock().expect("written").clone()).expect("text");
         let mut next = [0; 4];
         for line in written.lines() {
