@@ -6,6 +6,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+use bytes::Bytes;
 use mmesh_agent::{
     control::{convert, proto},
     policy::{MAX_VERSION_LEN, Policy},
@@ -23,6 +24,9 @@ pub struct Desired {
     /// the folder (or the etcd prefix), e.g. `nodes/web-1.yaml`.
     pub file: String,
     pub message: proto::Policy,
+    /// `message` encoded: a Snapshot's policy, the same bytes for every
+    /// stream it goes to.
+    pub encoded: Bytes,
 }
 
 impl Desired {
@@ -31,7 +35,8 @@ impl Desired {
         let message = convert::to_message(policy);
         // prost encodes fields in number order and repeated fields in
         // their order: the same policy gives the same bytes everywhere.
-        let hash = xxhash_rust::xxh3::xxh3_64(&message.encode_to_vec());
+        let encoded = Bytes::from(message.encode_to_vec());
+        let hash = xxhash_rust::xxh3::xxh3_64(&encoded);
         let short = format!("{:012x}", hash >> 16);
         let version = match policy.version.as_deref() {
             Some(v) if !v.is_empty() => {
@@ -46,6 +51,7 @@ impl Desired {
             version,
             file,
             message,
+            encoded,
         }
     }
 

@@ -2,24 +2,23 @@
 //! happened (docs/control-plane.md, "Its output"). Tests and the demo read
 //! these lines; the human-readable log goes to stderr.
 
-use std::io::Write as _;
-
 use serde_json::{Map, Value};
+
+use crate::output;
 
 /// Writes `{"event": kind, ...fields}` as one line on stdout. `fields` must
 /// be a JSON object.
 pub fn emit(kind: &str, fields: Value) {
-    let mut line = Map::new();
+    let mut line = match fields {
+        Value::Object(fields) => fields,
+        _ => Map::new(),
+    };
     line.insert("event".into(), Value::String(kind.into()));
-    if let Value::Object(fields) = fields {
-        line.extend(fields);
-    }
-    let text = Value::Object(line).to_string();
-    // One locked write per line so lines of concurrent sessions never
-    // interleave. A closed stdout (the reader went away) must not stop
-    // serving policy: the error is only logged.
-    let mut out = std::io::stdout().lock();
-    if let Err(e) = writeln!(out, "{text}").and_then(|()| out.flush()) {
-        tracing::debug!("cannot write an event line to stdout: {e}");
-    }
+    let mut text = Value::Object(line).to_string();
+    text.push('\n');
+    // Whole lines, in order, written by stdout's own thread: the lines of
+    // concurrent sessions never interleave, and a session does not wait
+    // for the write (a closed stdout, whose reader went away, does not stop
+    // serving policy either).
+    output::STDOUT.push(text.as_bytes());
 }

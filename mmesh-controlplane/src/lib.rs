@@ -7,5 +7,7 @@ pub mod catalog;
 pub mod etcd;
 pub mod events;
 pub mod folder;
+pub mod grpc;
+pub mod output;
 pub mod server;
 pub mod status;

@@ -4,14 +4,13 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
-use mmesh_agent::{
-    control::proto::policy_stream_server::PolicyStreamServer,
-    policy::{DEFAULT_MAX_POLICY_BYTES, ReadLimits},
-};
+use mmesh_agent::policy::{DEFAULT_MAX_POLICY_BYTES, ReadLimits};
 use mmesh_controlplane::{
     catalog::Catalog,
     etcd::{self, Etcd, Mirror},
     events, folder,
+    grpc::PolicyStreamService,
+    output,
     server::Service,
     status::Registry,
 };
@@ -80,10 +79,26 @@ struct Args {
     max_policy_bytes: u64,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// mimalloc, not glibc malloc: with thousands of streams the sessions, the
+/// connections and their TLS allocate and free small buffers from both
+/// runtime threads for every message (docs/benchmarks.md, fan-out).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    let served = runtime.block_on(serve());
+    // The last event and log lines, and only then an error of main's.
+    output::flush();
+    served
+}
+
+async fn serve() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        .with_writer(|| output::LogWriter)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -133,7 +148,7 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let registry = Arc::new(Registry::default());
+    let registry = Arc::new(Registry::new(args.status_file.is_some()));
     if let Some(path) = &args.status_file {
         tokio::spawn(Arc::clone(&registry).write_to(path.clone()));
     }
@@ -152,7 +167,7 @@ async fn main() -> anyhow::Result<()> {
         json!({ "addr": addr.to_string(), "tls": !args.plaintext, "mutual_tls": args.client_ca.is_some() }),
     );
     server
-        .add_service(PolicyStreamServer::new(service))
+        .add_service(PolicyStreamService::new(service))
         .serve_with_incoming_shutdown(
             // No Nagle: a one-account Delta is one small write.
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),

@@ -16,13 +16,11 @@ use std::{
 
 use mmesh_agent::control::proto::{
     self, AgentMessage, ControlMessage, agent_message::Body as Up, control_message::Body as Down,
-    policy_stream_server::PolicyStream,
 };
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Status, Streaming};
 
 use crate::{
     catalog::{Catalog, DeltaCache, Desired},
@@ -78,14 +76,33 @@ impl Service {
     }
 }
 
-#[tonic::async_trait]
-impl PolicyStream for Service {
-    type SessionStream = ReceiverStream<Result<ControlMessage, Status>>;
+/// What a session sends down its stream.
+#[derive(Debug)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "a stream's queue holds a few (QUEUE), as it held the same messages before; boxing would allocate for every heartbeat"
+)]
+pub enum Outbound {
+    Message(ControlMessage),
+    /// A Snapshot of `policy`, whose encoded message is shared by every
+    /// stream it is sent on (`Desired::encoded`), not copied and encoded
+    /// per stream.
+    Snapshot {
+        version: String,
+        nonce: String,
+        policy: Arc<Desired>,
+    },
+}
 
-    async fn session(
+impl Service {
+    /// `PolicyStream.Session`: starts the session of the stream `request`
+    /// opened; what it sends, then how the stream ends (an error, or the
+    /// queue closing for a clean end), comes out of the returned queue.
+    #[must_use]
+    pub fn session(
         &self,
         request: Request<Streaming<AgentMessage>>,
-    ) -> Result<Response<Self::SessionStream>, Status> {
+    ) -> mpsc::Receiver<Result<Outbound, Status>> {
         let peer = request.remote_addr();
         let identity = if self.verify_node_name {
             Identity::Certificate(request.peer_certs())
@@ -111,7 +128,7 @@ impl PolicyStream for Service {
             deltas: Arc::clone(&self.deltas),
         };
         tokio::spawn(session.run(inbound, peer, identity, self.shutdown.clone()));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        rx
     }
 }
 
@@ -175,7 +192,7 @@ struct InFlight {
 struct Session {
     node: String,
     accepts_delta: bool,
-    tx: mpsc::Sender<Result<ControlMessage, Status>>,
+    tx: mpsc::Sender<Result<Outbound, Status>>,
     catalog: watch::Receiver<Arc<Catalog>>,
     heartbeat: Duration,
     /// The agent's heartbeat interval, from its Hello (when it said).
@@ -519,41 +536,51 @@ impl Session {
             .held
             .as_ref()
             .filter(|_| self.accepts_delta && !self.force_snapshot);
-        let (body, fields) = if let Some(base) = base {
+        let (body, line) = if let Some(base) = base {
             let mut delta = proto::Delta::clone(&self.deltas.get(base, &desired));
             delta.nonce.clone_from(&nonce);
-            let fields = json!({
+            let line = json!({
+                "node": self.node,
+                "version": desired.version,
+                "nonce": nonce,
                 "kind": "delta",
                 "base_version": delta.base_version,
                 "accounts": delta.upsert_accounts.len(),
                 "removed": delta.remove_accounts.len(),
                 "global": delta.global.is_some(),
             });
-            (Down::Delta(delta), fields)
-        } else {
-            let fields = json!({ "kind": "snapshot", "accounts": desired.accounts() });
             (
-                Down::Snapshot(proto::Snapshot {
+                Outbound::Message(ControlMessage {
+                    body: Some(Down::Delta(delta)),
+                }),
+                line,
+            )
+        } else {
+            let line = json!({
+                "node": self.node,
+                "version": desired.version,
+                "nonce": nonce,
+                "kind": "snapshot",
+                "accounts": desired.accounts(),
+            });
+            (
+                Outbound::Snapshot {
                     version: desired.version.clone(),
                     nonce: nonce.clone(),
-                    policy: Some(desired.message.clone()),
-                }),
-                fields,
+                    policy: Arc::clone(&desired),
+                },
+                line,
             )
         };
-        let snapshot = matches!(body, Down::Snapshot(_));
+        let snapshot = matches!(body, Outbound::Snapshot { .. });
         self.force_snapshot = false;
-        self.send(body).await?;
+        self.tx.send(Ok(body)).await.map_err(|_| End::Closed)?;
         tracing::info!(
             "{}: sent {} {} (nonce {nonce})",
             self.node,
             if snapshot { "snapshot" } else { "delta" },
             desired.version
         );
-        let mut line = json!({ "node": self.node, "version": desired.version, "nonce": nonce });
-        if let (Value::Object(line), Value::Object(fields)) = (&mut line, fields) {
-            line.extend(fields);
-        }
         self.registry.update(&self.node, |n| {
             n.insert("sent".into(), line.clone());
         });
@@ -568,7 +595,7 @@ impl Session {
 
     async fn send(&self, body: Down) -> Result<(), End> {
         self.tx
-            .send(Ok(ControlMessage { body: Some(body) }))
+            .send(Ok(Outbound::Message(ControlMessage { body: Some(body) })))
             .await
             .map_err(|_| End::Closed)
     }

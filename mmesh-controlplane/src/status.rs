@@ -19,19 +19,40 @@ const WRITE_INTERVAL: Duration = Duration::from_millis(250);
 
 #[derive(Debug, Default)]
 pub struct Registry {
+    /// Whether anything reads the view: without a status file, keeping it
+    /// would cost every session a lock and a few JSON objects per message
+    /// for nothing.
+    kept: bool,
     nodes: Mutex<BTreeMap<String, Map<String, Value>>>,
     changed: Notify,
 }
 
 impl Registry {
+    /// A registry that keeps the view (for a status file), or one that
+    /// ignores every update.
+    #[must_use]
+    pub fn new(kept: bool) -> Self {
+        Self {
+            kept,
+            ..Self::default()
+        }
+    }
+
     /// Changes `node`'s entry (created empty) with `f`.
     pub fn update(&self, node: &str, f: impl FnOnce(&mut Map<String, Value>)) {
+        if !self.kept {
+            return;
+        }
         {
             let mut nodes = self
                 .nodes
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            f(nodes.entry(node.to_owned()).or_default());
+            if let Some(entry) = nodes.get_mut(node) {
+                f(entry);
+            } else {
+                f(nodes.entry(node.to_owned()).or_default());
+            }
         }
         self.changed.notify_one();
     }

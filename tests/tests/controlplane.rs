@@ -663,6 +663,11 @@ fn mutual_tls_refuses_clients_without_a_certificate_of_the_pinned_ca() {
         "web-1",
     );
     assert!(matches!(good, Ok(Down::Snapshot(_))), "{good:?}");
+    // Event lines are written by a thread of their own, a moment after the
+    // fact; in order, so the refused clients' lines would be before it.
+    cp.wait_for("web-1's connected line", Duration::from_secs(10), |l| {
+        l["event"] == "connected" && l["node"] == "web-1"
+    });
     let connected: Vec<Value> = cp
         .lines()
         .into_iter()

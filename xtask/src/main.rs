@@ -237,11 +237,23 @@ fn bench(release: bool, args: &[String]) -> anyhow::Result<()> {
     let agent =
         std::fs::canonicalize(&agent).with_context(|| format!("finding {}", agent.display()))?;
     let mut cmd = cargo();
-    cmd.args(["build", "--package", "mmesh-tests", "--bin", "mmesh-bench"]);
+    // The fan-out group runs the control plane of the same profile.
+    cmd.args(["build", "--package", "mmesh-tests", "--bin", "mmesh-bench"])
+        .args([
+            "--package",
+            "mmesh-controlplane",
+            "--bin",
+            "mmesh-controlplane",
+        ]);
     if release {
         cmd.arg("--release");
     }
     status(&mut cmd)?;
+    let controlplane = Path::new("target")
+        .join(if release { "release" } else { "debug" })
+        .join("mmesh-controlplane");
+    let controlplane = std::fs::canonicalize(&controlplane)
+        .with_context(|| format!("finding {}", controlplane.display()))?;
     let harness = Path::new("target")
         .join(if release { "release" } else { "debug" })
         .join("mmesh-bench");
@@ -253,7 +265,11 @@ fn bench(release: bool, args: &[String]) -> anyhow::Result<()> {
         c.arg(harness);
         c
     };
-    status(cmd.args(args).env("MMESH_AGENT_BIN", agent))
+    status(
+        cmd.args(args)
+            .env("MMESH_AGENT_BIN", agent)
+            .env("MMESH_CONTROLPLANE_BIN", controlplane),
+    )
 }
 
 fn test(no_lint: bool, no_guest: bool, args: &[String]) -> anyhow::Result<()> {

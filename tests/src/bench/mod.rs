@@ -12,6 +12,7 @@ pub mod control;
 pub mod cost;
 pub mod e2e;
 pub mod events;
+pub mod fanout;
 pub mod kernel;
 pub mod policy;
 pub mod report;
@@ -54,7 +55,7 @@ pub struct Options {
     pub rounds: usize,
     pub out: PathBuf,
     /// Groups to run (all but `tcp-burst` when empty): `kernel`, `e2e`,
-    /// `cost`, `accuracy`, `tcp`, `policy`, `control`, `events`, `restart`,
+    /// `cost`, `accuracy`, `tcp`, `policy`, `control`, `fanout`, `events`, `restart`,
     /// `tcp-burst`.
     pub only: Vec<String>,
 }
@@ -116,7 +117,7 @@ pub fn main() -> std::process::ExitCode {
     };
     // One group at a time: each needs the machine to itself. The last one
     // runs only when named: it is how a default was chosen, not a figure.
-    let groups: [(&str, Group, bool); 10] = [
+    let groups: [(&str, Group, bool); 11] = [
         ("kernel", kernel::run, true),
         ("e2e", e2e::run, true),
         ("cost", cost::run, true),
@@ -124,6 +125,7 @@ pub fn main() -> std::process::ExitCode {
         ("tcp", tcp::run, true),
         ("policy", policy::run, true),
         ("control", control::run, true),
+        ("fanout", fanout::run, true),
         ("events", events::run, true),
         ("restart", restart::run, true),
         ("tcp-burst", tcp::sweep, false),
@@ -166,7 +168,7 @@ fn usage(problem: &str) -> ! {
         eprintln!("mmesh-bench: {problem}");
     }
     eprintln!(
-        "usage: mmesh-bench [--quick] [--rounds N] [--out DIR] [--only GROUP]...\ngroups: kernel e2e cost accuracy tcp policy control events restart (and tcp-burst, only when named)"
+        "usage: mmesh-bench [--quick] [--rounds N] [--out DIR] [--only GROUP]...\ngroups: kernel e2e cost accuracy tcp policy control fanout events restart (and tcp-burst, only when named)"
     );
     std::process::exit(if problem.is_empty() { 0 } else { 2 });
 }
