@@ -40,7 +40,6 @@ use crate::{
     compile::{Capacity, Compiled, compile, compile_adopting},
     control::{
         client::{self, Client, HostFacts, StatusFn},
-        held::Held,
         in_force::InForce,
         proto, reports,
     },
@@ -147,8 +146,7 @@ fn first_policy(opts: &RunOptions) -> anyhow::Result<(Policy, Option<InForce>)> 
     if let Some(store) = opts.control.as_ref().and_then(|c| c.store.as_ref()) {
         match store.load(opts.limits.max_bytes) {
             Ok(Some(lkg)) => {
-                let held = Held::snapshot(lkg.version, lkg.policy.unwrap_or_default());
-                match InForce::validate(held, &opts.limits) {
+                match InForce::snapshot(lkg.version, lkg.policy.unwrap_or_default(), &opts.limits) {
                     Ok(in_force) => {
                         tracing::info!(
                             version = %escape_controls(&in_force.held.version),
@@ -273,6 +271,7 @@ fn start(opts: &RunOptions) -> anyhow::Result<Started> {
             }
         );
     }
+    crate::alloc::release_free_memory();
     Ok(Started {
         dp,
         names,
@@ -450,11 +449,14 @@ impl Enforcer {
                         } = *change;
                         let _ = reply.send(self.apply(policy, source));
                         self.sync_standby();
+                        crate::alloc::release_free_memory();
                     }
                 }
             }
             if let Some(trigger) = reload {
                 self.reload(trigger);
+                // Also when nothing changed: the file was read whole.
+                crate::alloc::release_free_memory();
             }
             if reconcile {
                 self.reconcile();

@@ -2,6 +2,7 @@
 //! sync with the policy, and reports what they see.
 
 pub mod agent;
+pub mod alloc;
 pub mod barrier;
 pub mod batch;
 pub mod caps;

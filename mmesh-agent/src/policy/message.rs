@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use super::{
-    Policy, PolicyError, ReadLimits,
+    Index, Policy, PolicyError, ReadLimits,
     raw::{
         At, Extras, RawAccount, RawAccounts, RawDefaults, RawDirLimits, RawGlobal, RawLimits,
         RawList, RawPolicy, Scalar,
@@ -28,6 +28,20 @@ impl Policy {
         source_name: &str,
         limits: &ReadLimits,
     ) -> Result<Self, PolicyError> {
+        Self::from_message_indexed(global, defaults, accounts, version, source_name, limits)
+            .map(|(policy, _)| policy)
+    }
+
+    /// [`Policy::from_message`], and the validator's indexes of the
+    /// accounts (by id and by prefix), which hold for the message's order.
+    pub fn from_message_indexed<'a>(
+        global: Option<&proto::Global>,
+        defaults: Option<&proto::Defaults>,
+        accounts: impl Iterator<Item = &'a proto::Account>,
+        version: &str,
+        source_name: &str,
+        limits: &ReadLimits,
+    ) -> Result<(Self, Index), PolicyError> {
         let raw = RawPolicy {
             version: Some(scalar(version)),
             global: global.map(raw_global),
@@ -47,9 +61,9 @@ impl Policy {
             reads: &mut reads,
             issues: Vec::new(),
         };
-        let policy = v.policy(raw);
+        let (policy, index) = v.policy_indexed(raw);
         if v.issues.is_empty() {
-            Ok(policy)
+            Ok((policy, index))
         } else {
             Err(PolicyError::Invalid {
                 source_name: source_name.to_owned(),
@@ -62,7 +76,7 @@ impl Policy {
 /// A scalar without a location: problems are named by their field path.
 fn scalar(text: &str) -> At<Scalar> {
     At {
-        value: Scalar(text.to_owned()),
+        value: Scalar::new(text),
         line: 0,
         column: 0,
     }

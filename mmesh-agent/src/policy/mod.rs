@@ -43,15 +43,15 @@ pub use read::{FileError, ReadLimits};
 use read::{Reads, read_regular};
 pub use removal::Removal;
 use validate::Validator;
-pub use validate::default_burst;
+pub use validate::{Index, default_burst};
 pub use values::{parse_cidr, parse_quantity, quote};
 
 use crate::sink::escape_controls;
 
 /// The validator's sets grow to hundreds of thousands of entries: hashed
 /// with foldhash, not `SipHash` (the policy is the operator's own).
-type FastHash = foldhash::fast::RandomState;
-type FastMap<K, V> = HashMap<K, V, FastHash>;
+pub type FastHash = foldhash::fast::RandomState;
+pub type FastMap<K, V> = HashMap<K, V, FastHash>;
 
 /// The policy the agent runs when no file is given.
 pub const DEFAULT_POLICY: &str = include_str!("../default-policy.yaml");
