@@ -226,7 +226,12 @@ impl Policy {
                 Ok((text, stamp)) => {
                     reads.bytes += text.len() as u64;
                     reads.files.push((path.to_owned(), stamp));
-                    Some(Self::parse_reading(&text, &name, base, limits, &mut reads))
+                    // The text is dropped once read into the raw schema,
+                    // before validation builds the policy beside it.
+                    Some(Self::deserialize(&text, &name, limits).and_then(|raw| {
+                        drop(text);
+                        Self::validate_raw(raw, &name, base, limits, &mut reads)
+                    }))
                 }
                 Err(FileError::Changed) => None,
                 Err(source) => {
@@ -291,6 +296,16 @@ impl Policy {
         limits: &ReadLimits,
         reads: &mut Reads,
     ) -> Result<(Self, Settings), PolicyError> {
+        let raw = Self::deserialize(text, source_name, limits)?;
+        Self::validate_raw(raw, source_name, base_dir, limits, reads)
+    }
+
+    /// Reads policy text into the raw schema (JSON if it starts with `{`).
+    fn deserialize(
+        text: &str,
+        source_name: &str,
+        limits: &ReadLimits,
+    ) -> Result<RawPolicy, PolicyError> {
         let json = text.trim_start().starts_with('{');
         let raw = {
             let _reading = ReadingGuard::set(Reading {
@@ -328,6 +343,17 @@ impl Policy {
                     .unwrap_or_default()
             }
         };
+        Ok(raw)
+    }
+
+    /// Validates what [`Policy::deserialize`] read.
+    fn validate_raw(
+        raw: RawPolicy,
+        source_name: &str,
+        base_dir: &Path,
+        limits: &ReadLimits,
+        reads: &mut Reads,
+    ) -> Result<(Self, Settings), PolicyError> {
         let settings = Settings::of(&raw);
         let mut v = Validator {
             source: source_name,
