@@ -355,8 +355,14 @@ impl Client {
         })
         .await
         .map_err(|_| ClientError::Stopping)?;
-        self.enforce(validated, &s.version, &s.nonce, received, tx)
-            .await
+        let answered = self
+            .enforce(validated, &s.version, &s.nonce, received, tx)
+            .await;
+        // After the answer: the message was decoded on this thread, and
+        // what it freed (the receive buffer, the message's account vector)
+        // stays in this thread's heap until asked for.
+        crate::alloc::release_free_memory();
+        answered
     }
 
     async fn delta(
