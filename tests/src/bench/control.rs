@@ -128,7 +128,12 @@ pub fn run(opts: &Options, report: &mut Report) {
             matches!(b, Up::Hello(_))
         });
         let copy = message.clone();
+        let from = agent.logs().len();
         let (answer, snapshot) = timed(|| cp.push_snapshot("v0", copy));
+        // The enforcer's share (compile, write one half, flip), from its log.
+        if let Some(i) = agent.log_position("control plane: policy in force", from) {
+            eprintln!("bench: control plane: agent: {}", agent.logs()[i]);
+        }
         let Up::Ack(ack) = answer else {
             panic!(
                 "the agent refused the benchmark snapshot: {answer:?}; {:?}",
