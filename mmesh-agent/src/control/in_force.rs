@@ -76,15 +76,23 @@ impl InForce {
         message: proto::Policy,
         limits: &ReadLimits,
     ) -> Result<Self, PolicyError> {
-        let (policy, index) = Policy::from_message_indexed(
-            message.global.as_ref(),
-            message.defaults.as_ref(),
-            message.accounts.iter(),
-            &version,
-            &source_name(&version),
-            limits,
-        )?;
-        let held = Held::indexed(version, message, index.ids);
+        // The accounts are encoded for holding on a thread of their own
+        // while they are validated.
+        let (validated, encoded) = std::thread::scope(|s| {
+            let encoding = s.spawn(|| Held::encode_all(&message.accounts));
+            let validated = Policy::from_message_indexed(
+                message.global.as_ref(),
+                message.defaults.as_ref(),
+                message.accounts.iter(),
+                &version,
+                &source_name(&version),
+                limits,
+            );
+            (validated, encoding.join())
+        });
+        let (policy, index) = validated?;
+        let encoded = encoded.unwrap_or_else(|_| Held::encode_all(&message.accounts));
+        let held = Held::encoded(version, message, encoded, index.ids);
         Ok(Self::new(held, policy, index.owners))
     }
 
