@@ -19,10 +19,6 @@ use crate::{
     stride::Stride,
 };
 
-/// LPM entries in one flush from which the tries are written in parallel
-/// ([`Maps::flush`]); below it a thread costs more than it saves.
-const PARALLEL_FLUSH: usize = 20_000;
-
 /// A slot's entries before and after a change.
 type Change = (
     u32,
@@ -304,60 +300,27 @@ impl Maps {
 
     /// Writes the batched entries of `pending`. Order does not matter: the
     /// half is inactive, and a failure leaves it unknown.
-    ///
-    /// A large batch (a snapshot, a first policy) writes the two LPM tries
-    /// from threads of their own beside the hashes: the kernel's work per
-    /// entry (a node allocated and linked under the trie's lock) is most of
-    /// the time, and each map has its own lock.
     fn flush(&mut self, pending: &Pending) -> Result<(), DatapathError> {
-        let tries = pending.prefixes_v4.keys.len() + pending.prefixes_v6.keys.len();
-        let hashes = || -> Result<(), DatapathError> {
-            pending
-                .hosts_v4
-                .write(self.hosts_v4.map())
-                .map_err(batch_error(names::HOSTS_V4))?;
-            pending
-                .hosts_v6
-                .write(self.hosts_v6.map())
-                .map_err(batch_error(names::HOSTS_V6))?;
-            pending
-                .accounts
-                .write(self.accounts.map())
-                .map_err(batch_error(names::ACCOUNTS))
-        };
-        let v4 = || {
-            pending
-                .prefixes_v4
-                .write(self.prefixes_v4.map())
-                .map_err(batch_error(names::PREFIXES_V4))
-        };
-        let v6 = || {
-            pending
-                .prefixes_v6
-                .write(self.prefixes_v6.map())
-                .map_err(batch_error(names::PREFIXES_V6))
-        };
-        if tries < PARALLEL_FLUSH {
-            hashes()?;
-            v4()?;
-            return v6();
-        }
-        std::thread::scope(|s| {
-            let v4 = s.spawn(v4);
-            let v6 = s.spawn(v6);
-            let hashes = hashes();
-            // A thread that panicked has written part of its trie at most:
-            // the half is unknown, as after any failed write.
-            let join = |h: std::thread::ScopedJoinHandle<'_, Result<(), DatapathError>>, map| {
-                h.join().unwrap_or_else(|_| {
-                    Err(batch_error(map)(std::io::Error::other(
-                        "the writing thread panicked",
-                    )))
-                })
-            };
-            let (v4, v6) = (join(v4, names::PREFIXES_V4), join(v6, names::PREFIXES_V6));
-            hashes.and(v4).and(v6)
-        })
+        pending
+            .hosts_v4
+            .write(self.hosts_v4.map())
+            .map_err(batch_error(names::HOSTS_V4))?;
+        pending
+            .hosts_v6
+            .write(self.hosts_v6.map())
+            .map_err(batch_error(names::HOSTS_V6))?;
+        pending
+            .prefixes_v4
+            .write(self.prefixes_v4.map())
+            .map_err(batch_error(names::PREFIXES_V4))?;
+        pending
+            .prefixes_v6
+            .write(self.prefixes_v6.map())
+            .map_err(batch_error(names::PREFIXES_V6))?;
+        pending
+            .accounts
+            .write(self.accounts.map())
+            .map_err(batch_error(names::ACCOUNTS))
     }
 
     /// Writes the stride nodes of half `half` that differ. Chunk numbers
