@@ -410,6 +410,10 @@ struct Enforcer {
     health: Arc<Health>,
 }
 
+/// Accounts changed by a policy from which the enforcer returns its free
+/// memory after applying it ([`crate::alloc`]).
+const LARGE_CHANGE: usize = 1000;
+
 /// The source name of policies from the control plane.
 pub const CONTROL_PLANE: &str = "control plane";
 
@@ -449,7 +453,14 @@ impl Enforcer {
                         } = *change;
                         let _ = reply.send(self.apply(policy, source));
                         self.sync_standby();
-                        crate::alloc::release_free_memory();
+                        // Only after a large change: with a large heap it
+                        // takes milliseconds, which the next delta, often
+                        // right behind, would wait for (a one-account delta
+                        // went from 11.5 to 15.7 ms send to Ack).
+                        let touched = lock(&self.dp).active().map_or(0, |c| c.changed.len());
+                        if touched >= LARGE_CHANGE {
+                            crate::alloc::release_free_memory();
+                        }
                     }
                 }
             }
