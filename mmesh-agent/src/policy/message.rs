@@ -76,7 +76,7 @@ impl Policy {
 /// A scalar without a location: problems are named by their field path.
 fn scalar(text: &str) -> At<Scalar> {
     At {
-        value: Scalar(text.to_owned()),
+        value: Scalar::new(text),
         line: 0,
         column: 0,
     }
