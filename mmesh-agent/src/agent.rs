@@ -455,8 +455,10 @@ impl Enforcer {
                         self.sync_standby();
                         // Only after a large change: with a large heap it
                         // takes milliseconds, which the next delta, often
-                        // right behind, would wait for (a one-account delta
-                        // went from 11.5 to 15.7 ms send to Ack).
+                        // right behind, would wait for (one-account deltas
+                        // back to back: 15.7 ms send to Ack with it after
+                        // every apply, 12.9 ms without; medians of 5 rounds
+                        // on a loaded machine).
                         let touched = lock(&self.dp).active().map_or(0, |c| c.changed.len());
                         if touched >= LARGE_CHANGE {
                             crate::alloc::release_free_memory();
