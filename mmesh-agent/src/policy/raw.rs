@@ -64,8 +64,9 @@ pub(super) struct Scalar(Text);
 const INLINE: usize = 22;
 
 /// A scalar's text, inline when short: a 100,000-account policy has about
-/// a million scalars, and an allocation each was a fifth of reading it (and
-/// 24 MB more at its peak).
+/// a million scalars, and as a `String` each (8 bytes more, and an
+/// allocation) the agent's peak at a reload of such a file was 271 MB
+/// instead of 259 MB.
 #[derive(Clone)]
 enum Text {
     Inline { len: u8, bytes: [u8; INLINE] },
