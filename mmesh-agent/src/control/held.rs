@@ -4,7 +4,7 @@
 //! validator's map of ids with the deltas' changes beside it ([`Layered`]),
 //! so that the next state after a one-account delta costs a copy of
 //! pointers, not of 100,000 accounts. Encoded, an account takes about a
-//! fifth of its decoded form (strings and their vectors): 20 MB instead of
+//! quarter of its decoded form (strings and their vectors): 20 MB instead of
 //! 75 MB at 100,000 accounts. They are decoded only to be validated again
 //! whole (a delta of `global` or `defaults`).
 
