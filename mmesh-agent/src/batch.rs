@@ -14,13 +14,13 @@ use crate::sys;
 const CHUNK: usize = 16_384;
 
 /// Times a call that failed with `ENOMEM` is made again (after 2, 4, … ms).
-/// LPM tries take their nodes from the BPF memory allocator's per-CPU
-/// caches (6.18 here), which the kernel refills asynchronously: a long
-/// batch on a busy machine emptied them and failed (the 100,000 IPv4
-/// account prefixes of a standby half, load average 8 on 2 vCPUs, with
-/// gigabytes free), and the same call a moment
-/// later succeeds. Writes are idempotent (`BPF_ANY`): entries the failed
-/// call wrote are written again.
+/// A long batch into an LPM trie on a busy machine failed with `ENOMEM`
+/// with gigabytes free (the 100,000 IPv4 account prefixes of a standby
+/// half, load average 8 on 2 vCPUs): the tries take their nodes from the
+/// BPF memory allocator's per-CPU caches (6.18 here), which the kernel
+/// refills asynchronously, and the pause gives it the time. Writes are
+/// idempotent (`BPF_ANY`): entries the failed call wrote are written
+/// again.
 const ENOMEM_RETRIES: u32 = 5;
 
 /// Writes `keys[i] -> values[i]` for every `i` (flags `BPF_ANY`).
