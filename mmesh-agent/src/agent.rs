@@ -41,7 +41,6 @@ use crate::{
     compile::{Capacity, CompileError, Compiled, compile, compile_adopting},
     control::{
         client::{self, Client, HostFacts, StatusFn},
-        held::Held,
         in_force::InForce,
         proto, reports,
     },
@@ -152,8 +151,7 @@ fn first_policy(opts: &RunOptions) -> anyhow::Result<(Policy, Option<InForce>)> 
     if let Some(store) = opts.control.as_ref().and_then(|c| c.store.as_ref()) {
         match store.load(opts.limits.max_bytes) {
             Ok(Some(lkg)) => {
-                let held = Held::snapshot(lkg.version, lkg.policy.unwrap_or_default());
-                match InForce::validate(held, &opts.limits) {
+                match InForce::snapshot(lkg.version, lkg.policy.unwrap_or_default(), &opts.limits) {
                     Ok(in_force) => {
                         tracing::info!(
                             version = %escape_controls(&in_force.held.version),
@@ -278,6 +276,7 @@ fn start(opts: &RunOptions) -> anyhow::Result<Started> {
             }
         );
     }
+    crate::alloc::release_free_memory();
     Ok(Started {
         dp,
         names,
@@ -416,6 +415,10 @@ struct Enforcer {
     health: Arc<Health>,
 }
 
+/// Accounts changed by a policy from which the enforcer returns its free
+/// memory after applying it ([`crate::alloc`]).
+const LARGE_CHANGE: usize = 1000;
+
 /// The source name of policies from the control plane.
 pub const CONTROL_PLANE: &str = "control plane";
 
@@ -455,11 +458,23 @@ impl Enforcer {
                         } = *change;
                         let _ = reply.send(self.apply(policy, source));
                         self.sync_standby();
+                        // Only after a large change: with a large heap it
+                        // takes milliseconds, which the next delta, often
+                        // right behind, would wait for (one-account deltas
+                        // back to back: 15.7 ms send to Ack with it after
+                        // every apply, 12.9 ms without; medians of 5 rounds
+                        // on a loaded machine).
+                        let touched = lock(&self.dp).active().map_or(0, |c| c.changed.len());
+                        if touched >= LARGE_CHANGE {
+                            crate::alloc::release_free_memory();
+                        }
                     }
                 }
             }
             if let Some(trigger) = reload {
                 self.reload(trigger);
+                // Also when nothing changed: the file was read whole.
+                crate::alloc::release_free_memory();
             }
             if reconcile {
                 self.reconcile();

@@ -4,7 +4,7 @@
 //! hundred-thousand-account policy a good part of a second. aya 0.14 has no
 //! batch operations ([`crate::sys`]).
 
-use std::{io, os::fd::AsFd as _};
+use std::{io, os::fd::AsFd as _, time::Duration};
 
 use aya::{Pod, maps::MapData};
 
@@ -13,19 +13,39 @@ use crate::sys;
 /// Entries per call: bounded so that one call never holds the kernel long.
 const CHUNK: usize = 16_384;
 
+/// Times a call that failed with `ENOMEM` is made again (after 2, 4, … ms).
+/// A long batch into an LPM trie on a busy machine failed with `ENOMEM`
+/// with gigabytes free (the 100,000 IPv4 account prefixes of a standby
+/// half, load average 8 on 2 vCPUs): the tries take their nodes from the
+/// BPF memory allocator's per-CPU caches (6.18 here), which the kernel
+/// refills asynchronously, and the pause gives it the time. Writes are
+/// idempotent (`BPF_ANY`): entries the failed call wrote are written
+/// again.
+const ENOMEM_RETRIES: u32 = 5;
+
 /// Writes `keys[i] -> values[i]` for every `i` (flags `BPF_ANY`).
 pub fn update<K: Pod, V: Pod>(map: &MapData, keys: &[K], values: &[V]) -> io::Result<()> {
     assert_eq!(keys.len(), values.len(), "one value per key");
     for (keys, values) in keys.chunks(CHUNK).zip(values.chunks(CHUNK)) {
-        // SAFETY: the key and value arrays hold `count` elements of the
-        // map's sizes (aya checked the sizes when the typed map was made).
-        unsafe {
-            sys::map_update_batch(
-                map.fd().as_fd(),
-                keys.as_ptr().cast(),
-                values.as_ptr().cast(),
-                keys.len() as u32,
-            )?;
+        let mut retries = 0;
+        loop {
+            // SAFETY: the key and value arrays hold `count` elements of the
+            // map's sizes (aya checked the sizes when the typed map was made).
+            let written = unsafe {
+                sys::map_update_batch(
+                    map.fd().as_fd(),
+                    keys.as_ptr().cast(),
+                    values.as_ptr().cast(),
+                    keys.len() as u32,
+                )
+            };
+            match written {
+                Err(e) if e.raw_os_error() == Some(libc::ENOMEM) && retries < ENOMEM_RETRIES => {
+                    retries += 1;
+                    std::thread::sleep(Duration::from_millis(1 << retries));
+                }
+                other => break other?,
+            }
         }
     }
     Ok(())

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod alloc;
 pub mod barrier;
 pub mod batch;
 pub mod caps;

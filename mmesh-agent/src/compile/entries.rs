@@ -93,7 +93,7 @@ pub(super) fn compile_account(
         });
     }
     let mut out = AccountEntries {
-        source: Some(Arc::clone(account)),
+        id: Some(account.id.as_str().into()),
         ..AccountEntries::default()
     };
     for net in &account.prefixes_v4 {

@@ -29,7 +29,7 @@ use entries::{check_capacity, compile_account, compile_global, generation_flags,
 use incremental::{Accounts, Ends, Middle, match_ends, match_middle};
 
 use crate::{
-    policy::{Account, Fingerprint, List, Policy},
+    policy::{Fingerprint, List, Policy},
     stride::Stride,
 };
 
@@ -193,8 +193,12 @@ pub struct GlobalEntries {
 /// Everything one account puts in the maps.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AccountEntries {
-    /// What it was compiled from; `None` when read back from the kernel.
-    pub source: Option<Arc<Account>>,
+    /// The id of the account it was compiled from; `None` when read back
+    /// from the kernel. Only the id: the compiled policies of recent
+    /// generations are kept to name events, and a copy of every account
+    /// kept for them held the policy before a reload alive beside the new
+    /// one.
+    pub id: Option<Arc<str>>,
     /// The settings, `epoch` left to the datapath.
     pub config: AccountConfig,
     pub hosts_v4: Vec<[u8; 4]>,
@@ -211,7 +215,7 @@ impl AccountEntries {
     /// The account id, if known.
     #[must_use]
     pub fn id(&self) -> Option<&str> {
-        self.source.as_ref().map(|a| a.id.as_str())
+        self.id.as_deref()
     }
 }
 

@@ -537,12 +537,12 @@ mod fingerprint {
         b
     }
 
-    /// What the kernel would get for `account` in slot 1 (without the copy
-    /// of the source, which is the account itself).
+    /// What the kernel would get for `account` in slot 1 (without the id,
+    /// which is the account's own).
     fn entries(account: &Account) -> Result<super::AccountEntries, String> {
         compile_account(&std::sync::Arc::new(account.clone()), 1)
             .map(|mut e| {
-                e.source = None;
+                e.id = None;
                 e
             })
             .map_err(|e| e.to_string())

@@ -23,7 +23,6 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 use super::{
-    held::Held,
     in_force::{InForce, Refusal},
     proto::{self, agent_message::Body as Up, control_message::Body as Down},
     reports,
@@ -346,15 +345,24 @@ impl Client {
                 .await;
         }
         tracing::info!(version = %s.version, accounts = s.policy.as_ref().map_or(0, |p| p.accounts.len()), "control plane: snapshot received");
-        let held = Held::snapshot(s.version.clone(), s.policy.unwrap_or_default());
+        let (version, message) = (s.version.clone(), s.policy.unwrap_or_default());
         let limits = self.opts.limits.clone();
         let validated = tokio::task::spawn_blocking(move || {
-            InForce::validate(held, &limits).map_err(|e| Refusal::from(&e))
+            let validated =
+                InForce::snapshot(version, message, &limits).map_err(|e| Refusal::from(&e));
+            crate::alloc::release_free_memory();
+            validated
         })
         .await
         .map_err(|_| ClientError::Stopping)?;
-        self.enforce(validated, &s.version, &s.nonce, received, tx)
-            .await
+        let answered = self
+            .enforce(validated, &s.version, &s.nonce, received, tx)
+            .await;
+        // After the answer: the message was decoded on this thread, and
+        // what it freed (the receive buffer, the message's account vector)
+        // stays in this thread's heap until asked for.
+        crate::alloc::release_free_memory();
+        answered
     }
 
     async fn delta(

@@ -9,6 +9,10 @@
 //! ownership. Ids are unique by construction (the held index). Capacity is
 //! checked by the compiler, as for every policy. A delta that replaces
 //! `global` or `defaults` is validated whole.
+//!
+//! Both indexes (ids, prefix owners) are the ones the validator built to
+//! find duplicates, kept with the deltas' changes beside them
+//! ([`Layered`]): building them again took longer than the validation.
 
 use std::sync::Arc;
 
@@ -17,9 +21,10 @@ use ipnet::IpNet;
 use super::{
     convert,
     held::{DeltaError, Held, replay},
+    layered::Layered,
     proto,
 };
-use crate::policy::{Account, Policy, PolicyError, ReadLimits, quote};
+use crate::policy::{Account, FastMap, Policy, PolicyError, ReadLimits, quote};
 
 /// A validated control-plane policy and what it was made from.
 #[derive(Clone, Debug)]
@@ -27,8 +32,8 @@ pub struct InForce {
     pub held: Held,
     /// Shared with the enforcer, which keeps the policy in force.
     pub policy: Arc<Policy>,
-    /// The account id owning each account prefix.
-    owners: imbl::HashMap<IpNet, Arc<str>>,
+    /// The account owning each account prefix.
+    owners: Layered<IpNet, Arc<Account>>,
 }
 
 /// Why a message cannot become the policy in force.
@@ -64,10 +69,36 @@ fn source_name(version: &str) -> String {
 }
 
 impl InForce {
-    /// Validates a whole held message (a snapshot, the last-known-good
-    /// file, a delta of `global` or `defaults`).
+    /// Validates a whole policy message (a snapshot, the last-known-good
+    /// file): what holding it makes.
+    pub fn snapshot(
+        version: String,
+        message: proto::Policy,
+        limits: &ReadLimits,
+    ) -> Result<Self, PolicyError> {
+        // The accounts are encoded for holding on a thread of their own
+        // while they are validated.
+        let (validated, encoded) = std::thread::scope(|s| {
+            let encoding = s.spawn(|| Held::encode_all(&message.accounts));
+            let validated = Policy::from_message_indexed(
+                message.global.as_ref(),
+                message.defaults.as_ref(),
+                message.accounts.iter(),
+                &version,
+                &source_name(&version),
+                limits,
+            );
+            (validated, encoding.join())
+        });
+        let (policy, index) = validated?;
+        let encoded = encoded.unwrap_or_else(|_| Held::encode_all(&message.accounts));
+        let held = Held::encoded(version, message, encoded, index.ids);
+        Ok(Self::new(held, policy, index.owners))
+    }
+
+    /// Validates a whole held message (a delta of `global` or `defaults`).
     pub fn validate(held: Held, limits: &ReadLimits) -> Result<Self, PolicyError> {
-        let policy = Policy::from_message(
+        let (policy, index) = Policy::from_message_indexed(
             held.global(),
             held.defaults(),
             held.accounts(),
@@ -75,19 +106,20 @@ impl InForce {
             &source_name(&held.version),
             limits,
         )?;
-        let owners = policy
-            .accounts
-            .iter()
-            .flat_map(|a| {
-                let id: Arc<str> = a.id.as_str().into();
-                prefixes(a).map(move |net| (net, id.clone()))
-            })
+        Ok(Self::new(held, policy, index.owners))
+    }
+
+    /// `owners`: the validator's index of the prefixes, by position.
+    fn new(held: Held, policy: Policy, owners: FastMap<IpNet, usize>) -> Self {
+        let owners = owners
+            .into_iter()
+            .map(|(net, i)| (net, Arc::clone(&policy.accounts[i])))
             .collect();
-        Ok(Self {
+        Self {
             held,
             policy: Arc::new(policy),
-            owners,
-        })
+            owners: Layered::new(owners),
+        }
     }
 
     /// What `delta` on top of this makes, validated.
@@ -120,14 +152,14 @@ impl InForce {
         for (k, account) in upserts.iter().enumerate() {
             for net in prefixes(account) {
                 if let Some(owner) = self.owners.get(&net)
-                    && **owner != *account.id
-                    && !leaving.contains(&**owner)
+                    && owner.id != account.id
+                    && !leaving.contains(owner.id.as_str())
                 {
                     problems.push(proto::Problem {
                         path: format!("upsert_accounts[{k}].prefixes"),
                         message: format!(
                             "prefix {net} is also owned by account {}; an address belongs to one account (nested prefixes are allowed, the most specific wins)",
-                            quote(owner)
+                            quote(&owner.id)
                         ),
                     });
                 }
@@ -145,17 +177,17 @@ impl InForce {
         let mut owners = self.owners.clone();
         replay(&mut policy.accounts, &steps, &upserts, |gone| {
             for net in prefixes(&gone) {
-                if owners.get(&net).is_some_and(|o| **o == *gone.id) {
+                if owners.get(&net).is_some_and(|o| o.id == gone.id) {
                     owners.remove(&net);
                 }
             }
         });
         for account in &upserts {
-            let id: Arc<str> = account.id.as_str().into();
             for net in prefixes(account) {
-                owners.insert(net, id.clone());
+                owners.insert(net, Arc::clone(account));
             }
         }
+        owners.settle();
         Ok(Self {
             held,
             policy: Arc::new(policy),
@@ -216,8 +248,7 @@ mod tests {
             ],
             ..proto::Policy::default()
         };
-        InForce::validate(Held::snapshot("v1".into(), message), &ReadLimits::default())
-            .expect("valid")
+        InForce::snapshot("v1".into(), message, &ReadLimits::default()).expect("valid")
     }
 
     fn delta(upserts: Vec<proto::Account>, removes: &[&str]) -> proto::Delta {

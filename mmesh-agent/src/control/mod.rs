@@ -13,5 +13,6 @@ pub mod client;
 pub mod convert;
 pub mod held;
 pub mod in_force;
+mod layered;
 pub mod reports;
 pub mod store;

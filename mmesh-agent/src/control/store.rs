@@ -123,13 +123,17 @@ impl Store {
     /// Replaces the stored policy: write beside, fsync, rename, fsync the
     /// directory.
     pub fn save(&self, lkg: &proto::LastKnownGood) -> Result<(), StoreError> {
+        self.save_payload(&lkg.encode_to_vec())
+    }
+
+    /// [`Store::save`] of an encoded [`proto::LastKnownGood`].
+    fn save_payload(&self, payload: &[u8]) -> Result<(), StoreError> {
         let write = |source| StoreError::Write {
             path: self.path.clone(),
             source,
         };
         let dir = self.path.parent().unwrap_or(Path::new("."));
         fs::create_dir_all(dir).map_err(write)?;
-        let payload = lkg.encode_to_vec();
         let tmp = self.path.with_extension("pb.tmp");
         let mut file = OpenOptions::new()
             .write(true)
@@ -139,9 +143,9 @@ impl Store {
             .open(&tmp)
             .map_err(write)?;
         file.write_all(MAGIC).map_err(write)?;
-        file.write_all(&xxhash_rust::xxh3::xxh3_64(&payload).to_le_bytes())
+        file.write_all(&xxhash_rust::xxh3::xxh3_64(payload).to_le_bytes())
             .map_err(write)?;
-        file.write_all(&payload).map_err(write)?;
+        file.write_all(payload).map_err(write)?;
         file.sync_all().map_err(write)?;
         drop(file);
         fs::rename(&tmp, &self.path).map_err(write)?;
@@ -177,19 +181,19 @@ impl Saver {
                             guard = ready.wait(guard).unwrap_or_else(PoisonError::into_inner);
                         }
                     };
-                    let lkg = proto::LastKnownGood {
-                        version: held.version.clone(),
-                        policy: Some(held.message()),
-                    };
+                    let payload = held.last_known_good();
+                    let version = held.version.clone();
                     drop(held);
-                    match store.save(&lkg) {
+                    match store.save_payload(&payload) {
                         Ok(()) => {
-                            tracing::debug!(version = %lkg.version, "last-known-good policy kept");
+                            tracing::debug!(%version, "last-known-good policy kept");
                         }
                         Err(err) => tracing::warn!(
                             "control plane: could not keep the last-known-good policy: {err}"
                         ),
                     }
+                    drop(payload);
+                    crate::alloc::release_free_memory();
                 }
             })?;
         Ok(Self { latest })

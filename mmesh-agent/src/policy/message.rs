@@ -3,10 +3,10 @@
 //! without writing and parsing a document (which took longer than the
 //! validation itself at 100,000 accounts).
 
-use std::path::Path;
+use std::{borrow::Borrow, path::Path};
 
 use super::{
-    Policy, PolicyError, ReadLimits,
+    Index, Policy, PolicyError, ReadLimits,
     raw::{
         At, Extras, RawAccount, RawAccounts, RawDefaults, RawDirLimits, RawGlobal, RawLimits,
         RawList, RawPolicy, Scalar,
@@ -20,14 +20,28 @@ impl Policy {
     /// Validates a policy message, made of its parts, as the file
     /// `source_name` would be; `version` becomes its `version`. A message
     /// names no list files, so nothing is read from disk.
-    pub fn from_message<'a>(
+    pub fn from_message(
         global: Option<&proto::Global>,
         defaults: Option<&proto::Defaults>,
-        accounts: impl Iterator<Item = &'a proto::Account>,
+        accounts: impl Iterator<Item = impl Borrow<proto::Account>>,
         version: &str,
         source_name: &str,
         limits: &ReadLimits,
     ) -> Result<Self, PolicyError> {
+        Self::from_message_indexed(global, defaults, accounts, version, source_name, limits)
+            .map(|(policy, _)| policy)
+    }
+
+    /// [`Policy::from_message`], and the validator's indexes of the
+    /// accounts (by id and by prefix), which hold for the message's order.
+    pub fn from_message_indexed(
+        global: Option<&proto::Global>,
+        defaults: Option<&proto::Defaults>,
+        accounts: impl Iterator<Item = impl Borrow<proto::Account>>,
+        version: &str,
+        source_name: &str,
+        limits: &ReadLimits,
+    ) -> Result<(Self, Index), PolicyError> {
         let raw = RawPolicy {
             version: Some(scalar(version)),
             global: global.map(raw_global),
@@ -47,9 +61,9 @@ impl Policy {
             reads: &mut reads,
             issues: Vec::new(),
         };
-        let policy = v.policy(raw);
+        let (policy, index) = v.policy_indexed(raw);
         if v.issues.is_empty() {
-            Ok(policy)
+            Ok((policy, index))
         } else {
             Err(PolicyError::Invalid {
                 source_name: source_name.to_owned(),
@@ -62,7 +76,7 @@ impl Policy {
 /// A scalar without a location: problems are named by their field path.
 fn scalar(text: &str) -> At<Scalar> {
     At {
-        value: Scalar(text.to_owned()),
+        value: Scalar::new(text),
         line: 0,
         column: 0,
     }
@@ -119,8 +133,8 @@ fn raw_limits(l: &proto::Limits) -> RawLimits {
 /// The accounts, kept within the bounds a file's are kept in (past them
 /// only counted), so that a message far over capacity is refused as a file
 /// would be.
-fn raw_accounts<'a>(
-    accounts: impl Iterator<Item = &'a proto::Account>,
+fn raw_accounts(
+    accounts: impl Iterator<Item = impl Borrow<proto::Account>>,
     limits: &ReadLimits,
 ) -> RawAccounts {
     let max_accounts = limits.max_accounts.map_or(usize::MAX, |n| n as usize);
@@ -129,6 +143,7 @@ fn raw_accounts<'a>(
         .map_or(usize::MAX, |n| 2 * n as usize);
     let mut out = RawAccounts::default();
     for a in accounts {
+        let a = a.borrow();
         out.total += 1;
         if out.kept.len() >= max_accounts || out.raw_prefixes > max_raw_prefixes {
             continue;

@@ -43,15 +43,15 @@ pub use read::{FileError, ReadLimits};
 use read::{Reads, read_regular};
 pub use removal::Removal;
 use validate::Validator;
-pub use validate::default_burst;
+pub use validate::{Index, default_burst};
 pub use values::{parse_cidr, parse_quantity, quote};
 
 use crate::sink::escape_controls;
 
 /// The validator's sets grow to hundreds of thousands of entries: hashed
 /// with foldhash, not `SipHash` (the policy is the operator's own).
-type FastHash = foldhash::fast::RandomState;
-type FastMap<K, V> = HashMap<K, V, FastHash>;
+pub type FastHash = foldhash::fast::RandomState;
+pub type FastMap<K, V> = HashMap<K, V, FastHash>;
 
 /// The policy the agent runs when no file is given.
 pub const DEFAULT_POLICY: &str = include_str!("../default-policy.yaml");
@@ -241,7 +241,12 @@ impl Policy {
                 Ok((text, stamp)) => {
                     reads.bytes += text.len() as u64;
                     reads.files.push((path.to_owned(), stamp));
-                    Some(Self::parse_reading(&text, &name, base, limits, &mut reads))
+                    // The text is dropped once read into the raw schema,
+                    // before validation builds the policy beside it.
+                    Some(Self::deserialize(&text, &name, limits).and_then(|raw| {
+                        drop(text);
+                        Self::validate_raw(raw, &name, base, limits, &mut reads)
+                    }))
                 }
                 Err(FileError::Changed) => None,
                 Err(source) => {
@@ -306,6 +311,16 @@ impl Policy {
         limits: &ReadLimits,
         reads: &mut Reads,
     ) -> Result<(Self, Settings), PolicyError> {
+        let raw = Self::deserialize(text, source_name, limits)?;
+        Self::validate_raw(raw, source_name, base_dir, limits, reads)
+    }
+
+    /// Reads policy text into the raw schema (JSON if it starts with `{`).
+    fn deserialize(
+        text: &str,
+        source_name: &str,
+        limits: &ReadLimits,
+    ) -> Result<RawPolicy, PolicyError> {
         let json = text.trim_start().starts_with('{');
         let raw = {
             let _reading = ReadingGuard::set(Reading {
@@ -343,6 +358,17 @@ impl Policy {
                     .unwrap_or_default()
             }
         };
+        Ok(raw)
+    }
+
+    /// Validates what [`Policy::deserialize`] read.
+    fn validate_raw(
+        raw: RawPolicy,
+        source_name: &str,
+        base_dir: &Path,
+        limits: &ReadLimits,
+        reads: &mut Reads,
+    ) -> Result<(Self, Settings), PolicyError> {
         let settings = Settings::of(&raw);
         let mut v = Validator {
             source: source_name,

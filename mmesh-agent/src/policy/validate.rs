@@ -30,6 +30,16 @@ pub(super) struct Validator<'a> {
     pub(super) issues: Vec<Issue>,
 }
 
+/// What validation indexes the accounts by, each to the position of the
+/// (first) account in the policy.
+#[derive(Debug, Default)]
+pub struct Index {
+    /// Account ids.
+    pub ids: FastMap<String, usize>,
+    /// Account prefixes.
+    pub owners: FastMap<IpNet, usize>,
+}
+
 /// `defaults.limits`, validated once for all the accounts that use them
 /// (with the actions as written: each account applies its mode).
 pub(super) type DefaultLimits = (Option<DirLimits>, Option<DirLimits>);
@@ -137,6 +147,13 @@ impl Validator<'_> {
     }
 
     pub(super) fn policy(&mut self, raw: RawPolicy) -> Policy {
+        self.policy_indexed(raw).0
+    }
+
+    /// [`Validator::policy`], and the indexes it builds to find repeated
+    /// ids and prefixes owned twice: what a control-plane policy keeps for
+    /// its deltas, instead of building them again.
+    pub(super) fn policy_indexed(&mut self, raw: RawPolicy) -> (Policy, Index) {
         self.extra::<RawPolicy>(raw.extra.as_slice(), "");
         let version = raw.version.and_then(|v| self.version(&v));
         let global = self.global(raw.global.unwrap_or_default());
@@ -199,12 +216,19 @@ impl Validator<'_> {
             accounts.push(Arc::new(account));
         }
         self.prefix_count(&accounts, raw_accounts.total > n);
-        Policy {
+        let policy = Policy {
             source: self.source.to_owned(),
             version,
             global,
             accounts,
-        }
+        };
+        (
+            policy,
+            Index {
+                ids: seen_ids,
+                owners,
+            },
+        )
     }
 
     pub(super) fn version(&mut self, raw: &At<Scalar>) -> Option<String> {

@@ -22,7 +22,7 @@ use super::{
     accuracy::veth_namespace,
     policy::{
         Format, Restore, agent_args, agent_binary, capacity, changed_account, no_agent_binary,
-        policy_text,
+        policy_text, rss,
     },
     report::{Figure, Goal, Report},
 };
@@ -83,9 +83,16 @@ pub fn run(opts: &Options, report: &mut Report) {
         format!("snapshot of {accounts} accounts: send to Ack"),
         format!("one-account delta on {accounts} accounts: send to Ack"),
     ];
+    let memory = [
+        format!("agent RSS, {accounts}-account snapshot in force"),
+        format!("agent peak RSS, {accounts}-account snapshot (VmHWM)"),
+    ];
     let Some(bin) = agent_binary(opts.quick) else {
         for name in names {
             report.add(no_agent_binary(GROUP, name, "ms"));
+        }
+        for name in memory {
+            report.add(no_agent_binary(GROUP, name, "MB"));
         }
         return;
     };
@@ -121,7 +128,12 @@ pub fn run(opts: &Options, report: &mut Report) {
             matches!(b, Up::Hello(_))
         });
         let copy = message.clone();
+        let from = agent.logs().len();
         let (answer, snapshot) = timed(|| cp.push_snapshot("v0", copy));
+        // The enforcer's share (compile, write one half, flip), from its log.
+        if let Some(i) = agent.log_position("control plane: policy in force", from) {
+            eprintln!("bench: control plane: agent: {}", agent.logs()[i]);
+        }
         let Up::Ack(ack) = answer else {
             panic!(
                 "the agent refused the benchmark snapshot: {answer:?}; {:?}",
@@ -152,13 +164,18 @@ pub fn run(opts: &Options, report: &mut Report) {
                 (took, ack.apply_micros)
             })
             .collect();
+        // After the deltas: the last-known-good file has been written
+        // (from a copy of the message) by then.
+        let (resident, peak) = rss(agent.pid());
         drop(agent);
         deltas.sort();
         let (delta, delta_micros) = deltas[deltas.len() / 2];
         eprintln!(
-            "bench: control plane: snapshot of {accounts} accounts {snapshot:.1?} send to Ack (agent: {:.1} ms from receipt; in process: {baseline:.1?}); one-account delta {delta:.1?} (agent: {:.2} ms)",
+            "bench: control plane: snapshot of {accounts} accounts {snapshot:.1?} send to Ack (agent: {:.1} ms from receipt; in process: {baseline:.1?}); one-account delta {delta:.1?} (agent: {:.2} ms); agent RSS {:.1} MB, peak {:.1} MB",
             ack.apply_micros as f64 / 1e3,
             delta_micros as f64 / 1e3,
+            resident / 1e6,
+            peak / 1e6,
         );
         report.add(figure(
             &names[0],
@@ -177,6 +194,29 @@ pub fn run(opts: &Options, report: &mut Report) {
             Some(Goal::RatioAtMost(DELTA_RATIO)),
             "one account's limits changed, the median of 11 deltas, each Acked before the next",
         ));
+        for (name, bytes, note) in [
+            (
+                &memory[0],
+                resident,
+                "VmRSS of the agent once the snapshot and the deltas after it are in force (MB = 10⁶ bytes)",
+            ),
+            (
+                &memory[1],
+                peak,
+                "VmHWM of the agent, started on an empty policy, after the snapshot and the deltas: the most it held at any moment",
+            ),
+        ] {
+            report.add(Figure {
+                group: GROUP.into(),
+                name: name.clone(),
+                unit: "MB".into(),
+                samples: vec![bytes / 1e6],
+                baseline: None,
+                reference: None,
+                goal: None,
+                note: note.into(),
+            });
+        }
         eprintln!(
             "bench: control plane round {}/{} done",
             round + 1,

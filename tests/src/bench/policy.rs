@@ -604,7 +604,7 @@ pub(super) fn no_agent_binary(group: &str, name: String, unit: &str) -> Figure {
 }
 
 /// `VmRSS` and `VmHWM` of `pid`, in bytes.
-fn rss(pid: u32) -> (f64, f64) {
+pub(super) fn rss(pid: u32) -> (f64, f64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_else(|e| panic!("reading /proc/{pid}/status: {e}"));
     let field = |name: &str| -> f64 {
