@@ -779,7 +779,14 @@ pub async fn run(opts: RunOptions, out: Outputs) -> anyhow::Result<()> {
         let enforcement = Enforcement(commands.clone());
         tokio::spawn(
             parts
-                .client(options, enforcement, held, names, (&dp, &out))
+                .client(
+                    options,
+                    enforcement,
+                    held,
+                    names,
+                    (&dp, &out),
+                    health.clone(),
+                )
                 .run(),
         )
     });
@@ -1208,6 +1215,7 @@ impl ControlParts {
         held: Option<InForce>,
         names: Names,
         (dp, out): (&Shared, &Outputs),
+        health: Arc<Health>,
     ) -> Client {
         let generation = lock(dp).generation();
         let (dp, out) = (dp.clone(), out.clone());
@@ -1251,7 +1259,7 @@ impl ControlParts {
             self.facts,
             (held, generation),
             self.reports,
-            status,
+            (status, health),
         )
     }
 }

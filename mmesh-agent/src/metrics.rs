@@ -212,6 +212,12 @@ impl Health {
         p.last = Some((false, SystemTime::now(), took));
     }
 
+    /// A policy that never reached the enforcer (a control plane's,
+    /// Nacked in validation) did not fit `map`.
+    pub fn refused(&self, map: &'static str) {
+        *locked(&self.policy).refused.entry(map).or_default() += 1;
+    }
+
     /// Hands over the read-only handles once the datapath is shared (its
     /// lock is not taken: the enforcer may already be applying a policy).
     pub fn attach_sources(

@@ -10,6 +10,8 @@
 //! - [`netns`]: network namespaces, veth pairs and the agent process for
 //!   end-to-end tests, each removed by a guard when the test ends, also when
 //!   it fails.
+//! - [`scrape`]: `GET` on the agent's HTTP endpoint, and the samples of a
+//!   Prometheus scrape.
 //! - [`tcp`]: bulk TCP between namespaces, the kernel's TCP counters, and a
 //!   delay line for round-trip times.
 //! - [`wire`]: bulk TCP streams, a device's TSO setting, the IP packets a
@@ -21,5 +23,6 @@ pub mod control;
 pub mod controlplane;
 pub mod netns;
 pub mod packets;
+pub mod scrape;
 pub mod tcp;
 pub mod wire;

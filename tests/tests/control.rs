@@ -17,6 +17,7 @@ use mmesh_tests::{
     control::ScriptedControlPlane,
     controlplane::TempDir,
     netns::{Agent, HOST_IF, NetNs, Topology, run_agent_to_exit, serial},
+    scrape,
 };
 
 const ALPHA: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 0, 10));
@@ -172,7 +173,7 @@ fn snapshots_and_deltas_are_acked_enforced_or_nacked_with_reasons() {
         &topo.host,
         &cp.url(),
         state.path(),
-        &["--max-policy-bytes", "4000"],
+        &["--max-policy-bytes", "4000", "--max-accounts", "2"],
     );
     assert_eq!(
         hello_version(&cp, 0),
@@ -246,9 +247,44 @@ fn snapshots_and_deltas_are_acked_enforced_or_nacked_with_reasons() {
         ),
         other => panic!("expected a Nack, got {other:?}"),
     }
+    more_accounts_than_the_map_holds_are_nacked_and_counted(&cp, &topo);
     assert_eq!(arrivals(&topo, SECOND, 50), 0, "v2 is still in force");
 
     reports_and_status_arrive(&cp, g2);
+}
+
+/// More accounts than `--max-accounts 2` holds: Nacked naming the map and
+/// the option, and counted as an insert the map refused.
+fn more_accounts_than_the_map_holds_are_nacked_and_counted(
+    cp: &ScriptedControlPlane,
+    topo: &Topology,
+) {
+    let mut crowded = blocking("10.77.2.0/24");
+    for i in 0..2 {
+        crowded.accounts.push(proto::Account {
+            id: format!("extra-{i}"),
+            prefixes: vec![format!("10.77.0.{}/32", 20 + i)],
+            ..proto::Account::default()
+        });
+    }
+    match cp.push_snapshot("v6", crowded) {
+        Up::Nack(n) => {
+            assert!(
+                n.problems.iter().any(|p| p.message.contains("map accounts")
+                    && p.message.contains("--max-accounts 2")),
+                "{n:?}"
+            );
+        }
+        other => panic!("expected a Nack, got {other:?}"),
+    }
+    let scrape = scrape::get(&topo.host, scrape::METRICS, "/metrics", ANSWER)
+        .expect("scraping the agent")
+        .body;
+    assert_eq!(
+        scrape::must_sample(&scrape, "mmesh_map_inserts_refused_total{map=\"accounts\"}") as u64,
+        1,
+        "{scrape}"
+    );
 }
 
 /// The last Acked policy is kept on disk: an agent started while the

@@ -11,13 +11,15 @@
 
 use std::{
     fmt::Write as _,
-    io::{Read as _, Write as _},
     net::{IpAddr, Ipv4Addr, SocketAddr},
     time::Duration,
 };
 
-use mmesh_tests::netns::{
-    Agent, HOST_IF, NetNs, Pace, PolicyFile, Topology, UdpSink, send_udp, serial, wait_until,
+use mmesh_tests::{
+    netns::{
+        Agent, HOST_IF, NetNs, Pace, PolicyFile, Topology, UdpSink, send_udp, serial, wait_until,
+    },
+    scrape::{self, Answer, METRICS, must_sample, sample},
 };
 
 const ALPHA: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 0, 10));
@@ -30,8 +32,6 @@ const PAYLOAD: usize = 100;
 /// Ethernet, IPv4 and UDP headers: counted in the bytes on top of the
 /// payload.
 const UDP_OVERHEAD: u64 = 14 + 20 + 8;
-/// The agent's default metrics address, in its own namespace.
-const METRICS: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9464);
 /// How long an answer or a change may take on a loaded machine.
 const DEADLINE: Duration = Duration::from_secs(15);
 
@@ -69,56 +69,14 @@ fn start(topo: &Topology, policy: &PolicyFile, extra: &[&str]) -> Agent {
     Agent::start_with_args(&topo.host, &args)
 }
 
-/// An HTTP answer: status code, headers and body.
-struct Answer {
-    status: u16,
-    head: String,
-    body: String,
-}
-
-/// `GET path` over a plain HTTP/1.1 connection to the agent's endpoint in
-/// `ns`.
+/// `GET path` from the agent's namespace to its endpoint.
 fn get(ns: &NetNs, path: &str) -> std::io::Result<Answer> {
-    let mut stream = ns.tcp_connect(IpAddr::V4(Ipv4Addr::LOCALHOST), METRICS, DEADLINE)?;
-    stream.set_read_timeout(Some(DEADLINE))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw)?;
-    let (head, body) = raw
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("GET {path}: no end of headers in {raw:?}"));
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("GET {path}: no status in {head:?}"));
-    Ok(Answer {
-        status,
-        head: head.to_owned(),
-        body: body.to_owned(),
-    })
+    scrape::get(ns, METRICS, path, DEADLINE)
 }
 
 #[track_caller]
 fn must_get(ns: &NetNs, path: &str) -> Answer {
     get(ns, path).unwrap_or_else(|e| panic!("GET {path}: {e}"))
-}
-
-/// The value of the sample `series` (name and labels, exactly as written)
-/// in a scrape.
-fn sample(scrape: &str, series: &str) -> Option<f64> {
-    scrape.lines().find_map(|line| {
-        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
-        value.parse().ok()
-    })
-}
-
-#[track_caller]
-fn must_sample(scrape: &str, series: &str) -> f64 {
-    sample(scrape, series).unwrap_or_else(|| panic!("no {series} in the scrape:\n{scrape}"))
 }
 
 /// Sends [`PACKETS`] datagrams from `src` and from [`ORDINARY`] to alpha;
@@ -206,7 +164,11 @@ fn scrape_counts_what_the_block_list_dropped() {
         "mmesh_events_sampled_away_total",
         "mmesh_pull_failed_total",
     ] {
-        must_sample(&first.body, series);
+        assert!(
+            sample(&first.body, series).is_some(),
+            "no {series} in the scrape:\n{}",
+            first.body
+        );
     }
 
     assert_eq!(arrivals(&topo, BLOCKED), 0, "the block list drops");

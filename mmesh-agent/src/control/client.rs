@@ -30,6 +30,7 @@ use super::{
 };
 use crate::{
     agent::{CONTROL_PLANE, Enforcement, Outcome},
+    metrics::Health,
     policy::ReadLimits,
     sink::escape_controls,
 };
@@ -122,6 +123,9 @@ pub struct Client {
     generation: u64,
     reports: reports::Shared,
     status: StatusFn,
+    /// Counts the snapshots refused for a full map
+    /// (`mmesh_map_inserts_refused_total`).
+    health: Arc<Health>,
 }
 
 impl Client {
@@ -132,7 +136,7 @@ impl Client {
         facts: HostFacts,
         (in_force, generation): (Option<InForce>, u64),
         reports: reports::Shared,
-        status: StatusFn,
+        (status, health): (StatusFn, Arc<Health>),
     ) -> Self {
         let saver = opts.store.clone().and_then(|store| {
             Saver::spawn(store)
@@ -152,6 +156,7 @@ impl Client {
             generation,
             reports,
             status,
+            health,
         }
     }
 
@@ -348,13 +353,19 @@ impl Client {
         let (version, message) = (s.version.clone(), s.policy.unwrap_or_default());
         let limits = self.opts.limits.clone();
         let validated = tokio::task::spawn_blocking(move || {
-            let validated =
-                InForce::snapshot(version, message, &limits).map_err(|e| Refusal::from(&e));
+            let validated = InForce::snapshot(version, message, &limits)
+                .map_err(|e| (e.full_map(), Refusal::from(&e)));
             crate::alloc::release_free_memory();
             validated
         })
         .await
-        .map_err(|_| ClientError::Stopping)?;
+        .map_err(|_| ClientError::Stopping)?
+        .map_err(|(full, refusal)| {
+            if let Some(map) = full {
+                self.health.refused(map);
+            }
+            refusal
+        });
         let answered = self
             .enforce(validated, &s.version, &s.nonce, received, tx)
             .await;
