@@ -54,15 +54,33 @@ pub fn update<K: Pod, V: Pod>(map: &MapData, keys: &[K], values: &[V]) -> io::Re
 /// Every entry of a hash map or an array (maps whose batch position is a
 /// 4-byte bucket index or key), in calls of [`CHUNK`] entries.
 pub fn lookup_all<K: Pod, V: Pod>(map: &MapData) -> io::Result<Vec<(K, V)>> {
-    let fd = map.fd().as_fd();
     let mut out = Vec::new();
-    let mut keys: Vec<K> = Vec::with_capacity(CHUNK);
-    let mut values: Vec<V> = Vec::with_capacity(CHUNK);
+    batches(map, CHUNK, 1, |keys: &[K], values: &[V]| {
+        out.extend(keys.iter().copied().zip(values.iter().copied()));
+    })?;
+    Ok(out)
+}
+
+/// Reads every entry of a hash map or an array (whose batch position is a
+/// 4-byte bucket index or key) in calls of `chunk` entries, `per_key`
+/// values each (the CPUs of a per-CPU map, else 1), and hands each call's
+/// keys and values to `f`.
+fn batches<K: Pod, V: Pod>(
+    map: &MapData,
+    chunk: usize,
+    per_key: usize,
+    mut f: impl FnMut(&[K], &[V]),
+) -> io::Result<()> {
+    let fd = map.fd().as_fd();
+    let mut keys: Vec<K> = Vec::with_capacity(chunk);
+    let mut values: Vec<V> = Vec::with_capacity(chunk * per_key);
     let (mut at, mut next) = (0u32, 0u32);
     let mut first = true;
     loop {
-        // SAFETY: room for CHUNK keys and values of the map's sizes (aya
-        // checked them when the typed map was made); the position is a u32.
+        // SAFETY: room for `chunk` keys and `chunk * per_key` values of the
+        // map's sizes (aya checked them when the typed map was made; a
+        // per-CPU caller checks the 8-byte stride); the position is a u32
+        // (hash bucket or array index).
         let (n, done) = unsafe {
             sys::map_lookup_batch(
                 fd,
@@ -70,17 +88,17 @@ pub fn lookup_all<K: Pod, V: Pod>(map: &MapData) -> io::Result<Vec<(K, V)>> {
                 std::ptr::from_mut(&mut next).cast(),
                 keys.as_mut_ptr().cast(),
                 values.as_mut_ptr().cast(),
-                CHUNK as u32,
+                chunk as u32,
             )?
         };
-        // SAFETY: the kernel wrote `n` (at most CHUNK) entries.
+        // SAFETY: the kernel wrote `n` (at most `chunk`) entries.
         unsafe {
             keys.set_len(n as usize);
-            values.set_len(n as usize);
+            values.set_len(n as usize * per_key);
         }
-        out.extend(keys.drain(..).zip(values.drain(..)));
+        f(&keys, &values);
         if done {
-            return Ok(out);
+            return Ok(());
         }
         at = next;
         first = false;
@@ -110,37 +128,9 @@ pub fn for_each_per_cpu<K: Pod, V: Pod>(
     );
     let cpus = cpus.max(1);
     let chunk = (PER_CPU_CALL_BYTES / (size_of::<V>() * cpus)).clamp(PER_CPU_MIN_CHUNK, CHUNK);
-    let fd = map.fd().as_fd();
-    let mut keys: Vec<K> = Vec::with_capacity(chunk);
-    let mut values: Vec<V> = Vec::with_capacity(chunk * cpus);
-    let (mut at, mut next) = (0u32, 0u32);
-    let mut first = true;
-    loop {
-        // SAFETY: room for `chunk` keys and `chunk` values of every CPU
-        // (sizes checked by aya when the typed map was made, and above);
-        // the position is a u32 (hash bucket or array index).
-        let (n, done) = unsafe {
-            sys::map_lookup_batch(
-                fd,
-                (!first).then_some(std::ptr::from_ref(&at).cast()),
-                std::ptr::from_mut(&mut next).cast(),
-                keys.as_mut_ptr().cast(),
-                values.as_mut_ptr().cast(),
-                chunk as u32,
-            )?
-        };
-        // SAFETY: the kernel wrote `n` (at most `chunk`) entries.
-        unsafe {
-            keys.set_len(n as usize);
-            values.set_len(n as usize * cpus);
-        }
+    batches(map, chunk, cpus, |keys: &[K], values: &[V]| {
         for (key, values) in keys.iter().zip(values.chunks(cpus)) {
             f(key, values);
         }
-        if done {
-            return Ok(());
-        }
-        at = next;
-        first = false;
-    }
+    })
 }
