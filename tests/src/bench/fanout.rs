@@ -102,22 +102,7 @@ fn version_of(text: &str) -> String {
 /// (set by `cargo xtask bench`), else this workspace's release build, else
 /// (quick runs only) its debug build.
 fn controlplane_binary(quick: bool) -> Option<PathBuf> {
-    if let Some(bin) = std::env::var_os("MMESH_CONTROLPLANE_BIN") {
-        return Some(PathBuf::from(bin)).filter(|b| b.is_file());
-    }
-    let target = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the tests crate is inside the workspace")
-        .join("target");
-    let release = target.join("release/mmesh-controlplane");
-    let debug = target.join("debug/mmesh-controlplane");
-    if release.is_file() {
-        Some(release)
-    } else if quick && debug.is_file() {
-        Some(debug)
-    } else {
-        None
-    }
+    super::policy::workspace_binary("mmesh-controlplane", "MMESH_CONTROLPLANE_BIN", quick)
 }
 
 /// Raises this process's open-file limit (inherited by the control plane)

@@ -570,15 +570,21 @@ fn grace_period(report: &mut Report) {
 /// The agent binary to measure: `$MMESH_AGENT_BIN`, else the release build,
 /// else (quick mode only) the debug build. `None` if there is none.
 pub(super) fn agent_binary(quick: bool) -> Option<PathBuf> {
-    if let Some(bin) = std::env::var_os("MMESH_AGENT_BIN") {
+    workspace_binary("mmesh-agent", "MMESH_AGENT_BIN", quick)
+}
+
+/// The workspace's binary `name` to measure: `$env`, else its release
+/// build, else (quick mode only) its debug build. `None` if there is none.
+pub(super) fn workspace_binary(name: &str, env: &str, quick: bool) -> Option<PathBuf> {
+    if let Some(bin) = std::env::var_os(env) {
         return Some(PathBuf::from(bin)).filter(|b| b.is_file());
     }
     let target = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("the tests crate is inside the workspace")
         .join("target");
-    let release = target.join("release/mmesh-agent");
-    let debug = target.join("debug/mmesh-agent");
+    let release = target.join("release").join(name);
+    let debug = target.join("debug").join(name);
     if release.is_file() {
         Some(release)
     } else if quick && debug.is_file() {
