@@ -30,7 +30,7 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use crate::{
     agent::{LinkStats, Outputs},
     compile::Capacity,
-    counters::{AccountReader, CounterReader, top_accounts},
+    counters::{AccountCounts, AccountReader, CounterReader, top_accounts},
     datapath::{Attachment, Datapath, Totals},
     events::Names,
     interface::InterfaceSpec,
@@ -420,15 +420,33 @@ impl Collector for Scrape {
             }
         }
         if let Some(s) = health.sources.get() {
-            s.encode(&policy, &mut encoder)?;
-            s.encode_top_accounts(&policy, health.top_accounts, &mut encoder)?;
+            // Read once for the top offenders and the two maps' pressure.
+            let accounts = s
+                .accounts
+                .read()
+                .inspect_err(|err| tracing::debug!(%err, "metrics: reading the account counters"))
+                .ok();
+            s.encode(&policy, accounts.as_ref(), &mut encoder)?;
+            s.encode_top_accounts(
+                &policy,
+                health.top_accounts,
+                accounts.as_ref(),
+                &mut encoder,
+            )?;
         }
         Ok(())
     }
 }
 
 impl Sources {
-    fn encode(&self, policy: &Policy, encoder: &mut DescriptorEncoder) -> fmt::Result {
+    /// `accounts`: the per-account counters and flow cache, as read for
+    /// this scrape (`None`: not readable now).
+    fn encode(
+        &self,
+        policy: &Policy,
+        accounts: Option<&AccountCounts>,
+        encoder: &mut DescriptorEncoder,
+    ) -> fmt::Result {
         // A failed read leaves the datapath's series out of this scrape
         // (Prometheus then marks them stale) rather than report zeros.
         match self.counters.totals() {
@@ -487,7 +505,7 @@ impl Sources {
             "Re-attachments to an interface that came back.",
             self.links.reattached(),
         )?;
-        self.encode_maps(policy, encoder)
+        self.encode_maps(policy, accounts, encoder)
     }
 
     /// Dropped packets of the `n` accounts with the most (bounded label
@@ -497,20 +515,14 @@ impl Sources {
         &self,
         policy: &Policy,
         n: usize,
+        counts: Option<&AccountCounts>,
         encoder: &mut DescriptorEncoder,
     ) -> fmt::Result {
         if n == 0 {
             return Ok(());
         }
-        let Some(compiled) = self.names.get(policy.generation) else {
+        let (Some(compiled), Some(counts)) = (self.names.get(policy.generation), counts) else {
             return Ok(());
-        };
-        let counts = match self.accounts.read() {
-            Ok(c) => c,
-            Err(err) => {
-                tracing::debug!(%err, "metrics: reading the account counters");
-                return Ok(());
-            }
         };
         let top = top_accounts(&counts.drops, &compiled, n);
         let labels: Vec<[(&str, &str); 1]> = top
@@ -542,49 +554,63 @@ impl Sources {
     }
 
     /// Entries and capacity of the policy maps, from the compiled policy in
-    /// force.
-    fn encode_maps(&self, policy: &Policy, encoder: &mut DescriptorEncoder) -> fmt::Result {
+    /// force, and of the per-account counters and the flow cache, as read
+    /// for this scrape.
+    fn encode_maps(
+        &self,
+        policy: &Policy,
+        accounts: Option<&AccountCounts>,
+        encoder: &mut DescriptorEncoder,
+    ) -> fmt::Result {
         let c = &self.capacity;
+        let cpus = aya::util::nr_cpus().map_or(1, |n| n as u64);
         let capacities = [
-            ("accounts", c.accounts),
-            ("account_prefixes_v4", c.account_prefixes),
-            ("account_prefixes_v6", c.account_prefixes),
-            ("list_prefixes_v4", c.list_prefixes),
-            ("list_prefixes_v6", c.list_prefixes),
+            ("accounts", u64::from(c.accounts)),
+            ("account_prefixes_v4", u64::from(c.account_prefixes)),
+            ("account_prefixes_v6", u64::from(c.account_prefixes)),
+            ("list_prefixes_v4", u64::from(c.list_prefixes)),
+            ("list_prefixes_v6", u64::from(c.list_prefixes)),
+            ("account_counters", u64::from(c.counters)),
+            ("flow_cache", u64::from(c.flow_cache) * cpus),
         ];
         let labels: Vec<[(&str, &str); 1]> =
             capacities.iter().map(|(m, _)| [("map", *m)]).collect();
         let capacity: Vec<_> = labels
             .iter()
             .zip(capacities)
-            .map(|(l, (_, n))| (&l[..], ConstGauge::new(i64::from(n))))
+            .map(|(l, (_, n))| (&l[..], ConstGauge::new(n as i64)))
             .collect();
         family(
             encoder,
             "mmesh_map_capacity",
-            "Entries each policy map can hold (--max-accounts, --max-account-prefixes, --max-list-prefixes).",
+            "Entries each map can hold (--max-accounts, --max-account-prefixes, --max-list-prefixes, --max-counters, --flow-cache times the CPUs).",
             &capacity,
         )?;
-        let Some(compiled) = self.names.get(policy.generation) else {
-            return Ok(());
-        };
-        let n = compiled.counts();
-        let entries = [
-            n.accounts,
-            n.account_prefixes_v4,
-            n.account_prefixes_v6,
-            n.list_prefixes_v4,
-            n.list_prefixes_v6,
-        ];
-        let entries: Vec<_> = labels
-            .iter()
-            .zip(entries)
-            .map(|(l, n)| (&l[..], ConstGauge::new(n as i64)))
+        let policy_entries = self.names.get(policy.generation).map(|compiled| {
+            let n = compiled.counts();
+            [
+                n.accounts,
+                n.account_prefixes_v4,
+                n.account_prefixes_v6,
+                n.list_prefixes_v4,
+                n.list_prefixes_v6,
+            ]
+            .map(|n| n as u64)
+        });
+        // Each map whose entries could be read now, with its count.
+        let counted = policy_entries.into_iter().flatten().zip(&labels).chain(
+            accounts
+                .into_iter()
+                .flat_map(|a| [a.counter_entries, a.flow_entries])
+                .zip(&labels[5..]),
+        );
+        let entries: Vec<_> = counted
+            .map(|(n, l)| (&l[..], ConstGauge::new(n as i64)))
             .collect();
         family(
             encoder,
             "mmesh_map_entries",
-            "Entries of each policy map in the policy in force.",
+            "Entries of each map: the policy maps in the policy in force, the per-account counters' keys, the flow cache's entries of the policy in force.",
             &entries,
         )
     }

@@ -350,6 +350,17 @@ fn full_maps_refuse_inserts_by_name_and_count_them() {
     wait_until("the counters to refuse inserts", DEADLINE, || {
         sample(&must_get(&topo.host, "/metrics").body, refused_counters).unwrap_or(0.0) > 0.0
     });
+    let scrape = must_get(&topo.host, "/metrics").body;
+    for (series, value) in [
+        ("mmesh_map_entries{map=\"account_counters\"}", 64),
+        ("mmesh_map_capacity{map=\"account_counters\"}", 64),
+    ] {
+        assert_eq!(
+            must_sample(&scrape, series) as u64,
+            value,
+            "{series}:\n{scrape}"
+        );
+    }
     wait_until("the summary to name the full map", DEADLINE, || {
         agent
             .log_position("map account_counters full (raise --max-counters)", 0)
