@@ -24,7 +24,6 @@
 
 use std::{
     collections::BTreeSet,
-    io::{Read as _, Write as _},
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::Command,
@@ -39,6 +38,7 @@ use mmesh_tests::{
         AGENT_READY_LINE, AGENT_STOP_TIMEOUT, Agent, HOST_IF, NetNs, PinDir, Topology,
         agent_binary, run, run_agent_to_exit_through, serial,
     },
+    scrape,
 };
 use serde_json::Value;
 
@@ -823,26 +823,25 @@ fn topology(tag: &str) -> Topology {
 
 /// `GET path` on the agent's metrics address inside `ns`: the status code.
 fn http_status(ns: &NetNs, addr: SocketAddr, path: &str) -> u16 {
-    let mut stream = ns
-        .tcp_connect(addr.ip(), addr, Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("a read timeout");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .expect("sending the request");
-    let mut answer = String::new();
-    stream
-        .read_to_string(&mut answer)
-        .expect("reading the answer");
-    answer
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("GET {path}: no status in {answer:?}"))
+    scrape::get(ns, addr, path, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("GET {path} from {addr}: {e}"))
+        .status
+}
+
+/// Allowed traffic passes to alpha and the blocked source is dropped.
+#[track_caller]
+fn assert_enforces(topo: &Topology) {
+    let to = SocketAddr::new(ALPHA, PORT);
+    assert_eq!(
+        topo.udp_arrivals(ORDINARY, to, PACKETS),
+        PACKETS,
+        "allowed traffic passes"
+    );
+    assert_eq!(
+        topo.udp_arrivals(BLOCKED, to, PACKETS),
+        0,
+        "the blocked source is dropped"
+    );
 }
 
 /// The effective, permitted and bounding sets of a process (`CapEff`,
@@ -881,17 +880,7 @@ fn the_agent_enforces_with_only_the_daemonsets_capabilities() {
     assert_eq!(http_status(&topo.host, metrics, "/healthz"), 200, "live");
     assert_eq!(http_status(&topo.host, metrics, "/readyz"), 200, "ready");
 
-    let to = SocketAddr::new(ALPHA, PORT);
-    assert_eq!(
-        topo.udp_arrivals(ORDINARY, to, PACKETS),
-        PACKETS,
-        "allowed traffic passes"
-    );
-    assert_eq!(
-        topo.udp_arrivals(BLOCKED, to, PACKETS),
-        0,
-        "the blocked source is dropped"
-    );
+    assert_enforces(&topo);
     drop(agent);
 }
 
@@ -1116,17 +1105,7 @@ fn the_systemd_unit_runs_the_agent_sandboxed() {
     }
     let metrics: SocketAddr = DEFAULT_METRICS_ADDR.parse().expect("an address");
     assert_eq!(http_status(&topo.host, metrics, "/readyz"), 200, "ready");
-    let to = SocketAddr::new(ALPHA, PORT);
-    assert_eq!(
-        topo.udp_arrivals(ORDINARY, to, PACKETS),
-        PACKETS,
-        "allowed traffic passes"
-    );
-    assert_eq!(
-        topo.udp_arrivals(BLOCKED, to, PACKETS),
-        0,
-        "the blocked source is dropped"
-    );
+    assert_enforces(&topo);
 
     // The policy directory is watched through the sandbox's read-only /etc.
     systemd.run(&[
@@ -1145,7 +1124,7 @@ fn the_systemd_unit_runs_the_agent_sandboxed() {
     systemd.systemctl(&["stop", "mmesh-agent"]);
     systemd.wait_for_log("stopped; enforcement stays", 2);
     assert_eq!(
-        topo.udp_arrivals(BLOCKED, to, PACKETS),
+        topo.udp_arrivals(BLOCKED, SocketAddr::new(ALPHA, PORT), PACKETS),
         0,
         "still dropped with the agent stopped"
     );
