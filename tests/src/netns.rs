@@ -739,6 +739,26 @@ impl PolicyFile {
         &self.path
     }
 
+    /// `run` on this policy with the test veth's host end as the uplink
+    /// and a summary every second, then `extra`.
+    #[must_use]
+    pub fn uplink_run_args(&self, extra: &[&str]) -> Vec<String> {
+        let mut args: Vec<String> = [
+            "run",
+            "--policy",
+            &self.path.display().to_string(),
+            "--interface",
+            &format!("{HOST_IF}:uplink"),
+            "--summary-interval",
+            "1",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        args
+    }
+
     /// Replaces the contents atomically (write aside, then rename), so a
     /// reload never reads half a file.
     pub fn write(&self, text: &str) {

@@ -88,20 +88,8 @@ fn topology(tag: &str) -> Topology {
 }
 
 fn start(topo: &Topology, policy: &PolicyFile, socket: &Path, extra: &[&str]) -> Agent {
-    let mut args: Vec<String> = [
-        "run",
-        "--policy",
-        &policy.path().display().to_string(),
-        "--interface",
-        &format!("{HOST_IF}:uplink"),
-        "--summary-interval",
-        "1",
-        "--admin-socket",
-        &socket.display().to_string(),
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect();
+    let socket = socket.display().to_string();
+    let mut args = policy.uplink_run_args(&["--admin-socket", &socket]);
     args.extend(extra.iter().map(|s| (*s).to_owned()));
     Agent::start_with_args(&topo.host, &args)
 }

@@ -59,23 +59,6 @@ fn topology(tag: &str) -> Topology {
     topo
 }
 
-fn run_args(policy: &PolicyFile, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "run",
-        "--policy",
-        &policy.path().display().to_string(),
-        "--interface",
-        &format!("{HOST_IF}:uplink"),
-        "--summary-interval",
-        "1",
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect();
-    args.extend(extra.iter().map(|s| (*s).to_owned()));
-    args
-}
-
 /// Ready when a receive and a transmit program sit on the interface (the
 /// loop starts right after): for agents whose stderr is not read.
 fn attached(topo: &Topology) -> impl Fn(&Agent) -> bool + '_ {
@@ -133,7 +116,7 @@ fn a_closed_stderr_loses_logs_and_nothing_else() {
     let policy = PolicyFile::new("stderr-closed", BLOCKING);
     let mut agent = Agent::start_with_streams(
         &topo.host,
-        &run_args(&policy, &[]),
+        &policy.uplink_run_args(&[]),
         Streams::StderrClosed,
         attached(&topo),
     );
@@ -167,7 +150,7 @@ fn a_stalled_stderr_blocks_neither_reloads_nor_stopping() {
     let policy = PolicyFile::new("stderr-stalled", BLOCKING);
     let mut agent = Agent::start_with_streams(
         &topo.host,
-        &run_args(&policy, &[]),
+        &policy.uplink_run_args(&[]),
         Streams::StderrStalled,
         attached(&topo),
     );
@@ -205,7 +188,7 @@ fn a_stalled_stdout_loses_events_and_nothing_else() {
     let policy = PolicyFile::new("stdout-stalled", BLOCKING);
     let mut agent = Agent::start_with_streams(
         &topo.host,
-        &run_args(&policy, &[]),
+        &policy.uplink_run_args(&[]),
         Streams::StdoutStalled,
         |a| a.log_position("running; SIGHUP reloads", 0).is_some(),
     );
@@ -312,8 +295,11 @@ fn sighup_during_start_up_is_a_reload_after_it() {
     }
     let policy = PolicyFile::new("early-hup", &big);
     let sent = std::sync::atomic::AtomicBool::new(false);
-    let mut agent =
-        Agent::start_with_streams(&topo.host, &run_args(&policy, &[]), Streams::Read, |a| {
+    let mut agent = Agent::start_with_streams(
+        &topo.host,
+        &policy.uplink_run_args(&[]),
+        Streams::Read,
+        |a| {
             if !sent.load(std::sync::atomic::Ordering::Relaxed) && catches_sighup(a.pid()) {
                 assert!(
                     a.log_position("attached", 0).is_none(),
@@ -323,7 +309,8 @@ fn sighup_during_start_up_is_a_reload_after_it() {
                 sent.store(true, std::sync::atomic::Ordering::Relaxed);
             }
             a.log_position("running; SIGHUP reloads", 0).is_some()
-        });
+        },
+    );
     assert!(sent.into_inner(), "SIGHUP was sent during start-up");
     wait_until("the reload after start-up", Duration::from_secs(30), || {
         agent.log_position("SIGHUP: policy in force", 0).is_some()

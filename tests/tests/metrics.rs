@@ -53,20 +53,7 @@ fn topology(tag: &str) -> Topology {
 }
 
 fn start(topo: &Topology, policy: &PolicyFile, extra: &[&str]) -> Agent {
-    let mut args: Vec<String> = [
-        "run",
-        "--policy",
-        &policy.path().display().to_string(),
-        "--interface",
-        &format!("{HOST_IF}:uplink"),
-        "--summary-interval",
-        "1",
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect();
-    args.extend(extra.iter().map(|s| (*s).to_owned()));
-    Agent::start_with_args(&topo.host, &args)
+    Agent::start_with_args(&topo.host, &policy.uplink_run_args(extra))
 }
 
 /// `GET path` from the agent's namespace to its endpoint.

@@ -49,19 +49,8 @@ fn pinned_agent(ns: &NetNs, policy: &PolicyFile, pins: &PinDir) -> Agent {
 }
 
 fn pinned_agent_with(ns: &NetNs, policy: &PolicyFile, pins: &PinDir, extra: &[&str]) -> Agent {
-    let mut args: Vec<String> = [
-        "run",
-        "--policy",
-        &policy.path().display().to_string(),
-        "--interface",
-        &format!("{HOST_IF}:uplink"),
-        "--summary-interval",
-        "1",
-        "--bpffs",
-        &pins.dir().display().to_string(),
-    ]
-    .map(String::from)
-    .to_vec();
+    let bpffs = pins.dir().display().to_string();
+    let mut args = policy.uplink_run_args(&["--bpffs", &bpffs]);
     args.extend(extra.iter().map(|a| (*a).to_owned()));
     Agent::start_with_args(ns, &args)
 }
