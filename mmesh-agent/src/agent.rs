@@ -150,23 +150,21 @@ struct Started {
 fn first_policy(opts: &RunOptions) -> anyhow::Result<(Policy, Option<InForce>)> {
     if let Some(store) = opts.control.as_ref().and_then(|c| c.store.as_ref()) {
         match store.load(opts.limits.max_bytes) {
-            Ok(Some(lkg)) => {
-                match InForce::snapshot(lkg.version, lkg.policy.unwrap_or_default(), &opts.limits) {
-                    Ok(in_force) => {
-                        tracing::info!(
-                            version = %escape_controls(&in_force.held.version),
-                            path = %store.path().display(),
-                            "starting with the last-known-good policy from the control plane, until it answers"
-                        );
-                        return Ok(((*in_force.policy).clone(), Some(in_force)));
-                    }
-                    Err(err) => tracing::warn!(
+            Ok(Some(stored)) => match last_known_good(stored, &opts.limits) {
+                Ok(in_force) => {
+                    tracing::info!(
+                        version = %escape_controls(&in_force.held.version),
                         path = %store.path().display(),
-                        "the last-known-good policy is invalid; starting without it: {}",
-                        escape_controls(&err.to_string())
-                    ),
+                        "starting with the last-known-good policy from the control plane, until it answers"
+                    );
+                    return Ok(((*in_force.policy).clone(), Some(in_force)));
                 }
-            }
+                Err(err) => tracing::warn!(
+                    path = %store.path().display(),
+                    "the last-known-good policy is invalid; starting without it: {}",
+                    escape_controls(&err.to_string())
+                ),
+            },
             Ok(None) => tracing::info!(
                 path = %store.path().display(),
                 "no last-known-good policy stored yet"
@@ -175,6 +173,35 @@ fn first_policy(opts: &RunOptions) -> anyhow::Result<(Policy, Option<InForce>)> 
         }
     }
     Ok((load_policy(opts.policy.as_ref(), &opts.limits)?, None))
+}
+
+/// The stored whole policy with its logged deltas replayed on it, as they
+/// were applied when Acked. A delta that no longer applies (which only a
+/// changed validator could cause) ends the replay, reported: the policy
+/// before it is the one in force.
+fn last_known_good(
+    stored: crate::control::store::Stored,
+    limits: &crate::policy::ReadLimits,
+) -> Result<InForce, crate::policy::PolicyError> {
+    if let Some(problem) = &stored.log_problem {
+        tracing::warn!("last-known-good policy: {}", escape_controls(problem));
+    }
+    let base = stored.base;
+    let mut in_force = InForce::snapshot(base.version, base.policy.unwrap_or_default(), limits)?;
+    for delta in &stored.deltas {
+        match in_force.delta(delta, limits) {
+            Ok(next) => in_force = next,
+            Err(refusal) => {
+                tracing::warn!(
+                    version = %escape_controls(&delta.version),
+                    "last-known-good policy: a logged delta does not apply ({}); the version before it is used",
+                    escape_controls(&refusal.to_string())
+                );
+                break;
+            }
+        }
+    }
+    Ok(in_force)
 }
 
 /// Everything before the loop: blocking work (files, the verifier, map

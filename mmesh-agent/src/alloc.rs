@@ -8,6 +8,10 @@
 //! the system at once when asked. The agent asks once a policy has been read and applied, from the
 //! thread that did the work (a thread's free pages are its own).
 
+// Links the crate, and with it mimalloc's library, also into binaries that
+// do not make it their allocator (the unit tests): `mi_collect` is there.
+use mimalloc as _;
+
 unsafe extern "C" {
     /// mimalloc's `mi_collect`: frees what the calling thread's heap keeps,
     /// and with `force`, returns unused memory to the system now.

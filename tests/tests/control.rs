@@ -12,7 +12,10 @@ use std::{
     time::Duration,
 };
 
-use mmesh_agent::control::proto::{self, agent_message::Body as Up};
+use mmesh_agent::control::{
+    proto::{self, agent_message::Body as Up},
+    store::Store,
+};
 use mmesh_tests::{
     control::ScriptedControlPlane,
     controlplane::TempDir,
@@ -287,8 +290,9 @@ fn more_accounts_than_the_map_holds_are_nacked_and_counted(
     );
 }
 
-/// The last Acked policy is kept on disk: an agent started while the
-/// control plane is down enforces it at once, says hello with its version
+/// The last Acked policy is kept on disk (a snapshot whole, a delta
+/// appended to a log after it): an agent started while the control plane
+/// is down enforces it at once, says hello with its version
 /// when the control plane comes back (which then has nothing to send), and
 /// dials again, with the same version, when the stream is dropped or when
 /// the control plane stops sending heartbeats.
@@ -306,9 +310,27 @@ fn last_known_good_is_enforced_while_the_control_plane_is_down_and_resumed() {
         let mut first = agent(&topo.host, &cp.url(), state.path(), &[]);
         hello_version(&cp, 0);
         acked(&cp.push_snapshot("v1", blocking("10.77.1.0/24")), "v1");
-        mmesh_tests::netns::wait_until("the last-known-good file", ANSWER, || {
-            state.path().join("last-known-good.pb").exists()
-        });
+        let store = Store::new(state.path());
+        let kept = |versions: &[&str]| {
+            store.load(1 << 20).ok().flatten().is_some_and(|s| {
+                let kept: Vec<&str> = std::iter::once(s.base.version.as_str())
+                    .chain(s.deltas.iter().map(|d| d.version.as_str()))
+                    .collect();
+                kept == versions
+            })
+        };
+        mmesh_tests::netns::wait_until("v1 kept whole", ANSWER, || kept(&["v1"]));
+        // A delta: appended to the log after the whole file v1.
+        acked(
+            &cp.push_delta(proto::Delta {
+                version: "v2".into(),
+                base_version: "v1".into(),
+                global: Some(global_blocking("10.77.2.0/24")),
+                ..proto::Delta::default()
+            }),
+            "v2",
+        );
+        mmesh_tests::netns::wait_until("v2 appended to the log", ANSWER, || kept(&["v1", "v2"]));
         let _ = first.stop();
     }
     // The control plane is gone: nothing listens on its port.
@@ -322,19 +344,20 @@ fn last_known_good_is_enforced_while_the_control_plane_is_down_and_resumed() {
         agent.logs()
     );
     assert_eq!(
-        arrivals(&topo, FIRST, 50),
+        arrivals(&topo, SECOND, 50),
         0,
-        "v1 enforced without the control plane"
+        "v1 and its delta v2 enforced without the control plane"
     );
+    assert!(arrivals(&topo, FIRST, 50) > 40, "v2 unblocked v1's block");
     assert!(arrivals(&topo, ORDINARY, 50) > 40);
 
     let cp = ScriptedControlPlane::serve(topo.host.tcp_listener(addr), None);
-    assert_eq!(hello_version(&cp, 0), "v1", "the hello resumes with v1");
+    assert_eq!(hello_version(&cp, 0), "v2", "the hello resumes with v2");
     let seen = cp.received().len();
     cp.disconnect();
     assert_eq!(
         hello_version(&cp, seen),
-        "v1",
+        "v2",
         "the agent dials again after a drop"
     );
     let streams = cp.streams();
@@ -343,7 +366,7 @@ fn last_known_good_is_enforced_while_the_control_plane_is_down_and_resumed() {
     cp.set_silent(true);
     assert_eq!(
         hello_version(&cp, seen),
-        "v1",
+        "v2",
         "the agent dials again after silence"
     );
     assert!(cp.streams() > streams);
@@ -356,7 +379,7 @@ fn last_known_good_is_enforced_while_the_control_plane_is_down_and_resumed() {
             .any(|(_, m)| matches!(m.body, Some(Up::Ack(_) | Up::Nack(_)))),
         "nothing was sent, nothing answered"
     );
-    assert_eq!(arrivals(&topo, FIRST, 50), 0, "v1 still enforced");
+    assert_eq!(arrivals(&topo, SECOND, 50), 0, "v2 still enforced");
 }
 
 /// Control-plane options that cannot work are refused at start, naming the

@@ -367,7 +367,7 @@ impl Client {
             refusal
         });
         let answered = self
-            .enforce(validated, &s.version, &s.nonce, received, tx)
+            .enforce(validated, &s.version, &s.nonce, (received, None), tx)
             .await;
         // After the answer: the message was decoded on this thread, and
         // what it freed (the receive buffer, the message's account vector)
@@ -401,21 +401,22 @@ impl Client {
         let limits = self.opts.limits.clone();
         let version = d.version.clone();
         let nonce = d.nonce.clone();
-        let validated = tokio::task::spawn_blocking(move || base.delta(&d, &limits))
+        let (validated, d) = tokio::task::spawn_blocking(move || (base.delta(&d, &limits), d))
             .await
             .map_err(|_| ClientError::Stopping)?;
-        self.enforce(validated, &version, &nonce, received, tx)
+        self.enforce(validated, &version, &nonce, (received, Some(d)), tx)
             .await
     }
 
     /// Has the enforcer apply a validated policy, answers, and on success
-    /// keeps it (and has it written as last-known-good).
+    /// keeps it (and has it written as last-known-good: whole after a
+    /// snapshot, appended after a delta, which `delta` is).
     async fn enforce(
         &mut self,
         validated: Result<InForce, Refusal>,
         version: &str,
         nonce: &str,
-        received: Instant,
+        (received, delta): (Instant, Option<proto::Delta>),
         tx: &mpsc::Sender<proto::AgentMessage>,
     ) -> Result<(), ClientError> {
         tracing::debug!(
@@ -476,10 +477,14 @@ impl Client {
                     apply_ms = apply_micros as f64 / 1e3,
                     "control plane: policy in force, Acked"
                 );
+                let next = Arc::new(next);
                 if let Some(saver) = &self.saver {
-                    saver.save(next.held.clone());
+                    match delta {
+                        Some(delta) => saver.delta(next.clone(), delta),
+                        None => saver.snapshot(next.clone()),
+                    }
                 }
-                self.in_force = Some(Arc::new(next));
+                self.in_force = Some(next);
                 Ok(())
             }
         }

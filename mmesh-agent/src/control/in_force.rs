@@ -45,6 +45,23 @@ pub enum Refusal {
     Problems(Vec<proto::Problem>),
 }
 
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Base { held, base } => {
+                write!(f, "it is against version {base:?}, but {held:?} is held")
+            }
+            Self::Problems(problems) => {
+                for (i, p) in problems.iter().enumerate() {
+                    let sep = if i == 0 { "" } else { "; " };
+                    write!(f, "{sep}{}: {}", p.path, p.message)?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 impl From<DeltaError> for Refusal {
     fn from(e: DeltaError) -> Self {
         match e {
