@@ -256,38 +256,55 @@ fn snapshots_and_deltas_are_acked_enforced_or_nacked_with_reasons() {
     reports_and_status_arrive(&cp, g2);
 }
 
-/// More accounts than `--max-accounts 2` holds: Nacked naming the map and
-/// the option, and counted as an insert the map refused.
+/// More accounts than `--max-accounts 2` holds, in a snapshot and in a
+/// delta that also replaces `global` (validated whole): each Nacked naming
+/// the map and the option, and counted as an insert the map refused.
 fn more_accounts_than_the_map_holds_are_nacked_and_counted(
     cp: &ScriptedControlPlane,
     topo: &Topology,
 ) {
-    let mut crowded = blocking("10.77.2.0/24");
-    for i in 0..2 {
-        crowded.accounts.push(proto::Account {
+    let extra: Vec<proto::Account> = (0..2)
+        .map(|i| proto::Account {
             id: format!("extra-{i}"),
             prefixes: vec![format!("10.77.0.{}/32", 20 + i)],
             ..proto::Account::default()
-        });
-    }
-    match cp.push_snapshot("v6", crowded) {
-        Up::Nack(n) => {
-            assert!(
-                n.problems.iter().any(|p| p.message.contains("map accounts")
-                    && p.message.contains("--max-accounts 2")),
-                "{n:?}"
-            );
+        })
+        .collect();
+    let mut crowded = blocking("10.77.2.0/24");
+    crowded.accounts.extend(extra.iter().cloned());
+    let crowded_delta = proto::Delta {
+        version: "v7".into(),
+        base_version: "v2".into(),
+        global: Some(global_blocking("10.77.2.0/24")),
+        upsert_accounts: extra,
+        ..proto::Delta::default()
+    };
+    let pushes: [Box<dyn FnOnce() -> Up>; 2] = [
+        Box::new(|| cp.push_snapshot("v6", crowded)),
+        Box::new(|| cp.push_delta(crowded_delta)),
+    ];
+    for (refused, push) in pushes.into_iter().enumerate() {
+        let answer = push();
+        match answer {
+            Up::Nack(n) => {
+                assert!(
+                    n.problems.iter().any(|p| p.message.contains("map accounts")
+                        && p.message.contains("--max-accounts 2")),
+                    "{n:?}"
+                );
+            }
+            other => panic!("expected a Nack, got {other:?}"),
         }
-        other => panic!("expected a Nack, got {other:?}"),
+        let scrape = scrape::get(&topo.host, scrape::METRICS, "/metrics", ANSWER)
+            .expect("scraping the agent")
+            .body;
+        assert_eq!(
+            scrape::must_sample(&scrape, "mmesh_map_inserts_refused_total{map=\"accounts\"}")
+                as u64,
+            refused as u64 + 1,
+            "{scrape}"
+        );
     }
-    let scrape = scrape::get(&topo.host, scrape::METRICS, "/metrics", ANSWER)
-        .expect("scraping the agent")
-        .body;
-    assert_eq!(
-        scrape::must_sample(&scrape, "mmesh_map_inserts_refused_total{map=\"accounts\"}") as u64,
-        1,
-        "{scrape}"
-    );
 }
 
 /// The last Acked policy is kept on disk (a snapshot whole, a delta

@@ -23,7 +23,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 use super::{
-    in_force::{InForce, Refusal},
+    in_force::{self, InForce, Refusal},
     proto::{self, agent_message::Body as Up, control_message::Body as Down},
     reports,
     store::{Saver, Store},
@@ -353,19 +353,13 @@ impl Client {
         let (version, message) = (s.version.clone(), s.policy.unwrap_or_default());
         let limits = self.opts.limits.clone();
         let validated = tokio::task::spawn_blocking(move || {
-            let validated = InForce::snapshot(version, message, &limits)
-                .map_err(|e| (e.full_map(), Refusal::from(&e)));
+            let validated =
+                InForce::snapshot(version, message, &limits).map_err(|e| Refusal::from(&e));
             crate::alloc::release_free_memory();
             validated
         })
         .await
-        .map_err(|_| ClientError::Stopping)?
-        .map_err(|(full, refusal)| {
-            if let Some(map) = full {
-                self.health.refused(map);
-            }
-            refusal
-        });
+        .map_err(|_| ClientError::Stopping)?;
         let answered = self
             .enforce(validated, &s.version, &s.nonce, (received, None), tx)
             .await;
@@ -434,16 +428,15 @@ impl Client {
                     .nack(tx, nonce, version, problems("base_version", &message), true)
                     .await;
             }
-            Err(Refusal::Problems(problems)) => {
-                let text: Vec<String> = problems
-                    .iter()
-                    .map(|p| format!("{}: {}", p.path, p.message))
-                    .collect();
+            Err(Refusal::Problems { problems, full }) => {
                 tracing::error!(
                     version,
                     "control plane: policy rejected, the running policy stays in force: {}",
-                    escape_controls(&text.join("; "))
+                    escape_controls(&in_force::describe(&problems))
                 );
+                if let Some(map) = full {
+                    self.health.refused(map);
+                }
                 return self.nack(tx, nonce, version, problems, false).await;
             }
         };

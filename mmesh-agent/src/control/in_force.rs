@@ -41,8 +41,13 @@ pub struct InForce {
 pub enum Refusal {
     /// A delta against another version than the one held.
     Base { held: String, base: String },
-    /// Every problem, as `policy validate` words them.
-    Problems(Vec<proto::Problem>),
+    /// Every problem, as `policy validate` words them; `full` names the map
+    /// too small for the policy, if that is one of them (for
+    /// `mmesh_map_inserts_refused_total`).
+    Problems {
+        problems: Vec<proto::Problem>,
+        full: Option<&'static str>,
+    },
 }
 
 impl std::fmt::Display for Refusal {
@@ -51,29 +56,39 @@ impl std::fmt::Display for Refusal {
             Self::Base { held, base } => {
                 write!(f, "it is against version {base:?}, but {held:?} is held")
             }
-            Self::Problems(problems) => {
-                for (i, p) in problems.iter().enumerate() {
-                    let sep = if i == 0 { "" } else { "; " };
-                    write!(f, "{sep}{}: {}", p.path, p.message)?;
-                }
-                Ok(())
-            }
+            Self::Problems { problems, .. } => f.write_str(&describe(problems)),
         }
     }
+}
+
+/// Problems on one line: `path: message; …`.
+#[must_use]
+pub fn describe(problems: &[proto::Problem]) -> String {
+    let text: Vec<String> = problems
+        .iter()
+        .map(|p| format!("{}: {}", p.path, p.message))
+        .collect();
+    text.join("; ")
 }
 
 impl From<DeltaError> for Refusal {
     fn from(e: DeltaError) -> Self {
         match e {
             DeltaError::Base { held, base } => Self::Base { held, base },
-            DeltaError::Problems(p) => Self::Problems(p),
+            DeltaError::Problems(problems) => Self::Problems {
+                problems,
+                full: None,
+            },
         }
     }
 }
 
 impl From<&PolicyError> for Refusal {
     fn from(e: &PolicyError) -> Self {
-        Self::Problems(convert::problems(e))
+        Self::Problems {
+            problems: convert::problems(e),
+            full: e.full_map(),
+        }
     }
 }
 
@@ -156,7 +171,10 @@ impl InForce {
             &name,
             limits,
         )
-        .map_err(|e| Refusal::Problems(upsert_paths(convert::problems(&e))))?
+        .map_err(|e| Refusal::Problems {
+            problems: upsert_paths(convert::problems(&e)),
+            full: e.full_map(),
+        })?
         .accounts;
         // Prefixes owned by accounts the delta leaves alone.
         let leaving: std::collections::HashSet<&str> = delta
@@ -183,7 +201,10 @@ impl InForce {
             }
         }
         if !problems.is_empty() {
-            return Err(Refusal::Problems(problems));
+            return Err(Refusal::Problems {
+                problems,
+                full: None,
+            });
         }
         let mut policy = Policy {
             source: name,
@@ -321,14 +342,14 @@ mod tests {
         let base = in_force();
         let mut bad = account("d", &["10.0.0.2"]);
         bad.mode = Some("loud".into());
-        let Err(Refusal::Problems(problems)) =
+        let Err(Refusal::Problems { problems, .. }) =
             base.delta(&delta(vec![bad], &[]), &ReadLimits::default())
         else {
             panic!("refused");
         };
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert_eq!(problems[0].path, "upsert_accounts[0].mode");
-        let Err(Refusal::Problems(problems)) = base.delta(
+        let Err(Refusal::Problems { problems, .. }) = base.delta(
             &delta(vec![account("d", &["10.0.0.2"])], &[]),
             &ReadLimits::default(),
         ) else {
