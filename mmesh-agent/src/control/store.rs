@@ -406,7 +406,12 @@ impl Saver {
                     let kept = match appended {
                         Ok(true) => Ok("appended to the log"),
                         Ok(false) => writer.whole(&latest.held).map(|()| "written whole"),
-                        Err(err) => Err(err),
+                        Err(err) => {
+                            tracing::warn!(
+                                "control plane: could not append to the last-known-good log ({err}); writing the policy whole"
+                            );
+                            writer.whole(&latest.held).map(|()| "written whole")
+                        }
                     };
                     match kept {
                         Ok(how) => tracing::debug!(%version, "last-known-good policy kept: {how}"),
