@@ -493,14 +493,23 @@ impl Datapath {
     }
 
     /// Clears the rate-limit and sampler state, and the counters, of slots
-    /// that an account takes over.
+    /// that an account takes over, unless still clean (never given out
+    /// since those maps were created: the first 100,000-account policy of a
+    /// new agent spent a quarter of a second writing a million zeroes).
     fn reset_slots(&mut self, slots: &[u32]) -> Result<(), DatapathError> {
+        let clean_from = self.clean_from;
+        // Before any write: a slot given out is never taken for clean
+        // again, whatever happens next.
+        if let Some(top) = slots.iter().max() {
+            self.clean_from = clean_from.max(top.saturating_add(1));
+        }
+        let slots: Vec<u32> = slots.iter().copied().filter(|s| *s < clean_from).collect();
         if slots.is_empty() {
             return Ok(());
         }
         let mut rate = Batch::default();
         let mut sampler = Batch::default();
-        for &slot in slots {
+        for &slot in &slots {
             for d in Direction::ALL {
                 rate.push(rate_index(slot, d as u8), RateState::default());
             }
