@@ -19,6 +19,38 @@ use crate::{
     stride::Stride,
 };
 
+/// Entries from which [`Maps::flush`] writes from two threads: below it,
+/// starting the thread costs more than it saves (a one-account delta
+/// writes a handful).
+const PARALLEL_WRITE: usize = 4096;
+
+/// Runs `jobs`, on this thread and, if `parallel`, on a second one, each
+/// taking the next job not taken; the first error of each thread (a
+/// thread stops at its first error).
+fn side_by_side(
+    jobs: &[&(dyn Fn() -> Result<(), DatapathError> + Sync)],
+    parallel: bool,
+) -> Result<(), DatapathError> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let work = || {
+        while let Some(job) = jobs.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) {
+            job()?;
+        }
+        Ok(())
+    };
+    if !parallel {
+        return work();
+    }
+    std::thread::scope(|s| {
+        let other = s.spawn(work);
+        let mine = work();
+        let theirs = other
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        mine.and(theirs)
+    })
+}
+
 /// A slot's entries before and after a change.
 type Change = (
     u32,
@@ -300,27 +332,49 @@ impl Maps {
 
     /// Writes the batched entries of `pending`. Order does not matter: the
     /// half is inactive, and a failure leaves it unknown.
+    ///
+    /// A large batch is written from two threads, each taking the next map
+    /// to write (the tries first: they take longest): the time goes to the
+    /// kernel's map updates, which lock each map on its own, so two maps are
+    /// written side by side on two CPUs. (The thread is joined before
+    /// anything packets see changes.)
     fn flush(&mut self, pending: &Pending) -> Result<(), DatapathError> {
-        pending
-            .hosts_v4
-            .write(self.hosts_v4.map())
-            .map_err(batch_error(names::HOSTS_V4))?;
-        pending
-            .hosts_v6
-            .write(self.hosts_v6.map())
-            .map_err(batch_error(names::HOSTS_V6))?;
-        pending
-            .prefixes_v4
-            .write(self.prefixes_v4.map())
-            .map_err(batch_error(names::PREFIXES_V4))?;
-        pending
-            .prefixes_v6
-            .write(self.prefixes_v6.map())
-            .map_err(batch_error(names::PREFIXES_V6))?;
-        pending
-            .accounts
-            .write(self.accounts.map())
-            .map_err(batch_error(names::ACCOUNTS))
+        let p4 = || {
+            pending
+                .prefixes_v4
+                .write(self.prefixes_v4.map())
+                .map_err(batch_error(names::PREFIXES_V4))
+        };
+        let p6 = || {
+            pending
+                .prefixes_v6
+                .write(self.prefixes_v6.map())
+                .map_err(batch_error(names::PREFIXES_V6))
+        };
+        let h4 = || {
+            pending
+                .hosts_v4
+                .write(self.hosts_v4.map())
+                .map_err(batch_error(names::HOSTS_V4))
+        };
+        let h6 = || {
+            pending
+                .hosts_v6
+                .write(self.hosts_v6.map())
+                .map_err(batch_error(names::HOSTS_V6))
+        };
+        let accounts = || {
+            pending
+                .accounts
+                .write(self.accounts.map())
+                .map_err(batch_error(names::ACCOUNTS))
+        };
+        let entries = pending.hosts_v4.keys.len()
+            + pending.hosts_v6.keys.len()
+            + pending.prefixes_v4.keys.len()
+            + pending.prefixes_v6.keys.len()
+            + pending.accounts.keys.len();
+        side_by_side(&[&p4, &p6, &h4, &h6, &accounts], entries >= PARALLEL_WRITE)
     }
 
     /// Writes the stride nodes of half `half` that differ. Chunk numbers
