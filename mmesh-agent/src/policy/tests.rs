@@ -301,3 +301,52 @@ fn embedded_default_is_valid() {
         "the default never drops by list"
     );
 }
+
+/// Past [`validate::PARALLEL_ACCOUNTS`] the accounts are validated on
+/// several threads: the problems come out as one thread finds them, in the
+/// accounts' order, also those between accounts of different threads.
+#[test]
+fn problems_of_many_accounts_come_in_their_order() {
+    let n: usize = 5000;
+    let accounts: Vec<String> = (0..n)
+        .map(|i| {
+            let (id, prefixes, mode) = match i {
+                2600 => ("acct-2600".to_owned(), "[]".to_owned(), ""),
+                4000 => (
+                    "acct-10".to_owned(),
+                    "[\"10.15.160.1\"]".to_owned(),
+                    ", \"mode\": \"loud\"",
+                ),
+                4999 => ("acct-4999".to_owned(), "[\"10.0.3.1\"]".to_owned(), ""),
+                _ => (
+                    format!("acct-{i}"),
+                    format!("[\"10.{}.{}.1\"]", i / 256, i % 256),
+                    "",
+                ),
+            };
+            format!("{{\"id\": \"{id}\", \"prefixes\": {prefixes}{mode}}}")
+        })
+        .collect();
+    let text = format!("{{\"accounts\": [{}]}}", accounts.join(",\n"));
+    assert!(n >= validate::PARALLEL_ACCOUNTS);
+    let Err(PolicyError::Invalid { issues, .. }) = Policy::parse(&text, "p.json", Path::new("."))
+    else {
+        panic!("the policy has problems");
+    };
+    let paths: Vec<&str> = issues.iter().map(|i| i.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "accounts[2600].prefixes",
+            "accounts[4000].id",
+            "accounts[4000].mode",
+            "accounts[4999].prefixes",
+        ],
+        "{issues:#?}"
+    );
+    assert!(
+        issues[1].message.contains("already used by accounts[10]"),
+        "{issues:#?}"
+    );
+    assert!(issues[3].message.contains("\"acct-3\""), "{issues:#?}");
+}
