@@ -350,3 +350,34 @@ fn problems_of_many_accounts_come_in_their_order() {
     );
     assert!(issues[3].message.contains("\"acct-3\""), "{issues:#?}");
 }
+
+/// A prefix listed twice is named at its second place, in a short list
+/// (scanned) as in a long one (a set); a bad rate or burst at its field.
+#[test]
+fn repeated_prefixes_and_bad_rates_are_named_where_they_are() {
+    let long: Vec<String> = (0..20).map(|k| format!("\"10.1.0.{k}\"")).collect();
+    let text = format!(
+        r#"{{"accounts": [
+            {{"id": "a", "prefixes": ["10.0.0.1", "fd00::1", "10.0.0.1/32"],
+              "limits": {{"inbound": {{"pps": "0"}}, "outbound": {{"pps": "1k", "pps_burst": "ten"}}}}}},
+            {{"id": "b", "prefixes": [{}, "10.1.0.7"]}}
+        ]}}"#,
+        long.join(", ")
+    );
+    let Err(PolicyError::Invalid { issues, .. }) = Policy::parse(&text, "p.json", Path::new("."))
+    else {
+        panic!("the policy has problems");
+    };
+    let found: Vec<(&str, &str)> = issues
+        .iter()
+        .map(|i| (i.path.as_str(), i.message.as_str()))
+        .collect();
+    assert_eq!(found.len(), 4, "{found:#?}");
+    assert_eq!(found[0].0, "accounts[0].prefixes[2]");
+    assert!(found[0].1.contains("listed twice"), "{found:#?}");
+    assert_eq!(found[1].0, "accounts[0].limits.inbound.pps");
+    assert!(found[1].1.contains("out of range"), "{found:#?}");
+    assert_eq!(found[2].0, "accounts[0].limits.outbound.pps_burst");
+    assert_eq!(found[3].0, "accounts[1].prefixes[20]");
+    assert!(found[3].1.contains("listed twice"), "{found:#?}");
+}

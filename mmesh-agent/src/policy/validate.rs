@@ -1,7 +1,7 @@
 //! Validation of the raw schema into a [`Policy`], collecting every problem.
 
 use std::{
-    collections::HashSet,
+    collections::{HashSet, hash_map::Entry},
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -323,17 +323,21 @@ impl Validator<'_> {
             .map(|n| IpNet::V4(*n))
             .chain(account.prefixes_v6.iter().map(|n| IpNet::V6(*n)))
         {
-            if let Some(&other) = index.owners.get(&net) {
-                let other = &accounts[other].id;
-                if *other != account.id {
-                    self.issue(
-                        id_at.clone().unwrap_or_else(|| self.source.to_owned()),
-                        format!("{}.prefixes", path()),
-                        format!("prefix {net} is also owned by account {}; an address belongs to one account (nested prefixes are allowed, the most specific wins)", quote(other)),
-                    );
+            // One look-up per prefix: 400,000 of them at 100,000 accounts.
+            match index.owners.entry(net) {
+                Entry::Occupied(owner) => {
+                    let other = &accounts[*owner.get()].id;
+                    if *other != account.id {
+                        self.issue(
+                            id_at.clone().unwrap_or_else(|| self.source.to_owned()),
+                            format!("{}.prefixes", path()),
+                            format!("prefix {net} is also owned by account {}; an address belongs to one account (nested prefixes are allowed, the most specific wins)", quote(other)),
+                        );
+                    }
                 }
-            } else {
-                index.owners.insert(net, i);
+                Entry::Vacant(free) => {
+                    free.insert(i);
+                }
             }
         }
         accounts.push(account);
@@ -474,12 +478,19 @@ impl Validator<'_> {
         }
         let mut prefixes_v4 = Vec::new();
         let mut prefixes_v6 = Vec::new();
-        let mut seen = HashSet::new();
+        // Repeats found by a scan of the handful of prefixes most accounts
+        // have (a set each took an allocation), by a set past that.
+        let mut seen: Option<HashSet<IpNet>> = (raw_prefixes.len() > 16).then(HashSet::new);
         for (j, p) in raw_prefixes.iter().enumerate() {
-            let at = self.at(p);
             match parse_cidr(p.text()) {
                 Ok(net) => {
-                    if !seen.insert(net) {
+                    let repeated = match (&mut seen, net) {
+                        (Some(seen), _) => !seen.insert(net),
+                        (None, IpNet::V4(n)) => prefixes_v4.contains(&n),
+                        (None, IpNet::V6(n)) => prefixes_v6.contains(&n),
+                    };
+                    if repeated {
+                        let at = self.at(p);
                         self.issue(
                             at,
                             format!("{path}.prefixes[{j}]"),
@@ -492,7 +503,10 @@ impl Validator<'_> {
                         IpNet::V6(n) => prefixes_v6.push(n),
                     }
                 }
-                Err(msg) => self.issue(at, format!("{path}.prefixes[{j}]"), msg),
+                Err(msg) => {
+                    let at = self.at(p);
+                    self.issue(at, format!("{path}.prefixes[{j}]"), msg);
+                }
             }
         }
         let mode = self
@@ -723,7 +737,7 @@ impl Validator<'_> {
             self.rate(
                 r,
                 raw.pps_burst.as_ref(),
-                &format!("{path}.pps"),
+                (path, "pps"),
                 (1, MAX_PPS),
                 (1, MIN_DEFAULT_PPS_BURST),
             )
@@ -732,7 +746,7 @@ impl Validator<'_> {
             self.rate(
                 r,
                 raw.bps_burst.as_ref(),
-                &format!("{path}.bps"),
+                (path, "bps"),
                 (MIN_BPS, MAX_BPS),
                 (8, MIN_DEFAULT_BPS_BURST),
             )
@@ -763,22 +777,23 @@ impl Validator<'_> {
         })
     }
 
-    /// A rate within `range` at `path` and its burst (at `path`_burst), at
-    /// least `min_burst` and at most an hour of the rate; by default
-    /// [`DEFAULT_BURST_MILLIS`] of the rate, at least `default_floor`.
+    /// A rate within `range` at `path`.`name` and its burst (at
+    /// `path`.`name`_burst), at least `min_burst` and at most an hour of the
+    /// rate; by default [`DEFAULT_BURST_MILLIS`] of the rate, at least
+    /// `default_floor`.
     pub(super) fn rate(
         &mut self,
         rate: &At<Scalar>,
         burst: Option<&At<Scalar>>,
-        path: &str,
+        (path, name): (&str, &str),
         (min, max): (u64, u64),
         (min_burst, default_floor): (u64, u64),
     ) -> Option<Rate> {
-        let rate = self.quantity(rate, path, min, max)?;
+        let rate = self.quantity(rate, || format!("{path}.{name}"), min, max)?;
         let burst = match burst {
             Some(b) => self.quantity(
                 b,
-                &format!("{path}_burst"),
+                || format!("{path}.{name}_burst"),
                 min_burst,
                 rate.saturating_mul(MAX_BURST_SECONDS),
             )?,
@@ -787,20 +802,22 @@ impl Validator<'_> {
         Some(Rate { rate, burst })
     }
 
+    /// A quantity within `min..=max`, or a problem at `path()` (made only
+    /// then, as its location: a policy has hundreds of thousands of them).
     pub(super) fn quantity(
         &mut self,
         raw: &At<Scalar>,
-        path: &str,
+        path: impl FnOnce() -> String,
         min: u64,
         max: u64,
     ) -> Option<u64> {
-        let at = self.at(raw);
         match parse_quantity(raw.text()) {
             Ok(n) if (min..=max).contains(&n) => Some(n),
             Ok(n) => {
+                let at = self.at(raw);
                 self.issue(
                     at,
-                    path,
+                    path(),
                     format!(
                         "{} = {n} is out of range: it must be between {min} and {max}",
                         quote(raw.text())
@@ -809,7 +826,8 @@ impl Validator<'_> {
                 None
             }
             Err(msg) => {
-                self.issue(at, path, msg);
+                let at = self.at(raw);
+                self.issue(at, path(), msg);
                 None
             }
         }
