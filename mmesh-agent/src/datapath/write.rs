@@ -6,8 +6,9 @@ use aya::maps::{HashMap, IterableMap as _, LpmTrie, MapData, MapError, lpm_trie:
 use mmesh_common::{
     Direction, Reason,
     maps::{
-        AccountConfig, CounterKey, GenConfig, NO_ACCOUNT, RateState, SCOPE_BITS, ScopedV4,
-        ScopedV6, account_index, flow_generation, names, rate_index, sampler_index, scope,
+        AccountConfig, CounterKey, GenConfig, NO_ACCOUNT, RateState, RuleValue, SCOPE_BITS,
+        ScopedV4, ScopedV6, account_index, flow_generation, names, rate_index, sampler_index,
+        scope,
     },
     stride,
 };
@@ -60,14 +61,80 @@ type Change = (
 
 /// Account entries gathered for one batched system call per map
 /// ([`batch::update`]): the first load of a large policy writes hundreds of
-/// thousands of them. (Account rules go one by one: there are few.)
+/// thousands of them (and 10,000 account rules one call each took tens of
+/// milliseconds).
 #[derive(Default)]
 struct Pending {
     hosts_v4: Batch<ScopedV4, u32>,
     hosts_v6: Batch<ScopedV6, u32>,
     prefixes_v4: Batch<Key<ScopedV4>, u32>,
     prefixes_v6: Batch<Key<ScopedV6>, u32>,
+    rules_v4: Batch<Key<ScopedV4>, RuleValue>,
+    rules_v6: Batch<Key<ScopedV6>, RuleValue>,
     accounts: Batch<u32, AccountConfig>,
+}
+
+impl Pending {
+    /// Gathers the entries of `new` that `old` does not have (or has with
+    /// another value), and the account's settings; without `new`, leaves a
+    /// tombstone holding the slot's epoch.
+    fn put(
+        &mut self,
+        half: u32,
+        slot: u32,
+        old: &AccountEntries,
+        new: Option<&AccountEntries>,
+        epochs: &[u32],
+    ) {
+        let epoch = epochs.get(slot as usize).copied().unwrap_or(0);
+        let Some(new) = new else {
+            let tombstone = AccountConfig {
+                epoch,
+                ..AccountConfig::default()
+            };
+            self.accounts.push(account_index(slot, half), tombstone);
+            return;
+        };
+        let own = scope(half, NO_ACCOUNT);
+        let mine = scope(half, slot);
+        for a in gone(&new.hosts_v4, &old.hosts_v4) {
+            self.hosts_v4.push(
+                ScopedV4 {
+                    scope: own,
+                    addr: *a,
+                },
+                slot,
+            );
+        }
+        for a in gone(&new.hosts_v6, &old.hosts_v6) {
+            self.hosts_v6.push(
+                ScopedV6 {
+                    scope: own,
+                    addr: *a,
+                },
+                slot,
+            );
+        }
+        for k in gone(&new.prefixes_v4, &old.prefixes_v4) {
+            self.prefixes_v4.push(key4(own, k.addr, k.len), slot);
+        }
+        for k in gone(&new.prefixes_v6, &old.prefixes_v6) {
+            self.prefixes_v6.push(key6(own, k.addr, k.len), slot);
+        }
+        for (k, v) in gone(&new.rules_v4, &old.rules_v4) {
+            self.rules_v4.push(key4(mine, k.addr, k.len), *v);
+        }
+        for (k, v) in gone(&new.rules_v6, &old.rules_v6) {
+            self.rules_v6.push(key6(mine, k.addr, k.len), *v);
+        }
+        let config = AccountConfig {
+            epoch,
+            ..new.config
+        };
+        if old.config != config {
+            self.accounts.push(account_index(slot, half), config);
+        }
+    }
 }
 
 struct Batch<K, V> {
@@ -154,7 +221,7 @@ impl Maps {
         }
         let mut pending = Pending::default();
         for (slot, old, new) in &changed {
-            self.put_entries(half, *slot, old, *new, epochs, &mut pending)?;
+            pending.put(half, *slot, old, *new, epochs);
         }
         self.flush(&pending)
     }
@@ -186,14 +253,13 @@ impl Maps {
         }
         let mut pending = Pending::default();
         for (slot, old, new) in &changed {
-            self.put_entries(
+            pending.put(
                 half,
                 *slot,
                 old.as_deref().unwrap_or(&empty),
                 new.as_deref(),
                 epochs,
-                &mut pending,
-            )?;
+            );
         }
         self.flush(&pending)
     }
@@ -261,75 +327,6 @@ impl Maps {
         Ok(())
     }
 
-    /// Writes the entries of `new` that `old` does not have (or has with
-    /// another value), and the account's settings; without `new`, leaves a
-    /// tombstone holding the slot's epoch.
-    fn put_entries(
-        &mut self,
-        half: u32,
-        slot: u32,
-        old: &AccountEntries,
-        new: Option<&AccountEntries>,
-        epochs: &[u32],
-        pending: &mut Pending,
-    ) -> Result<(), DatapathError> {
-        let epoch = epochs.get(slot as usize).copied().unwrap_or(0);
-        let Some(new) = new else {
-            let tombstone = AccountConfig {
-                epoch,
-                ..AccountConfig::default()
-            };
-            pending.accounts.push(account_index(slot, half), tombstone);
-            return Ok(());
-        };
-        let own = scope(half, NO_ACCOUNT);
-        let mine = scope(half, slot);
-        for a in gone(&new.hosts_v4, &old.hosts_v4) {
-            pending.hosts_v4.push(
-                ScopedV4 {
-                    scope: own,
-                    addr: *a,
-                },
-                slot,
-            );
-        }
-        for a in gone(&new.hosts_v6, &old.hosts_v6) {
-            pending.hosts_v6.push(
-                ScopedV6 {
-                    scope: own,
-                    addr: *a,
-                },
-                slot,
-            );
-        }
-        for k in gone(&new.prefixes_v4, &old.prefixes_v4) {
-            pending.prefixes_v4.push(key4(own, k.addr, k.len), slot);
-        }
-        for k in gone(&new.prefixes_v6, &old.prefixes_v6) {
-            pending.prefixes_v6.push(key6(own, k.addr, k.len), slot);
-        }
-        for rule in gone(&new.rules_v4, &old.rules_v4) {
-            let (k, v) = rule;
-            self.acct_rules_v4
-                .insert(&key4(mine, k.addr, k.len), v, 0)
-                .map_err(|e| DatapathError::map(names::ACCT_RULES_V4, e))?;
-        }
-        for rule in gone(&new.rules_v6, &old.rules_v6) {
-            let (k, v) = rule;
-            self.acct_rules_v6
-                .insert(&key6(mine, k.addr, k.len), v, 0)
-                .map_err(|e| DatapathError::map(names::ACCT_RULES_V6, e))?;
-        }
-        let config = AccountConfig {
-            epoch,
-            ..new.config
-        };
-        if old.config != config {
-            pending.accounts.push(account_index(slot, half), config);
-        }
-        Ok(())
-    }
-
     /// Writes the batched entries of `pending`. Order does not matter: the
     /// half is inactive, and a failure leaves it unknown.
     ///
@@ -369,12 +366,27 @@ impl Maps {
                 .write(self.accounts.map())
                 .map_err(batch_error(names::ACCOUNTS))
         };
+        let rules = || {
+            pending
+                .rules_v4
+                .write(self.acct_rules_v4.map())
+                .map_err(batch_error(names::ACCT_RULES_V4))?;
+            pending
+                .rules_v6
+                .write(self.acct_rules_v6.map())
+                .map_err(batch_error(names::ACCT_RULES_V6))
+        };
         let entries = pending.hosts_v4.keys.len()
             + pending.hosts_v6.keys.len()
             + pending.prefixes_v4.keys.len()
             + pending.prefixes_v6.keys.len()
+            + pending.rules_v4.keys.len()
+            + pending.rules_v6.keys.len()
             + pending.accounts.keys.len();
-        side_by_side(&[&p4, &p6, &h4, &h6, &accounts], entries >= PARALLEL_WRITE)
+        side_by_side(
+            &[&p4, &p6, &h4, &h6, &rules, &accounts],
+            entries >= PARALLEL_WRITE,
+        )
     }
 
     /// Writes the stride nodes of half `half` that differ. Chunk numbers
@@ -698,9 +710,11 @@ fn sync_lpm<'a, A: Ord + 'a, K: aya::Pod, V: aya::Pod + PartialEq + 'a>(
             Err(e) => return Err(DatapathError::map(name, e)),
         }
     }
+    // Batched ([`batch::update`]): a system call per entry took tens of
+    // milliseconds for ten thousand.
+    let mut batch = Batch::default();
     for (a, v) in changed {
-        map.insert(&key(a), v, 0)
-            .map_err(|e| DatapathError::map(name, e))?;
+        batch.push(key(a), v);
     }
-    Ok(())
+    batch.write(map.map()).map_err(batch_error(name))
 }
