@@ -313,6 +313,7 @@ on_both_hooks!(
     non_ip_frames_pass_and_are_counted,
     workload_programs_see_the_reverse_directions,
     policy_changes_take_effect_at_once_and_keep_state,
+    an_account_taking_over_a_slot_starts_with_a_full_bucket,
     a_half_of_unknown_content_is_read_back_and_brought_to_the_policy,
     events_are_sampled_per_account_and_reason,
     events_lost_to_a_full_ring_are_counted,
@@ -1094,6 +1095,31 @@ fn policy_changes_take_effect_at_once_and_keep_state(rx: Rx) {
         h.account(0, Reason::Pass, Verdict::Pass, Direction::Inbound)
             .packets,
         1
+    );
+}
+
+/// The state of a slot given out before is reset for the account that
+/// takes it over (slots never given out are not: they are still as the
+/// kernel created them).
+fn an_account_taking_over_a_slot_starts_with_a_full_bucket(rx: Rx) {
+    let policy = POLICY.replace("pps: 100, pps_burst: 10", "pps: 1, pps_burst: 10");
+    let mut h = Harness::new(&policy);
+    let beta = h.slot("beta");
+    let to_beta = udp(ip(ORDINARY4), ip(BETA4), 1, 2, 0);
+    h.run_n(rx.inbound(), &to_beta, 50);
+    assert_eq!(
+        h.run(rx.inbound(), &to_beta),
+        Verdict::Drop,
+        "beta's burst is used up"
+    );
+    let beta_entry = policy.find("  - id: beta").expect("the policy has beta");
+    h.apply(&policy[..beta_entry]);
+    h.apply(&policy.replace("id: beta", "id: gamma"));
+    assert_eq!(h.slot("gamma"), beta, "gamma takes the slot beta left");
+    assert_eq!(
+        h.run(rx.inbound(), &to_beta),
+        Verdict::Pass,
+        "gamma starts with a full burst, not beta's empty one"
     );
 }
 

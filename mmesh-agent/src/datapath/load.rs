@@ -101,7 +101,10 @@ impl Datapath {
         };
         let planned = match &pins {
             Some(pins) => plan_maps(pins, &shapes, &mut loader)?,
-            None => Planned::default(),
+            None => Planned {
+                created: sizes.iter().map(|(name, _)| *name).collect(),
+                ..Planned::default()
+            },
         };
         let mut ebpf = loader
             .load(EBPF_OBJECT)
@@ -139,6 +142,12 @@ impl Datapath {
         };
         let events = Some(take(&mut ebpf, names::EVENTS)?);
         let empty = Arc::new(Compiled::default());
+        let clean_from = if SLOT_STATE.iter().all(|name| planned.created.contains(name)) {
+            // Slot 0 is never an account's.
+            1
+        } else {
+            u32::MAX
+        };
         let mut dp = Self {
             ebpf,
             maps,
@@ -151,6 +160,7 @@ impl Datapath {
             },
             generation: 0,
             epochs: Vec::new(),
+            clean_from,
             barrier: ProgramBarrier::new().map_err(DatapathError::Barrier)?,
             quiesced: true,
             attachments: Vec::new(),
@@ -281,7 +291,14 @@ struct Planned {
     /// The old `CONFIG`'s value, when `CONFIG` is recreated only along with
     /// other maps: the new one starts as its copy.
     config: Option<Config>,
+    /// Maps this load creates (empty), rather than reuses: all of them
+    /// when nothing is pinned. Of the sized maps only (`map_sizes`).
+    created: Vec<&'static str>,
 }
+
+/// The maps of per-slot state that an account taking a slot must find
+/// zeroed ([`Datapath`]'s `clean_from`).
+const SLOT_STATE: [&str; 3] = [names::RATE_STATE, names::SAMPLER, names::ACCOUNT_COUNTERS];
 
 /// Tells the loader which pinned maps to reuse or create pinned; the maps
 /// to recreate it creates unpinned, for [`pin_in_place`].
@@ -332,6 +349,9 @@ fn plan_maps(
         }
     }
     for (shape, plan) in shapes.iter().zip(plans) {
+        if plan != MapPlan::Reuse {
+            planned.created.push(shape.name);
+        }
         match plan {
             MapPlan::Create if adopting => {
                 planned

@@ -64,6 +64,13 @@ pub struct Datapath {
     /// Per account slot, the low bits of the generation in which it got its
     /// account (or lost it): see `AccountConfig::epoch`.
     epochs: Vec<u32>,
+    /// Account slots from this one up have held no account since the maps
+    /// of per-slot state (rate-limit buckets, sampler windows, account
+    /// counters) were created: their state is still the zeroes the kernel
+    /// made, and an account taking one needs no reset. Packets write the
+    /// state of a slot only once an account holds it (the slot comes from
+    /// the account's entries), so a slot stays clean until it is given out.
+    clean_from: u32,
     barrier: ProgramBarrier,
     /// No program has read the standby half since the last flip.
     quiesced: bool,

@@ -6,8 +6,9 @@ use aya::maps::{HashMap, IterableMap as _, LpmTrie, MapData, MapError, lpm_trie:
 use mmesh_common::{
     Direction, Reason,
     maps::{
-        AccountConfig, CounterKey, GenConfig, NO_ACCOUNT, RateState, SCOPE_BITS, ScopedV4,
-        ScopedV6, account_index, flow_generation, names, rate_index, sampler_index, scope,
+        AccountConfig, CounterKey, GenConfig, NO_ACCOUNT, RateState, RuleValue, SCOPE_BITS,
+        ScopedV4, ScopedV6, account_index, flow_generation, names, rate_index, sampler_index,
+        scope,
     },
     stride,
 };
@@ -19,6 +20,38 @@ use crate::{
     stride::Stride,
 };
 
+/// Entries from which [`Maps::flush`] writes from two threads: below it,
+/// starting the thread costs more than it saves (a one-account delta
+/// writes a handful).
+const PARALLEL_WRITE: usize = 4096;
+
+/// Runs `jobs`, on this thread and, if `parallel`, on a second one, each
+/// taking the next job not taken; the first error of each thread (a
+/// thread stops at its first error).
+fn side_by_side(
+    jobs: &[&(dyn Fn() -> Result<(), DatapathError> + Sync)],
+    parallel: bool,
+) -> Result<(), DatapathError> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let work = || {
+        while let Some(job) = jobs.get(next.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) {
+            job()?;
+        }
+        Ok(())
+    };
+    if !parallel {
+        return work();
+    }
+    std::thread::scope(|s| {
+        let other = s.spawn(work);
+        let mine = work();
+        let theirs = other
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        mine.and(theirs)
+    })
+}
+
 /// A slot's entries before and after a change.
 type Change = (
     u32,
@@ -28,14 +61,80 @@ type Change = (
 
 /// Account entries gathered for one batched system call per map
 /// ([`batch::update`]): the first load of a large policy writes hundreds of
-/// thousands of them. (Account rules go one by one: there are few.)
+/// thousands of them (and 10,000 account rules one call each took tens of
+/// milliseconds).
 #[derive(Default)]
 struct Pending {
     hosts_v4: Batch<ScopedV4, u32>,
     hosts_v6: Batch<ScopedV6, u32>,
     prefixes_v4: Batch<Key<ScopedV4>, u32>,
     prefixes_v6: Batch<Key<ScopedV6>, u32>,
+    rules_v4: Batch<Key<ScopedV4>, RuleValue>,
+    rules_v6: Batch<Key<ScopedV6>, RuleValue>,
     accounts: Batch<u32, AccountConfig>,
+}
+
+impl Pending {
+    /// Gathers the entries of `new` that `old` does not have (or has with
+    /// another value), and the account's settings; without `new`, leaves a
+    /// tombstone holding the slot's epoch.
+    fn put(
+        &mut self,
+        half: u32,
+        slot: u32,
+        old: &AccountEntries,
+        new: Option<&AccountEntries>,
+        epochs: &[u32],
+    ) {
+        let epoch = epochs.get(slot as usize).copied().unwrap_or(0);
+        let Some(new) = new else {
+            let tombstone = AccountConfig {
+                epoch,
+                ..AccountConfig::default()
+            };
+            self.accounts.push(account_index(slot, half), tombstone);
+            return;
+        };
+        let own = scope(half, NO_ACCOUNT);
+        let mine = scope(half, slot);
+        for a in gone(&new.hosts_v4, &old.hosts_v4) {
+            self.hosts_v4.push(
+                ScopedV4 {
+                    scope: own,
+                    addr: *a,
+                },
+                slot,
+            );
+        }
+        for a in gone(&new.hosts_v6, &old.hosts_v6) {
+            self.hosts_v6.push(
+                ScopedV6 {
+                    scope: own,
+                    addr: *a,
+                },
+                slot,
+            );
+        }
+        for k in gone(&new.prefixes_v4, &old.prefixes_v4) {
+            self.prefixes_v4.push(key4(own, k.addr, k.len), slot);
+        }
+        for k in gone(&new.prefixes_v6, &old.prefixes_v6) {
+            self.prefixes_v6.push(key6(own, k.addr, k.len), slot);
+        }
+        for (k, v) in gone(&new.rules_v4, &old.rules_v4) {
+            self.rules_v4.push(key4(mine, k.addr, k.len), *v);
+        }
+        for (k, v) in gone(&new.rules_v6, &old.rules_v6) {
+            self.rules_v6.push(key6(mine, k.addr, k.len), *v);
+        }
+        let config = AccountConfig {
+            epoch,
+            ..new.config
+        };
+        if old.config != config {
+            self.accounts.push(account_index(slot, half), config);
+        }
+    }
 }
 
 struct Batch<K, V> {
@@ -122,7 +221,7 @@ impl Maps {
         }
         let mut pending = Pending::default();
         for (slot, old, new) in &changed {
-            self.put_entries(half, *slot, old, *new, epochs, &mut pending)?;
+            pending.put(half, *slot, old, *new, epochs);
         }
         self.flush(&pending)
     }
@@ -154,14 +253,13 @@ impl Maps {
         }
         let mut pending = Pending::default();
         for (slot, old, new) in &changed {
-            self.put_entries(
+            pending.put(
                 half,
                 *slot,
                 old.as_deref().unwrap_or(&empty),
                 new.as_deref(),
                 epochs,
-                &mut pending,
-            )?;
+            );
         }
         self.flush(&pending)
     }
@@ -229,98 +327,66 @@ impl Maps {
         Ok(())
     }
 
-    /// Writes the entries of `new` that `old` does not have (or has with
-    /// another value), and the account's settings; without `new`, leaves a
-    /// tombstone holding the slot's epoch.
-    fn put_entries(
-        &mut self,
-        half: u32,
-        slot: u32,
-        old: &AccountEntries,
-        new: Option<&AccountEntries>,
-        epochs: &[u32],
-        pending: &mut Pending,
-    ) -> Result<(), DatapathError> {
-        let epoch = epochs.get(slot as usize).copied().unwrap_or(0);
-        let Some(new) = new else {
-            let tombstone = AccountConfig {
-                epoch,
-                ..AccountConfig::default()
-            };
-            pending.accounts.push(account_index(slot, half), tombstone);
-            return Ok(());
-        };
-        let own = scope(half, NO_ACCOUNT);
-        let mine = scope(half, slot);
-        for a in gone(&new.hosts_v4, &old.hosts_v4) {
-            pending.hosts_v4.push(
-                ScopedV4 {
-                    scope: own,
-                    addr: *a,
-                },
-                slot,
-            );
-        }
-        for a in gone(&new.hosts_v6, &old.hosts_v6) {
-            pending.hosts_v6.push(
-                ScopedV6 {
-                    scope: own,
-                    addr: *a,
-                },
-                slot,
-            );
-        }
-        for k in gone(&new.prefixes_v4, &old.prefixes_v4) {
-            pending.prefixes_v4.push(key4(own, k.addr, k.len), slot);
-        }
-        for k in gone(&new.prefixes_v6, &old.prefixes_v6) {
-            pending.prefixes_v6.push(key6(own, k.addr, k.len), slot);
-        }
-        for rule in gone(&new.rules_v4, &old.rules_v4) {
-            let (k, v) = rule;
-            self.acct_rules_v4
-                .insert(&key4(mine, k.addr, k.len), v, 0)
-                .map_err(|e| DatapathError::map(names::ACCT_RULES_V4, e))?;
-        }
-        for rule in gone(&new.rules_v6, &old.rules_v6) {
-            let (k, v) = rule;
-            self.acct_rules_v6
-                .insert(&key6(mine, k.addr, k.len), v, 0)
-                .map_err(|e| DatapathError::map(names::ACCT_RULES_V6, e))?;
-        }
-        let config = AccountConfig {
-            epoch,
-            ..new.config
-        };
-        if old.config != config {
-            pending.accounts.push(account_index(slot, half), config);
-        }
-        Ok(())
-    }
-
     /// Writes the batched entries of `pending`. Order does not matter: the
     /// half is inactive, and a failure leaves it unknown.
+    ///
+    /// A large batch is written from two threads, each taking the next map
+    /// to write (the tries first: they take longest): the time goes to the
+    /// kernel's map updates, which lock each map on its own, so two maps are
+    /// written side by side on two CPUs. (The thread is joined before
+    /// anything packets see changes.)
     fn flush(&mut self, pending: &Pending) -> Result<(), DatapathError> {
-        pending
-            .hosts_v4
-            .write(self.hosts_v4.map())
-            .map_err(batch_error(names::HOSTS_V4))?;
-        pending
-            .hosts_v6
-            .write(self.hosts_v6.map())
-            .map_err(batch_error(names::HOSTS_V6))?;
-        pending
-            .prefixes_v4
-            .write(self.prefixes_v4.map())
-            .map_err(batch_error(names::PREFIXES_V4))?;
-        pending
-            .prefixes_v6
-            .write(self.prefixes_v6.map())
-            .map_err(batch_error(names::PREFIXES_V6))?;
-        pending
-            .accounts
-            .write(self.accounts.map())
-            .map_err(batch_error(names::ACCOUNTS))
+        let p4 = || {
+            pending
+                .prefixes_v4
+                .write(self.prefixes_v4.map())
+                .map_err(batch_error(names::PREFIXES_V4))
+        };
+        let p6 = || {
+            pending
+                .prefixes_v6
+                .write(self.prefixes_v6.map())
+                .map_err(batch_error(names::PREFIXES_V6))
+        };
+        let h4 = || {
+            pending
+                .hosts_v4
+                .write(self.hosts_v4.map())
+                .map_err(batch_error(names::HOSTS_V4))
+        };
+        let h6 = || {
+            pending
+                .hosts_v6
+                .write(self.hosts_v6.map())
+                .map_err(batch_error(names::HOSTS_V6))
+        };
+        let accounts = || {
+            pending
+                .accounts
+                .write(self.accounts.map())
+                .map_err(batch_error(names::ACCOUNTS))
+        };
+        let rules = || {
+            pending
+                .rules_v4
+                .write(self.acct_rules_v4.map())
+                .map_err(batch_error(names::ACCT_RULES_V4))?;
+            pending
+                .rules_v6
+                .write(self.acct_rules_v6.map())
+                .map_err(batch_error(names::ACCT_RULES_V6))
+        };
+        let entries = pending.hosts_v4.keys.len()
+            + pending.hosts_v6.keys.len()
+            + pending.prefixes_v4.keys.len()
+            + pending.prefixes_v6.keys.len()
+            + pending.rules_v4.keys.len()
+            + pending.rules_v6.keys.len()
+            + pending.accounts.keys.len();
+        side_by_side(
+            &[&p4, &p6, &h4, &h6, &rules, &accounts],
+            entries >= PARALLEL_WRITE,
+        )
     }
 
     /// Writes the stride nodes of half `half` that differ. Chunk numbers
@@ -493,14 +559,23 @@ impl Datapath {
     }
 
     /// Clears the rate-limit and sampler state, and the counters, of slots
-    /// that an account takes over.
+    /// that an account takes over, unless still clean (never given out
+    /// since those maps were created: the first 100,000-account policy of a
+    /// new agent spent a quarter of a second writing a million zeroes).
     fn reset_slots(&mut self, slots: &[u32]) -> Result<(), DatapathError> {
+        let clean_from = self.clean_from;
+        // Before any write: a slot given out is never taken for clean
+        // again, whatever happens next.
+        if let Some(top) = slots.iter().max() {
+            self.clean_from = clean_from.max(top.saturating_add(1));
+        }
+        let slots: Vec<u32> = slots.iter().copied().filter(|s| *s < clean_from).collect();
         if slots.is_empty() {
             return Ok(());
         }
         let mut rate = Batch::default();
         let mut sampler = Batch::default();
-        for &slot in slots {
+        for &slot in &slots {
             for d in Direction::ALL {
                 rate.push(rate_index(slot, d as u8), RateState::default());
             }
@@ -635,9 +710,11 @@ fn sync_lpm<'a, A: Ord + 'a, K: aya::Pod, V: aya::Pod + PartialEq + 'a>(
             Err(e) => return Err(DatapathError::map(name, e)),
         }
     }
+    // Batched ([`batch::update`]): a system call per entry took tens of
+    // milliseconds for ten thousand.
+    let mut batch = Batch::default();
     for (a, v) in changed {
-        map.insert(&key(a), v, 0)
-            .map_err(|e| DatapathError::map(name, e))?;
+        batch.push(key(a), v);
     }
-    Ok(())
+    batch.write(map.map()).map_err(batch_error(name))
 }

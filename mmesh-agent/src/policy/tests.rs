@@ -301,3 +301,83 @@ fn embedded_default_is_valid() {
         "the default never drops by list"
     );
 }
+
+/// Past [`validate::PARALLEL_ACCOUNTS`] the accounts are validated on
+/// several threads: the problems come out as one thread finds them, in the
+/// accounts' order, also those between accounts of different threads.
+#[test]
+fn problems_of_many_accounts_come_in_their_order() {
+    let n: usize = 5000;
+    let accounts: Vec<String> = (0..n)
+        .map(|i| {
+            let (id, prefixes, mode) = match i {
+                2600 => ("acct-2600".to_owned(), "[]".to_owned(), ""),
+                4000 => (
+                    "acct-10".to_owned(),
+                    "[\"10.15.160.1\"]".to_owned(),
+                    ", \"mode\": \"loud\"",
+                ),
+                4999 => ("acct-4999".to_owned(), "[\"10.0.3.1\"]".to_owned(), ""),
+                _ => (
+                    format!("acct-{i}"),
+                    format!("[\"10.{}.{}.1\"]", i / 256, i % 256),
+                    "",
+                ),
+            };
+            format!("{{\"id\": \"{id}\", \"prefixes\": {prefixes}{mode}}}")
+        })
+        .collect();
+    let text = format!("{{\"accounts\": [{}]}}", accounts.join(",\n"));
+    assert!(n >= validate::PARALLEL_ACCOUNTS);
+    let Err(PolicyError::Invalid { issues, .. }) = Policy::parse(&text, "p.json", Path::new("."))
+    else {
+        panic!("the policy has problems");
+    };
+    let paths: Vec<&str> = issues.iter().map(|i| i.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "accounts[2600].prefixes",
+            "accounts[4000].id",
+            "accounts[4000].mode",
+            "accounts[4999].prefixes",
+        ],
+        "{issues:#?}"
+    );
+    assert!(
+        issues[1].message.contains("already used by accounts[10]"),
+        "{issues:#?}"
+    );
+    assert!(issues[3].message.contains("\"acct-3\""), "{issues:#?}");
+}
+
+/// A prefix listed twice is named at its second place, in a short list
+/// (scanned) as in a long one (a set); a bad rate or burst at its field.
+#[test]
+fn repeated_prefixes_and_bad_rates_are_named_where_they_are() {
+    let long: Vec<String> = (0..20).map(|k| format!("\"10.1.0.{k}\"")).collect();
+    let text = format!(
+        r#"{{"accounts": [
+            {{"id": "a", "prefixes": ["10.0.0.1", "fd00::1", "10.0.0.1/32"],
+              "limits": {{"inbound": {{"pps": "0"}}, "outbound": {{"pps": "1k", "pps_burst": "ten"}}}}}},
+            {{"id": "b", "prefixes": [{}, "10.1.0.7"]}}
+        ]}}"#,
+        long.join(", ")
+    );
+    let Err(PolicyError::Invalid { issues, .. }) = Policy::parse(&text, "p.json", Path::new("."))
+    else {
+        panic!("the policy has problems");
+    };
+    let found: Vec<(&str, &str)> = issues
+        .iter()
+        .map(|i| (i.path.as_str(), i.message.as_str()))
+        .collect();
+    assert_eq!(found.len(), 4, "{found:#?}");
+    assert_eq!(found[0].0, "accounts[0].prefixes[2]");
+    assert!(found[0].1.contains("listed twice"), "{found:#?}");
+    assert_eq!(found[1].0, "accounts[0].limits.inbound.pps");
+    assert!(found[1].1.contains("out of range"), "{found:#?}");
+    assert_eq!(found[2].0, "accounts[0].limits.outbound.pps_burst");
+    assert_eq!(found[3].0, "accounts[1].prefixes[20]");
+    assert!(found[3].1.contains("listed twice"), "{found:#?}");
+}
