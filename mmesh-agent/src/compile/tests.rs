@@ -136,7 +136,7 @@ fn accounts_get_stable_slots() {
     let c1 = compile(&p1, None, &Capacity::default()).unwrap();
     assert_eq!((c1.slot_of("a").unwrap(), c1.slot_of("b").unwrap()), (1, 2));
     assert_eq!(c1.new_slots, vec![1, 2]);
-    assert_eq!(c1.account(2).unwrap().hosts_v4, vec![[10, 0, 0, 2]]);
+    assert_eq!(c1.account(2).unwrap().hosts_v4, [[10, 0, 0, 2]].into());
     assert_eq!(c1.account(2).unwrap().prefixes_v4.len(), 1);
     assert_eq!(c1.account_id(2), Some("b"));
     assert_eq!(
@@ -335,7 +335,7 @@ fn portable(
         .iter()
         .map(|(k, v)| (*k, v.action, c.list(v.list).unwrap().name.clone()))
         .collect();
-    (a.hosts_v4.clone(), a.prefixes_v4.clone(), rules, a.config)
+    (a.hosts_v4.to_vec(), a.prefixes_v4.to_vec(), rules, a.config)
 }
 
 proptest::proptest! {
