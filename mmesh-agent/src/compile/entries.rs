@@ -12,8 +12,8 @@ use mmesh_common::{
 };
 
 use super::{
-    AccountEntries, Capacity, CompileError, Counts, GlobalEntries, ListInfo, MAX_ACCOUNT_LISTS,
-    PrefixKey, account_list_id, resolve::Resolver,
+    AccountEntries, AccountLists, Capacity, CompileError, Counts, GlobalEntries, ListInfo,
+    MAX_ACCOUNT_LISTS, PrefixKey, account_list_id, resolve::Resolver,
 };
 use crate::{
     policy::{Account, Action, DirLimits, List},
@@ -132,22 +132,25 @@ pub(super) fn compile_account(
                 len: net.prefix_len(),
             })
             .collect(),
-        rules_v4: v4
-            .into_iter()
-            .map(|(addr, len, v)| (PrefixKey { addr, len }, v))
-            .collect(),
-        rules_v6: v6
-            .into_iter()
-            .map(|(addr, len, v)| (PrefixKey { addr, len }, v))
-            .collect(),
-        lists: infos.into(),
+        lists: AccountLists {
+            rules_v4: v4
+                .into_iter()
+                .map(|(addr, len, v)| (PrefixKey { addr, len }, v))
+                .collect(),
+            rules_v6: v6
+                .into_iter()
+                .map(|(addr, len, v)| (PrefixKey { addr, len }, v))
+                .collect(),
+            names: infos.into(),
+        }
+        .boxed(),
         ..AccountEntries::default()
     };
     let mut flags = ACCOUNT_ACTIVE;
-    if !out.rules_v4.is_empty() {
+    if !out.rules_v4().is_empty() {
         flags |= ACCOUNT_RULES_V4;
     }
-    if !out.rules_v6.is_empty() {
+    if !out.rules_v6().is_empty() {
         flags |= ACCOUNT_RULES_V6;
     }
     out.config = AccountConfig {

@@ -208,7 +208,7 @@ accounts:
     assert!(!Arc::ptr_eq(&c3.global, &c4.global));
     assert!(Arc::ptr_eq(c3.account(2).unwrap(), c4.account(2).unwrap()));
     // Account list ids do not depend on other accounts.
-    let id = c4.account(2).unwrap().rules_v4[0].1.list;
+    let id = c4.account(2).unwrap().rules_v4()[0].1.list;
     assert_eq!(id, account_list_id(2, 0));
     assert_eq!(c4.list(id).unwrap().name, "own");
     assert_eq!(c4.list(id).unwrap().scope, "b");
@@ -247,7 +247,7 @@ fn account_lists_are_scoped_by_slot_and_limits_compiled() {
         out.bps,
         RateLimit::bits(8_000_000, 4_000_000, Verdict::Monitor as u32)
     );
-    let (key, value) = acc.rules_v6[0];
+    let (key, value) = acc.rules_v6()[0];
     assert_eq!(key.len, 48);
     assert_eq!(value.action, Verdict::Monitor as u32);
 }
@@ -331,7 +331,7 @@ fn portable(
 ) {
     let a = c.account(slot).expect("compiled");
     let rules = a
-        .rules_v4
+        .rules_v4()
         .iter()
         .map(|(k, v)| (*k, v.action, c.list(v.list).unwrap().name.clone()))
         .collect();

@@ -20,7 +20,7 @@ use mmesh_common::{
 use super::{Datapath, DatapathError, load::Maps};
 use crate::{
     batch,
-    compile::{AccountEntries, Compiled, GlobalEntries, PrefixKey},
+    compile::{AccountEntries, AccountLists, Compiled, GlobalEntries, PrefixKey},
     stride::Stride,
 };
 
@@ -45,9 +45,12 @@ impl ReadBack {
             hosts_v6: self.hosts_v6.into(),
             prefixes_v4: self.prefixes_v4.into(),
             prefixes_v6: self.prefixes_v6.into(),
-            rules_v4: self.rules_v4.into(),
-            rules_v6: self.rules_v6.into(),
-            lists: Box::default(),
+            lists: AccountLists {
+                rules_v4: self.rules_v4.into(),
+                rules_v6: self.rules_v6.into(),
+                names: Box::default(),
+            }
+            .boxed(),
         }
     }
 }
