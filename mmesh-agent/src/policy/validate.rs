@@ -405,6 +405,11 @@ impl Validator<'_> {
             };
             default_limits.map_or((None, None), |(i, o)| (i.map(in_mode), o.map(in_mode)))
         };
+        // Exactly the room they need: filled one by one, an account's
+        // handful of prefixes had room for four per family, 4 MB of a
+        // 100,000-account policy (kept twice during a reload).
+        prefixes_v4.shrink_to_fit();
+        prefixes_v6.shrink_to_fit();
         let mut account = Account {
             id,
             mode,
