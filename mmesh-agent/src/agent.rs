@@ -501,7 +501,8 @@ impl Enforcer {
             return;
         }
         // Read and validated without the lock: the summary goes on.
-        let read = source.read(&self.limits);
+        // Accounts equal to the running ones are taken from them, not kept twice.
+        let read = crate::policy::reading_beside(&self.running, || source.read(&self.limits));
         // What reading took beside the policy (the file's raw schema,
         // 75 MB at 100,000 accounts) is free now: returned here, not after
         // the answer, until which the agent stayed resident at its peak.

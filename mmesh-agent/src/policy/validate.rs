@@ -213,7 +213,7 @@ impl Validator<'_> {
                     owners.insert(net, accounts.len());
                 }
             }
-            accounts.push(Arc::new(account));
+            accounts.push(super::share::shared(account, i));
         }
         self.prefix_count(&accounts, raw_accounts.total > n);
         let policy = Policy {
