@@ -181,6 +181,11 @@ fn first_policy(opts: &RunOptions) -> anyhow::Result<(Policy, Option<InForce>)> 
 /// writes), run off the async threads so that signals are watched meanwhile.
 fn start(opts: &RunOptions) -> anyhow::Result<Started> {
     let (policy, held) = first_policy(opts)?;
+    // What reading took beside the policy (a file's raw schema, 75 MB at
+    // 100,000 accounts) is free now: returned before the maps are loaded
+    // and written (at 100,000 accounts: 132 MiB resident after the read,
+    // 103 once the maps were loaded and the policy compiled).
+    crate::alloc::release_free_memory();
     let interfaces = if opts.interfaces.is_empty() {
         let name = interface::default_route()?;
         tracing::info!(interface = %name, "no --interface given: attaching to the default-route interface as uplink");
