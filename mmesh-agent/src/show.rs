@@ -124,12 +124,12 @@ pub fn effective(policy: &Policy, compiled: &Compiled, capacity: &Capacity) -> E
                     .expect("every account of the policy is compiled");
                 let limits = &entries.config.limits;
                 let own = entries
-                    .rules_v4
+                    .rules_v4()
                     .iter()
                     .map(|(k, v)| rule(compiled, v4_net(*k), *v));
                 let own = own.chain(
                     entries
-                        .rules_v6
+                        .rules_v6()
                         .iter()
                         .map(|(k, v)| rule(compiled, v6_net(k), *v)),
                 );

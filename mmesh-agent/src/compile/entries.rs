@@ -12,8 +12,8 @@ use mmesh_common::{
 };
 
 use super::{
-    AccountEntries, Capacity, CompileError, Counts, GlobalEntries, ListInfo, MAX_ACCOUNT_LISTS,
-    PrefixKey, account_list_id, resolve::Resolver,
+    AccountEntries, AccountLists, Capacity, CompileError, Counts, GlobalEntries, ListInfo,
+    MAX_ACCOUNT_LISTS, PrefixKey, account_list_id, resolve::Resolver,
 };
 use crate::{
     policy::{Account, Action, DirLimits, List},
@@ -92,30 +92,6 @@ pub(super) fn compile_account(
             remedy: "merge the account's lists",
         });
     }
-    let mut out = AccountEntries {
-        id: Some(account.id.as_str().into()),
-        ..AccountEntries::default()
-    };
-    for net in &account.prefixes_v4 {
-        if net.prefix_len() == 32 {
-            out.hosts_v4.push(net.addr().octets());
-        } else {
-            out.prefixes_v4.push(PrefixKey {
-                addr: net.addr().octets(),
-                len: net.prefix_len(),
-            });
-        }
-    }
-    for net in &account.prefixes_v6 {
-        if net.prefix_len() == 128 {
-            out.hosts_v6.push(net.addr().octets());
-        } else {
-            out.prefixes_v6.push(PrefixKey {
-                addr: net.addr().octets(),
-                len: net.prefix_len(),
-            });
-        }
-    }
     let mut infos = Vec::with_capacity(account.lists.len());
     let resolver = Resolver::new(&account.lists, |index, list| {
         infos.push(ListInfo {
@@ -125,20 +101,56 @@ pub(super) fn compile_account(
         account_list_id(slot, index)
     });
     let (v4, v6) = resolver.resolve();
-    out.rules_v4 = v4
-        .into_iter()
-        .map(|(addr, len, v)| (PrefixKey { addr, len }, v))
-        .collect();
-    out.rules_v6 = v6
-        .into_iter()
-        .map(|(addr, len, v)| (PrefixKey { addr, len }, v))
-        .collect();
-    out.lists = infos;
+    // The account's hosts (`true`) or its wider prefixes.
+    let v4_nets = |hosts: bool| {
+        account
+            .prefixes_v4
+            .iter()
+            .filter(move |net| (net.prefix_len() == 32) == hosts)
+    };
+    let v6_nets = |hosts: bool| {
+        account
+            .prefixes_v6
+            .iter()
+            .filter(move |net| (net.prefix_len() == 128) == hosts)
+    };
+    let mut out = AccountEntries {
+        id: Some(account.id.as_str().into()),
+        // (Two passes over a few prefixes each cost less than a vector to
+        // sort them into.)
+        hosts_v4: v4_nets(true).map(|net| net.addr().octets()).collect(),
+        hosts_v6: v6_nets(true).map(|net| net.addr().octets()).collect(),
+        prefixes_v4: v4_nets(false)
+            .map(|net| PrefixKey {
+                addr: net.addr().octets(),
+                len: net.prefix_len(),
+            })
+            .collect(),
+        prefixes_v6: v6_nets(false)
+            .map(|net| PrefixKey {
+                addr: net.addr().octets(),
+                len: net.prefix_len(),
+            })
+            .collect(),
+        lists: AccountLists {
+            rules_v4: v4
+                .into_iter()
+                .map(|(addr, len, v)| (PrefixKey { addr, len }, v))
+                .collect(),
+            rules_v6: v6
+                .into_iter()
+                .map(|(addr, len, v)| (PrefixKey { addr, len }, v))
+                .collect(),
+            names: infos.into(),
+        }
+        .boxed(),
+        ..AccountEntries::default()
+    };
     let mut flags = ACCOUNT_ACTIVE;
-    if !out.rules_v4.is_empty() {
+    if !out.rules_v4().is_empty() {
         flags |= ACCOUNT_RULES_V4;
     }
-    if !out.rules_v6.is_empty() {
+    if !out.rules_v6().is_empty() {
         flags |= ACCOUNT_RULES_V6;
     }
     out.config = AccountConfig {

@@ -136,7 +136,7 @@ fn accounts_get_stable_slots() {
     let c1 = compile(&p1, None, &Capacity::default()).unwrap();
     assert_eq!((c1.slot_of("a").unwrap(), c1.slot_of("b").unwrap()), (1, 2));
     assert_eq!(c1.new_slots, vec![1, 2]);
-    assert_eq!(c1.account(2).unwrap().hosts_v4, vec![[10, 0, 0, 2]]);
+    assert_eq!(c1.account(2).unwrap().hosts_v4, [[10, 0, 0, 2]].into());
     assert_eq!(c1.account(2).unwrap().prefixes_v4.len(), 1);
     assert_eq!(c1.account_id(2), Some("b"));
     assert_eq!(
@@ -208,7 +208,7 @@ accounts:
     assert!(!Arc::ptr_eq(&c3.global, &c4.global));
     assert!(Arc::ptr_eq(c3.account(2).unwrap(), c4.account(2).unwrap()));
     // Account list ids do not depend on other accounts.
-    let id = c4.account(2).unwrap().rules_v4[0].1.list;
+    let id = c4.account(2).unwrap().rules_v4()[0].1.list;
     assert_eq!(id, account_list_id(2, 0));
     assert_eq!(c4.list(id).unwrap().name, "own");
     assert_eq!(c4.list(id).unwrap().scope, "b");
@@ -247,7 +247,7 @@ fn account_lists_are_scoped_by_slot_and_limits_compiled() {
         out.bps,
         RateLimit::bits(8_000_000, 4_000_000, Verdict::Monitor as u32)
     );
-    let (key, value) = acc.rules_v6[0];
+    let (key, value) = acc.rules_v6()[0];
     assert_eq!(key.len, 48);
     assert_eq!(value.action, Verdict::Monitor as u32);
 }
@@ -331,11 +331,11 @@ fn portable(
 ) {
     let a = c.account(slot).expect("compiled");
     let rules = a
-        .rules_v4
+        .rules_v4()
         .iter()
         .map(|(k, v)| (*k, v.action, c.list(v.list).unwrap().name.clone()))
         .collect();
-    (a.hosts_v4.clone(), a.prefixes_v4.clone(), rules, a.config)
+    (a.hosts_v4.to_vec(), a.prefixes_v4.to_vec(), rules, a.config)
 }
 
 proptest::proptest! {

@@ -89,6 +89,12 @@ impl Held {
         accounts.iter().map(encode).collect()
     }
 
+    /// One account, encoded for [`Held::encoded`].
+    #[must_use]
+    pub fn encode(account: &proto::Account) -> Arc<[u8]> {
+        encode(account)
+    }
+
     /// [`Held::indexed`] with the accounts encoded already (the message's
     /// own are dropped).
     #[must_use]

@@ -108,22 +108,26 @@ impl InForce {
         message: proto::Policy,
         limits: &ReadLimits,
     ) -> Result<Self, PolicyError> {
-        // The accounts are encoded for holding on a thread of their own
-        // while they are validated.
-        let (validated, encoded) = std::thread::scope(|s| {
-            let encoding = s.spawn(|| Held::encode_all(&message.accounts));
-            let validated = Policy::from_message_indexed(
-                message.global.as_ref(),
-                message.defaults.as_ref(),
-                message.accounts.iter(),
-                &version,
-                &source_name(&version),
-                limits,
-            );
-            (validated, encoding.join())
-        });
+        // Each account is encoded for holding as it is turned into the
+        // validator's raw schema, and dropped then: the decoded message
+        // (67 MB at 100,000 accounts) goes while the raw schema grows,
+        // instead of staying beside it and the validated policy. (Encoded
+        // on a thread of its own instead, the agent's peak at a snapshot
+        // of 100,000 accounts was 278 MB instead of 248.)
+        let mut message = message;
+        let accounts = std::mem::take(&mut message.accounts);
+        let mut encoded = Vec::with_capacity(accounts.len());
+        let validated = Policy::from_message_indexed(
+            message.global.as_ref(),
+            message.defaults.as_ref(),
+            accounts
+                .into_iter()
+                .inspect(|account| encoded.push(Held::encode(account))),
+            &version,
+            &source_name(&version),
+            limits,
+        );
         let (policy, index) = validated?;
-        let encoded = encoded.unwrap_or_else(|_| Held::encode_all(&message.accounts));
         let held = Held::encoded(version, message, encoded, index.ids);
         Ok(Self::new(held, policy, index.owners))
     }

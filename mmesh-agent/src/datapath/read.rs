@@ -11,7 +11,7 @@ use aya::maps::{HashMap, IterableMap as _, LpmTrie, MapData, MapError};
 use mmesh_common::{
     Direction, Reason, Verdict,
     maps::{
-        ACCOUNT_ACTIVE, AccountConfig, Counter, NO_ACCOUNT, SCOPE_BITS, account_index,
+        ACCOUNT_ACTIVE, AccountConfig, Counter, NO_ACCOUNT, RuleValue, SCOPE_BITS, account_index,
         flow_generation, flow_tag_parts, names,
     },
     stride,
@@ -20,9 +20,40 @@ use mmesh_common::{
 use super::{Datapath, DatapathError, load::Maps};
 use crate::{
     batch,
-    compile::{AccountEntries, Compiled, GlobalEntries, PrefixKey},
+    compile::{AccountEntries, AccountLists, Compiled, GlobalEntries, PrefixKey},
     stride::Stride,
 };
+
+/// One account's entries as they are read back, map by map.
+#[derive(Default)]
+struct ReadBack {
+    config: AccountConfig,
+    hosts_v4: Vec<[u8; 4]>,
+    hosts_v6: Vec<[u8; 16]>,
+    prefixes_v4: Vec<PrefixKey<[u8; 4]>>,
+    prefixes_v6: Vec<PrefixKey<[u8; 16]>>,
+    rules_v4: Vec<(PrefixKey<[u8; 4]>, RuleValue)>,
+    rules_v6: Vec<(PrefixKey<[u8; 16]>, RuleValue)>,
+}
+
+impl ReadBack {
+    fn into_entries(self) -> AccountEntries {
+        AccountEntries {
+            id: None,
+            config: self.config,
+            hosts_v4: self.hosts_v4.into(),
+            hosts_v6: self.hosts_v6.into(),
+            prefixes_v4: self.prefixes_v4.into(),
+            prefixes_v6: self.prefixes_v6.into(),
+            lists: AccountLists {
+                rules_v4: self.rules_v4.into(),
+                rules_v6: self.rules_v6.into(),
+                names: Box::default(),
+            }
+            .boxed(),
+        }
+    }
+}
 
 /// Totals by reason, verdict and direction, summed over CPUs.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -45,7 +76,7 @@ impl Maps {
         half: u32,
         max_slot: u32,
     ) -> Result<BTreeMap<u32, AccountEntries>, DatapathError> {
-        let mut accounts: BTreeMap<u32, AccountEntries> = BTreeMap::new();
+        let mut accounts: BTreeMap<u32, ReadBack> = BTreeMap::new();
         for (key, slot) in hash_entries(&self.hosts_v4, names::HOSTS_V4, half, |k| k.scope)? {
             accounts.entry(slot).or_default().hosts_v4.push(key.addr);
         }
@@ -106,7 +137,10 @@ impl Maps {
                 accounts.entry(slot).or_default().config = config;
             }
         }
-        Ok(accounts)
+        Ok(accounts
+            .into_iter()
+            .map(|(slot, a)| (slot, a.into_entries()))
+            .collect())
     }
 
     /// Every entry of `ACCOUNTS`, by index, in batches.

@@ -121,10 +121,10 @@ impl Pending {
         for k in gone(&new.prefixes_v6, &old.prefixes_v6) {
             self.prefixes_v6.push(key6(own, k.addr, k.len), slot);
         }
-        for (k, v) in gone(&new.rules_v4, &old.rules_v4) {
+        for (k, v) in gone(new.rules_v4(), old.rules_v4()) {
             self.rules_v4.push(key4(mine, k.addr, k.len), *v);
         }
-        for (k, v) in gone(&new.rules_v6, &old.rules_v6) {
+        for (k, v) in gone(new.rules_v6(), old.rules_v6()) {
             self.rules_v6.push(key6(mine, k.addr, k.len), *v);
         }
         let config = AccountConfig {
@@ -308,16 +308,16 @@ impl Maps {
                 &key6(own, k.addr, k.len),
             )?;
         }
-        let keys4: Vec<_> = new.rules_v4.iter().map(|(k, _)| *k).collect();
-        for (k, _) in old.rules_v4.iter().filter(|(k, _)| !keys4.contains(k)) {
+        let keys4: Vec<_> = new.rules_v4().iter().map(|(k, _)| *k).collect();
+        for (k, _) in old.rules_v4().iter().filter(|(k, _)| !keys4.contains(k)) {
             remove_lpm(
                 &mut self.acct_rules_v4,
                 names::ACCT_RULES_V4,
                 &key4(mine, k.addr, k.len),
             )?;
         }
-        let keys6: Vec<_> = new.rules_v6.iter().map(|(k, _)| *k).collect();
-        for (k, _) in old.rules_v6.iter().filter(|(k, _)| !keys6.contains(k)) {
+        let keys6: Vec<_> = new.rules_v6().iter().map(|(k, _)| *k).collect();
+        for (k, _) in old.rules_v6().iter().filter(|(k, _)| !keys6.contains(k)) {
             remove_lpm(
                 &mut self.acct_rules_v6,
                 names::ACCT_RULES_V6,

@@ -29,6 +29,7 @@ mod model;
 mod raw;
 mod read;
 mod removal;
+mod share;
 #[cfg(test)]
 mod tests;
 mod validate;
@@ -42,6 +43,7 @@ use raw::{RawPolicy, Reading, ReadingGuard};
 pub use read::{FileError, ReadLimits};
 use read::{Reads, read_regular};
 pub use removal::Removal;
+pub use share::reading_beside;
 use validate::Validator;
 pub use validate::{Index, default_burst};
 pub use values::{parse_cidr, parse_quantity, quote};

@@ -237,7 +237,7 @@ impl Validator<'_> {
         let before = self.issues.len();
         let account = self.account(raw, &path, default_mode, default_limits);
         Checked {
-            account: Arc::new(account),
+            account: super::share::shared(account, i),
             id_at,
             issues: self.issues.split_off(before),
         }
@@ -275,11 +275,22 @@ impl Validator<'_> {
                 })
                 .collect::<Vec<_>>()
         };
+        // A reload shares the accounts equal to the running policy's on
+        // every thread, not only on this one.
+        let running = super::share::running();
+        let running = running.as_ref();
         let parts: Vec<Vec<Checked>> = std::thread::scope(|s| {
             let mut parts = raw.chunks_mut(chunk).enumerate();
             let mine = parts.next();
             let others: Vec<_> = parts
-                .map(|(p, part)| s.spawn(move || check(p * chunk, part)))
+                .map(|(p, part)| {
+                    s.spawn(move || match running {
+                        Some(policy) => {
+                            super::share::reading_beside(policy, || check(p * chunk, part))
+                        }
+                        None => check(p * chunk, part),
+                    })
+                })
                 .collect();
             let mut out = vec![mine.map_or_else(Vec::new, |(_, part)| check(0, part))];
             out.extend(others.into_iter().map(|t| {
@@ -624,6 +635,11 @@ impl Validator<'_> {
             };
             default_limits.map_or((None, None), |(i, o)| (i.map(in_mode), o.map(in_mode)))
         };
+        // Exactly the room they need: filled one by one, an account's
+        // handful of prefixes had room for four per family, 4 MB of a
+        // 100,000-account policy (kept twice during a reload).
+        prefixes_v4.shrink_to_fit();
+        prefixes_v6.shrink_to_fit();
         let mut account = Account {
             id,
             mode,
