@@ -157,8 +157,9 @@ impl<K: aya::Pod, V: aya::Pod> Batch<K, V> {
         self.values.push(value);
     }
 
-    fn write(&self, map: &MapData) -> std::io::Result<()> {
-        batch::update(map, &self.keys, &self.values)
+    /// Writes the batch into `map`, named `name` in the error.
+    fn write(&self, map: &MapData, name: &'static str) -> Result<(), DatapathError> {
+        batch::update(map, &self.keys, &self.values).map_err(batch_error(name))
     }
 }
 impl Maps {
@@ -339,42 +340,23 @@ impl Maps {
         let p4 = || {
             pending
                 .prefixes_v4
-                .write(self.prefixes_v4.map())
-                .map_err(batch_error(names::PREFIXES_V4))
+                .write(self.prefixes_v4.map(), names::PREFIXES_V4)
         };
         let p6 = || {
             pending
                 .prefixes_v6
-                .write(self.prefixes_v6.map())
-                .map_err(batch_error(names::PREFIXES_V6))
+                .write(self.prefixes_v6.map(), names::PREFIXES_V6)
         };
-        let h4 = || {
-            pending
-                .hosts_v4
-                .write(self.hosts_v4.map())
-                .map_err(batch_error(names::HOSTS_V4))
-        };
-        let h6 = || {
-            pending
-                .hosts_v6
-                .write(self.hosts_v6.map())
-                .map_err(batch_error(names::HOSTS_V6))
-        };
-        let accounts = || {
-            pending
-                .accounts
-                .write(self.accounts.map())
-                .map_err(batch_error(names::ACCOUNTS))
-        };
+        let h4 = || pending.hosts_v4.write(self.hosts_v4.map(), names::HOSTS_V4);
+        let h6 = || pending.hosts_v6.write(self.hosts_v6.map(), names::HOSTS_V6);
+        let accounts = || pending.accounts.write(self.accounts.map(), names::ACCOUNTS);
         let rules = || {
             pending
                 .rules_v4
-                .write(self.acct_rules_v4.map())
-                .map_err(batch_error(names::ACCT_RULES_V4))?;
+                .write(self.acct_rules_v4.map(), names::ACCT_RULES_V4)?;
             pending
                 .rules_v6
-                .write(self.acct_rules_v6.map())
-                .map_err(batch_error(names::ACCT_RULES_V6))
+                .write(self.acct_rules_v6.map(), names::ACCT_RULES_V6)
         };
         let entries = pending.hosts_v4.keys.len()
             + pending.hosts_v6.keys.len()
@@ -583,11 +565,8 @@ impl Datapath {
                 sampler.push(sampler_index(slot, r as u8), 0u64);
             }
         }
-        rate.write(self.maps.rate_state.map())
-            .map_err(batch_error(names::RATE_STATE))?;
-        sampler
-            .write(self.maps.sampler.map())
-            .map_err(batch_error(names::SAMPLER))?;
+        rate.write(self.maps.rate_state.map(), names::RATE_STATE)?;
+        sampler.write(self.maps.sampler.map(), names::SAMPLER)?;
         let taken: std::collections::HashSet<u32> = slots.iter().copied().collect();
         let stale: Vec<CounterKey> = self
             .maps
@@ -716,5 +695,5 @@ fn sync_lpm<'a, A: Ord + 'a, K: aya::Pod, V: aya::Pod + PartialEq + 'a>(
     for (a, v) in changed {
         batch.push(key(a), v);
     }
-    batch.write(map.map()).map_err(batch_error(name))
+    batch.write(map.map(), name)
 }
