@@ -708,6 +708,23 @@ fn add_addr(ns: &NetNs, dev: &str, peer: &NetNs, peer_dev: &str, mac: &str, addr
 // ---------------------------------------------------------------------------
 // Policy file
 
+/// `run` with the test veth's host end as the uplink and a summary every
+/// second, then `extra` (the policy among them).
+#[must_use]
+pub fn uplink_run_args(extra: &[&str]) -> Vec<String> {
+    let uplink = format!("{HOST_IF}:uplink");
+    [
+        "run",
+        "--interface",
+        uplink.as_str(),
+        "--summary-interval",
+        "1",
+    ]
+    .iter()
+    .chain(extra)
+    .map(|s| (*s).to_owned())
+    .collect()
+}
 /// A policy file in its own temporary directory, removed on drop.
 #[derive(Debug)]
 #[must_use = "dropping the guard deletes the file"]
@@ -739,24 +756,13 @@ impl PolicyFile {
         &self.path
     }
 
-    /// `run` on this policy with the test veth's host end as the uplink
-    /// and a summary every second, then `extra`.
+    /// [`uplink_run_args`] on this policy, then `extra`.
     #[must_use]
     pub fn uplink_run_args(&self, extra: &[&str]) -> Vec<String> {
-        let mut args: Vec<String> = [
-            "run",
-            "--policy",
-            &self.path.display().to_string(),
-            "--interface",
-            &format!("{HOST_IF}:uplink"),
-            "--summary-interval",
-            "1",
-        ]
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect();
-        args.extend(extra.iter().map(|s| (*s).to_owned()));
-        args
+        let policy = self.path.display().to_string();
+        let mut args = vec!["--policy", policy.as_str()];
+        args.extend_from_slice(extra);
+        uplink_run_args(&args)
     }
 
     /// Replaces the contents atomically (write aside, then rename), so a

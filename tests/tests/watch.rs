@@ -15,7 +15,8 @@ use std::{
 };
 
 use mmesh_tests::netns::{
-    Agent, HOST_IF, Pace, PolicyFile, Topology, UdpSink, send_udp, serial, unique_name, wait_until,
+    Agent, Pace, PolicyFile, Topology, UdpSink, send_udp, serial, unique_name, uplink_run_args,
+    wait_until,
 };
 
 const ALPHA4: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 77, 0, 10));
@@ -63,28 +64,12 @@ fn topology(tag: &str) -> Topology {
     topo
 }
 
-/// `run --interface HOST_IF:uplink` and `extra`.
-fn run_args(extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "run",
-        "--interface",
-        &format!("{HOST_IF}:uplink"),
-        "--summary-interval",
-        "1",
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect();
-    args.extend(extra.iter().map(|s| (*s).to_owned()));
-    args
-}
-
 /// The agent with the enforcer's debug lines (a change that changes
 /// nothing is logged only there).
 fn start(topo: &Topology, extra: &[&str]) -> Agent {
     Agent::start_with_log(
         &topo.host,
-        &run_args(extra),
+        &uplink_run_args(extra),
         "info,mmesh_agent::agent=debug",
     )
 }
