@@ -241,21 +241,15 @@ impl Server {
             .copied()
     }
 
-    /// `VmRSS` and `VmHWM`, MB.
+    /// `VmRSS` and `VmHWM`, MB (MiB).
     fn memory(&self) -> (f64, f64) {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .expect("reading the control plane's /proc status");
-        let field = |name: &str| -> f64 {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-                .unwrap_or_else(|| panic!("no {name} in the control plane's /proc status"))
-                / 1024.0
-        };
-        (field("VmRSS:"), field("VmHWM:"))
+        let (resident, peak) = super::policy::rss(self.child.id());
+        (resident / MIB, peak / MIB)
     }
 }
+
+/// Bytes in a MiB, as the figures count them.
+const MIB: f64 = (1 << 20) as f64;
 
 impl Drop for Server {
     fn drop(&mut self) {
