@@ -388,16 +388,12 @@ pub fn run(opts: &Options, report: &mut Report) {
     let Some(bin) = controlplane_binary(opts.quick) else {
         for &n in &steps[1..] {
             for (name, unit) in [(p99_name(n), "ms"), (rss_name(n), "MB")] {
-                report.add(Figure {
-                    group: GROUP.into(),
+                report.add(super::policy::no_binary(
+                    GROUP,
                     name,
-                    unit: unit.into(),
-                    samples: Vec::new(),
-                    baseline: None,
-                    reference: None,
-                    goal: None,
-                    note: "not measured: no mmesh-controlplane binary (set MMESH_CONTROLPLANE_BIN, or `cargo build --release -p mmesh-controlplane`)".into(),
-                });
+                    unit,
+                    ("mmesh-controlplane", "MMESH_CONTROLPLANE_BIN"),
+                ));
             }
         }
         return;

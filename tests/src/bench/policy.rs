@@ -597,6 +597,12 @@ pub(super) fn workspace_binary(name: &str, env: &str, quick: bool) -> Option<Pat
 /// The figure `name` of `group`, in `unit`, not measured for want of an
 /// agent binary ([`agent_binary`] found none).
 pub(super) fn no_agent_binary(group: &str, name: String, unit: &str) -> Figure {
+    no_binary(group, name, unit, ("mmesh-agent", "MMESH_AGENT_BIN"))
+}
+
+/// The figure `name` of `group`, in `unit`, not measured for want of the
+/// workspace's binary `bin` ([`workspace_binary`] with `env` found none).
+pub(super) fn no_binary(group: &str, name: String, unit: &str, (bin, env): (&str, &str)) -> Figure {
     Figure {
         group: group.into(),
         name,
@@ -605,7 +611,9 @@ pub(super) fn no_agent_binary(group: &str, name: String, unit: &str) -> Figure {
         baseline: None,
         reference: None,
         goal: None,
-        note: "not measured: no mmesh-agent binary (set MMESH_AGENT_BIN, or `cargo build --release -p mmesh-agent`)".into(),
+        note: format!(
+            "not measured: no {bin} binary (set {env}, or `cargo build --release -p {bin}`)"
+        ),
     }
 }
 
