@@ -229,6 +229,69 @@ fn bytes_read_are_bounded_and_the_option_named() {
     );
 }
 
+/// Files of a MiB and more are read into memory of their own (returned
+/// when the text is dropped): they are read whole, checked to be text, and
+/// bounded like the others.
+#[test]
+fn large_files_are_read_whole_and_checked_as_text() {
+    let dir = Scratch::new("large");
+    let count = 100_000u32;
+    let list: String = (0..count)
+        .map(|i| std::net::Ipv4Addr::from(0x0a00_0000 + i).to_string() + "\n")
+        .collect();
+    assert!(list.len() > 1 << 20, "{} bytes", list.len());
+    dir.write("list.txt", &list);
+    let policy = dir.write(
+        "p.yaml",
+        "global:\n  block:\n    - { name: feed, file: list.txt }\n",
+    );
+    let p = Policy::from_file(&policy).expect("a large list file");
+    assert_eq!(p.global.lists[0].v4.len(), count as usize);
+    assert_eq!(
+        p.global.lists[0].v4.last().map(ToString::to_string),
+        Some("10.1.134.159/32".to_owned()),
+        "read to its last line"
+    );
+
+    // A large policy file, JSON, its last account past the first MiB.
+    let accounts: Vec<String> = (0..30_000u32)
+        .map(|i| {
+            format!(
+                r#"{{"id": "a{i}", "prefixes": ["{}"]}}"#,
+                std::net::Ipv4Addr::from(0x0a00_0000 + i)
+            )
+        })
+        .collect();
+    let json = format!(r#"{{"accounts": [{}]}}"#, accounts.join(",\n"));
+    assert!(json.len() > 1 << 20, "{} bytes", json.len());
+    let big = dir.write("big.json", &json);
+    let p = Policy::from_file(&big).expect("a large policy file");
+    assert_eq!(p.accounts.last().map(|a| a.id.as_str()), Some("a29999"));
+
+    // Not text, one byte from its end.
+    let mut bytes = list.into_bytes();
+    let at = bytes.len() - 2;
+    bytes[at] = 0xff;
+    std::fs::write(dir.0.join("list.txt"), bytes).unwrap();
+    let err = Policy::from_file(&policy).unwrap_err().to_string();
+    assert!(
+        err.contains("global.block[0].file: cannot read list file") && err.contains("not UTF-8"),
+        "{err}"
+    );
+    // Over the budget.
+    let tight = ReadLimits {
+        max_bytes: 1 << 20,
+        ..ReadLimits::default()
+    };
+    let err = Policy::from_file_with(&big, &tight)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("larger than the 1048576 bytes left of --max-policy-bytes 1048576"),
+        "{err}"
+    );
+}
+
 #[test]
 fn counts_are_checked_against_capacity_while_reading() {
     // JSON, as a generator would write it: 1,000 accounts against room for 10.

@@ -112,14 +112,13 @@ fn raw_global(g: &proto::Global) -> RawGlobal {
 }
 
 fn raw_dir(d: &proto::DirLimits) -> RawDirLimits {
-    RawDirLimits {
-        pps: opt(d.pps.as_ref()),
-        pps_burst: opt(d.pps_burst.as_ref()),
-        bps: opt(d.bps.as_ref()),
-        bps_burst: opt(d.bps_burst.as_ref()),
-        action: opt(d.action.as_ref()),
-        extra: Extras::default(),
-    }
+    RawDirLimits::new([
+        opt(d.pps.as_ref()),
+        opt(d.pps_burst.as_ref()),
+        opt(d.bps.as_ref()),
+        opt(d.bps_burst.as_ref()),
+        opt(d.action.as_ref()),
+    ])
 }
 
 fn raw_limits(l: &proto::Limits) -> RawLimits {
@@ -152,9 +151,9 @@ fn raw_accounts(
         out.kept.push(RawAccount {
             id: Some(scalar(&a.id)),
             prefixes: Some(a.prefixes.iter().map(|p| scalar(p)).collect()),
-            mode: opt(a.mode.as_ref()),
-            block: lists(&a.block),
-            allow: lists(&a.allow),
+            mode: opt(a.mode.as_ref()).map(Box::new),
+            block: lists(&a.block).map(Vec::into_boxed_slice),
+            allow: lists(&a.allow).map(Vec::into_boxed_slice),
             limits: a.limits.as_ref().map(|l| Box::new(raw_limits(l))),
             extra: Extras::default(),
         });

@@ -86,6 +86,41 @@ fn json_policies_are_read_and_checked_by_field_path() {
         err.contains("p.json: version: field \"version\" is given twice"),
         "{err}"
     );
+    // The same in a direction's limits (read field by field into the
+    // fields given), where a `null` is a field not given.
+    let err = Policy::parse(
+        r#"{"accounts": [{"id": "a", "prefixes": ["10.0.0.1"],
+            "limits": {"inbound": {"pps": "1k", "bps": null, "pps": "2k", "colour": 1}}}]}"#,
+        "p.json",
+        Path::new("."),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("(2 problems)")
+            && err.contains("accounts[0].limits.inbound.pps: field \"pps\" is given twice")
+            && err.contains("accounts[0].limits.inbound.colour: unknown field \"colour\""),
+        "{err}"
+    );
+    let p = Policy::parse(
+        r#"{"accounts": [{"id": "a", "prefixes": ["10.0.0.1"],
+            "limits": {"outbound": {"bps_burst": "1M", "bps": "8M", "action": "monitor", "pps": null}}}]}"#,
+        "p.json",
+        Path::new("."),
+    )
+    .expect("valid JSON policy");
+    let outbound = p.accounts[0].outbound.expect("outbound limits");
+    assert_eq!(
+        (outbound.pps, outbound.bps, outbound.action),
+        (
+            None,
+            Some(Rate {
+                rate: 8_000_000,
+                burst: 1_000_000
+            }),
+            Action::Monitor
+        )
+    );
 }
 
 #[test]

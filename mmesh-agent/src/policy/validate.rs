@@ -618,11 +618,11 @@ impl Validator<'_> {
             }
         }
         let mode = self
-            .mode(raw.mode.as_ref(), || format!("{path}.mode"))
+            .mode(raw.mode.as_deref(), || format!("{path}.mode"))
             .unwrap_or(default_mode);
         let lists = self.lists(
-            raw.block.unwrap_or_default(),
-            raw.allow.unwrap_or_default(),
+            raw.block.map(Vec::from).unwrap_or_default(),
+            raw.allow.map(Vec::from).unwrap_or_default(),
             path,
             mode,
         );
@@ -846,27 +846,27 @@ impl Validator<'_> {
         mode: Mode,
     ) -> Option<DirLimits> {
         self.extra::<RawDirLimits>(raw.extra.as_slice(), path);
-        let pps = raw.pps.as_ref().and_then(|r| {
+        let pps = raw.pps().and_then(|r| {
             self.rate(
                 r,
-                raw.pps_burst.as_ref(),
+                raw.pps_burst(),
                 (path, "pps"),
                 (1, MAX_PPS),
                 (1, MIN_DEFAULT_PPS_BURST),
             )
         });
-        let bps = raw.bps.as_ref().and_then(|r| {
+        let bps = raw.bps().and_then(|r| {
             self.rate(
                 r,
-                raw.bps_burst.as_ref(),
+                raw.bps_burst(),
                 (path, "bps"),
                 (MIN_BPS, MAX_BPS),
                 (8, MIN_DEFAULT_BPS_BURST),
             )
         });
         for (burst, rate, name) in [
-            (&raw.pps_burst, &raw.pps, "pps"),
-            (&raw.bps_burst, &raw.bps, "bps"),
+            (raw.pps_burst(), raw.pps(), "pps"),
+            (raw.bps_burst(), raw.bps(), "bps"),
         ] {
             if let (Some(b), None) = (burst, rate) {
                 let at = self.at(b);
@@ -878,7 +878,7 @@ impl Validator<'_> {
             }
         }
         let action = self
-            .action(raw.action.as_ref(), || format!("{path}.action"))
+            .action(raw.action(), || format!("{path}.action"))
             .unwrap_or(Action::Drop);
         if pps.is_none() && bps.is_none() {
             return None;
