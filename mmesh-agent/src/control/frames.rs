@@ -256,7 +256,7 @@ where
     /// the stream.
     fn new(response: http::Response<B>, max: usize) -> Result<Self, Status> {
         let (head, body) = response.into_parts();
-        let trailers_only = match Status::from_header_map(&head.headers) {
+        let trailers_only = match grpc_status(&head.headers) {
             Some(status) if status.code() != Code::Ok => return Err(status),
             Some(_) => true,
             None if head.status != StatusCode::OK => return Err(http_status(head.status)),
@@ -307,7 +307,7 @@ where
 
     /// The body ended, with `trailers` or without.
     fn end<M>(&self, trailers: Option<&HeaderMap>) -> Result<Option<M>, Status> {
-        match trailers.and_then(Status::from_header_map) {
+        match trailers.and_then(grpc_status) {
             Some(status) if status.code() != Code::Ok => Err(status),
             _ if self.frames.partial() => Err(FrameError::Truncated.into()),
             Some(_) => Ok(None),
@@ -317,6 +317,19 @@ where
             )),
         }
     }
+}
+
+/// The status `headers` carry, from `grpc-status` and `grpc-message`
+/// alone: tonic's parser panics on a `grpc-status-details-bin` that is not
+/// base64, and the agent has no use for details.
+fn grpc_status(headers: &HeaderMap) -> Option<Status> {
+    let mut status = HeaderMap::new();
+    for name in ["grpc-status", "grpc-message"] {
+        if let Some(value) = headers.get(name) {
+            status.insert(name, value.clone());
+        }
+    }
+    Status::from_header_map(&status)
 }
 
 /// A response without `grpc-status`, by its HTTP status (gRPC's mapping,
@@ -521,6 +534,24 @@ mod tests {
             assert_eq!(received, [beat(1)]);
             assert_eq!(end.err().map(|s| s.code()), expected);
         }
+        let mut garbled = HeaderMap::new();
+        Status::unavailable("going away")
+            .add_header(&mut garbled)
+            .expect("a valid header");
+        garbled.insert(
+            "grpc-status-details-bin",
+            HeaderValue::from_static("not base64!"),
+        );
+        let frames = vec![data(&wire), Frame::trailers(garbled)];
+        let status = all(&mut inbound(frames, 1 << 20))
+            .await
+            .1
+            .expect_err("an error status");
+        assert_eq!(
+            (status.code(), status.message()),
+            (Code::Unavailable, "going away"),
+            "details that are not base64 are ignored"
+        );
         let frames = vec![trailers(Code::PermissionDenied, "not your node")];
         let status = all(&mut inbound(frames, 1 << 20))
             .await
