@@ -172,7 +172,7 @@ fn snapshots_and_deltas_are_acked_enforced_or_nacked_with_reasons() {
             .tcp_listener("127.0.0.1:0".parse().expect("address")),
         None,
     );
-    let _agent = agent(
+    let agent = agent(
         &topo.host,
         &cp.url(),
         state.path(),
@@ -250,10 +250,42 @@ fn snapshots_and_deltas_are_acked_enforced_or_nacked_with_reasons() {
         ),
         other => panic!("expected a Nack, got {other:?}"),
     }
+    over_twice_the_budget_ends_the_stream(&cp, &agent);
     more_accounts_than_the_map_holds_are_nacked_and_counted(&cp, &topo);
     assert_eq!(arrivals(&topo, SECOND, 50), 0, "v2 is still in force");
 
     reports_and_status_arrive(&cp, g2);
+}
+
+/// A message over twice `--max-policy-bytes 4000` is not read: the agent
+/// ends the stream, says why, and dials again, saying the version still in
+/// force.
+fn over_twice_the_budget_ends_the_stream(cp: &ScriptedControlPlane, agent: &Agent) {
+    let streams = cp.streams();
+    let from = cp.received().len();
+    let mut huge = blocking("10.77.2.0/24");
+    huge.global.as_mut().expect("global").block[0].cidrs = (0..800)
+        .map(|i| format!("10.99.{}.{}/32", i / 200, i % 200))
+        .collect();
+    cp.send(proto::control_message::Body::Snapshot(proto::Snapshot {
+        version: "v6".into(),
+        nonce: "n-v6".into(),
+        policy: Some(huge),
+    }));
+    assert_eq!(hello_version(cp, from), "v2", "v2 is still in force");
+    assert_eq!(cp.streams(), streams + 1, "a new stream");
+    assert!(
+        !cp.received()[from..].iter().any(|(_, m)| matches!(
+            &m.body,
+            Some(Up::Ack(proto::Ack { nonce, .. }) | Up::Nack(proto::Nack { nonce, .. })) if nonce == "n-v6"
+        )),
+        "an unread message gets no answer"
+    );
+    mmesh_tests::netns::wait_until("the reason in the log", ANSWER, || {
+        agent
+            .log_position("over the 8000 bytes this agent reads", 0)
+            .is_some()
+    });
 }
 
 /// More accounts than `--max-accounts 2` holds, in a snapshot and in a

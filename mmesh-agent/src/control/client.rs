@@ -19,10 +19,10 @@ use std::{
 
 use prost::Message as _;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 use super::{
+    frames,
     in_force::{self, InForce, Refusal},
     proto::{self, agent_message::Body as Up, control_message::Body as Down},
     reports,
@@ -233,7 +233,7 @@ impl Client {
         &mut self,
         heard: &mut bool,
     ) -> Result<std::convert::Infallible, ClientError> {
-        let channel = self
+        let mut channel = self
             .endpoint()?
             .connect()
             .await
@@ -242,8 +242,6 @@ impl Client {
         // and Nacked with the option to raise (a larger one ends the stream).
         let max =
             usize::try_from(self.opts.limits.max_bytes.saturating_mul(2)).unwrap_or(usize::MAX);
-        let mut client = proto::policy_stream_client::PolicyStreamClient::new(channel)
-            .max_decoding_message_size(max);
         let (tx, rx) = mpsc::channel::<proto::AgentMessage>(OUTBOUND_QUEUE);
         let hello = self.hello();
         tracing::info!(
@@ -253,11 +251,11 @@ impl Client {
             "control plane: connected; saying hello"
         );
         send(&tx, Up::Hello(hello)).await?;
-        let mut inbound = client
-            .session(ReceiverStream::new(rx))
+        // Not tonic's generated client: its `Streaming` would keep a buffer
+        // the size of the largest message for the stream's life (frames.rs).
+        let mut inbound = frames::open(&mut channel, rx, max)
             .await
-            .map_err(ClientError::Refused)?
-            .into_inner();
+            .map_err(ClientError::Refused)?;
 
         let mut heartbeat = tokio::time::interval(self.opts.heartbeat);
         let mut report = tokio::time::interval(self.opts.report_interval);
@@ -268,7 +266,7 @@ impl Client {
         let mut last_heard = Instant::now();
         loop {
             tokio::select! {
-                message = inbound.message() => {
+                message = inbound.message::<proto::ControlMessage>() => {
                     let message = message.map_err(ClientError::Stream)?.ok_or(ClientError::Closed)?;
                     *heard = true;
                     last_heard = Instant::now();

@@ -11,6 +11,7 @@ pub mod proto {
 
 pub mod client;
 pub mod convert;
+mod frames;
 pub mod held;
 pub mod in_force;
 mod layered;
