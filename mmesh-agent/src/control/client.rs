@@ -24,9 +24,10 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use super::{
     frames,
     in_force::{self, InForce, Refusal},
-    proto::{self, agent_message::Body as Up, control_message::Body as Down},
+    proto::{self, agent_message::Body as Up},
     reports,
     store::{Saver, Store},
+    wire::{self, Body as Down},
 };
 use crate::{
     agent::{CONTROL_PLANE, Enforcement, Outcome},
@@ -266,7 +267,7 @@ impl Client {
         let mut last_heard = Instant::now();
         loop {
             tokio::select! {
-                message = inbound.message::<proto::ControlMessage>() => {
+                message = inbound.message::<wire::ControlMessage>() => {
                     let message = message.map_err(ClientError::Stream)?.ok_or(ClientError::Closed)?;
                     *heard = true;
                     last_heard = Instant::now();
@@ -322,7 +323,7 @@ impl Client {
 
     async fn snapshot(
         &mut self,
-        s: proto::Snapshot,
+        s: wire::Snapshot,
         tx: &mpsc::Sender<proto::AgentMessage>,
     ) -> Result<(), ClientError> {
         let received = Instant::now();
@@ -352,7 +353,7 @@ impl Client {
         let limits = self.opts.limits.clone();
         let validated = tokio::task::spawn_blocking(move || {
             let validated =
-                InForce::snapshot(version, message, &limits).map_err(|e| Refusal::from(&e));
+                InForce::received(version, message, &limits).map_err(|e| Refusal::from(&e));
             crate::alloc::release_free_memory();
             validated
         })

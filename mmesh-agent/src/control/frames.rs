@@ -3,7 +3,8 @@
 //! tonic's `Streaming` reserves each received message's length in one
 //! buffer and never shrinks it: after a 100,000-account snapshot the agent
 //! kept about 22 MB for the stream's life. Here a message is collected in a
-//! buffer of exactly its length, dropped once decoded (a message that lies
+//! buffer of exactly its length, dropped once decoded (a snapshot's once
+//! its accounts, slices of it, are read: `wire.rs`; a message that lies
 //! whole in one body frame is decoded where it lies, and small ones share a
 //! small buffer), and each message sent up is a buffer of its own, freed
 //! once written. The call goes through tonic's `Channel` (TLS, timeouts,
@@ -226,11 +227,14 @@ impl Deframer {
             self.collecting = Some((len, bytes));
             return Ok(None);
         }
-        let message = M::decode(bytes.as_slice());
-        if bytes.capacity() <= SMALL {
-            bytes.clear();
-            self.small = bytes;
+        if bytes.capacity() > SMALL {
+            // As `Bytes`, so that a message's `bytes` fields are slices of
+            // it, not copies (a snapshot's accounts: `wire.rs`).
+            return Ok(Some(M::decode(Bytes::from(bytes))?));
         }
+        let message = M::decode(bytes.as_slice());
+        bytes.clear();
+        self.small = bytes;
         Ok(Some(message?))
     }
 }

@@ -22,7 +22,7 @@ use super::{
     convert,
     held::{DeltaError, Held, replay},
     layered::Layered,
-    proto,
+    proto, wire,
 };
 use crate::policy::{Account, FastMap, Policy, PolicyError, ReadLimits, quote};
 
@@ -101,8 +101,8 @@ fn source_name(version: &str) -> String {
 }
 
 impl InForce {
-    /// Validates a whole policy message (a snapshot, the last-known-good
-    /// file): what holding it makes.
+    /// Validates a whole policy message (the last-known-good file): what
+    /// holding it makes.
     pub fn snapshot(
         version: String,
         message: proto::Policy,
@@ -111,23 +111,80 @@ impl InForce {
         // Each account is encoded for holding as it is turned into the
         // validator's raw schema, and dropped then: the decoded message
         // (67 MB at 100,000 accounts) goes while the raw schema grows,
-        // instead of staying beside it and the validated policy. (Encoded
-        // on a thread of its own instead, the agent's peak at a snapshot
-        // of 100,000 accounts was 278 MB instead of 248.)
-        let mut message = message;
-        let accounts = std::mem::take(&mut message.accounts);
+        // instead of staying beside it and the validated policy.
+        let proto::Policy {
+            global,
+            defaults,
+            accounts,
+        } = message;
+        let accounts = accounts.into_iter().map(|account| {
+            let encoded = Held::encode(&account);
+            (account, encoded)
+        });
+        Self::whole(version, (global, defaults), accounts, limits)
+    }
+
+    /// Validates a snapshot as received, its accounts still encoded: each
+    /// is decoded as it is turned into the raw schema, and its bytes are
+    /// what is held ([`wire`]). An account that does not decode refuses
+    /// the snapshot, named by its position.
+    pub fn received(
+        version: String,
+        policy: wire::Policy,
+        limits: &ReadLimits,
+    ) -> Result<Self, PolicyError> {
+        let wire::Policy {
+            global,
+            defaults,
+            accounts,
+        } = policy;
+        let mut undecodable = None;
+        let decoded = accounts.into_iter().enumerate().map(|(i, bytes)| {
+            wire::account(&bytes).unwrap_or_else(|e| {
+                undecodable.get_or_insert((i, e));
+                (proto::Account::default(), Arc::from([]))
+            })
+        });
+        let name = source_name(&version);
+        // The message's bytes go once the accounts are read, before they
+        // are validated.
+        let whole = Self::whole(version, (global, defaults), decoded, limits);
+        match undecodable {
+            Some((i, e)) => Err(PolicyError::Syntax {
+                source_name: name,
+                format: "protobuf",
+                message: format!("accounts[{i}]: {e}"),
+            }),
+            None => whole,
+        }
+    }
+
+    /// What holding a whole policy makes: its accounts, each with its
+    /// encoding, validated as they come.
+    fn whole(
+        version: String,
+        (global, defaults): (Option<proto::Global>, Option<proto::Defaults>),
+        accounts: impl ExactSizeIterator<Item = (proto::Account, Arc<[u8]>)>,
+        limits: &ReadLimits,
+    ) -> Result<Self, PolicyError> {
         let mut encoded = Vec::with_capacity(accounts.len());
         let validated = Policy::from_message_indexed(
-            message.global.as_ref(),
-            message.defaults.as_ref(),
-            accounts
-                .into_iter()
-                .inspect(|account| encoded.push(Held::encode(account))),
+            global.as_ref(),
+            defaults.as_ref(),
+            accounts.map(|(account, bytes)| {
+                encoded.push(bytes);
+                account
+            }),
             &version,
             &source_name(&version),
             limits,
         );
         let (policy, index) = validated?;
+        let message = proto::Policy {
+            global,
+            defaults,
+            accounts: Vec::new(),
+        };
         let held = Held::encoded(version, message, encoded, index.ids);
         Ok(Self::new(held, policy, index.owners))
     }
@@ -272,7 +329,11 @@ mod tests {
     }
 
     fn in_force() -> InForce {
-        let message = proto::Policy {
+        InForce::snapshot("v1".into(), message(), &ReadLimits::default()).expect("valid")
+    }
+
+    fn message() -> proto::Policy {
+        proto::Policy {
             defaults: Some(proto::Defaults {
                 mode: None,
                 limits: Some(proto::Limits {
@@ -289,8 +350,37 @@ mod tests {
                 account("c", &["10.0.0.3"]),
             ],
             ..proto::Policy::default()
+        }
+    }
+
+    /// A snapshot as received (accounts as their bytes) is held as the same
+    /// message decoded would be; an account that does not decode refuses it.
+    #[test]
+    fn a_received_snapshot_is_held_as_decoded_and_refused_for_an_undecodable_account() {
+        use prost::Message as _;
+
+        let bytes = bytes::Bytes::from(message().encode_to_vec());
+        let wire = wire::Policy::decode(bytes).expect("decodes");
+        let received =
+            InForce::received("v1".into(), wire.clone(), &ReadLimits::default()).expect("valid");
+        let decoded = in_force();
+        assert_eq!(received.policy, decoded.policy);
+        assert_eq!(
+            received.held.last_known_good(),
+            decoded.held.last_known_good()
+        );
+
+        let mut broken = wire;
+        broken.accounts[1] = bytes::Bytes::from_static(&[0x0a, 0x05, b'b']);
+        let Err(err) = InForce::received("v2".into(), broken, &ReadLimits::default()) else {
+            panic!("refused");
         };
-        InForce::snapshot("v1".into(), message, &ReadLimits::default()).expect("valid")
+        let text = err.to_string();
+        assert!(
+            text.contains("control-plane version v2 is not valid protobuf")
+                && text.contains("accounts[1]: "),
+            "{text}"
+        );
     }
 
     fn delta(upserts: Vec<proto::Account>, removes: &[&str]) -> proto::Delta {

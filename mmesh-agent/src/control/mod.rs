@@ -17,3 +17,4 @@ pub mod in_force;
 mod layered;
 pub mod reports;
 pub mod store;
+pub mod wire;
