@@ -187,7 +187,7 @@ fn last_known_good(
         tracing::warn!("last-known-good policy: {}", escape_controls(problem));
     }
     let base = stored.base;
-    let mut in_force = InForce::snapshot(base.version, base.policy.unwrap_or_default(), limits)?;
+    let mut in_force = InForce::received(base.version, base.policy.unwrap_or_default(), limits)?;
     for delta in &stored.deltas {
         match in_force.delta(delta, limits) {
             Ok(next) => in_force = next,

@@ -30,7 +30,7 @@ use std::{
 use prost::Message as _;
 use xxhash_rust::xxh3::{Xxh3, xxh3_64};
 
-use super::{held::Held, in_force::InForce, proto};
+use super::{held::Held, in_force::InForce, proto, wire};
 
 /// The whole file's name in the state directory.
 pub const FILE_NAME: &str = "last-known-good.pb";
@@ -76,8 +76,8 @@ pub enum StoreError {
 /// What a state directory holds.
 #[derive(Debug, PartialEq)]
 pub struct Stored {
-    /// The whole policy last written.
-    pub base: proto::LastKnownGood,
+    /// The whole policy last written, its accounts still encoded.
+    pub base: wire::LastKnownGood,
     /// The deltas Acked since, in order.
     pub deltas: Vec<proto::Delta>,
     /// Why the log was not read to its end, if it was not: the deltas
@@ -135,9 +135,11 @@ impl Store {
         if sum != xxh3_64(payload) {
             return Err(corrupt("checksum mismatch"));
         }
+        // Its accounts are slices of the file's bytes, decoded one by one
+        // when validated (`wire.rs`).
+        let payload = bytes::Bytes::from(bytes).slice(MAGIC.len() + 8..);
         let base =
-            proto::LastKnownGood::decode(payload).map_err(|_| corrupt("undecodable payload"))?;
-        drop(bytes);
+            wire::LastKnownGood::decode(payload).map_err(|_| corrupt("undecodable payload"))?;
         let (deltas, log_problem) = match read_regular(&self.log, max_bytes) {
             Ok(Some(log)) => read_log(&log, sum),
             Ok(None) => (Vec::new(), None),
@@ -549,7 +551,9 @@ mod tests {
         store.save(&lkg("v1")).expect("saves");
         store.save(&lkg("v2")).expect("replaces");
         let stored = store.load(1 << 20).expect("loads").expect("stored");
-        assert_eq!(stored.base, lkg("v2"));
+        // Read with its accounts as bytes, it is the message saved.
+        assert_eq!(stored.base.encode_to_vec(), lkg("v2").encode_to_vec());
+        assert_eq!(stored.base.version, "v2");
         assert!(stored.deltas.is_empty());
         assert_eq!(stored.log_problem, None);
         for path in [store.path(), store.log_path()] {

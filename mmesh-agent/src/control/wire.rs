@@ -5,7 +5,8 @@
 //! 67 MB of strings and vectors, alive beside the raw schema made from it
 //! and the encoded accounts held for deltas: the agent's peak. These types
 //! have the contract's field numbers and types (`proto/mmesh/v1/control.proto`,
-//! `ControlMessage`, `Snapshot`, `Policy`), except that an account is its
+//! `ControlMessage`, `Snapshot`, `Policy`, and the last-known-good file's
+//! `LastKnownGood`), except that an account is its
 //! bytes, a slice of the received message (no copy). Protobuf's rules hold
 //! as for the generated types: a policy given twice is merged (its
 //! accounts appended), unknown fields are skipped.
@@ -42,6 +43,15 @@ pub struct Snapshot {
     #[prost(string, tag = "2")]
     pub nonce: String,
     #[prost(message, optional, tag = "3")]
+    pub policy: Option<Policy>,
+}
+
+/// `mmesh.v1.LastKnownGood`: the last-known-good file's payload.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LastKnownGood {
+    #[prost(string, tag = "1")]
+    pub version: String,
+    #[prost(message, optional, tag = "2")]
     pub policy: Option<Policy>,
 }
 
