@@ -207,6 +207,7 @@ fn last_known_good(
 /// Everything before the loop: blocking work (files, the verifier, map
 /// writes), run off the async threads so that signals are watched meanwhile.
 fn start(opts: &RunOptions) -> anyhow::Result<Started> {
+    let _prompt = crate::alloc::PromptReturn::new();
     let (policy, held) = first_policy(opts)?;
     // What reading took beside the policy (a file's raw schema, 75 MB at
     // 100,000 accounts) is free now: returned before the maps are loaded
@@ -504,6 +505,7 @@ impl Enforcer {
                 }
             }
             if let Some(trigger) = reload {
+                let _prompt = crate::alloc::PromptReturn::new();
                 self.reload(trigger);
                 // Also when nothing changed: the file was read whole.
                 crate::alloc::release_free_memory();

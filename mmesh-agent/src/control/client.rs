@@ -327,6 +327,8 @@ impl Client {
         tx: &mpsc::Sender<proto::AgentMessage>,
     ) -> Result<(), ClientError> {
         let received = Instant::now();
+        // Until the answer: the enforcer compiles and applies it meanwhile.
+        let _prompt = crate::alloc::PromptReturn::new();
         if s.version.is_empty() {
             return self
                 .nack(
