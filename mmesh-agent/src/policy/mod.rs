@@ -24,6 +24,7 @@
 use std::{collections::HashMap, fmt, path::Path, time::Duration};
 
 mod dir;
+mod index;
 mod message;
 mod model;
 mod raw;
@@ -36,6 +37,7 @@ mod validate;
 mod values;
 
 pub use dir::{Source, is_policy_file};
+pub use index::{Ids, Owners};
 pub use model::{
     Account, Action, DirLimits, Fingerprint, Global, List, ListKind, Mode, Policy, Rate,
 };
