@@ -1,8 +1,8 @@
 //! The policy message in force from the control plane, and deltas on it.
 //!
 //! Accounts are kept encoded and shared (`Arc`), and indexed by the
-//! validator's map of ids with the deltas' changes beside it ([`Layered`]),
-//! so that the next state after a one-account delta costs a copy of
+//! validator's index of ids with the deltas' changes beside it
+//! ([`layered::Ids`]), so that the next state after a one-account delta costs a copy of
 //! pointers, not of 100,000 accounts. Encoded, an account takes about a
 //! quarter of its decoded form (strings and their vectors): 20 MB instead of
 //! 75 MB at 100,000 accounts. They are decoded only to be validated again
@@ -12,8 +12,7 @@ use std::{collections::HashMap, sync::Arc};
 
 use prost::Message as _;
 
-use super::{layered::Layered, proto};
-use crate::policy::FastMap;
+use super::{layered, proto};
 
 /// One account of the message, as its protobuf encoding.
 type Encoded = Arc<[u8]>;
@@ -30,14 +29,15 @@ fn decode(bytes: &[u8]) -> proto::Account {
 
 /// The last policy message the agent applied from the control plane, by
 /// version: what a [`proto::Delta`] is applied to.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Held {
     pub version: String,
     global: Option<proto::Global>,
     defaults: Option<proto::Defaults>,
     accounts: Vec<Encoded>,
-    /// Account id to its index in `accounts`.
-    index: Layered<String, usize>,
+    /// Account id to its index in `accounts` (the validated policy's
+    /// accounts are in the same order).
+    pub(super) index: layered::Ids,
 }
 
 /// What a delta did to the accounts, in order: a validated policy whose
@@ -63,53 +63,28 @@ pub enum DeltaError {
 }
 
 impl Held {
-    /// What a snapshot makes the agent hold.
-    #[must_use]
-    pub fn snapshot(version: String, policy: proto::Policy) -> Self {
-        let index = policy
-            .accounts
-            .iter()
-            .enumerate()
-            .map(|(i, a)| (a.id.clone(), i))
-            .collect();
-        Self::indexed(version, policy, index)
-    }
-
-    /// [`Held::snapshot`] with the index of its account ids made already
-    /// (by the validator: each id to the position of its account).
-    #[must_use]
-    pub fn indexed(version: String, policy: proto::Policy, index: FastMap<String, usize>) -> Self {
-        let accounts = Self::encode_all(&policy.accounts);
-        Self::encoded(version, policy, accounts, index)
-    }
-
-    /// The accounts of a message, encoded for [`Held::encoded`].
-    #[must_use]
-    pub fn encode_all(accounts: &[proto::Account]) -> Vec<Arc<[u8]>> {
-        accounts.iter().map(encode).collect()
-    }
-
     /// One account, encoded for [`Held::encoded`].
     #[must_use]
     pub fn encode(account: &proto::Account) -> Arc<[u8]> {
         encode(account)
     }
 
-    /// [`Held::indexed`] with the accounts encoded already (the message's
-    /// own are dropped).
+    /// What a snapshot makes the agent hold: `policy` with its accounts
+    /// encoded already (the message's own are dropped), and the index of
+    /// their ids (the validator's, of the validated policy).
     #[must_use]
     pub fn encoded(
         version: String,
         policy: proto::Policy,
         accounts: Vec<Arc<[u8]>>,
-        index: FastMap<String, usize>,
+        index: layered::Ids,
     ) -> Self {
         Self {
             version,
             global: policy.global,
             defaults: policy.defaults,
             accounts,
-            index: Layered::new(index),
+            index,
         }
     }
 
@@ -202,7 +177,9 @@ impl Held {
 
     /// What holding `delta` on top of this would be, and the steps that
     /// took the accounts there. Nothing changes until the caller keeps the
-    /// result (after the policy is in force).
+    /// result (after the policy is in force). The index of the result
+    /// still compares through the validated policy of this one's base:
+    /// the caller builds it again when it is due ([`layered::due`]).
     pub fn with_delta(&self, delta: &proto::Delta) -> Result<(Self, Vec<Step>), DeltaError> {
         if delta.base_version != self.version {
             return Err(DeltaError::Base {
@@ -247,7 +224,6 @@ impl Held {
             next.defaults = Some(defaults.clone());
         }
         if problems.is_empty() {
-            next.index.settle();
             Ok((next, steps))
         } else {
             Err(DeltaError::Problems(problems))
@@ -255,7 +231,7 @@ impl Held {
     }
 
     fn upsert(&mut self, account: &proto::Account, k: usize) -> Step {
-        if let Some(&i) = self.index.get(&account.id) {
+        if let Some(i) = self.index.get(&account.id) {
             self.accounts[i] = encode(account);
             Step::Replace(i, k)
         } else {
@@ -266,7 +242,7 @@ impl Held {
     }
 
     fn remove(&mut self, id: &str) -> Option<usize> {
-        let i = *self.index.get(id)?;
+        let i = self.index.get(id)?;
         self.index.remove(id);
         self.accounts.swap_remove(i);
         if let Some(moved) = self.accounts.get(i) {
@@ -311,17 +287,18 @@ mod tests {
     }
 
     fn held() -> Held {
-        Held::snapshot(
-            "v1".into(),
-            proto::Policy {
-                accounts: vec![
-                    account("a", "10.0.0.1"),
-                    account("b", "10.0.0.2"),
-                    account("c", "10.0.0.3"),
-                ],
-                ..proto::Policy::default()
-            },
-        )
+        let policy = proto::Policy {
+            accounts: vec![
+                account("a", "10.0.0.1"),
+                account("b", "10.0.0.2"),
+                account("c", "10.0.0.3"),
+            ],
+            ..proto::Policy::default()
+        };
+        let limits = crate::policy::ReadLimits::default();
+        super::super::in_force::InForce::snapshot("v1".into(), policy, &limits)
+            .expect("valid")
+            .held
     }
 
     fn pairs(h: &Held) -> Vec<(String, String)> {

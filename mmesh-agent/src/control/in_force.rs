@@ -12,7 +12,7 @@
 //!
 //! Both indexes (ids, prefix owners) are the ones the validator built to
 //! find duplicates, kept with the deltas' changes beside them
-//! ([`Layered`]): building them again took longer than the validation.
+//! ([`layered`]): building them again took longer than the validation.
 
 use std::sync::Arc;
 
@@ -21,10 +21,10 @@ use ipnet::IpNet;
 use super::{
     convert,
     held::{DeltaError, Held, replay},
-    layered::Layered,
+    layered::{self, Base},
     proto, wire,
 };
-use crate::policy::{Account, FastMap, Policy, PolicyError, ReadLimits, quote};
+use crate::policy::{Account, Index, Policy, PolicyError, ReadLimits, quote};
 
 /// A validated control-plane policy and what it was made from.
 #[derive(Clone, Debug)]
@@ -33,7 +33,7 @@ pub struct InForce {
     /// Shared with the enforcer, which keeps the policy in force.
     pub policy: Arc<Policy>,
     /// The account owning each account prefix.
-    owners: Layered<IpNet, Arc<Account>>,
+    owners: layered::Owners,
 }
 
 /// Why a message cannot become the policy in force.
@@ -185,12 +185,17 @@ impl InForce {
             defaults,
             accounts: Vec::new(),
         };
-        let held = Held::encoded(version, message, encoded, index.ids);
-        Ok(Self::new(held, policy, index.owners))
+        let (policy, ids, owners) = indexed(policy, index);
+        let held = Held::encoded(version, message, encoded, ids);
+        Ok(Self {
+            held,
+            policy,
+            owners,
+        })
     }
 
     /// Validates a whole held message (a delta of `global` or `defaults`).
-    pub fn validate(held: Held, limits: &ReadLimits) -> Result<Self, PolicyError> {
+    pub fn validate(mut held: Held, limits: &ReadLimits) -> Result<Self, PolicyError> {
         let (policy, index) = Policy::from_message_indexed(
             held.global(),
             held.defaults(),
@@ -199,20 +204,13 @@ impl InForce {
             &source_name(&held.version),
             limits,
         )?;
-        Ok(Self::new(held, policy, index.owners))
-    }
-
-    /// `owners`: the validator's index of the prefixes, by position.
-    fn new(held: Held, policy: Policy, owners: FastMap<IpNet, usize>) -> Self {
-        let owners = owners
-            .into_iter()
-            .map(|(net, i)| (net, Arc::clone(&policy.accounts[i])))
-            .collect();
-        Self {
+        let (policy, ids, owners) = indexed(policy, index);
+        held.index = ids;
+        Ok(Self {
             held,
-            policy: Arc::new(policy),
-            owners: Layered::new(owners),
-        }
+            policy,
+            owners,
+        })
     }
 
     /// What `delta` on top of this makes, validated.
@@ -247,7 +245,7 @@ impl InForce {
         let mut problems = Vec::new();
         for (k, account) in upserts.iter().enumerate() {
             for net in prefixes(account) {
-                if let Some(owner) = self.owners.get(&net)
+                if let Some(owner) = self.owners.get(net)
                     && owner.id != account.id
                     && !leaving.contains(owner.id.as_str())
                 {
@@ -276,8 +274,8 @@ impl InForce {
         let mut owners = self.owners.clone();
         replay(&mut policy.accounts, &steps, &upserts, |gone| {
             for net in prefixes(&gone) {
-                if owners.get(&net).is_some_and(|o| o.id == gone.id) {
-                    owners.remove(&net);
+                if owners.get(net).is_some_and(|o| o.id == gone.id) {
+                    owners.remove(net);
                 }
             }
         });
@@ -286,13 +284,34 @@ impl InForce {
                 owners.insert(net, Arc::clone(account));
             }
         }
-        owners.settle();
+        let policy = Arc::new(policy);
+        let mut held = held;
+        if layered::due(
+            held.index.changes() + owners.changes(),
+            policy.accounts.len(),
+        ) {
+            let base = Base::of(Arc::clone(&policy));
+            held.index = layered::Ids::new(Arc::clone(&base));
+            owners = layered::Owners::new(base);
+        }
         Ok(Self {
             held,
-            policy: Arc::new(policy),
+            policy,
             owners,
         })
     }
+}
+
+/// A validated policy, shared, and the indexes kept for its deltas: the
+/// validator's `index` of it.
+fn indexed(policy: Policy, index: Index) -> (Arc<Policy>, layered::Ids, layered::Owners) {
+    let policy = Arc::new(policy);
+    let base = Base::new(Arc::clone(&policy), index);
+    (
+        policy,
+        layered::Ids::new(Arc::clone(&base)),
+        layered::Owners::new(base),
+    )
 }
 
 fn prefixes(a: &Account) -> impl Iterator<Item = IpNet> + '_ {
@@ -459,5 +478,99 @@ mod tests {
             )
             .is_ok()
         );
+    }
+
+    /// Whether the indexes kept for deltas answer as indexes built afresh
+    /// for the policy would.
+    fn indexes_are_exact(f: &InForce) {
+        let fresh = Base::of(Arc::clone(&f.policy));
+        let (ids, owners) = (
+            layered::Ids::new(Arc::clone(&fresh)),
+            layered::Owners::new(fresh),
+        );
+        for i in 0..40 {
+            let id = format!("a{i}");
+            assert_eq!(f.held.index.get(&id), ids.get(&id), "{id}");
+        }
+        for i in 0..40 {
+            for net in [format!("10.0.0.{i}/32"), format!("fd00::{i}/128")] {
+                let net: IpNet = net.parse().unwrap();
+                assert_eq!(
+                    f.owners.get(net).map(|o| &o.id),
+                    owners.get(net).map(|o| &o.id),
+                    "{net}"
+                );
+            }
+        }
+    }
+
+    /// Random deltas (accounts removed, replaced, added, prefixes moved
+    /// between them; the indexes built again every few changes): each is
+    /// accepted exactly when the whole message it makes is valid, to the
+    /// same accounts, and the indexes stay exact.
+    #[test]
+    fn random_deltas_keep_the_indexes_exact() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n) as usize
+        };
+        let mut state = in_force();
+        let mut accepted = 0;
+        for step in 0..300 {
+            let held: Vec<String> = state.held.accounts().map(|a| a.id).collect();
+            let mut removes = Vec::new();
+            for _ in 0..next(3) {
+                if !held.is_empty() {
+                    removes.push(held[next(held.len() as u64)].clone());
+                }
+            }
+            removes.dedup();
+            let upserts: Vec<proto::Account> = (0..next(3))
+                .map(|_| {
+                    let prefixes: Vec<String> = (0..=next(3))
+                        .map(|_| {
+                            let i = next(40);
+                            if next(2) == 0 {
+                                format!("10.0.0.{i}")
+                            } else {
+                                format!("fd00::{i}")
+                            }
+                        })
+                        .collect();
+                    let prefixes: Vec<&str> = prefixes.iter().map(String::as_str).collect();
+                    account(&format!("a{}", next(40)), &prefixes)
+                })
+                .collect();
+            let d = proto::Delta {
+                version: format!("v{}", step + 2),
+                base_version: state.held.version.clone(),
+                upsert_accounts: upserts,
+                remove_accounts: removes,
+                ..proto::Delta::default()
+            };
+            let whole = state
+                .held
+                .with_delta(&d)
+                .ok()
+                .and_then(|(held, _)| InForce::validate(held, &ReadLimits::default()).ok());
+            match (state.delta(&d, &ReadLimits::default()), whole) {
+                (Ok(next), Some(whole)) => {
+                    assert_eq!(next.policy.accounts, whole.policy.accounts, "{d:?}");
+                    indexes_are_exact(&next);
+                    state = next;
+                    accepted += 1;
+                }
+                (Err(_), None) => {}
+                (delta, whole) => panic!(
+                    "delta {:?}, whole message {:?}: {d:?}",
+                    delta.map(|_| ()),
+                    whole.map(|_| ())
+                ),
+            }
+        }
+        assert!(accepted > 50, "{accepted} deltas accepted");
     }
 }

@@ -31,11 +31,9 @@ use std::{
     time::Duration,
 };
 
-use ipnet::IpNet;
-
 use super::{
-    Account, Action, DEFAULT_EVENTS_PER_SECOND, FastHash, FastMap, FileRead, Global, Issue,
-    ListKind, Mode, Policy, PolicyError, ReadLimits, quote,
+    Account, Action, DEFAULT_EVENTS_PER_SECOND, FastMap, FileRead, Global, Ids, Issue, ListKind,
+    Mode, Owners, Policy, PolicyError, ReadLimits, quote,
 };
 use crate::sink::escape_controls;
 
@@ -199,8 +197,7 @@ fn merge(source: &str, reads: Vec<(&Path, FileRead)>, issues: &mut Vec<Issue>) -
     let mut lists = Vec::new();
     // Each name, id and prefix with the file (and account) it came from.
     let mut list_names: FastMap<String, String> = FastMap::default();
-    let mut accounts =
-        Accounts::with_capacity(reads.iter().map(|(_, r)| r.policy.accounts.len()).sum());
+    let mut accounts = Accounts::with_room_for(reads.iter().flat_map(|(_, r)| &r.policy.accounts));
     let names: Vec<String> = reads
         .iter()
         .map(|(p, _)| escape_controls(&p.display().to_string()).into_owned())
@@ -291,17 +288,21 @@ struct Accounts {
     /// The index of the file of each account.
     files: Vec<usize>,
     /// The index in `all` of each id and of the owner of each prefix.
-    ids: FastMap<String, usize>,
-    owners: FastMap<IpNet, usize>,
+    ids: Ids,
+    owners: Owners,
 }
 
 impl Accounts {
-    fn with_capacity(n: usize) -> Self {
+    /// Room for `accounts`.
+    fn with_room_for<'a>(accounts: impl Iterator<Item = &'a Arc<Account>>) -> Self {
+        let (n, v4, v6) = accounts.fold((0, 0, 0), |(n, v4, v6), a| {
+            (n + 1, v4 + a.prefixes_v4.len(), v6 + a.prefixes_v6.len())
+        });
         Self {
             all: Vec::with_capacity(n),
             files: Vec::with_capacity(n),
-            ids: FastMap::with_capacity_and_hasher(n, FastHash::default()),
-            owners: FastMap::with_capacity_and_hasher(n, FastHash::default()),
+            ids: Ids::with_capacity(n),
+            owners: Owners::with_capacity(v4, v6),
         }
     }
 
@@ -316,7 +317,7 @@ impl Accounts {
     ) {
         let here = &names[file];
         for (i, account) in accounts.into_iter().enumerate() {
-            if let Some(&other) = self.ids.get(&account.id) {
+            if let Some(other) = self.ids.get(&account.id, &self.all) {
                 issues.push(Issue {
                     location: here.clone(),
                     path: format!("accounts[{i}].id"),
@@ -329,30 +330,24 @@ impl Accounts {
                 });
                 continue;
             }
-            for net in account
-                .prefixes_v4
-                .iter()
-                .map(|n| IpNet::V4(*n))
-                .chain(account.prefixes_v6.iter().map(|n| IpNet::V6(*n)))
-            {
-                if let Some(&owner) = self.owners.get(&net) {
-                    issues.push(Issue {
-                        location: here.clone(),
-                        path: format!("accounts[{i}].prefixes"),
-                        full: None,
-                        message: format!(
-                            "prefix {net} is also owned by account {} in {}; an address belongs to one account",
-                            quote(&self.all[owner].id),
-                            names[self.files[owner]]
-                        ),
-                    });
-                } else {
-                    self.owners.insert(net, self.all.len());
-                }
-            }
-            self.ids.insert(account.id.clone(), self.all.len());
+            // In place first: the indexes compare through the accounts.
+            let at = self.all.len();
             self.all.push(account);
             self.files.push(file);
+            self.ids.insert(at, &self.all);
+            let (all, files) = (&self.all, &self.files);
+            self.owners.claim(at, all, |net, owner| {
+                issues.push(Issue {
+                    location: here.clone(),
+                    path: format!("accounts[{i}].prefixes"),
+                    full: None,
+                    message: format!(
+                        "prefix {net} is also owned by account {} in {}; an address belongs to one account",
+                        quote(&all[owner].id),
+                        names[files[owner]]
+                    ),
+                });
+            });
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Validation of the raw schema into a [`Policy`], collecting every problem.
 
 use std::{
-    collections::{HashSet, hash_map::Entry},
+    collections::HashSet,
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -9,10 +9,11 @@ use std::{
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::{
-    Account, Action, DEFAULT_BURST_MILLIS, DEFAULT_EVENTS_PER_SECOND, DirLimits, FastHash, FastMap,
-    Fingerprint, Global, Issue, List, ListKind, MAX_BPS, MAX_BURST_SECONDS, MAX_EVENTS_PER_SECOND,
-    MAX_PATH_LEN, MAX_PPS, MAX_VERSION_LEN, MIN_BPS, MIN_DEFAULT_BPS_BURST, MIN_DEFAULT_PPS_BURST,
-    Mode, Policy, Rate,
+    Account, Action, DEFAULT_BURST_MILLIS, DEFAULT_EVENTS_PER_SECOND, DirLimits, Fingerprint,
+    Global, Issue, List, ListKind, MAX_BPS, MAX_BURST_SECONDS, MAX_EVENTS_PER_SECOND, MAX_PATH_LEN,
+    MAX_PPS, MAX_VERSION_LEN, MIN_BPS, MIN_DEFAULT_BPS_BURST, MIN_DEFAULT_PPS_BURST, Mode, Policy,
+    Rate,
+    index::{Ids, Owners},
     raw::{
         At, Extra, Fields, RawAccount, RawAccounts, RawDefaults, RawDirLimits, RawGlobal,
         RawLimits, RawList, RawPolicy, Scalar,
@@ -31,13 +32,13 @@ pub(super) struct Validator<'a> {
 }
 
 /// What validation indexes the accounts by, each to the position of the
-/// (first) account in the policy.
+/// (first) account in the policy, compared through the policy's accounts.
 #[derive(Debug, Default)]
 pub struct Index {
     /// Account ids.
-    pub ids: FastMap<String, usize>,
+    pub ids: Ids,
     /// Account prefixes.
-    pub owners: FastMap<IpNet, usize>,
+    pub owners: Owners,
 }
 
 /// Accounts from which [`Validator::policy_indexed`] validates them on
@@ -187,15 +188,7 @@ impl Validator<'_> {
         self.account_count(&raw_accounts);
         let n = raw_accounts.kept.len();
         let mut accounts: Vec<Arc<Account>> = Vec::with_capacity(n);
-        let mut index = Index {
-            ids: FastMap::with_capacity_and_hasher(n, FastHash::default()),
-            // As many as the accounts list: growing the table half-way
-            // through 400,000 prefixes cost tens of milliseconds.
-            owners: FastMap::with_capacity_and_hasher(
-                raw_accounts.raw_prefixes,
-                FastHash::default(),
-            ),
-        };
+        let mut index = Index::default();
         let reads_files = raw_accounts.kept.iter().any(|a| {
             a.block
                 .iter()
@@ -208,6 +201,19 @@ impl Validator<'_> {
                 self.accounts_in_parallel(raw_accounts.kept, default_mode, default_limits);
             self.place_all(checked, &mut accounts, &mut index);
         } else {
+            // As many as the accounts list: growing the tables half-way
+            // through 400,000 prefixes cost tens of milliseconds. (A
+            // prefix that does not parse is counted, and takes no room.)
+            let v6 = raw_accounts
+                .kept
+                .iter()
+                .flat_map(|a| a.prefixes.iter().flatten())
+                .filter(|p| p.text().contains(':'))
+                .count();
+            index = Index {
+                ids: Ids::with_capacity(n),
+                owners: Owners::with_capacity(raw_accounts.raw_prefixes.saturating_sub(v6), v6),
+            };
             for (i, raw) in raw_accounts.kept.into_iter().enumerate() {
                 let checked = self.check_account(raw, i, default_mode, default_limits);
                 self.place(checked, &mut accounts, &mut index);
@@ -323,13 +329,19 @@ impl Validator<'_> {
             }
         }
         let accounts: &[Arc<Account>] = accounts;
+        let v4 = accounts.iter().map(|a| a.prefixes_v4.len()).sum();
+        let v6 = accounts.iter().map(|a| a.prefixes_v6.len()).sum();
+        *index = Index {
+            ids: Ids::with_capacity(accounts.len()),
+            owners: Owners::with_capacity(v4, v6),
+        };
         let Index { ids, owners } = index;
         let (repeated, shared) = std::thread::scope(|s| {
             let indexing = s.spawn(|| {
                 let mut repeated = Vec::new();
-                for (i, (account, at)) in accounts.iter().zip(&id_ats).enumerate() {
+                for (i, at) in id_ats.iter().enumerate() {
                     if at.is_some()
-                        && let Some(first) = ids.insert(account.id.clone(), i)
+                        && let Some(first) = ids.insert(i, accounts)
                     {
                         repeated.push((i, first));
                     }
@@ -337,24 +349,12 @@ impl Validator<'_> {
                 repeated
             });
             let mut shared = Vec::new();
-            for (i, account) in accounts.iter().enumerate() {
-                for net in account
-                    .prefixes_v4
-                    .iter()
-                    .map(|n| IpNet::V4(*n))
-                    .chain(account.prefixes_v6.iter().map(|n| IpNet::V6(*n)))
-                {
-                    match owners.entry(net) {
-                        Entry::Occupied(owner) => {
-                            if accounts[*owner.get()].id != account.id {
-                                shared.push((i, net, *owner.get()));
-                            }
-                        }
-                        Entry::Vacant(free) => {
-                            free.insert(i);
-                        }
+            for i in 0..accounts.len() {
+                owners.claim(i, accounts, |net, owner| {
+                    if accounts[owner].id != accounts[i].id {
+                        shared.push((i, net, owner));
                     }
-                }
+                });
             }
             let repeated = indexing
                 .join()
@@ -411,44 +411,34 @@ impl Validator<'_> {
             issues,
         } = checked;
         let i = accounts.len();
+        // In place first: the indexes compare through the accounts.
+        accounts.push(account);
+        let accounts: &[Arc<Account>] = accounts;
         let path = || format!("accounts[{i}]");
         if let Some(at) = &id_at
-            && let Some(first) = index.ids.insert(account.id.clone(), i)
+            && let Some(first) = index.ids.insert(i, accounts)
         {
             self.issue(
                 at.clone(),
                 format!("{}.id", path()),
                 format!(
                     "account id {} is already used by accounts[{first}]; ids must be unique",
-                    quote(&account.id)
+                    quote(&accounts[i].id)
                 ),
             );
         }
         self.issues.extend(issues);
-        for net in account
-            .prefixes_v4
-            .iter()
-            .map(|n| IpNet::V4(*n))
-            .chain(account.prefixes_v6.iter().map(|n| IpNet::V6(*n)))
-        {
-            // One look-up per prefix: 400,000 of them at 100,000 accounts.
-            match index.owners.entry(net) {
-                Entry::Occupied(owner) => {
-                    let other = &accounts[*owner.get()].id;
-                    if *other != account.id {
-                        self.issue(
-                            id_at.clone().unwrap_or_else(|| self.source.to_owned()),
-                            format!("{}.prefixes", path()),
-                            format!("prefix {net} is also owned by account {}; an address belongs to one account (nested prefixes are allowed, the most specific wins)", quote(other)),
-                        );
-                    }
-                }
-                Entry::Vacant(free) => {
-                    free.insert(i);
-                }
+        // One look-up per prefix: 400,000 of them at 100,000 accounts.
+        index.owners.claim(i, accounts, |net, owner| {
+            let other = &accounts[owner].id;
+            if *other != accounts[i].id {
+                self.issue(
+                    id_at.clone().unwrap_or_else(|| self.source.to_owned()),
+                    format!("{}.prefixes", path()),
+                    format!("prefix {net} is also owned by account {}; an address belongs to one account (nested prefixes are allowed, the most specific wins)", quote(other)),
+                );
             }
-        }
-        accounts.push(account);
+        });
     }
 
     pub(super) fn version(&mut self, raw: &At<Scalar>) -> Option<String> {
