@@ -80,13 +80,18 @@ impl Ids {
         }
     }
 
-    /// Every account of `accounts` indexed, each by its id (a valid
-    /// policy's are unique).
+    /// Every account of `accounts` indexed, each by its id: those of a
+    /// valid policy, whose ids are unique (not checked: a second account
+    /// with an id would be indexed beside the first).
     #[must_use]
     pub fn of(accounts: &[Arc<Account>]) -> Self {
         let mut ids = Self::with_capacity(accounts.len());
-        for i in 0..accounts.len() {
-            ids.insert(i, accounts);
+        let hash = &ids.hash;
+        for (i, account) in accounts.iter().enumerate() {
+            ids.table
+                .insert_unique(hash.hash_one(account.id.as_str()), position(i), |&p| {
+                    hash.hash_one(accounts[p as usize].id.as_str())
+                });
         }
         ids
     }
@@ -146,16 +151,16 @@ impl Owners {
         }
     }
 
-    /// The prefixes of every account of `accounts` indexed (a valid
-    /// policy's are owned once).
+    /// The prefixes of every account of `accounts` indexed: those of a
+    /// valid policy, whose prefixes are owned once (not checked, as in
+    /// [`Ids::of`]).
     #[must_use]
     pub fn of(accounts: &[Arc<Account>]) -> Self {
         let v4 = accounts.iter().map(|a| a.prefixes_v4.len()).sum();
         let v6 = accounts.iter().map(|a| a.prefixes_v6.len()).sum();
         let mut owners = Self::with_capacity(v4, v6);
-        for i in 0..accounts.len() {
-            owners.claim(i, accounts, |_, _| {});
-        }
+        index_all::<Ipv4Net>(&mut owners.v4, &owners.hash, accounts);
+        index_all::<Ipv6Net>(&mut owners.v6, &owners.hash, accounts);
         owners
     }
 
@@ -206,6 +211,22 @@ impl Owners {
     #[must_use]
     pub fn allocation_size(&self) -> usize {
         self.v4.allocation_size() + self.v6.allocation_size()
+    }
+}
+
+/// Every prefix of family `N` of `accounts` into `table`, unchecked (see
+/// [`Owners::of`]).
+fn index_all<N: Family>(table: &mut HashTable<Slot>, hash: &FastHash, accounts: &[Arc<Account>]) {
+    for (i, account) in accounts.iter().enumerate() {
+        for (j, &net) in N::of(account).iter().enumerate() {
+            let slot = Slot {
+                account: position(i),
+                prefix: position(j),
+            };
+            table.insert_unique(hash.hash_one(net), slot, |&s| {
+                hash.hash_one(N::at(accounts, s))
+            });
+        }
     }
 }
 
