@@ -2,8 +2,8 @@
 //!
 //! Accounts are kept encoded and shared (`Arc`), and indexed by the
 //! validator's index of ids with the deltas' changes beside it
-//! ([`layered::Ids`]), so that the next state after a one-account delta costs a copy of
-//! pointers, not of 100,000 accounts. Encoded, an account takes about a
+//! ([`layered::Ids`]), so that the next state after a one-account delta
+//! costs a copy of pointers, not of 100,000 accounts. Encoded, an account takes about a
 //! quarter of its decoded form (strings and their vectors): 20 MB instead of
 //! 75 MB at 100,000 accounts. They are decoded only to be validated again
 //! whole (a delta of `global` or `defaults`).

@@ -215,7 +215,7 @@ impl InForce {
 
     /// What `delta` on top of this makes, validated.
     pub fn delta(&self, delta: &proto::Delta, limits: &ReadLimits) -> Result<Self, Refusal> {
-        let (held, steps) = self.held.with_delta(delta)?;
+        let (mut held, steps) = self.held.with_delta(delta)?;
         if delta.global.is_some() || delta.defaults.is_some() {
             return Self::validate(held, limits).map_err(|e| Refusal::from(&e));
         }
@@ -285,7 +285,6 @@ impl InForce {
             }
         }
         let policy = Arc::new(policy);
-        let mut held = held;
         if layered::due(
             held.index.changes() + owners.changes(),
             policy.accounts.len(),
