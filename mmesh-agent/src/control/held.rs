@@ -8,14 +8,19 @@
 //! vectors): 20 MB instead of 75 MB at 100,000 accounts. They are decoded
 //! only to be validated again whole (a delta of `global` or `defaults`).
 
-use std::{collections::HashMap, sync::Arc};
+use std::collections::HashMap;
 
+use bytes::Bytes;
 use prost::Message as _;
 
 use super::{layered, proto};
 
 /// One account of the message, as its protobuf encoding.
-type Encoded = Arc<[u8]>;
+///
+/// A snapshot's accounts are slices of the message they came in (one
+/// allocation for all, no copies); an account a delta brings is a buffer of
+/// its own.
+type Encoded = Bytes;
 
 fn encode(account: &proto::Account) -> Encoded {
     account.encode_to_vec().into()
@@ -67,7 +72,7 @@ pub enum DeltaError {
 impl Held {
     /// One account, encoded for [`Held::encoded`].
     #[must_use]
-    pub fn encode(account: &proto::Account) -> Arc<[u8]> {
+    pub fn encode(account: &proto::Account) -> Bytes {
         encode(account)
     }
 
@@ -78,7 +83,7 @@ impl Held {
     pub fn encoded(
         version: String,
         policy: proto::Policy,
-        accounts: Vec<Arc<[u8]>>,
+        accounts: Vec<Bytes>,
         index: layered::Ids,
     ) -> Self {
         Self {

@@ -142,7 +142,7 @@ impl InForce {
         let decoded = accounts.into_iter().enumerate().map(|(i, bytes)| {
             wire::account(&bytes).unwrap_or_else(|e| {
                 undecodable.get_or_insert((i, e));
-                (proto::Account::default(), Arc::from([]))
+                (proto::Account::default(), bytes::Bytes::new())
             })
         });
         let name = source_name(&version);
@@ -164,7 +164,7 @@ impl InForce {
     fn whole(
         version: String,
         (global, defaults): (Option<proto::Global>, Option<proto::Defaults>),
-        accounts: impl ExactSizeIterator<Item = (proto::Account, Arc<[u8]>)>,
+        accounts: impl ExactSizeIterator<Item = (proto::Account, bytes::Bytes)>,
         limits: &ReadLimits,
     ) -> Result<Self, PolicyError> {
         let mut encoded = Vec::with_capacity(accounts.len());
