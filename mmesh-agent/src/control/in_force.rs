@@ -101,8 +101,9 @@ fn source_name(version: &str) -> String {
 }
 
 impl InForce {
-    /// Validates a whole policy message (the last-known-good file): what
-    /// holding it makes.
+    /// Validates a whole policy message, decoded: what holding it makes.
+    /// (A received snapshot and the last-known-good file go through
+    /// [`InForce::received`], their accounts still encoded.)
     pub fn snapshot(
         version: String,
         message: proto::Policy,
