@@ -385,7 +385,19 @@ pub(super) struct RawDirLimits {
 }
 
 impl Fields for RawDirLimits {
-    const NAMES: &'static [&'static str] = &["pps", "pps_burst", "bps", "bps_burst", "action"];
+    const NAMES: &'static [&'static str] = DirFields::NAMES;
+}
+
+raw_struct! {
+    /// A direction's limits as read, before [`RawDirLimits`] keeps the
+    /// fields given.
+    struct DirFields {
+        pps: At<Scalar>,
+        pps_burst: At<Scalar>,
+        bps: At<Scalar>,
+        bps_burst: At<Scalar>,
+        action: At<Scalar>,
+    }
 }
 
 impl RawDirLimits {
@@ -428,70 +440,24 @@ impl RawDirLimits {
     }
 }
 
-/// As a [`raw_struct!`] reads its fields: a field given twice or a key
-/// that is no field goes to `extra`, a `null` is a field not given.
+/// Read as a [`raw_struct!`] is (a field given twice or a key that is no
+/// field goes to `extra`, a `null` is a field not given), then compacted.
 impl<'de> Deserialize<'de> for RawDirLimits {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Visitor;
-        impl<'de> serde::de::Visitor<'de> for Visitor {
-            type Value = RawDirLimits;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write!(f, "a mapping of {}", RawDirLimits::NAMES.join(", "))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawDirLimits, A::Error> {
-                let mut fields: [Option<At<Scalar>>; 5] = Default::default();
-                let mut extra = Extras::default();
-                while let Some(key) = map.next_key::<At<Key<RawDirLimits>>>()? {
-                    let field = key
-                        .value
-                        .field
-                        .as_ref()
-                        .ok()
-                        .and_then(|name| RawDirLimits::NAMES.iter().position(|n| n == name));
-                    let Some(field) = field else {
-                        let name = match key.value.field {
-                            Ok(name) => name.to_owned(),
-                            Err(name) => name,
-                        };
-                        extra.push(Extra {
-                            key: At {
-                                value: name,
-                                line: key.line,
-                                column: key.column,
-                            },
-                            repeated: false,
-                        });
-                        map.next_value::<IgnoredAny>()?;
-                        continue;
-                    };
-                    let slot = &mut fields[field];
-                    if slot.is_some() {
-                        extra.push(Extra {
-                            key: At {
-                                value: RawDirLimits::NAMES[field].to_owned(),
-                                line: key.line,
-                                column: key.column,
-                            },
-                            repeated: true,
-                        });
-                        map.next_value::<IgnoredAny>()?;
-                    } else {
-                        *slot = map.next_value::<Option<At<Scalar>>>()?;
-                    }
-                }
-                Ok(RawDirLimits {
-                    extra,
-                    ..RawDirLimits::new(fields)
-                })
-            }
-        }
-        deserializer.deserialize_map(Visitor)
+        let read = DirFields::deserialize(deserializer)?;
+        Ok(Self {
+            extra: read.extra,
+            ..Self::new([
+                read.pps,
+                read.pps_burst,
+                read.bps,
+                read.bps_burst,
+                read.action,
+            ])
+        })
     }
 }
 
-/// The accounts, kept up to the bounds of [`Reading`] and counted past
-/// them: a policy far over capacity is refused without being built (a
-/// 632,000-account file once took 866 MB to be told it was too big).
 #[derive(Debug, Default)]
 pub(super) struct RawAccounts {
     pub(super) kept: Vec<RawAccount>,
