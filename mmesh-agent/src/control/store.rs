@@ -319,25 +319,20 @@ impl Writer {
             Ok(())
         });
         debug_assert!(summed.is_ok(), "hashing takes every piece");
-        let sum = hasher.digest();
-        self.whole_with(sum, len, &mut |w| {
-            w.write_all(MAGIC)?;
-            w.write_all(&sum.to_le_bytes())?;
+        self.whole_with(hasher.digest(), len, &mut |w| {
             held.write_last_known_good(&mut |piece| w.write_all(piece))
         })
     }
 
     fn whole_payload(&mut self, payload: &[u8]) -> Result<(), StoreError> {
-        let sum = xxh3_64(payload);
-        self.whole_with(sum, payload.len() as u64, &mut |w| {
-            w.write_all(MAGIC)?;
-            w.write_all(&sum.to_le_bytes())?;
+        self.whole_with(xxh3_64(payload), payload.len() as u64, &mut |w| {
             w.write_all(payload)
         })
     }
 
-    /// Writes the whole file (`len` bytes of payload whose checksum is
-    /// `sum`, as `write` writes it) and an empty log after it.
+    /// Writes the whole file (its magic line, `sum`, then the `len` bytes
+    /// of payload `write` writes, whose checksum is `sum`) and an empty log
+    /// after it.
     fn whole_with(
         &mut self,
         sum: u64,
@@ -345,7 +340,11 @@ impl Writer {
         write: &mut dyn FnMut(&mut dyn io::Write) -> io::Result<()>,
     ) -> Result<(), StoreError> {
         self.log = None;
-        Store::replace_with(&self.store.path, write)?;
+        Store::replace_with(&self.store.path, &mut |w| {
+            w.write_all(MAGIC)?;
+            w.write_all(&sum.to_le_bytes())?;
+            write(w)
+        })?;
         Store::replace(&self.store.log, &[LOG_MAGIC, &sum.to_le_bytes()])?;
         let file = OpenOptions::new()
             .append(true)
