@@ -1,6 +1,6 @@
 //! The policy message in force from the control plane, and deltas on it.
 //!
-//! Accounts are kept encoded and shared (`Arc`, in a persistent vector),
+//! Accounts are kept encoded and shared (`Bytes`, in a persistent vector),
 //! and indexed by the validator's index of ids with the deltas' changes
 //! beside it ([`layered::Ids`]), so that the next state after a one-account
 //! delta shares all but that account, not a copy of 100,000. Encoded, an
@@ -76,21 +76,21 @@ impl Held {
         encode(account)
     }
 
-    /// What a snapshot makes the agent hold: `policy` with its accounts
-    /// encoded already (the message's own are dropped), and the index of
-    /// their ids (the validator's, of the validated policy).
+    /// What a snapshot makes the agent hold: its `global` and `defaults`,
+    /// its accounts encoded, and the index of their ids (the validator's,
+    /// of the validated policy).
     #[must_use]
     pub fn encoded(
         version: String,
-        policy: proto::Policy,
-        accounts: Vec<Bytes>,
+        (global, defaults): (Option<proto::Global>, Option<proto::Defaults>),
+        accounts: imbl::Vector<Bytes>,
         index: layered::Ids,
     ) -> Self {
         Self {
             version,
-            global: policy.global,
-            defaults: policy.defaults,
-            accounts: accounts.into_iter().collect(),
+            global,
+            defaults,
+            accounts,
             index,
         }
     }

@@ -168,12 +168,12 @@ impl InForce {
         accounts: impl ExactSizeIterator<Item = (proto::Account, bytes::Bytes)>,
         limits: &ReadLimits,
     ) -> Result<Self, PolicyError> {
-        let mut encoded = Vec::with_capacity(accounts.len());
+        let mut encoded = imbl::Vector::new();
         let validated = Policy::from_message_indexed(
             global.as_ref(),
             defaults.as_ref(),
             accounts.map(|(account, bytes)| {
-                encoded.push(bytes);
+                encoded.push_back(bytes);
                 account
             }),
             &version,
@@ -181,13 +181,8 @@ impl InForce {
             limits,
         );
         let (policy, index) = validated?;
-        let message = proto::Policy {
-            global,
-            defaults,
-            accounts: Vec::new(),
-        };
         let (policy, ids, owners) = indexed(policy, index);
-        let held = Held::encoded(version, message, encoded, ids);
+        let held = Held::encoded(version, (global, defaults), encoded, ids);
         Ok(Self {
             held,
             policy,
