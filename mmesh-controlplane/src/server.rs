@@ -447,11 +447,7 @@ impl Session {
             } else {
                 ""
             },
-            nack.problems
-                .iter()
-                .map(|p| format!("{}: {}", p.path, p.message))
-                .collect::<Vec<_>>()
-                .join("; ")
+            mmesh_agent::control::in_force::describe(&nack.problems)
         );
         let problems: Vec<Value> = nack
             .problems
