@@ -508,6 +508,7 @@ fn fallback_sink() -> Sink {
 }
 
 fn main() -> ExitCode {
+    let huge_pages = mmesh_agent::alloc::no_huge_pages();
     let cli = Cli::parse();
     // Mounting bpffs needs CAP_SYS_ADMIN, which is dropped next.
     let prepared = match &cli.command {
@@ -528,6 +529,9 @@ fn main() -> ExitCode {
         ),
         Some(Err(err)) => tracing::warn!(%err, "could not drop unneeded capabilities"),
         None => {}
+    }
+    if let Err(err) = huge_pages {
+        tracing::debug!(%err, "could not turn transparent huge pages off: the agent's memory may be higher by up to a third");
     }
     let result = match cli.command {
         Command::Run(args) => prepared.map_err(anyhow::Error::from).and_then(|mounted| {

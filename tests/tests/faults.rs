@@ -335,7 +335,7 @@ fn status_field(pid: u32, field: &str) -> Option<u64> {
 }
 
 /// The running agent holds `CAP_NET_ADMIN`, `CAP_PERFMON` and `CAP_BPF`, and
-/// nothing else in any set.
+/// nothing else in any set (and has transparent huge pages off).
 #[test]
 fn the_agent_keeps_three_capabilities() {
     let _serial = serial();
@@ -356,6 +356,8 @@ fn the_agent_keeps_three_capabilities() {
             "{field} of the agent"
         );
     }
+    // Transparent huge pages are off for it (`alloc::no_huge_pages`).
+    assert_eq!(status_field(agent.pid(), "THP_enabled"), Some(0));
     // And it still works with them: reloads, enforcement.
     policy.write(OPEN);
     assert!(agent.reload().contains("policy in force"));
