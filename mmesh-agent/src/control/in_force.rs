@@ -22,6 +22,7 @@ use super::{
     convert,
     held::{DeltaError, Held, replay},
     layered::{self, Base},
+    packed::Packer,
     proto, wire,
 };
 use crate::policy::{Account, Index, Policy, PolicyError, ReadLimits, quote};
@@ -119,7 +120,7 @@ impl InForce {
             accounts,
         } = message;
         let accounts = accounts.into_iter().map(|account| {
-            let encoded = Held::encode(&account);
+            let encoded = prost::Message::encode_to_vec(&account);
             (account, encoded)
         });
         Self::whole(version, (global, defaults), accounts, limits)
@@ -140,15 +141,20 @@ impl InForce {
             accounts,
         } = policy;
         let mut undecodable = None;
-        let decoded = accounts.into_iter().enumerate().map(|(i, bytes)| {
-            wire::account(&bytes).unwrap_or_else(|e| {
-                undecodable.get_or_insert((i, e));
-                (proto::Account::default(), bytes::Bytes::new())
-            })
-        });
+        let decoded =
+            accounts
+                .into_iter()
+                .enumerate()
+                .map(|(i, bytes)| match wire::account(&bytes) {
+                    Ok(account) => (account, bytes),
+                    Err(e) => {
+                        undecodable.get_or_insert((i, e));
+                        (proto::Account::default(), bytes::Bytes::new())
+                    }
+                });
         let name = source_name(&version);
-        // The message's bytes go once the accounts are read, before they
-        // are validated.
+        // The message's bytes go once the accounts are read (and packed),
+        // before they are validated.
         let whole = Self::whole(version, (global, defaults), decoded, limits);
         match undecodable {
             Some((i, e)) => Err(PolicyError::Syntax {
@@ -161,19 +167,19 @@ impl InForce {
     }
 
     /// What holding a whole policy makes: its accounts, each with its
-    /// encoding, validated as they come.
+    /// encoding (packed as they come), validated.
     fn whole(
         version: String,
         (global, defaults): (Option<proto::Global>, Option<proto::Defaults>),
-        accounts: impl ExactSizeIterator<Item = (proto::Account, bytes::Bytes)>,
+        accounts: impl ExactSizeIterator<Item = (proto::Account, impl AsRef<[u8]>)>,
         limits: &ReadLimits,
     ) -> Result<Self, PolicyError> {
-        let mut encoded = imbl::Vector::new();
+        let mut encoded = Packer::default();
         let validated = Policy::from_message_indexed(
             global.as_ref(),
             defaults.as_ref(),
             accounts.map(|(account, bytes)| {
-                encoded.push_back(bytes);
+                encoded.push(bytes.as_ref());
                 account
             }),
             &version,
@@ -182,7 +188,7 @@ impl InForce {
         );
         let (policy, index) = validated?;
         let (policy, ids, owners) = indexed(policy, index);
-        let held = Held::encoded(version, (global, defaults), encoded, ids);
+        let held = Held::encoded(version, (global, defaults), encoded.finish(), ids);
         Ok(Self {
             held,
             policy,

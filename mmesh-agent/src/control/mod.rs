@@ -15,6 +15,7 @@ mod frames;
 pub mod held;
 pub mod in_force;
 mod layered;
+mod packed;
 pub mod reports;
 pub mod store;
 pub mod wire;
