@@ -4,8 +4,8 @@
 //! The agent holds the control plane's accounts as they were encoded, for
 //! deltas and the last-known-good file; the validated policy does not
 //! keep what they said (which fields came from `defaults`, how a rate was
-//! written). Held as they came they were 20 MB at 100,000 accounts, a fifth
-//! of the agent's memory; packed they are 3 MB. A block is unpacked to
+//! written). Held as they came they were 20 MB at 100,000 accounts, of the
+//! agent's 141 MB; packed they are 3 MB. A block is unpacked to
 //! read it (about 25 KB at 100,000 accounts, a few microseconds), and
 //! packed again when a delta changes one of its accounts: a delta copies
 //! and packs the blocks it touches, and shares the others with the state
@@ -41,14 +41,14 @@ struct Block {
 
 impl Block {
     /// Packs `accounts` (at most [`BLOCK`]).
-    fn pack<'a>(accounts: impl IntoIterator<Item = &'a [u8]>, packer: &mut Packing) -> Self {
-        packer.raw.clear();
+    fn pack<'a>(accounts: impl IntoIterator<Item = &'a [u8]>, packing: &mut Packing) -> Self {
+        packing.raw.clear();
         let mut count = 0;
         for account in accounts {
-            packer.add(account);
+            packing.add(account);
             count += 1;
         }
-        packer.seal(count)
+        packing.seal(count)
     }
 
     /// The block's accounts: slices of one buffer. A block that does not
