@@ -340,6 +340,49 @@ mod tests {
         assert_eq!(pairs(&h).len(), 3);
     }
 
+    /// Over several packed blocks: a removal moves the last account (in
+    /// the last block) into the first, the index follows it, and the
+    /// steps replay the same order on a mirror.
+    #[test]
+    fn deltas_over_several_blocks_keep_order_and_index() {
+        let n = 300;
+        let policy = proto::Policy {
+            accounts: (0..n)
+                .map(|i| account(&format!("a{i}"), &format!("10.0.{}.{}", i / 256, i % 256)))
+                .collect(),
+            ..proto::Policy::default()
+        };
+        let limits = crate::policy::ReadLimits::default();
+        let h = super::super::in_force::InForce::snapshot("v1".into(), policy, &limits)
+            .expect("valid")
+            .held;
+        let delta = proto::Delta {
+            version: "v2".into(),
+            base_version: "v1".into(),
+            upsert_accounts: vec![account("a150", "10.1.0.150"), account("new", "10.1.1.1")],
+            remove_accounts: vec!["a3".into()],
+            ..proto::Delta::default()
+        };
+        let (next, steps) = h.with_delta(&delta).expect("applies");
+        let mut mirror: Vec<String> = (0..n).map(|i| format!("a{i}")).collect();
+        let upserts: Vec<String> = delta.upsert_accounts.iter().map(|a| a.id.clone()).collect();
+        replay(&mut mirror, &steps, &upserts, |_| {});
+        let held: Vec<(String, String)> = pairs(&next);
+        let ids: Vec<&str> = held.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(ids, mirror);
+        assert_eq!(
+            ids[3], "a299",
+            "the last account took the removed one's place"
+        );
+        assert_eq!(held[150].1, "10.1.0.150");
+        assert_eq!(held.last().map(|(id, _)| id.as_str()), Some("new"));
+        assert_eq!(next.index.get("a299"), Some(3));
+        assert_eq!(next.index.get("a3"), None);
+        // The state before the delta is as it was.
+        assert_eq!(pairs(&h)[3].0, "a3");
+        assert_eq!(pairs(&h).len(), n);
+    }
+
     #[test]
     fn the_last_known_good_bytes_are_the_message_encoded() {
         use prost::Message as _;
