@@ -51,23 +51,22 @@ fn json_policies_are_read_and_checked_by_field_path() {
                        "accounts": [{"id": "a", "prefixes": ["10.1.0.1"], "limits": {"inbound": {"pps": 1000}}}]}"#;
     let p = Policy::parse(json, "p.json", Path::new(".")).expect("valid JSON policy");
     assert_eq!(p.accounts[0].inbound.unwrap().pps.unwrap().rate, 1000);
-    let bad = r#"{"accounts": [{"id": "a", "prefixes": ["10.1.0.1/24"]}]}"#;
-    let err = Policy::parse(bad, "p.json", Path::new("."))
-        .unwrap_err()
-        .to_string();
+    // What a refused document says.
+    let refused = |text: &str| {
+        Policy::parse(text, "p.json", Path::new("."))
+            .unwrap_err()
+            .to_string()
+    };
+    let err = refused(r#"{"accounts": [{"id": "a", "prefixes": ["10.1.0.1/24"]}]}"#);
     assert!(
         err.contains("p.json: accounts[0].prefixes[0]: \"10.1.0.1/24\" has host bits set"),
         "{err}"
     );
     // Unknown fields are problems beside the others, named by path.
-    let err = Policy::parse(
+    let err = refused(
         r#"{"accounts": [{"id": "a", "colour": 1, "prefixes": ["10.0.0.1"],
                               "limits": {"inbound": {"pps": "50kk"}}}]}"#,
-        "p.json",
-        Path::new("."),
-    )
-    .unwrap_err()
-    .to_string();
+    );
     assert!(
         err.contains("(2 problems)")
             && err.contains("p.json: accounts[0].colour: unknown field \"colour\"")
@@ -75,27 +74,17 @@ fn json_policies_are_read_and_checked_by_field_path() {
         "{err}"
     );
     // A field given twice (JSON passes both to the reader).
-    let err = Policy::parse(
-        r#"{"version": "a", "version": "b"}"#,
-        "p.json",
-        Path::new("."),
-    )
-    .unwrap_err()
-    .to_string();
+    let err = refused(r#"{"version": "a", "version": "b"}"#);
     assert!(
         err.contains("p.json: version: field \"version\" is given twice"),
         "{err}"
     );
     // The same in a direction's limits (read field by field into the
     // fields given), where a `null` is a field not given.
-    let err = Policy::parse(
+    let err = refused(
         r#"{"accounts": [{"id": "a", "prefixes": ["10.0.0.1"],
             "limits": {"inbound": {"pps": "1k", "bps": null, "pps": "2k", "colour": 1}}}]}"#,
-        "p.json",
-        Path::new("."),
-    )
-    .unwrap_err()
-    .to_string();
+    );
     assert!(
         err.contains("(2 problems)")
             && err.contains("accounts[0].limits.inbound.pps: field \"pps\" is given twice")
