@@ -277,19 +277,24 @@ mod tests {
         }
     }
 
-    fn held() -> Held {
+    /// What a valid snapshot of `accounts`, version v1, makes held.
+    fn held_of(accounts: Vec<proto::Account>) -> Held {
         let policy = proto::Policy {
-            accounts: vec![
-                account("a", "10.0.0.1"),
-                account("b", "10.0.0.2"),
-                account("c", "10.0.0.3"),
-            ],
+            accounts,
             ..proto::Policy::default()
         };
         let limits = crate::policy::ReadLimits::default();
         super::super::in_force::InForce::snapshot("v1".into(), policy, &limits)
             .expect("valid")
             .held
+    }
+
+    fn held() -> Held {
+        held_of(vec![
+            account("a", "10.0.0.1"),
+            account("b", "10.0.0.2"),
+            account("c", "10.0.0.3"),
+        ])
     }
 
     fn pairs(h: &Held) -> Vec<(String, String)> {
@@ -346,16 +351,11 @@ mod tests {
     #[test]
     fn deltas_over_several_blocks_keep_order_and_index() {
         let n = 300;
-        let policy = proto::Policy {
-            accounts: (0..n)
+        let h = held_of(
+            (0..n)
                 .map(|i| account(&format!("a{i}"), &format!("10.0.{}.{}", i / 256, i % 256)))
                 .collect(),
-            ..proto::Policy::default()
-        };
-        let limits = crate::policy::ReadLimits::default();
-        let h = super::super::in_force::InForce::snapshot("v1".into(), policy, &limits)
-            .expect("valid")
-            .held;
+        );
         let delta = proto::Delta {
             version: "v2".into(),
             base_version: "v1".into(),
