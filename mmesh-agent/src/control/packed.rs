@@ -25,7 +25,6 @@ const BLOCK: usize = 128;
 #[derive(Clone, Debug, Default)]
 pub struct Packed {
     blocks: imbl::Vector<Block>,
-    len: usize,
 }
 
 /// [`BLOCK`] accounts (or fewer, the last block), each as its length (four
@@ -133,7 +132,6 @@ impl Packer {
 
     fn seal(&mut self) {
         let block = self.packing.seal(self.count);
-        self.packed.len += self.count as usize;
         self.packed.blocks.push_back(block);
         self.count = 0;
     }
@@ -160,12 +158,14 @@ impl FromIterator<Bytes> for Packed {
 impl Packed {
     #[must_use]
     pub fn len(&self) -> usize {
-        self.len
+        self.blocks.back().map_or(0, |last| {
+            (self.blocks.len() - 1) * BLOCK + last.count as usize
+        })
     }
 
     #[must_use]
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.blocks.is_empty()
     }
 
     /// Bytes the blocks take packed.
@@ -177,7 +177,7 @@ impl Packed {
     /// Account `i`.
     #[must_use]
     pub fn get(&self, i: usize) -> Option<Bytes> {
-        if i >= self.len {
+        if i >= self.len() {
             return None;
         }
         self.blocks[i / BLOCK]
@@ -188,7 +188,7 @@ impl Packed {
 
     /// Replaces account `i` (an index past the end changes nothing).
     pub fn set(&mut self, i: usize, account: &[u8]) {
-        if i >= self.len {
+        if i >= self.len() {
             return;
         }
         let (b, k) = (i / BLOCK, i % BLOCK);
@@ -202,7 +202,7 @@ impl Packed {
 
     pub fn push_back(&mut self, account: &[u8]) {
         let mut packing = Packing::default();
-        if self.len.is_multiple_of(BLOCK) {
+        if self.len().is_multiple_of(BLOCK) {
             self.blocks.push_back(Block::pack([account], &mut packing));
         } else {
             let last = self.blocks.len() - 1;
@@ -213,7 +213,6 @@ impl Packed {
             );
             self.blocks.set(last, block);
         }
-        self.len += 1;
     }
 
     pub fn pop_back(&mut self) -> Option<Bytes> {
@@ -225,7 +224,6 @@ impl Packed {
                 &mut Packing::default(),
             ));
         }
-        self.len -= 1;
         last
     }
 
@@ -235,7 +233,7 @@ impl Packed {
         Iter {
             blocks: self.blocks.iter(),
             block: Vec::new().into_iter(),
-            left: self.len,
+            left: self.len(),
         }
     }
 }
